@@ -1,0 +1,5 @@
+"""Allow ``python -m fieldgate``."""
+
+from fieldgate.cli import main
+
+raise SystemExit(main())

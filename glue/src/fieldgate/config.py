@@ -1,0 +1,401 @@
+"""The gateway's configuration: one YAML file, validated completely before anything starts.
+
+Every section is a frozen dataclass; the dataclass fields *are* the schema. Unknown keys,
+wrong types, values out of range and missing required keys are refused with one sentence
+that names the key and the file (``ConfigError``, exit status 2).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fieldgate.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/fieldgate/fieldgate.yaml"
+CONFIG_ENV = "FIELDGATE_CONFIG"
+
+#: Names that may appear in an MQTT topic level and in file names.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    return {"min": lo, "max": hi}
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """Who this gateway is."""
+
+    serial: str = field(metadata={"pattern": NAME_RE})
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The local SQLite store."""
+
+    path: str = "/var/lib/fieldgate/data_store.db"
+    retention_days: int = field(default=90, metadata=_range(1, 36500))
+    busy_timeout_ms: int = field(default=30000, metadata=_range(100, 600000))
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """The local broker the collector subscribes to."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=1883, metadata=_range(1, 65535))
+    username: str | None = None
+    password_file: str | None = None
+    topic_prefix: str = field(default="fieldgate", metadata={"pattern": NAME_RE})
+    client_id: str = field(default="fieldgate-collector", metadata={"pattern": NAME_RE})
+    qos: int = field(default=1, metadata=_range(1, 2))
+    keepalive_secs: int = field(default=60, metadata=_range(5, 3600))
+    tls_ca_file: str | None = None
+    max_payload_bytes: int = field(default=262144, metadata=_range(64, 268435455))
+    commit_max_messages: int = field(default=1000, metadata=_range(1, 100000))
+    commit_max_ms: int = field(default=200, metadata=_range(1, 60000))
+    reconnect_max_secs: int = field(default=60, metadata=_range(1, 3600))
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """One sensor allowed to send readings."""
+
+    serial: str = field(metadata={"pattern": NAME_RE})
+    alias: str | None = field(default=None, metadata={"pattern": NAME_RE})
+    format: Literal["json", "csv"] = "json"
+    #: For ``format: csv``: the column names of a line, one of which must be ``ts``;
+    #: every other column is a metric.
+    csv_columns: list[str] = field(default_factory=list)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """The device allowlist and what counts as a plausible reading."""
+
+    allow_unknown: bool = False
+    #: Readings stamped further than this in the future are rejected.
+    max_future_secs: int = field(default=3600, metadata=_range(0, 10 * 365 * 86400))
+    #: Readings stamped before this UTC epoch (seconds) are rejected (default 2000-01-01).
+    min_ts_secs: int = field(default=946684800, metadata=_range(0, None))
+    list: list[DeviceConfig] = field(default_factory=list)
+
+    def resolve(self, name: str) -> str | None:
+        """The canonical serial for a device named by serial or alias, or None if unknown."""
+        for dev in self.list:
+            if name in (dev.serial, dev.alias):
+                return dev.serial
+        return None
+
+    def get(self, serial: str) -> DeviceConfig | None:
+        """The configuration of a device by its canonical serial."""
+        for dev in self.list:
+            if dev.serial == serial:
+                return dev
+        return None
+
+
+@dataclass(frozen=True)
+class PollNode:
+    """An HTTP node polled for readings (JSON payloads as on MQTT)."""
+
+    name: str = field(metadata={"pattern": NAME_RE})
+    url: str = field(metadata={"pattern": re.compile(r"^https?://\S+$")})
+    #: The device the node's readings belong to (serial or alias).
+    device: str = field(metadata={"pattern": NAME_RE})
+    timeout_secs: float | None = field(default=None, metadata=_range(0.1, 600))
+
+
+@dataclass(frozen=True)
+class PollConfig:
+    """HTTP polling of nodes that cannot publish."""
+
+    interval_secs: float = field(default=60, metadata=_range(1, 86400))
+    timeout_secs: float = field(default=5, metadata=_range(0.1, 600))
+    nodes: list[PollNode] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    """Batching and upload to the hub."""
+
+    url: str | None = field(default=None, metadata={"pattern": re.compile(r"^https?://\S+$")})
+    key_file: str = "/etc/fieldgate/secrets/gateway_key"
+    interval_secs: float = field(default=300, metadata=_range(1, 86400))
+    batch_max_rows: int = field(default=50000, metadata=_range(1, 10_000_000))
+    mode: Literal["LIVE", "TEST", "PASS"] = "LIVE"
+    type: str = field(default="readings", metadata={"pattern": NAME_RE})
+    pending_dir: str = "/var/lib/fieldgate/batches/pending"
+    uploaded_dir: str = "/var/lib/fieldgate/batches/uploaded"
+    delete_batch_on_upload: bool = False
+    delete_reading_on_zip: bool = False
+    timeout_secs: float = field(default=60, metadata=_range(1, 3600))
+    retry_initial_secs: float = field(default=2, metadata=_range(0.01, 3600))
+    retry_max_secs: float = field(default=300, metadata=_range(0.01, 86400))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """USB export."""
+
+    password_file: str = "/etc/fieldgate/secrets/export_password"  # noqa: S105 (a path)
+    #: A Linux LED class device directory; null for a gateway without an LED.
+    led_path: str | None = "/sys/class/leds/gpo1"
+    log_file: str = "/var/log/fieldgate/usb_exporter.log"
+    #: Where ``usb-event`` records device events for ``usb-watch``.
+    spool_dir: str = "/run/fieldgate/usb-events"
+    #: Private mount points for drives being exported to.
+    mount_dir: str = "/run/fieldgate/usb-mounts"
+    #: Free space demanded on the drive beyond the export's size, in percent.
+    space_margin_percent: int = field(default=10, metadata=_range(0, 1000))
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """The disk guard of the store's filesystem."""
+
+    stop_accepting_at_percent: float = field(default=98, metadata=_range(1, 100))
+    #: Intake resumes below this use; default one point under the stop threshold.
+    resume_below_percent: float | None = field(default=None, metadata=_range(0, 100))
+    check_interval_secs: float = field(default=5, metadata=_range(0.1, 3600))
+
+    @property
+    def resume_percent(self) -> float:
+        if self.resume_below_percent is not None:
+            return self.resume_below_percent
+        return max(0.0, self.stop_accepting_at_percent - 1)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Logging to stderr, which supervisor captures."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``path`` is where it was read from."""
+
+    site: SiteConfig
+    store: StoreConfig = field(default_factory=StoreConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    poll: PollConfig = field(default_factory=PollConfig)
+    upload: UploadConfig = field(default_factory=UploadConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    path: str = field(default="", metadata={"internal": True})
+    raw: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})
+
+    def secret(self, key: str) -> str:
+        """Read the secret named by the dotted ``*_file`` key (e.g. ``mqtt.password_file``)."""
+        section, _, name = key.partition(".")
+        path = getattr(getattr(self, section), name)
+        if not path:
+            raise ConfigError(f"{self.path}: {key} is not set")
+        return read_secret(self.path, key, path)
+
+
+def read_secret(config_path: str, key: str, path: str) -> str:
+    """The content of a secret file, stripped of surrounding whitespace; never logged."""
+    try:
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{config_path}: {key}: secret file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"{config_path}: {key}: secret file {path} is not readable") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{config_path}: {key}: cannot read secret file {path}: {exc}") from None
+    if not value:
+        raise ConfigError(f"{config_path}: {key}: secret file {path} is empty")
+    return value
+
+
+def config_path(explicit: str | None = None) -> str:
+    """``--config``, else ``$FIELDGATE_CONFIG``, else the default path."""
+    return explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | None = None) -> Config:
+    """Read and validate the configuration file; ConfigError names the key and the file."""
+    path = config_path(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    return parse_config(data, path)
+
+
+def parse_config(data: Any, path: str = "<config>") -> Config:
+    """Validate an already parsed YAML document (used by tests and ``load_config``)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    cfg = _build(Config, data, "", path)
+    cfg = _replace_internal(cfg, path=path, raw=data)
+    _check_devices(cfg)
+    return cfg
+
+
+def _replace_internal(cfg: Config, **values: Any) -> Config:
+    kwargs = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    kwargs.update(values)
+    return Config(**kwargs)
+
+
+def _check_devices(cfg: Config) -> None:
+    seen: dict[str, int] = {}
+    for i, dev in enumerate(cfg.devices.list):
+        for name in filter(None, (dev.serial, dev.alias)):
+            if name in seen and seen[name] != i:
+                raise ConfigError(
+                    f"{cfg.path}: devices.list[{i}]: name {name!r} is already used by "
+                    f"devices.list[{seen[name]}]"
+                )
+            seen[name] = i
+        if dev.format == "csv":
+            if "ts" not in dev.csv_columns or len(dev.csv_columns) < 2:
+                raise ConfigError(
+                    f"{cfg.path}: devices.list[{i}].csv_columns: a csv device needs a 'ts' "
+                    "column and at least one metric column"
+                )
+            if len(set(dev.csv_columns)) != len(dev.csv_columns):
+                raise ConfigError(f"{cfg.path}: devices.list[{i}].csv_columns: duplicate column")
+    for i, node in enumerate(cfg.poll.nodes):
+        if not cfg.devices.allow_unknown and cfg.devices.resolve(node.device) is None:
+            raise ConfigError(
+                f"{cfg.path}: poll.nodes[{i}].device: {node.device!r} is not in devices.list"
+            )
+    if cfg.disk.resume_percent > cfg.disk.stop_accepting_at_percent:
+        raise ConfigError(
+            f"{cfg.path}: disk.resume_below_percent: must not exceed disk.stop_accepting_at_percent"
+        )
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string"}.get(
+        type(value), type(value).__name__
+    )
+    if isinstance(value, dict):
+        kind = "mapping"
+    elif isinstance(value, list):
+        kind = "list"
+    elif value is None:
+        return "null"
+    shown = repr(value)
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    return f"{kind} {shown}"
+
+
+def _build(cls: type, data: Any, where: str, path: str) -> Any:
+    label = where or "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {label}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    public = [f for f in fields(cls) if not f.metadata.get("internal")]
+    known = {f.name for f in public}
+    for key in data:
+        if key not in known:
+            dotted = f"{where}.{key}" if where else str(key)
+            raise ConfigError(f"{path}: {dotted}: unknown key")
+    kwargs: dict[str, Any] = {}
+    for f in public:
+        dotted = f"{where}.{f.name}" if where else f.name
+        if f.name in data:
+            kwargs[f.name] = _coerce(hints[f.name], data[f.name], dotted, path, f.metadata)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{path}: {dotted}: required key is missing")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, path: str, meta: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key, path, meta)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(str(a) for a in args)
+            raise ConfigError(f"{path}: {key}: must be one of {choices}, got {_describe(value)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: {key}: expected a list, got {_describe(value)}")
+        (inner,) = args
+        return [_coerce(inner, v, f"{key}[{i}]", path, {}) for i, v in enumerate(value)]
+    if is_dataclass(tp):
+        return _build(tp, value, key, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: {key}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: {key}: expected an integer, got {_describe(value)}")
+        _check_range(value, key, path, meta)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: {key}: expected a number, got {_describe(value)}")
+        _check_range(value, key, path, meta)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            hint = " (quote it)" if isinstance(value, int | float) else ""
+            raise ConfigError(f"{path}: {key}: expected a string, got {_describe(value)}{hint}")
+        pattern = meta.get("pattern") if meta else None
+        if pattern is not None and not pattern.match(value):
+            raise ConfigError(f"{path}: {key}: {value!r} is not a valid value here")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug, not an operator error
+
+
+def _check_range(value: float, key: str, path: str, meta: Any) -> None:
+    lo = meta.get("min") if meta else None
+    hi = meta.get("max") if meta else None
+    if lo is not None and value < lo:
+        raise ConfigError(f"{path}: {key}: must be at least {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{path}: {key}: must be at most {hi}, got {value}")
+
+
+SECRET_KEY_RE = re.compile(r"(password|secret|key|token|pin)", re.IGNORECASE)
+
+
+def redacted(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the raw configuration with every secret-bearing key removed (for exports)."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items() if not SECRET_KEY_RE.search(str(k))}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(raw)

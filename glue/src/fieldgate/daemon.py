@@ -1,0 +1,53 @@
+"""What every long-running command shares: logging that supervisor captures, clean stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Log lines to stderr (supervisor captures and rotates them)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level)
+    # paho and urllib3 are chatty at DEBUG; keep them at WARNING unless asked.
+    for noisy in ("urllib3", "paho"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class StopFlag:
+    """Set by SIGTERM or SIGINT; long-running loops poll it or wait on it."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal_name: str | None = None
+
+    def install(self) -> StopFlag:
+        """Handle SIGTERM and SIGINT in the main thread by setting the flag."""
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self._event.set()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep up to ``timeout`` seconds; True as soon as a stop was asked for."""
+        return self._event.wait(timeout)

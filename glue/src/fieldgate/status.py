@@ -1,0 +1,204 @@
+"""``fieldgate status``: what an operator at the site needs to know, in one screen.
+
+Everything comes from the store (counts, batches, and the facts daemons publish in the
+``state`` table) and from the filesystem (disk use), so status works while the daemons run
+and after they have stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from fieldgate import store
+from fieldgate.config import Config
+
+
+def disk_usage_percent(path: str | Path) -> float:
+    """Used space of the filesystem holding ``path``, as root sees it (like ``df``)."""
+    st = os.statvfs(path)
+    total = st.f_blocks * st.f_frsize
+    if total == 0:
+        return 0.0
+    avail = st.f_bavail * st.f_frsize
+    free_all = st.f_bfree * st.f_frsize
+    used = total - free_all
+    # df's Use%: used / (used + available to unprivileged users)
+    return 100.0 * used / max(1, used + avail)
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def collect_status(cfg: Config) -> dict[str, Any]:
+    """The status as a dictionary (what ``status --json`` prints)."""
+    path = Path(cfg.store.path)
+    result: dict[str, Any] = {"site": cfg.site.serial, "store": {"path": str(path)}}
+    disk_dir = path.parent if path.parent.exists() else Path("/")
+    result["disk"] = {
+        "path": str(disk_dir),
+        "used_percent": round(disk_usage_percent(disk_dir), 1),
+        "stop_accepting_at_percent": cfg.disk.stop_accepting_at_percent,
+    }
+    if not path.exists():
+        result["store"]["exists"] = False
+        return result
+    conn = store.connect(path, busy_timeout_ms=cfg.store.busy_timeout_ms)
+    try:
+        result.update(_from_store(conn, cfg))
+    finally:
+        conn.close()
+    result["store"]["exists"] = True
+    result["store"]["size_bytes"] = path.stat().st_size
+    return result
+
+
+def _from_store(conn: sqlite3.Connection, cfg: Config) -> dict[str, Any]:
+    now = store.now_ms()
+    version = store.schema_version(conn)
+    q = conn.execute
+    readings = q("SELECT COUNT(*) FROM readings").fetchone()[0]
+    backlog = q("SELECT COUNT(*) FROM readings WHERE batch_id IS NULL").fetchone()[0]
+    rejected = q("SELECT COUNT(*) FROM rejected").fetchone()[0]
+    reasons = [
+        {"reason": r, "count": n}
+        for r, n in q(
+            "SELECT reason, COUNT(*) AS n FROM rejected GROUP BY reason ORDER BY n DESC LIMIT 5"
+        )
+    ]
+    devices = [
+        {"device": d, "readings": n, "last_ts": ts, "last_reading": _iso(ts)}
+        for d, n, ts in q(
+            "SELECT device, COUNT(*), MAX(ts) FROM readings GROUP BY device ORDER BY device"
+        )
+    ]
+    batch_rows = {
+        s: (n, oldest)
+        for s, n, oldest in q("SELECT state, COUNT(*), MIN(created_at) FROM batches GROUP BY state")
+    }
+    pending, oldest_pending = batch_rows.get("pending", (0, None))
+    state = store.get_state(conn)
+
+    def fact(key: str) -> dict[str, Any] | None:
+        if key not in state:
+            return None
+        value, at = state[key]
+        return {"value": value, "updated": _iso(at), "age_secs": round((now - at) / 1000, 1)}
+
+    events = [
+        {"at": _iso(at), "kind": kind, "message": msg}
+        for at, kind, msg in q("SELECT at, kind, message FROM events ORDER BY id DESC LIMIT 5")
+    ]
+    return {
+        "store": {
+            "schema_version": version,
+            "site_serial": store.get_meta(conn, "site_serial"),
+        },
+        "readings": {"total": readings, "unbatched": backlog},
+        "rejected": {"total": rejected, "top_reasons": reasons},
+        "devices": devices,
+        "collector": {
+            "state": fact("collector.state"),
+            "heartbeat": fact("collector.heartbeat"),
+        },
+        "poller": {"state": fact("poller.state")},
+        "batches": {
+            "pending": pending,
+            "uploaded": batch_rows.get("uploaded", (0, None))[0],
+            "oldest_pending": _iso(oldest_pending),
+            "oldest_pending_age_secs": (
+                None if oldest_pending is None else round((now - oldest_pending) / 1000, 1)
+            ),
+        },
+        "upload": {
+            "mode": cfg.upload.mode,
+            "last_success": fact("upload.last_success"),
+            "last_error": fact("upload.last_error"),
+            "rejected_by_hub": fact("upload.rejected_by_hub"),
+        },
+        "export": {"state": fact("export.state"), "last_result": fact("export.last_result")},
+        "power": {"last_event": fact("power.last_event")},
+        "events": events,
+    }
+
+
+def _fact_text(f: dict[str, Any] | None, default: str = "unknown") -> str:
+    if not f:
+        return default
+    return f"{f['value']} (since {f['updated']}, {f['age_secs']:.0f} s ago)"
+
+
+def render_text(s: dict[str, Any]) -> str:
+    """The human-readable form of :func:`collect_status`."""
+    lines = [f"site            {s['site']}"]
+    st = s["store"]
+    d = s["disk"]
+    if not st.get("exists"):
+        lines.append(f"store           {st['path']} (not created yet: no reading received)")
+        lines.append(
+            f"disk            {d['used_percent']}% used of {d['path']} "
+            f"(intake stops at {d['stop_accepting_at_percent']}%)"
+        )
+        return "\n".join(lines) + "\n"
+    lines.append(
+        f"store           {st['path']} ({st['size_bytes']} bytes, schema {st['schema_version']})"
+    )
+    lines.append(
+        f"readings        {s['readings']['total']} stored, "
+        f"{s['readings']['unbatched']} not yet batched"
+    )
+    lines.append(f"rejected        {s['rejected']['total']}")
+    for r in s["rejected"]["top_reasons"]:
+        lines.append(f"  {r['count']:>8}  {r['reason']}")
+    lines.append(
+        f"disk            {d['used_percent']}% used of {d['path']} "
+        f"(intake stops at {d['stop_accepting_at_percent']}%)"
+    )
+    lines.append(f"collector       {_fact_text(s['collector']['state'], 'never ran')}")
+    if s["poller"]["state"]:
+        lines.append(f"poller          {_fact_text(s['poller']['state'])}")
+    b = s["batches"]
+    age = "" if b["oldest_pending"] is None else f", oldest from {b['oldest_pending']}"
+    lines.append(f"batches         {b['pending']} pending{age}, {b['uploaded']} uploaded")
+    u = s["upload"]
+    lines.append(f"upload mode     {u['mode']}")
+    lines.append(f"last upload     {_fact_text(u['last_success'], 'never')}")
+    if u["last_error"]:
+        lines.append(f"last error      {_fact_text(u['last_error'])}")
+    if u["rejected_by_hub"]:
+        lines.append(f"hub refusals    {u['rejected_by_hub']['value']}")
+    lines.append(f"usb export      {_fact_text(s['export']['state'], 'normal_operation')}")
+    if s["export"]["last_result"]:
+        lines.append(f"last export     {_fact_text(s['export']['last_result'])}")
+    if s["power"]["last_event"]:
+        lines.append(f"power           {_fact_text(s['power']['last_event'])}")
+    if s["devices"]:
+        lines.append("devices")
+        width = max(len(x["device"]) for x in s["devices"])
+        for x in s["devices"]:
+            lines.append(
+                f"  {x['device']:<{width}}  {x['readings']:>10} readings, last {x['last_reading']}"
+            )
+    if s["events"]:
+        lines.append("recent events")
+        for e in s["events"]:
+            lines.append(f"  {e['at']}  {e['kind']}: {e['message']}")
+    return "\n".join(lines) + "\n"
+
+
+def status_cmd(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate status [--json]``."""
+    s = collect_status(cfg)
+    if args.json:
+        print(json.dumps(s, indent=2, sort_keys=True))
+    else:
+        print(render_text(s), end="")
+    return 0

@@ -1,0 +1,280 @@
+"""The local store: one plain SQLite file in WAL mode that the ``sqlite3`` shell can read.
+
+Tables (CONTRACT §5):
+- ``readings``: one row per (device, ts, metric); ``batch_id`` is NULL until a batch takes it.
+- ``rejected``: every message that could not be stored as readings, with the reason.
+- ``batches``: batch files cut from the readings and their upload state.
+- ``meta``: ``site_serial``, ``schema_version`` and other facts about the store.
+- ``state``: small key/value facts the daemons publish for ``fieldgate status``.
+- ``events``: operational events worth showing an operator (power, disk guard, exports).
+
+Commits use ``synchronous=FULL``: a reading acknowledged to the broker survives a power cut.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fieldgate.errors import FieldgateError
+
+SCHEMA_VERSION = 1
+
+#: Schema migrations: version -> SQL that brings a store from version-1 to version.
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE IF NOT EXISTS meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS readings (
+        id          INTEGER PRIMARY KEY,
+        device      TEXT    NOT NULL,
+        ts          INTEGER NOT NULL,            -- UTC epoch milliseconds
+        metric      TEXT    NOT NULL,
+        value       REAL    NOT NULL,
+        received_at INTEGER NOT NULL,            -- UTC epoch milliseconds
+        source      TEXT    NOT NULL,            -- mqtt, poll:<node>, restore:<file>
+        batch_id    TEXT,                        -- NULL until cut into a batch
+        UNIQUE (device, ts, metric)
+    );
+    CREATE INDEX IF NOT EXISTS readings_unbatched ON readings (id) WHERE batch_id IS NULL;
+    CREATE INDEX IF NOT EXISTS readings_batch ON readings (batch_id);
+    CREATE TABLE IF NOT EXISTS rejected (
+        id          INTEGER PRIMARY KEY,
+        received_at INTEGER NOT NULL,            -- UTC epoch milliseconds
+        source      TEXT    NOT NULL,
+        topic       TEXT,
+        payload     BLOB,
+        reason      TEXT    NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS batches (
+        batch_id    TEXT PRIMARY KEY,
+        state       TEXT    NOT NULL,            -- pending, uploaded
+        rows        INTEGER NOT NULL,
+        sha256      TEXT    NOT NULL,            -- of readings.csv
+        first_ts    INTEGER,
+        last_ts     INTEGER,
+        first_id    INTEGER,
+        last_id     INTEGER,
+        mode        TEXT    NOT NULL,
+        type        TEXT    NOT NULL,
+        file        TEXT,
+        created_at  INTEGER NOT NULL,
+        uploaded_at INTEGER,
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        last_error  TEXT
+    );
+    CREATE TABLE IF NOT EXISTS state (
+        key        TEXT PRIMARY KEY,
+        value      TEXT    NOT NULL,
+        updated_at INTEGER NOT NULL              -- UTC epoch milliseconds
+    );
+    CREATE TABLE IF NOT EXISTS events (
+        id      INTEGER PRIMARY KEY,
+        at      INTEGER NOT NULL,                -- UTC epoch milliseconds
+        kind    TEXT    NOT NULL,
+        message TEXT    NOT NULL
+    );
+    """,
+}
+
+
+def now_ms() -> int:
+    """The current UTC time in epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+def connect(
+    path: str | Path, *, busy_timeout_ms: int = 30000, readonly: bool = False
+) -> sqlite3.Connection:
+    """A connection with the pragmas every fieldgate process uses (no schema work)."""
+    if readonly:
+        uri = f"file:{Path(path).resolve()}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000, isolation_level=None)
+    else:
+        conn = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000, isolation_level=None)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def open_store(
+    path: str | Path,
+    site_serial: str | None = None,
+    *,
+    busy_timeout_ms: int = 30000,
+    create: bool = True,
+) -> sqlite3.Connection:
+    """Open (creating and migrating as needed) the store at ``path``.
+
+    The connection is in autocommit mode; use :func:`transaction` for atomic work. When
+    ``site_serial`` is given, a store that belongs to another site is refused.
+    """
+    path = Path(path)
+    if not path.exists():
+        if not create:
+            raise FieldgateError(f"store {path} does not exist")
+        if not path.parent.is_dir():
+            raise FieldgateError(f"store directory {path.parent} does not exist")
+    try:
+        conn = connect(path, busy_timeout_ms=busy_timeout_ms)
+        migrate(conn, str(path))
+        if site_serial is not None:
+            _claim_site(conn, str(path), site_serial)
+    except sqlite3.DatabaseError as exc:
+        raise FieldgateError(f"store {path}: {exc}") from None
+    return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The store's schema version (0 for an empty database)."""
+    has_meta = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ).fetchone()
+    if not has_meta:
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(conn: sqlite3.Connection, label: str = "store") -> int:
+    """Bring the schema up to :data:`SCHEMA_VERSION`; refuse a store from a newer fieldgate."""
+    current = schema_version(conn)
+    if current > SCHEMA_VERSION:
+        raise FieldgateError(
+            f"{label} has schema version {current}, newer than this fieldgate supports "
+            f"({SCHEMA_VERSION}); upgrade fieldgate"
+        )
+    if current == SCHEMA_VERSION:
+        return current
+    with transaction(conn):
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in _statements(MIGRATIONS[version]):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(version),),
+            )
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('created_at', ?)", (str(now_ms()),)
+        )
+    return SCHEMA_VERSION
+
+
+def _statements(script: str) -> Iterator[str]:
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                yield buf.strip()
+            buf = ""
+    if buf.strip():
+        yield buf.strip()
+
+
+def _claim_site(conn: sqlite3.Connection, label: str, site_serial: str) -> None:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'site_serial'").fetchone()
+    if row is None:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('site_serial', ?)", (site_serial,))
+    elif row[0] != site_serial:
+        raise FieldgateError(
+            f"store {label} belongs to site {row[0]}, but the configuration says site.serial is "
+            f"{site_serial}; use 'fieldgate restore' to bring another site's data in"
+        )
+
+
+@contextmanager
+def transaction(
+    conn: sqlite3.Connection, *, immediate: bool = True
+) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+    conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else None
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+
+
+Reading = tuple[str, int, str, float]
+"""(device, ts epoch ms, metric, value)"""
+
+
+def insert_readings(
+    conn: sqlite3.Connection,
+    readings: Iterable[Reading],
+    *,
+    source: str,
+    received_at: int | None = None,
+) -> int:
+    """Insert readings, ignoring ones already stored (same device, ts, metric).
+
+    Returns how many rows were new. Does not commit: call inside :func:`transaction`.
+    """
+    received_at = now_ms() if received_at is None else received_at
+    before = conn.total_changes
+    conn.executemany(
+        "INSERT OR IGNORE INTO readings (device, ts, metric, value, received_at, source) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        ((d, ts, m, v, received_at, source) for d, ts, m, v in readings),
+    )
+    return conn.total_changes - before
+
+
+def insert_rejected(
+    conn: sqlite3.Connection,
+    *,
+    source: str,
+    topic: str | None,
+    payload: bytes | str | None,
+    reason: str,
+    received_at: int | None = None,
+) -> None:
+    """Keep a message that could not be stored as readings, with the reason."""
+    conn.execute(
+        "INSERT INTO rejected (received_at, source, topic, payload, reason) VALUES (?, ?, ?, ?, ?)",
+        (now_ms() if received_at is None else received_at, source, topic, payload, reason),
+    )
+
+
+def set_state(conn: sqlite3.Connection, key: str, value: str) -> None:
+    """Publish a daemon fact for ``status`` (e.g. ``collector.state``)."""
+    conn.execute(
+        "INSERT INTO state (key, value, updated_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        (key, value, now_ms()),
+    )
+
+
+def get_state(conn: sqlite3.Connection) -> dict[str, tuple[str, int]]:
+    """Every published fact as key -> (value, updated_at epoch ms)."""
+    return {k: (v, at) for k, v, at in conn.execute("SELECT key, value, updated_at FROM state")}
+
+
+def add_event(conn: sqlite3.Connection, kind: str, message: str) -> None:
+    """Record an operational event (power, disk guard, export) for ``status``."""
+    conn.execute(
+        "INSERT INTO events (at, kind, message) VALUES (?, ?, ?)", (now_ms(), kind, message)
+    )

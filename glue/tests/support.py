@@ -1,0 +1,332 @@
+"""Test support shared by every test module: a real Mosquitto broker, real config and
+secret files, the real CLI. Fixtures are registered in conftest.py; helpers are imported
+from here (``from support import publish``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+
+FIELDGATE = str(Path(sys.executable).with_name("fieldgate"))
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+
+COLLECTOR_USER = "collector"
+COLLECTOR_PASSWORD = "collector-secret"
+SENSOR_USER = "sensor"
+SENSOR_PASSWORD = "sensor-secret"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+@dataclass
+class Broker:
+    """A real Mosquitto on a free loopback port with a password file and persistence."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"
+    proc: subprocess.Popen[bytes] | None = None
+    extra_conf: str = ""
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.passwd = self.workdir / "passwd"
+        self.passwd.write_text("")
+        for user, pw in ((COLLECTOR_USER, COLLECTOR_PASSWORD), (SENSOR_USER, SENSOR_PASSWORD)):
+            subprocess.run([MOSQUITTO_PASSWD, "-b", str(self.passwd), user, pw], check=True)
+        self.passwd.chmod(0o600)
+        self.log = self.workdir / "mosquitto.log"
+
+    def write_conf(self) -> Path:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} {self.host}\n"
+            "allow_anonymous false\n"
+            f"password_file {self.passwd}\n"
+            "persistence true\n"
+            f"persistence_location {self.workdir}/\n"
+            "autosave_on_changes true\n"
+            "autosave_interval 1\n"
+            "max_queued_messages 0\n"
+            "max_queued_bytes 0\n"
+            "max_inflight_messages 20\n"
+            f"log_dest file {self.log}\n"
+            "log_type error\nlog_type warning\nlog_type notice\n" + self.extra_conf
+        )
+        return conf
+
+    def start(self) -> None:
+        conf = self.write_conf()
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            wait_for_port(self.host, self.port)
+        except TimeoutError:
+            self.proc.kill()
+            err = self.proc.communicate()[1].decode(errors="replace")
+            raise RuntimeError(f"mosquitto did not start: {err}") from None
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Broker]:
+    """A fresh broker per test (Debian's mosquitto; starting one takes milliseconds)."""
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def publish(
+    broker: Broker,
+    messages: Sequence[tuple[str, bytes | str]],
+    *,
+    qos: int = 1,
+    username: str = SENSOR_USER,
+    password: str = SENSOR_PASSWORD,
+    client_id: str = "",
+) -> None:
+    """Publish (topic, payload) pairs at ``qos`` and wait until the broker has every one."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+    client.username_pw_set(username, password)
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        infos = [client.publish(t, p, qos=qos) for t, p in messages]
+        for info in infos:
+            info.wait_for_publish(timeout=60)
+            if not info.is_published():
+                raise RuntimeError("a message was not acknowledged by the broker")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def reading_payload(ts_ms: int, **metrics: float) -> str:
+    """A CONTRACT §4 JSON payload."""
+    return json.dumps({"ts": ts_ms, "metrics": metrics})
+
+
+def _deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+ConfigFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> ConfigFactory:
+    """Write a complete gateway config (and its secret files) under tmp; returns its path.
+
+    ``config_file(broker=mosquitto, overrides={...})`` deep-merges ``overrides`` into the
+    defaults; pass ``name=`` to write several configs in one test.
+    """
+
+    def make(
+        *,
+        broker: Broker | None = None,
+        overrides: dict[str, Any] | None = None,
+        name: str = "fieldgate.yaml",
+        serial: str = "GW-TEST",
+    ) -> Path:
+        root = tmp_path / "gw"
+        secrets = root / "secrets"
+        secrets.mkdir(parents=True, exist_ok=True)
+        (root / "var").mkdir(exist_ok=True)
+        for fname, content in (
+            ("mqtt_password", COLLECTOR_PASSWORD),
+            ("gateway_key", "not-registered-yet"),
+            ("export_password", "open-sesame"),
+        ):
+            p = secrets / fname
+            if not p.exists():
+                p.write_text(content + "\n")
+                p.chmod(0o600)
+        led = root / "led"
+        led.mkdir(exist_ok=True)
+        for attr, value in (
+            ("brightness", "0"),
+            ("max_brightness", "1"),
+            ("trigger", "[none] timer"),
+            ("delay_on", "0"),
+            ("delay_off", "0"),
+        ):
+            if not (led / attr).exists():
+                (led / attr).write_text(value + "\n")
+        cfg: dict[str, Any] = {
+            "site": {"serial": serial},
+            "store": {"path": str(root / "var" / "data_store.db")},
+            "mqtt": {
+                "host": broker.host if broker else "127.0.0.1",
+                "port": broker.port if broker else 1883,
+                "username": COLLECTOR_USER,
+                "password_file": str(secrets / "mqtt_password"),
+                "topic_prefix": "fieldgate",
+                "client_id": f"fieldgate-collector-{os.getpid()}-{id(root) % 10000}",
+                "commit_max_ms": 100,
+            },
+            "devices": {
+                "allow_unknown": False,
+                "list": [
+                    {"serial": "TH-001", "alias": "roof-temp"},
+                    {"serial": "TH-002"},
+                    {
+                        "serial": "CSV-001",
+                        "format": "csv",
+                        "csv_columns": ["ts", "temperature", "humidity"],
+                    },
+                ],
+            },
+            "upload": {
+                "url": "http://127.0.0.1:9",
+                "key_file": str(secrets / "gateway_key"),
+                "interval_secs": 1,
+                "pending_dir": str(root / "var" / "batches" / "pending"),
+                "uploaded_dir": str(root / "var" / "batches" / "uploaded"),
+                "retry_initial_secs": 0.05,
+                "retry_max_secs": 0.5,
+            },
+            "export": {
+                "password_file": str(secrets / "export_password"),
+                "led_path": str(led),
+                "log_file": str(root / "log" / "usb_exporter.log"),
+                "spool_dir": str(root / "run" / "usb-events"),
+                "mount_dir": str(root / "run" / "usb-mounts"),
+            },
+            "disk": {"stop_accepting_at_percent": 98, "check_interval_secs": 0.5},
+            "log": {"level": "INFO"},
+        }
+        _deep_update(cfg, overrides or {})
+        path = root / name
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    return make
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_fieldgate(
+    *args: str, config: Path | None = None, timeout: float = 120, env: dict[str, str] | None = None
+) -> Result:
+    """Run the real ``fieldgate`` console script and capture its output."""
+    full_env = {**os.environ, **(env or {})}
+    if config is not None:
+        full_env["FIELDGATE_CONFIG"] = str(config)
+    p = subprocess.run(
+        [FIELDGATE, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        check=False,
+    )
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+def start_fieldgate(*args: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """Start a long-running ``fieldgate`` command with its output in ``log``."""
+    env = {**os.environ, "FIELDGATE_CONFIG": str(config)}
+    with log.open("ab") as out:
+        return subprocess.Popen([FIELDGATE, *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15
+) -> int:
+    """Signal a process and wait for it; returns its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float = 60,
+    interval: float = 0.1,
+    what: str = "condition",
+) -> None:
+    """Poll ``predicate`` until it is true; fail the test with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def count_rows(db: Path, table: str, where: str = "1") -> int:
+    """Rows in a table of a real SQLite file (0 if the file does not exist yet)."""
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    conn = sqlite3.connect(str(db), timeout=30)
+    try:
+        return int(conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}").fetchone()[0])  # noqa: S608
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()

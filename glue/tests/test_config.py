@@ -1,0 +1,151 @@
+"""Configuration loading: every mistake is one line naming the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support import run_fieldgate
+
+from fieldgate.config import load_config, parse_config, redacted
+from fieldgate.errors import ConfigError
+
+
+def test_minimal_config_gets_contract_defaults() -> None:
+    cfg = parse_config({"site": {"serial": "GW-0001"}})
+    assert cfg.store.path == "/var/lib/fieldgate/data_store.db"
+    assert cfg.store.retention_days == 90
+    assert (cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.topic_prefix) == ("127.0.0.1", 1883, "fieldgate")
+    assert cfg.upload.mode == "LIVE"
+    assert cfg.upload.batch_max_rows == 50000
+    assert cfg.disk.stop_accepting_at_percent == 98
+    assert cfg.export.led_path == "/sys/class/leds/gpo1"
+    assert cfg.devices.allow_unknown is False
+
+
+def test_device_resolves_by_serial_and_alias() -> None:
+    cfg = parse_config(
+        {"site": {"serial": "GW-1"}, "devices": {"list": [{"serial": "TH-001", "alias": "roof"}]}}
+    )
+    assert cfg.devices.resolve("TH-001") == "TH-001"
+    assert cfg.devices.resolve("roof") == "TH-001"
+    assert cfg.devices.resolve("other") is None
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "site: required key is missing"),
+        ({"site": {}}, "site.serial: required key is missing"),
+        ({"site": {"serial": 1}}, "site.serial: expected a string, got integer 1 (quote it)"),
+        ({"site": {"serial": "GW"}, "sitee": {}}, "sitee: unknown key"),
+        ({"site": {"serial": "GW"}, "mqtt": {"port": "x"}}, "mqtt.port: expected an integer"),
+        ({"site": {"serial": "GW"}, "mqtt": {"port": 0}}, "mqtt.port: must be at least 1"),
+        ({"site": {"serial": "GW"}, "mqtt": {"prot": 1}}, "mqtt.prot: unknown key"),
+        ({"site": {"serial": "GW"}, "upload": {"mode": "live"}}, "upload.mode: must be one of"),
+        (
+            {"site": {"serial": "GW"}, "devices": {"list": [{"alias": "a"}]}},
+            "devices.list[0].serial: required key is missing",
+        ),
+        ({"site": {"serial": "GW"}, "devices": {"list": "TH-1"}}, "devices.list: expected a list"),
+        (
+            {"site": {"serial": "GW"}, "devices": {"allow_unknown": "yes"}},
+            "devices.allow_unknown: expected true or false",
+        ),
+        ({"site": {"serial": "GW/1"}}, "site.serial: 'GW/1' is not a valid value here"),
+        (
+            {"site": {"serial": "GW"}, "devices": {"list": [{"serial": "A"}, {"serial": "A"}]}},
+            "devices.list[1]: name 'A' is already used",
+        ),
+        (
+            {
+                "site": {"serial": "GW"},
+                "devices": {"list": [{"serial": "C", "format": "csv", "csv_columns": ["t", "x"]}]},
+            },
+            "devices.list[0].csv_columns: a csv device needs a 'ts' column",
+        ),
+        (
+            {
+                "site": {"serial": "GW"},
+                "poll": {"nodes": [{"name": "n", "url": "http://x/", "device": "nope"}]},
+            },
+            "poll.nodes[0].device: 'nope' is not in devices.list",
+        ),
+    ],
+)
+def test_bad_config_is_one_clear_error(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, "/etc/fieldgate/fieldgate.yaml")
+    assert str(err.value).startswith("/etc/fieldgate/fieldgate.yaml: ")
+    assert message in str(err.value)
+
+
+def test_secret_file_errors_name_key_and_file(tmp_path: Path) -> None:
+    cfg = parse_config(
+        {"site": {"serial": "GW"}, "mqtt": {"password_file": str(tmp_path / "missing")}},
+        "cfg.yaml",
+    )
+    with pytest.raises(
+        ConfigError, match=r"cfg.yaml: mqtt.password_file: secret file .*missing does not exist"
+    ):
+        cfg.secret("mqtt.password_file")
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    cfg = parse_config({"site": {"serial": "GW"}, "mqtt": {"password_file": str(empty)}}, "c")
+    with pytest.raises(ConfigError, match="is empty"):
+        cfg.secret("mqtt.password_file")
+    full = tmp_path / "pw"
+    full.write_text("  s3cret \n")
+    cfg = parse_config({"site": {"serial": "GW"}, "mqtt": {"password_file": str(full)}}, "c")
+    assert cfg.secret("mqtt.password_file") == "s3cret"
+
+
+def test_redacted_removes_secret_bearing_keys() -> None:
+    raw = {
+        "site": {"serial": "GW"},
+        "mqtt": {"username": "c", "password_file": "/x"},
+        "upload": {"key_file": "/k", "url": "http://h"},
+    }
+    assert redacted(raw) == {
+        "site": {"serial": "GW"},
+        "mqtt": {"username": "c"},
+        "upload": {"url": "http://h"},
+    }
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("site:\n  serial: [GW\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML at line"):
+        load_config(str(p))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        ("site: {serial: GW}\nmqtt: {port: 70000}\n", "mqtt.port: must be at most 65535"),
+        ("- a\n- b\n", "the top level must be a mapping"),
+        ("site: {serial: GW}\nlog: {level: LOUD}\n", "log.level: must be one of"),
+    ],
+)
+def test_cli_exits_2_with_one_line(tmp_path: Path, content: str | None, message: str) -> None:
+    p = tmp_path / "fieldgate.yaml"
+    if content is not None:
+        p.write_text(content)
+    for command in (["status"], ["collect"], ["devices", "list"], ["upload", "--once"]):
+        r = run_fieldgate(*command, config=p)
+        assert r.returncode == 2, (command, r)
+        assert r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith("fieldgate: error: ") and message in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_config_flag_overrides_environment(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("site: {serial: GW-FLAG}\n")
+    r = run_fieldgate("--config", str(good), "check-config", config=tmp_path / "missing.yaml")
+    assert r.returncode == 0, r
+    assert "GW-FLAG" in r.stdout
+    r = run_fieldgate("check-config", "--config", str(good), config=tmp_path / "missing.yaml")
+    assert r.returncode == 0, r

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run every test of fieldgate on a Debian 12 machine (as root): installs what is missing,
+# then lint (ruff, yamllint, ansible-lint, syntax checks), the glue's unit and integration
+# tests against real Mosquitto/SQLite/HTTP/filesystems, and the Molecule scenarios on
+# systemd-nspawn test hosts. This is what CI runs (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+export PATH="$PWD/.venv/bin:$PATH"
+SECONDS=0
+
+stage() { printf '\n==== %s (t=%ss)\n' "$1" "$SECONDS"; }
+
+stage "ruff"
+ruff check glue bench
+ruff format --check glue bench
+
+stage "ansible lint and syntax"
+bash scripts/lint.sh
+
+stage "glue tests (pytest)"
+(cd glue && python -m pytest -p no:cacheprovider -q -ra)
+
+stage "molecule"
+bash scripts/molecule.sh
+
+stage "all tests passed in ${SECONDS}s"
