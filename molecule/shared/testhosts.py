@@ -1,0 +1,621 @@
+#!/usr/bin/python3
+"""Boot systemd test hosts for fieldgate with systemd-nspawn, and take them down again.
+
+Why this exists: this machine has no Docker, but systemd-nspawn boots a Debian 12 tree with
+systemd as PID 1, which is what the roles expect on a gateway. One cached base tree
+(debootstrap, built on first use) is shared read-only by every host through an overlayfs
+mount, so a host costs a few milliseconds of disk work and 50-70 MiB of memory.
+
+Topology of one run (run id RID, four hex digits, unique on the machine):
+
+  network namespace fgth-RID  (nothing in it routes; traffic never leaves the machine)
+    br-mgmt   10.213.X.0/24  management/uplink: control node (.1), every host's host0
+    br-sensor 10.214.X.0/24  sensor network: the gateways' sensor0, the sensor host's sensor0
+  root namespace: only the veth fgRIDc (10.213.X.1/24) whose peer sits on br-mgmt, so
+  Ansible/SSH from this machine reaches host0 of every host; there is no route anywhere else.
+
+Each host gets its interfaces from `--network-veth-extra` (host-side names we choose, at most
+15 characters); the host-side ends are moved into the run's namespace and enslaved to the
+bridges; addresses are configured from outside with nsenter, on every boot.
+
+Commands (all take --run-dir DIR, the directory holding state.json, keys and overlays):
+  base                          build or reuse the cached base tree, print its path
+  up HOST:NET[,NET] ...         boot hosts (NET is mgmt or sensor), wait for SSH
+  down                          stop everything of the run; idempotent, safe after failures
+  restart HOST                  power the host off and boot it again (a reboot)
+  exec HOST -- CMD ...          run a command inside a host (all its namespaces)
+  status                        print state.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CACHE_DIR = Path(os.environ.get("FIELDGATE_TESTHOSTS_CACHE", "/var/cache/fieldgate-testhosts"))
+MIRROR = os.environ.get("FIELDGATE_TESTHOSTS_MIRROR", "http://deb.debian.org/debian")
+SUITE = "bookworm"
+# What every test host has before Ansible touches it: a systemd host reachable over SSH with
+# Python (and python3-apt, which Ansible's apt module needs). Everything else the roles install
+# from the offline bundle.
+BASE_PACKAGES = [
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "python3",
+    "python3-apt",
+    "openssh-server",
+    "iproute2",
+    "sudo",
+    "procps",
+]
+# Bump when the post-processing of the base tree changes.
+BASE_RECIPE = "3"
+NETS = {"mgmt": 213, "sensor": 214}
+SSH_OPTS = [
+    "-o", "StrictHostKeyChecking=no",
+    "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "LogLevel=ERROR",
+    "-o", "BatchMode=yes",
+    "-o", "ConnectTimeout=5",
+]  # fmt: skip
+
+
+class TestHostError(Exception):
+    """A failure with one line of explanation for the operator."""
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, so stdout stays machine-readable."""
+    print(f"testhosts: {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run a command, capturing output; raise TestHostError with its stderr on failure."""
+    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise TestHostError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res
+
+
+# --------------------------------------------------------------------------- base tree
+
+
+def base_key() -> str:
+    """A stamp over everything that shapes the base tree; a change means a rebuild."""
+    text = "\n".join([SUITE, MIRROR, BASE_RECIPE, *sorted(BASE_PACKAGES)])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def ensure_base() -> Path:
+    """Return the cached base tree, building it with debootstrap on first use.
+
+    Builds into a temporary directory and renames it into place under a lock, so concurrent
+    runs either wait for the build or reuse the finished tree, never a half-built one.
+    """
+    import fcntl
+
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    key = base_key()
+    base = CACHE_DIR / f"base-{key}"
+    stamp = base / ".fieldgate-base-stamp"
+    with open(CACHE_DIR / ".lock", "w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)
+        if stamp.exists() and stamp.read_text().strip() == key:
+            return base
+        tmp = CACHE_DIR / f"building-{key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        started = time.monotonic()
+        log(f"building base tree {base} with debootstrap (first use, about a minute)")
+        run([
+            "debootstrap", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES),
+            SUITE, str(tmp), MIRROR,
+        ])  # fmt: skip
+        _prepare_base(tmp)
+        for old in CACHE_DIR.glob("base-*"):
+            if old != base:
+                shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+        tmp.rename(base)
+        stamp.write_text(key + "\n")
+        log(f"base tree built in {time.monotonic() - started:.0f} s")
+        return base
+
+
+def _prepare_base(root: Path) -> None:
+    """Turn a debootstrap tree into a bootable, closed-network test host template."""
+    (root / "etc/hostname").unlink(missing_ok=True)
+    (root / "etc/resolv.conf").unlink(missing_ok=True)
+    (root / "etc/resolv.conf").write_text("")
+    (root / "etc/machine-id").write_text("")
+    (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
+    units = root / "etc/systemd/system"
+    # No console login, no background apt runs that would hold the dpkg lock during converge.
+    for unit in ["console-getty.service", "apt-daily.timer", "apt-daily-upgrade.timer",
+                 "systemd-networkd-wait-online.service"]:  # fmt: skip
+        link = units / unit
+        link.unlink(missing_ok=True)
+        link.symlink_to("/dev/null")
+    # Each host gets its own SSH host keys on first boot.
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    (units / "testhost-sshkeys.service").write_text(
+        "[Unit]\nDescription=Generate SSH host keys of a test host\n"
+        "Before=ssh.service\nConditionPathExists=!/etc/ssh/ssh_host_ed25519_key\n\n"
+        "[Service]\nType=oneshot\nExecStart=/usr/bin/ssh-keygen -A\n\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
+    wants = units / "multi-user.target.wants"
+    wants.mkdir(exist_ok=True)
+    (wants / "testhost-sshkeys.service").symlink_to("../testhost-sshkeys.service")
+    # A closed-network site: no internet apt source. The roles add the offline bundle's source.
+    # Empty lists with an old mtime make Ansible's cache_valid_time refresh them.
+    (root / "etc/apt/sources.list").write_text("")
+    for f in (root / "etc/apt/sources.list.d").glob("*"):
+        f.unlink()
+    run(["chroot", str(root), "apt-get", "clean"])
+    lists = root / "var/lib/apt/lists"
+    for f in lists.iterdir():
+        if f.is_file() and f.name != "lock":
+            f.unlink()
+    (root / "var/lib/apt/periodic/update-success-stamp").unlink(missing_ok=True)
+    os.utime(lists, (0, 0))
+
+
+# --------------------------------------------------------------------------- run state
+
+
+class Run:
+    """One set of hosts, described by <run-dir>/state.json."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir.resolve()
+        self.state_file = self.dir / "state.json"
+        self.state: dict = {}
+        if self.state_file.exists():
+            self.state = json.loads(self.state_file.read_text())
+
+    def save(self) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2, sort_keys=True) + "\n")
+        tmp.rename(self.state_file)
+
+    @property
+    def rid(self) -> str:
+        return self.state["run_id"]
+
+    @property
+    def netns(self) -> str:
+        return f"fgth-{self.rid}"
+
+    def ns(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a command inside the run's network namespace."""
+        return run(["ip", "netns", "exec", self.netns, *cmd], check=check)
+
+
+def _pick_run_id() -> tuple[str, int]:
+    """A run id and a /24 index not used by any netns or route on this machine."""
+    routes = run(["ip", "-4", "route", "show", "table", "all"]).stdout
+    spaces = set(run(["ip", "netns", "list"]).stdout.split())
+    for _ in range(200):
+        rid = f"{random.randrange(16**4):04x}"
+        idx = random.randrange(1, 255)
+        if f"fgth-{rid}" in spaces:
+            continue
+        if any(f"10.{n}.{idx}." in routes for n in NETS.values()):
+            continue
+        return rid, idx
+    raise TestHostError("no free run id / test subnet found")
+
+
+def _ip(net: str, idx: int, host: int) -> str:
+    return f"10.{NETS[net]}.{idx}.{host}"
+
+
+# --------------------------------------------------------------------------- up
+
+
+def cmd_up(run_: Run, specs: list[str], usb_hosts: list[str], binds: list[str]) -> None:
+    """Create the network and boot every host; on any failure take everything down again."""
+    if run_.state.get("hosts"):
+        raise TestHostError(f"{run_.dir} already holds a run; call down first")
+    base = ensure_base()
+    run_.dir.mkdir(parents=True, exist_ok=True)
+    rid, idx = _pick_run_id()
+    run_.state = {
+        "run_id": rid, "subnet_index": idx, "base": str(base), "hosts": {},
+        "control_ip": _ip("mgmt", idx, 1),
+        "cidrs": {net: f"10.{n}.{idx}.0/24" for net, n in NETS.items()},
+        "ssh_key": str(run_.dir / "ssh_key"), "binds": binds,
+    }  # fmt: skip
+    hosts = {}
+    for i, spec in enumerate(specs):
+        name, _, nets = spec.partition(":")
+        nets_l = [n for n in (nets or "mgmt").split(",") if n]
+        for n in nets_l:
+            if n not in NETS:
+                raise TestHostError(f"unknown network {n!r} in {spec!r} (mgmt, sensor)")
+        hosts[name] = {
+            "machine": f"fg{rid}-{name}",
+            "nets": {n: _ip(n, idx, 10 + i) for n in nets_l},
+            "ifaces": {n: f"fg{rid}{i}{n[0]}" for n in nets_l},
+            "usb": None, "pid": None, "leader": None,
+        }  # fmt: skip
+        hosts[name]["address"] = hosts[name]["nets"].get("mgmt") or next(
+            iter(hosts[name]["nets"].values())
+        )
+    run_.state["hosts"] = hosts
+    run_.save()
+    try:
+        _make_network(run_)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"fieldgate-testhosts-{rid}",
+             "-f", run_.state["ssh_key"]])  # fmt: skip
+        for name in hosts:
+            _prepare_host(run_, name, name in usb_hosts)
+        for name in hosts:
+            _boot(run_, name)
+        for name in hosts:
+            _wait_ssh(run_, name)
+    except BaseException:
+        log("bringing hosts up failed; taking the run down")
+        cmd_down(run_)
+        raise
+    log(f"run {rid}: {len(hosts)} hosts up")
+
+
+def _make_network(run_: Run) -> None:
+    """The run's namespace with its bridges, and the control node's veth into br-mgmt."""
+    ns = run_.netns
+    run(["ip", "netns", "add", ns])
+    run_.ns("ip", "link", "set", "lo", "up")
+    for net in NETS:
+        run_.ns("ip", "link", "add", f"br-{net}", "type", "bridge")
+        run_.ns("ip", "link", "set", f"br-{net}", "up")
+    ctl = f"fg{run_.rid}c"
+    run(["ip", "link", "add", ctl, "type", "veth", "peer", "name", "ctl", "netns", ns])
+    run(["ip", "addr", "add", f"{run_.state['control_ip']}/24", "dev", ctl])
+    run(["ip", "link", "set", ctl, "up"])
+    run_.ns("ip", "link", "set", "ctl", "master", "br-mgmt", "up")
+
+
+def _host_dir(run_: Run, name: str) -> Path:
+    return run_.dir / "hosts" / name
+
+
+def _prepare_host(run_: Run, name: str, usb: bool) -> None:
+    """Mount the host's overlay and put the run's key, a machine id and /etc/hosts in it."""
+    h = run_.state["hosts"][name]
+    hd = _host_dir(run_, name)
+    for sub in ("upper", "work", "root"):
+        (hd / sub).mkdir(parents=True, exist_ok=True)
+    root = hd / "root"
+    run(["mount", "-t", "overlay", "overlay", "-o",
+         f"lowerdir={run_.state['base']},upperdir={hd / 'upper'},workdir={hd / 'work'}",
+         str(root)])  # fmt: skip
+    h["root"] = str(root)
+    run_.save()
+    ssh_dir = root / "root/.ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    pub = Path(run_.state["ssh_key"] + ".pub").read_text()
+    (ssh_dir / "authorized_keys").write_text(pub)
+    os.chmod(ssh_dir / "authorized_keys", 0o600)
+    (root / "etc/machine-id").write_text(hashlib.md5(h["machine"].encode()).hexdigest() + "\n")
+    (root / "etc/hostname").write_text(name + "\n")
+    lines = ["127.0.0.1 localhost", f"127.0.1.1 {name}"]
+    for other, oh in run_.state["hosts"].items():
+        if other != name:
+            lines.append(f"{oh['address']} {other}")
+    (root / "etc/hosts").write_text("\n".join(lines) + "\n")
+    if usb:
+        img = hd / "usb.img"
+        with open(img, "wb") as f:
+            f.truncate(64 * 1024 * 1024)
+        run(["mkfs.ext4", "-q", "-F", "-L", "FGEXPORT", str(img)])
+        dev = run(["losetup", "--find", "--show", str(img)]).stdout.strip()
+        h["usb"] = {"image": str(img), "device": dev}
+        run_.save()
+
+
+def _nspawn_cmd(run_: Run, name: str) -> list[str]:
+    h = run_.state["hosts"][name]
+    cmd = [
+        "systemd-nspawn", "--register=no", "--keep-unit", "--quiet",
+        f"--directory={h['root']}", f"--machine={h['machine']}", f"--hostname={name}",
+        "--boot", "--resolv-conf=off", "--console=passive", "--link-journal=no",
+        "--timezone=off", "--bind=/dev/fuse",
+    ]  # fmt: skip
+    for net, ifname in h["ifaces"].items():
+        inner = "host0" if net == "mgmt" else f"{net}0"
+        cmd.append(f"--network-veth-extra={ifname}:{inner}")
+    if h["usb"]:
+        cmd.append(f"--bind={h['usb']['device']}")
+    for b in run_.state.get("binds", []):
+        cmd.append(f"--bind-ro={b}")
+    return cmd
+
+
+def _boot(run_: Run, name: str) -> None:
+    """Start systemd-nspawn detached, attach its veths to the bridges, set the addresses."""
+    h = run_.state["hosts"][name]
+    logf = open(_host_dir(run_, name) / "nspawn.log", "ab")
+    proc = subprocess.Popen(
+        _nspawn_cmd(run_, name), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+        start_new_session=True,
+    )  # fmt: skip
+    h["pid"] = proc.pid
+    h["leader"] = None
+    run_.save()
+    deadline = time.monotonic() + 30
+    leader = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = (_host_dir(run_, name) / "nspawn.log").read_text(errors="replace")[-800:]
+            raise TestHostError(f"systemd-nspawn for {name} exited ({proc.returncode}): {tail}")
+        leader = _leader_of(proc.pid)
+        if leader and all(_link_exists(i) for i in h["ifaces"].values()):
+            break
+        time.sleep(0.05)
+    else:
+        raise TestHostError(f"{name}: container did not start within 30 s")
+    h["leader"] = leader
+    h["pidns"] = os.readlink(f"/proc/{leader}/ns/pid")
+    run_.save()
+    for net, ifname in h["ifaces"].items():
+        run(["ip", "link", "set", ifname, "netns", run_.netns])
+        run_.ns("ip", "link", "set", ifname, "master", f"br-{net}", "up")
+    inner = ["nsenter", "-t", str(leader), "-n"]
+    run([*inner, "ip", "link", "set", "lo", "up"])
+    for net, addr in h["nets"].items():
+        dev = "host0" if net == "mgmt" else f"{net}0"
+        run([*inner, "ip", "addr", "add", f"{addr}/24", "dev", dev])
+        run([*inner, "ip", "link", "set", dev, "up"])
+
+
+def _leader_of(nspawn_pid: int) -> int | None:
+    """The container's PID 1 as seen from here: the child of nspawn in another PID namespace."""
+    try:
+        own = os.readlink(f"/proc/{nspawn_pid}/ns/pid")
+    except OSError:
+        return None
+    for task in Path(f"/proc/{nspawn_pid}/task").glob("*"):
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                if os.readlink(f"/proc/{kid}/ns/pid") != own:
+                    return int(kid)
+            except OSError:
+                continue
+    return None
+
+
+def _link_exists(ifname: str) -> bool:
+    return Path(f"/sys/class/net/{ifname}").exists()
+
+
+def _wait_ssh(run_: Run, name: str, timeout: float = 90) -> None:
+    """Wait until sshd of the host accepts the run's key."""
+    h = run_.state["hosts"][name]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((h["address"], 22), timeout=1):
+                pass
+        except OSError:
+            time.sleep(0.1)
+            continue
+        res = subprocess.run(
+            ["ssh", *SSH_OPTS, "-i", run_.state["ssh_key"], f"root@{h['address']}", "true"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if res.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise TestHostError(f"{name}: sshd at {h['address']} did not answer within {timeout:.0f} s")
+
+
+# --------------------------------------------------------------------------- down
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _is_ours(pid: int, machine: str) -> bool:
+    """True when pid is the systemd-nspawn process of this machine (guards against pid reuse)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"--machine={machine}".encode() in cmd
+
+
+def pids_in_ns(pidns: str) -> list[int]:
+    """Every process in the given PID namespace (a container's processes, seen from here)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            if os.readlink(p / "ns/pid") == pidns:
+                found.append(int(p.name))
+        except OSError:
+            continue
+    return found
+
+
+def _signal_host(run_: Run, name: str) -> None:
+    """Ask the host to power off: SIGTERM to its systemd-nspawn (if it is still ours)."""
+    h = run_.state["hosts"][name]
+    pid = h.get("pid")
+    if pid and _alive(pid) and _is_ours(pid, h["machine"]):
+        os.kill(pid, signal.SIGTERM)
+
+
+def _stop_host(run_: Run, name: str, timeout: float = 20) -> None:
+    """Power the host off (SIGTERM to nspawn), escalating to SIGKILL of its PID namespace."""
+    h = run_.state["hosts"][name]
+    pid = h.get("pid")
+    _signal_host(run_, name)
+    deadline = time.monotonic() + timeout
+    while pid and _alive(pid) and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.1)
+    if pid and _alive(pid) and _is_ours(pid, h["machine"]):
+        log(f"{name}: did not power off in {timeout:.0f} s, killing it")
+        os.kill(pid, signal.SIGKILL)
+    if h.get("pidns"):
+        for _ in range(100):
+            left = pids_in_ns(h["pidns"])
+            if not left:
+                break
+            for p in left:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+    if pid:
+        _reap(pid)
+    h["pid"] = None
+    h["leader"] = None
+    h["pidns"] = None
+    run_.save()
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def save_journals(run_: Run, dest: Path) -> None:
+    """Keep each running host's journal and failed units before it is destroyed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, h in run_.state.get("hosts", {}).items():
+        leader = h.get("leader")
+        if not (leader and _alive(leader)):
+            continue
+        inner = ["nsenter", "-t", str(leader), "-a", "--"]
+        out = subprocess.run(
+            [*inner, "sh", "-c", "systemctl --failed --no-pager; journalctl -b --no-pager -o short-iso"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        (dest / f"{name}.journal").write_text(out.stdout + out.stderr)
+
+
+def cmd_down(run_: Run, keep_dir: bool = False) -> None:
+    """Remove every process, mount, loop device, veth and netns of the run. Idempotent."""
+    if not run_.state:
+        log(f"nothing to take down in {run_.dir}")
+        return
+    rid = run_.rid
+    hosts = run_.state.get("hosts", {})
+    for name in hosts:  # all power off in parallel, then each is waited for
+        _signal_host(run_, name)
+    for name in hosts:
+        _stop_host(run_, name)
+    for name, h in hosts.items():
+        root = h.get("root")
+        if root and os.path.ismount(root):
+            res = run(["umount", root], check=False)
+            if res.returncode != 0:
+                log(f"{name}: umount busy, detaching lazily: {res.stderr.strip()}")
+                run(["umount", "--lazy", root], check=False)
+        usb = h.get("usb")
+        if usb:
+            attached = run(["losetup", "-j", usb["image"]], check=False).stdout
+            for line in attached.splitlines():
+                run(["losetup", "-d", line.split(":")[0]], check=False)
+    if f"fgth-{rid}" in run(["ip", "netns", "list"]).stdout.split():
+        run(["ip", "netns", "del", f"fgth-{rid}"])
+    for link in Path("/sys/class/net").iterdir():
+        if link.name.startswith(f"fg{rid}"):
+            run(["ip", "link", "del", link.name], check=False)
+    if not keep_dir:
+        for name in hosts:
+            shutil.rmtree(_host_dir(run_, name), ignore_errors=True)
+        for f in ("ssh_key", "ssh_key.pub"):
+            (run_.dir / f).unlink(missing_ok=True)
+        run_.state = {}
+        run_.state_file.unlink(missing_ok=True)
+    log(f"run {rid} is down")
+
+
+def cmd_restart(run_: Run, name: str) -> None:
+    """Reboot one host: power off, boot the same overlay again, re-plumb, wait for SSH."""
+    if name not in run_.state.get("hosts", {}):
+        raise TestHostError(f"no host {name!r} in {run_.dir}")
+    _stop_host(run_, name)
+    _boot(run_, name)
+    _wait_ssh(run_, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", type=Path, default=None)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("base")
+    p_up = sub.add_parser("up")
+    p_up.add_argument("hosts", nargs="+", metavar="HOST:NET[,NET]")
+    p_up.add_argument("--usb", action="append", default=[], metavar="HOST")
+    p_up.add_argument("--bind-ro", action="append", default=[], metavar="PATH[:DEST]")
+    p_down = sub.add_parser("down")
+    p_down.add_argument("--save-journals", type=Path, default=None, metavar="DIR")
+    p_down.add_argument("--keep-dir", action="store_true")
+    p_re = sub.add_parser("restart")
+    p_re.add_argument("host")
+    p_ex = sub.add_parser("exec")
+    p_ex.add_argument("host")
+    p_ex.add_argument("command", nargs=argparse.REMAINDER)
+    sub.add_parser("status")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "base":
+            print(ensure_base())
+            return 0
+        if args.run_dir is None:
+            raise TestHostError("--run-dir is required")
+        run_ = Run(args.run_dir)
+        if args.cmd == "up":
+            cmd_up(run_, args.hosts, args.usb, args.bind_ro)
+            print(json.dumps(run_.state, indent=2))
+        elif args.cmd == "down":
+            if args.save_journals and run_.state:
+                save_journals(run_, args.save_journals)
+            cmd_down(run_, keep_dir=args.keep_dir)
+        elif args.cmd == "restart":
+            cmd_restart(run_, args.host)
+        elif args.cmd == "exec":
+            h = run_.state["hosts"][args.host]
+            command = args.command[1:] if args.command[:1] == ["--"] else args.command
+            return subprocess.call(["nsenter", "-t", str(h["leader"]), "-a", "--", *command])
+        elif args.cmd == "status":
+            print(json.dumps(run_.state, indent=2))
+    except TestHostError as exc:
+        print(f"testhosts: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
