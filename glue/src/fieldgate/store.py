@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 from fieldgate.errors import FieldgateError
 
@@ -92,11 +93,10 @@ def connect(
     path: str | Path, *, busy_timeout_ms: int = 30000, readonly: bool = False
 ) -> sqlite3.Connection:
     """A connection with the pragmas every fieldgate process uses (no schema work)."""
-    if readonly:
-        uri = f"file:{Path(path).resolve()}?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000, isolation_level=None)
-    else:
-        conn = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000, isolation_level=None)
+    # URI filenames, so that ATTACH on this connection can open other files read-only.
+    mode = "ro" if readonly else "rwc"
+    uri = f"file:{quote(str(Path(path).resolve()))}?mode={mode}"
+    conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000, isolation_level=None)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     if not readonly:
         conn.execute("PRAGMA journal_mode = WAL")
