@@ -9,10 +9,10 @@ mount, so a host costs a few milliseconds of disk work and 50-70 MiB of memory.
 Topology of one run (run id RID, four hex digits, unique on the machine):
 
   network namespace fgth-RID  (nothing in it routes; traffic never leaves the machine)
-    br-mgmt   10.213.X.0/24  management/uplink: control node (.1), every host's host0
-    br-sensor 10.214.X.0/24  sensor network: the gateways' sensor0, the sensor host's sensor0
+    br-mgmt   10.213.X.0/24  management/uplink: control node (.1), every host's eth0
+    br-sensor 10.214.X.0/24  sensor network: the gateways' eth1, the sensor host's eth1
   root namespace: only the veth fgRIDc (10.213.X.1/24) whose peer sits on br-mgmt, so
-  Ansible/SSH from this machine reaches host0 of every host; there is no route anywhere else.
+  Ansible/SSH from this machine reaches eth0 of every host; there is no route anywhere else.
 
 Each host gets its interfaces from `--network-veth-extra` (host-side names we choose, at most
 15 characters); the host-side ends are moved into the run's namespace and enslaved to the
@@ -62,6 +62,8 @@ BASE_PACKAGES = [
 # Bump when the post-processing of the base tree changes.
 BASE_RECIPE = "3"
 NETS = {"mgmt": 213, "sensor": 214}
+# Interface names inside a host: like a gateway with an uplink and a sensor port.
+INNER_IF = {"mgmt": "eth0", "sensor": "eth1"}
 SSH_OPTS = [
     "-o", "StrictHostKeyChecking=no",
     "-o", "UserKnownHostsFile=/dev/null",
@@ -335,8 +337,7 @@ def _nspawn_cmd(run_: Run, name: str) -> list[str]:
         "--timezone=off", "--bind=/dev/fuse",
     ]  # fmt: skip
     for net, ifname in h["ifaces"].items():
-        inner = "host0" if net == "mgmt" else f"{net}0"
-        cmd.append(f"--network-veth-extra={ifname}:{inner}")
+        cmd.append(f"--network-veth-extra={ifname}:{INNER_IF[net]}")
     if h["usb"]:
         cmd.append(f"--bind={h['usb']['device']}")
     for b in run_.state.get("binds", []):
@@ -376,7 +377,7 @@ def _boot(run_: Run, name: str) -> None:
     inner = ["nsenter", "-t", str(leader), "-n"]
     run([*inner, "ip", "link", "set", "lo", "up"])
     for net, addr in h["nets"].items():
-        dev = "host0" if net == "mgmt" else f"{net}0"
+        dev = INNER_IF[net]
         run([*inner, "ip", "addr", "add", f"{addr}/24", "dev", dev])
         run([*inner, "ip", "link", "set", dev, "up"])
 

@@ -1,0 +1,167 @@
+"""Helpers for the default scenario's testinfra tests.
+
+The tests talk to the converged test hosts over SSH (testinfra's ansible backend, Molecule's
+inventory), probe the firewall from other hosts and from this machine, and read the
+gateways' and the hub's SQLite files with the sqlite3 shell on the host that owns them.
+What a test needs to know about a gateway comes from its rendered configuration
+(/etc/fieldgate/fieldgate.yaml, CONTRACT §2) and from the scenario's inventory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import testinfra
+import yaml
+
+EPHEMERAL = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "."))
+INVENTORY = os.environ.get("MOLECULE_INVENTORY_FILE", "")
+TESTHOSTS = Path(__file__).resolve().parents[2] / "shared" / "testhosts.py"
+CONFIG_PATH = "/etc/fieldgate/fieldgate.yaml"
+GATEWAYS = ["gw1", "gw2"]
+# How long a test waits for something that happens asynchronously (collector commit,
+# upload cycle, export); generous because two cores are shared with other test runs.
+WAIT_SECS = 180
+
+T = TypeVar("T")
+
+
+def get_host(name: str) -> Any:
+    """A testinfra host of this scenario by inventory name."""
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+def testnet() -> dict[str, Any]:
+    """The run's state written by testhosts.py: addresses, networks, USB images."""
+    return json.loads((EPHEMERAL / "testhosts" / "state.json").read_text())
+
+
+def host_vars(name: str) -> dict[str, Any]:
+    """The scenario's literal host_vars of a host (secrets the tests must look for)."""
+    path = Path(__file__).resolve().parents[1] / "inventory" / "host_vars" / f"{name}.yml"
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def group_vars(name: str) -> dict[str, Any]:
+    path = Path(__file__).resolve().parents[1] / "inventory" / "group_vars" / f"{name}.yml"
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def gateway_config(host: Any) -> dict[str, Any]:
+    """The gateway's rendered fieldgate configuration."""
+    return yaml.safe_load(host.file(CONFIG_PATH).content_string)
+
+
+def sql(host: Any, db: str, query: str) -> list[dict[str, Any]]:
+    """Rows of a read-only query against an SQLite file on the host."""
+    out = host.check_output("sqlite3 -readonly -json %s %s", db, query)
+    return json.loads(out) if out.strip() else []
+
+
+def wait_for(what: str, probe: Callable[[], T], timeout: float = WAIT_SECS) -> T:
+    """Poll until probe() returns something truthy; fail naming what never happened."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(1)
+
+
+def probe_from(host: Any, address: str, port: int) -> str:
+    """Port state seen from a test host: open, closed or filtered (dropped)."""
+    return host.check_output("fieldgate-probe port %s %s --timeout 2", address, str(port))
+
+
+def probe_here(address: str, port: int, timeout: float = 2) -> str:
+    """Port state seen from this machine (the management side)."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return "open"
+    except ConnectionRefusedError:
+        return "closed"
+    except TimeoutError:
+        return "filtered"
+
+
+def publish(sensor: Any, address: str, user: str, password: str, topic: str,
+            messages: list[dict[str, Any]]) -> Any:  # fmt: skip
+    """Publish JSON readings (QoS 1) from the sensor host; returns testinfra's command result."""
+    args = " ".join(f"-m {shlex.quote(json.dumps(m))}" for m in messages)
+    return sensor.run(
+        f"fieldgate-probe publish {shlex.quote(address)} 1883 -u {shlex.quote(user)} "
+        f"-P {shlex.quote(password)} -t {shlex.quote(topic)} -i probe-{int(time.time() * 1000)} {args}"
+    )
+
+
+def device_password(gateway: str, serial: str) -> str:
+    for account in host_vars(gateway)["mosquitto_device_accounts"]:
+        if account["username"] == serial:
+            return account["password"]
+    raise KeyError(f"no MQTT account for {serial} on {gateway}")
+
+
+def hub_db(hub: Any) -> str:
+    """The hub's database, from the running `fieldgate hub serve --db PATH` (CONTRACT §3)."""
+    cmdline = hub.check_output("pgrep -a -f 'fieldgate hub serve' | grep -v pgrep | head -n 1")
+    args = cmdline.split()
+    return args[args.index("--db") + 1]
+
+
+def testhosts(*args: str) -> None:
+    """Run the test-host tool against this run (e.g. restart a host)."""
+    subprocess.run(
+        ["python3", str(TESTHOSTS), "--run-dir", str(EPHEMERAL / "testhosts"), *args],
+        check=True,
+    )
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def send_readings(sensor: Any, net: dict[str, Any], gw: str, n: int = 5, repeat: int = 2) -> dict[str, Any]:
+    """Publish n two-metric readings of the gateway's last device from the sensor host.
+
+    Each message is sent `repeat` times (the duplicates must collapse). Returns what a test
+    needs to find them again: device, serial, ts range, a WHERE clause, the store path.
+    """
+    host = get_host(gw)
+    cfg = gateway_config(host)
+    device = host_vars(gw)["mosquitto_device_accounts"][-1]["username"]
+    base = now_ms()
+    readings = [{"ts": base + i, "metrics": {"temp_c": 20.5 + i, "rh": 40 + i}} for i in range(n)]
+    topic = f"{cfg['mqtt']['topic_prefix']}/{device}/readings"
+    address = net["hosts"][gw]["nets"]["sensor"]
+    for _ in range(repeat):
+        res = publish(sensor, address, device, device_password(gw, device), topic, readings)
+        assert res.rc == 0, res.stderr
+    return {
+        "host": host, "serial": cfg["site"]["serial"], "device": device, "base": base, "n": n,
+        "db": cfg["store"]["path"],
+        "where": f"device = '{device}' AND ts BETWEEN {base} AND {base + n - 1}",
+    }  # fmt: skip
+
+
+def count(host: Any, db: str, where: str) -> int:
+    return sql(host, db, f"SELECT COUNT(*) AS n FROM readings WHERE {where}")[0]["n"]
+
+
+def await_at_hub(hub: Any, sent: dict[str, Any]) -> list[dict[str, Any]]:
+    """Wait until the sent readings are stored at the gateway and at the hub; the hub's rows."""
+    rows = 2 * sent["n"]  # two metrics per reading
+    wait_for("the readings in the gateway store", lambda: count(sent["host"], sent["db"], sent["where"]) == rows)
+    hub_path = hub_db(hub)
+    hub_where = f"serial = '{sent['serial']}' AND {sent['where']}"
+    wait_for("the readings at the hub", lambda: count(hub, hub_path, hub_where) >= rows)
+    return sql(hub, hub_path, f"SELECT metric, ts, value FROM readings WHERE {hub_where} ORDER BY ts, metric")

@@ -1,0 +1,53 @@
+"""MQTT security on the gateways' sensor listener, from the sensor host."""
+
+from __future__ import annotations
+
+import pytest
+
+from support import GATEWAYS, device_password, gateway_config, get_host, host_vars, now_ms, publish, sql, wait_for
+
+# MQTT 3.1.1 CONNACK codes: 4 bad user name or password, 5 not authorised.
+REFUSED = {"4", "5"}
+
+
+@pytest.mark.parametrize("gw", GATEWAYS)
+def test_anonymous_refused(sensor, net, gw):
+    code = sensor.check_output("fieldgate-probe connect %s 1883", net["hosts"][gw]["nets"]["sensor"])
+    assert code in REFUSED
+
+
+@pytest.mark.parametrize("gw", GATEWAYS)
+def test_wrong_password_refused(sensor, net, gw):
+    device = host_vars(gw)["mosquitto_device_accounts"][0]["username"]
+    code = sensor.check_output(
+        "fieldgate-probe connect %s 1883 -u %s -P %s", net["hosts"][gw]["nets"]["sensor"], device, "not-the-password"
+    )
+    assert code in REFUSED
+
+
+def test_device_cannot_publish_as_another_device(sensor, net):
+    """A device publishing under another device's topic: the broker's ACL drops it.
+
+    The forged reading is followed, on the same connection, by a genuine one; once the
+    genuine one is stored, the forged one would have been stored before it.
+    """
+    gw = get_host("gw1")
+    cfg = gateway_config(gw)
+    accounts = host_vars("gw1")["mosquitto_device_accounts"]
+    me, victim = accounts[0]["username"], accounts[1]["username"]
+    prefix = cfg["mqtt"]["topic_prefix"]
+    ts = now_ms()
+    address = net["hosts"]["gw1"]["nets"]["sensor"]
+    forged = publish(sensor, address, me, device_password("gw1", me), f"{prefix}/{victim}/readings",
+                     [{"ts": ts, "metrics": {"forged": 1}}])  # fmt: skip
+    assert forged.rc == 0, forged.stderr
+    genuine = publish(sensor, address, me, device_password("gw1", me), f"{prefix}/{me}/readings",
+                      [{"ts": ts, "metrics": {"genuine": 1}}])  # fmt: skip
+    assert genuine.rc == 0, genuine.stderr
+    db = cfg["store"]["path"]
+    wait_for(
+        "the genuine reading in the gateway store",
+        lambda: sql(gw, db, f"SELECT 1 FROM readings WHERE ts = {ts} AND metric = 'genuine'"),
+    )
+    assert sql(gw, db, f"SELECT device, metric FROM readings WHERE ts = {ts} AND metric = 'forged'") == []
+    assert sql(gw, db, f"SELECT reason FROM rejected WHERE payload LIKE '%{ts}%forged%'") == []
