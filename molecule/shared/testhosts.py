@@ -590,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     p_ex.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("status")
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so a half-made run is taken down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if args.cmd == "base":
             print(ensure_base())
