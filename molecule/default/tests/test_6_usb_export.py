@@ -65,7 +65,7 @@ def test_export_to_usb_drive():
     def new_log() -> list[str]:
         return gw.check_output(f"tail -n +{log_before + 1} {shlex.quote(log_file)}").splitlines()
 
-    wait_for("the export to finish", lambda: any("success" in line for line in new_log()))
+    wait_for("the export to finish", lambda: any("led: success" in line for line in new_log()))
     state = led(gw, led_path)
     assert (state.get("trigger"), state.get("delay_on"), state.get("delay_off")) == ("timer", "250", "250"), state
 
@@ -94,6 +94,6 @@ def test_export_to_usb_drive():
              and led(gw, led_path).get("brightness", "0") != "0")  # fmt: skip
 
     lines = new_log()
-    order = [next((i for i, line in enumerate(lines) if s in line), None)
+    order = [next((i for i, line in enumerate(lines) if f"led: {s}" in line), None)
              for s in ("in_progress", "success", "normal_operation")]  # fmt: skip
     assert None not in order and order == sorted(order), f"LED states in the log: {lines}"
