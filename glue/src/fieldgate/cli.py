@@ -179,10 +179,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p = hub_command("serve", "fieldgate.hub.cli:serve_cmd", "Serve the upload API over HTTP.")
     p.add_argument("--listen", required=True, type=_host_port, metavar="HOST:PORT")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument(
+        "--upload-ttl-secs",
+        type=float,
+        default=3600,
+        help="how long an upload URL stays valid (default 3600)",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=256,
+        help="largest batch zip accepted, in MiB (default 256)",
+    )
     p = hub_command(
         "pin", "fieldgate.hub.cli:pin_cmd", "Print a one-time registration PIN for a gateway."
     )
     p.add_argument("--serial", required=True)
+    p.add_argument(
+        "--valid-hours", type=float, default=24, help="how long the PIN is valid (default 24)"
+    )
     p = hub_command(
         "import", "fieldgate.hub.cli:import_cmd", "Ingest an exported gateway database directly."
     )

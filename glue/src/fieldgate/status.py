@@ -53,7 +53,9 @@ def collect_status(cfg: Config) -> dict[str, Any]:
         return result
     conn = store.connect(path, busy_timeout_ms=cfg.store.busy_timeout_ms)
     try:
-        result.update(_from_store(conn, cfg))
+        extra = _from_store(conn, cfg)
+        result["store"].update(extra.pop("store"))
+        result.update(extra)
     finally:
         conn.close()
     result["store"]["exists"] = True

@@ -1,0 +1,419 @@
+"""Cutting readings into batch files (CONTRACT §6) and keeping files and store in agreement.
+
+A batch is ``<serial>-<batch_id>.zip`` in ``upload.pending_dir`` holding ``readings.csv``
+(``device,ts,metric,value``) and ``manifest.yaml``. Cutting one is crash-safe in this order:
+
+1. read the oldest unbatched readings (by id, at most ``upload.batch_max_rows``);
+2. write the zip to a hidden temporary name, fsync it, rename it atomically, fsync the dir;
+3. in ONE transaction: mark those readings with the batch id (or delete them when
+   ``delete_reading_on_zip``) and insert the ``batches`` row.
+
+A crash before 3 commits leaves at most a file without a row (an orphan, deleted by
+:func:`recover` at the next start; its readings are still unbatched and are cut again).
+A crash after leaves a complete batch. A row whose file went missing is regenerated from
+its readings (same CSV, same sha256), which is why the readings are only deleted once the
+file is durably on disk.
+
+Batch ids sort in cutting order: ``<sequence:08d>-<UTC YYYYMMDDTHHMMSSZ>``; the sequence
+comes from the store, so a clock that jumps back at boot cannot reorder batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as dt
+import errno
+import hashlib
+import io
+import logging
+import os
+import shutil
+import signal
+import sqlite3
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fieldgate import __version__, store
+from fieldgate.config import Config
+from fieldgate.errors import FieldgateError
+
+log = logging.getLogger("fieldgate.batches")
+
+CSV_HEADER = ("device", "ts", "metric", "value")
+CSV_NAME = "readings.csv"
+MANIFEST_NAME = "manifest.yaml"
+#: Deflate level of batch zips: level 1 is several times faster than the default 6 and
+#: CSV of readings still shrinks to about a quarter.
+ZIP_LEVEL = 1
+TMP_PREFIX = ".tmp-"
+#: Environment seam for crash tests: the named step kills this process with SIGKILL.
+CRASH_ENV = "FIELDGATE_TEST_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Die by SIGKILL at a named step when ``$FIELDGATE_TEST_CRASH_AT`` names it (tests only).
+
+    This places a real, uncatchable kill exactly where a power cut or OOM kill would hurt
+    most; production never sets the variable.
+    """
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One row of the ``batches`` table."""
+
+    batch_id: str
+    state: str
+    rows: int
+    sha256: str
+    first_ts: int | None
+    last_ts: int | None
+    first_id: int | None
+    last_id: int | None
+    mode: str
+    type: str
+    file: str
+    created_at: int
+
+    def manifest(self, serial: str) -> dict[str, Any]:
+        """The manifest sent to the hub and stored in the zip (CONTRACT §6 keys first)."""
+        return {
+            "batch_id": self.batch_id,
+            "serial": serial,
+            "rows": self.rows,
+            "sha256": self.sha256,
+            "first_ts": self.first_ts,
+            "last_ts": self.last_ts,
+            "mode": self.mode,
+            "type": self.type,
+            "created_at": _iso(self.created_at),
+            "first_id": self.first_id,
+            "last_id": self.last_id,
+            "fieldgate_version": __version__,
+        }
+
+
+BATCH_COLUMNS = (
+    "batch_id, state, rows, sha256, first_ts, last_ts, first_id, last_id, mode, type, file, "
+    "created_at"
+)
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def file_name(serial: str, batch_id: str) -> str:
+    """``<serial>-<batch_id>.zip`` (CONTRACT §6)."""
+    return f"{serial}-{batch_id}.zip"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dirs(cfg: Config) -> tuple[Path, Path]:
+    """The pending and uploaded directories, created if missing."""
+    dirs = []
+    for key in ("pending_dir", "uploaded_dir"):
+        d = Path(getattr(cfg.upload, key))
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FieldgateError(f"upload.{key}: cannot create {d}: {exc.strerror}") from None
+        dirs.append(d)
+    return dirs[0], dirs[1]
+
+
+def render_csv(rows: list[tuple[str, int, str, float]]) -> bytes:
+    """The CSV of readings; deterministic, so a regenerated batch has the same sha256.
+
+    Values use Python's shortest round-trip float repr, so the hub stores exactly the
+    gateway's double.
+    """
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_HEADER)
+    w.writerows(rows)
+    return buf.getvalue().encode("utf-8")
+
+
+def write_zip(path: Path, csv_bytes: bytes, manifest: dict[str, Any]) -> None:
+    """Write the batch zip to ``path`` via a temporary name: fsync, atomic rename, fsync dir."""
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    try:
+        with tmp.open("wb") as raw:
+            with zipfile.ZipFile(
+                raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=ZIP_LEVEL
+            ) as zf:
+                half = len(csv_bytes) // 2
+                with zf.open(CSV_NAME, "w", force_zip64=True) as member:
+                    member.write(csv_bytes[:half])
+                    raw.flush()
+                    crash_point("writing_batch")
+                    member.write(csv_bytes[half:])
+                zf.writestr(
+                    MANIFEST_NAME, yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True)
+                )
+            raw.flush()
+            os.fsync(raw.fileno())
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def _next_seq(conn: sqlite3.Connection) -> int:
+    value = store.get_meta(conn, "last_batch_seq")
+    return int(value) + 1 if value else 1
+
+
+def _utc_stamp(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def cut_batch(conn: sqlite3.Connection, cfg: Config) -> Batch | None:
+    """Cut the oldest unbatched readings into one batch; None when there is nothing to cut."""
+    pending_dir, _ = ensure_dirs(cfg)
+    rows = conn.execute(
+        "SELECT id, device, ts, metric, value FROM readings WHERE batch_id IS NULL "
+        "ORDER BY id LIMIT ?",
+        (cfg.upload.batch_max_rows,),
+    ).fetchall()
+    if not rows:
+        return None
+    first_id, last_id = rows[0][0], rows[-1][0]
+    readings = [(d, ts, m, v) for _, d, ts, m, v in rows]
+    del rows
+    csv_bytes = render_csv(readings)
+    created_at = store.now_ms()
+    batch_id = f"{_next_seq(conn):08d}-{_utc_stamp(created_at)}"
+    tss = [r[1] for r in readings]
+    batch = Batch(
+        batch_id=batch_id,
+        state="pending",
+        rows=len(readings),
+        sha256=hashlib.sha256(csv_bytes).hexdigest(),
+        first_ts=min(tss),
+        last_ts=max(tss),
+        first_id=first_id,
+        last_id=last_id,
+        mode=cfg.upload.mode,
+        type=cfg.upload.type,
+        file=file_name(cfg.site.serial, batch_id),
+        created_at=created_at,
+    )
+    path = pending_dir / batch.file
+    write_zip(path, csv_bytes, batch.manifest(cfg.site.serial))
+    crash_point("batch_file_written")
+    try:
+        with store.transaction(conn):
+            if cfg.upload.delete_reading_on_zip:
+                cur = conn.execute(
+                    "DELETE FROM readings WHERE id BETWEEN ? AND ? AND batch_id IS NULL",
+                    (first_id, last_id),
+                )
+            else:
+                cur = conn.execute(
+                    "UPDATE readings SET batch_id = ? WHERE id BETWEEN ? AND ? "
+                    "AND batch_id IS NULL",
+                    (batch_id, first_id, last_id),
+                )
+            if cur.rowcount != batch.rows:
+                raise _Raced(cur.rowcount, batch.rows)
+            conn.execute(
+                f"INSERT INTO batches ({BATCH_COLUMNS}) "  # noqa: S608 (a constant column list)
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    batch.batch_id,
+                    batch.state,
+                    batch.rows,
+                    batch.sha256,
+                    batch.first_ts,
+                    batch.last_ts,
+                    batch.first_id,
+                    batch.last_id,
+                    batch.mode,
+                    batch.type,
+                    batch.file,
+                    batch.created_at,
+                ),
+            )
+            store.set_meta(conn, "last_batch_seq", str(int(batch_id.split("-", 1)[0])))
+    except _Raced as exc:
+        # Another writer changed these readings between our read and our commit (a second
+        # uploader, or a restore); drop the file and let the next cut see the new truth.
+        _unlink_durably(path)
+        log.warning("batch %s discarded: %s; cutting again", batch_id, exc)
+        return cut_batch(conn, cfg)
+    except BaseException:
+        _unlink_durably(path)
+        raise
+    return batch
+
+
+class _Raced(Exception):
+    def __init__(self, got: int, want: int) -> None:
+        super().__init__(f"{got} of its {want} readings were still unbatched at commit")
+
+
+def cut_all(conn: sqlite3.Connection, cfg: Config, limit: int | None = None) -> list[Batch]:
+    """Cut every unbatched reading into batches (at most ``limit`` batches)."""
+    cut: list[Batch] = []
+    while limit is None or len(cut) < limit:
+        batch = cut_batch(conn, cfg)
+        if batch is None:
+            break
+        log.info("cut batch %s: %d readings", batch.batch_id, batch.rows)
+        cut.append(batch)
+    return cut
+
+
+def pending_batches(conn: sqlite3.Connection) -> list[Batch]:
+    """Batches waiting for upload, oldest first."""
+    return [
+        Batch(*row)
+        for row in conn.execute(
+            f"SELECT {BATCH_COLUMNS} FROM batches "  # noqa: S608 (a constant column list)
+            "WHERE state = 'pending' ORDER BY batch_id"
+        )
+    ]
+
+
+def get_batch(conn: sqlite3.Connection, batch_id: str) -> Batch | None:
+    row = conn.execute(
+        f"SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id = ?",  # noqa: S608
+        (batch_id,),
+    ).fetchone()
+    return Batch(*row) if row else None
+
+
+def _unlink_durably(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+        fsync_dir(path.parent)
+
+
+def move_file(src: Path, dst: Path) -> None:
+    """Move a batch file durably (rename, or copy + fsync + unlink across filesystems)."""
+    try:
+        src.replace(dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(TMP_PREFIX + dst.name)
+        shutil.copyfile(src, tmp)
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(dst)
+        fsync_dir(dst.parent)
+        src.unlink()
+    fsync_dir(dst.parent)
+    fsync_dir(src.parent)
+
+
+def regenerate(conn: sqlite3.Connection, cfg: Config, batch: Batch) -> bool:
+    """Rewrite a pending batch's file from its readings; False if they are gone.
+
+    The CSV is deterministic, so the sha256 normally matches the recorded one; if it does
+    not (the readings were changed behind our back), the row is updated to the new truth.
+    """
+    pending_dir, _ = ensure_dirs(cfg)
+    rows = conn.execute(
+        "SELECT device, ts, metric, value FROM readings WHERE batch_id = ? ORDER BY id",
+        (batch.batch_id,),
+    ).fetchall()
+    if len(rows) != batch.rows:
+        return False
+    csv_bytes = render_csv(rows)
+    sha = hashlib.sha256(csv_bytes).hexdigest()
+    if sha != batch.sha256:
+        log.warning("batch %s: regenerated CSV differs from the recorded one", batch.batch_id)
+        with store.transaction(conn):
+            conn.execute("UPDATE batches SET sha256 = ? WHERE batch_id = ?", (sha, batch.batch_id))
+        batch = get_batch(conn, batch.batch_id) or batch
+    write_zip(pending_dir / batch.file, csv_bytes, batch.manifest(cfg.site.serial))
+    return True
+
+
+def mark_lost(conn: sqlite3.Connection, batch: Batch, why: str) -> None:
+    """A pending batch whose file and readings are both gone: say so, stop counting it."""
+    msg = f"batch {batch.batch_id} ({batch.rows} readings) cannot be uploaded: {why}"
+    log.error("%s", msg)
+    with store.transaction(conn):
+        conn.execute(
+            "UPDATE batches SET state = 'lost', last_error = ? WHERE batch_id = ?",
+            (why, batch.batch_id),
+        )
+        store.add_event(conn, "upload", msg)
+        store.set_state(conn, "upload.last_error", msg)
+
+
+def recover(conn: sqlite3.Connection, cfg: Config) -> None:
+    """Bring the batch files and the ``batches`` table back into agreement after a crash.
+
+    - temporary files of an interrupted write are deleted;
+    - a zip without a row (crash before the commit) is an orphan: deleted, its readings are
+      still unbatched and will be cut again;
+    - a zip of an uploaded batch still in pending (crash after the mark) is moved on;
+    - a pending row without its file is regenerated from its readings, or taken back from
+      the uploaded directory, or marked ``lost`` when neither is possible.
+    """
+    pending_dir, uploaded_dir = ensure_dirs(cfg)
+    prefix = f"{cfg.site.serial}-"
+    for path in sorted(pending_dir.iterdir()):
+        if path.name.startswith(TMP_PREFIX):
+            log.warning("removing %s left by an interrupted batch write", path)
+            _unlink_durably(path)
+            continue
+        if not (path.name.startswith(prefix) and path.name.endswith(".zip")):
+            continue
+        batch_id = path.name[len(prefix) : -len(".zip")]
+        batch = get_batch(conn, batch_id)
+        if batch is None:
+            log.warning("removing orphan batch file %s (never recorded; readings re-cut)", path)
+            _unlink_durably(path)
+        elif batch.state == "uploaded":
+            finish_file(cfg, batch)
+    for batch in pending_batches(conn):
+        if (pending_dir / batch.file).exists():
+            continue
+        if regenerate(conn, cfg, batch):
+            log.warning("batch %s: file was missing; regenerated from the store", batch.batch_id)
+        elif (uploaded_dir / batch.file).exists():
+            move_file(uploaded_dir / batch.file, pending_dir / batch.file)
+            log.warning("batch %s: file taken back from %s", batch.batch_id, uploaded_dir)
+        else:
+            mark_lost(conn, batch, "its file is missing and its readings were deleted on zip")
+
+
+def finish_file(cfg: Config, batch: Batch) -> None:
+    """After upload: move the zip to the uploaded directory, or delete it if so configured."""
+    pending_dir, uploaded_dir = ensure_dirs(cfg)
+    src = pending_dir / batch.file
+    if not src.exists():
+        return
+    if cfg.upload.delete_batch_on_upload:
+        _unlink_durably(src)
+    else:
+        move_file(src, uploaded_dir / batch.file)
+
+
+def read_zip(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The CSV bytes and manifest of a batch zip (used by checks and tests)."""
+    with zipfile.ZipFile(path) as zf:
+        return zf.read(CSV_NAME), yaml.safe_load(zf.read(MANIFEST_NAME))

@@ -1,0 +1,407 @@
+"""``fieldgate upload`` and ``fieldgate register``: store-and-forward to the hub (CONTRACT §6).
+
+Each cycle cuts the unbatched readings into batches and sends the pending ones oldest
+first, with the two-step protocol: ``POST /api/v1/batches`` (manifest, Bearer key) →
+``201 {"upload_url"}`` → ``PUT upload_url`` (the zip) → ``201``; or ``200 {"state":
+"stored"}`` when the hub already has the batch (a crash between the hub's 201 and our mark).
+Only after the hub said stored is the batch marked uploaded and its file moved on.
+
+Failures are of two kinds:
+- transient (hub unreachable, timeout, 5xx, 408/429, an expired upload URL, a body cut
+  off): retried with capped exponential backoff and jitter, forever;
+- refused (a 4xx retrying cannot fix: bad key, manifest rejected): logged once with the
+  hub's reason, counted in ``upload.rejected_by_hub`` for ``status``, the batch kept and
+  tried again at the longest backoff (a fixed key file is picked up without a restart).
+
+A checksum mismatch (409) means the file on disk no longer matches its manifest: the batch
+is regenerated from the store when its readings are still there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import random
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urljoin
+
+import requests
+
+from fieldgate import __version__, batches, store
+from fieldgate.batches import Batch, crash_point
+from fieldgate.config import Config
+from fieldgate.daemon import StopFlag
+from fieldgate.errors import FieldgateError
+
+log = logging.getLogger("fieldgate.uploader")
+
+#: Attempts per batch for ``upload --once`` before it reports the batch as not delivered.
+ONCE_ATTEMPTS = 4
+
+
+class Transient(Exception):
+    """A failure retrying can fix."""
+
+
+class Refused(Exception):
+    """The hub refused the batch for a reason retrying will not fix."""
+
+
+class ChecksumMismatch(Refused):
+    """The hub computed another sha256 than the manifest's (HTTP 409)."""
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with full jitter in [delay/2, delay]."""
+
+    initial: float
+    cap: float
+    attempt: int = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.initial * (2**self.attempt))
+        self.attempt = min(self.attempt + 1, 62)
+        return random.uniform(delay / 2, delay)  # noqa: S311 (jitter, not crypto)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def _hub_error(resp: requests.Response) -> str:
+    """The hub's one-sentence reason, or the HTTP status when it sent none."""
+    try:
+        body = resp.json()
+        if isinstance(body, dict) and body.get("error"):
+            return f"HTTP {resp.status_code}: {body['error']}"
+    except ValueError:
+        pass
+    return f"HTTP {resp.status_code} {resp.reason}"
+
+
+def _classify(resp: requests.Response, what: str) -> Exception:
+    status = resp.status_code
+    reason = f"{what}: {_hub_error(resp)}"
+    if status >= 500 or status in (408, 425, 429):
+        return Transient(reason)
+    if status == 409:
+        return ChecksumMismatch(reason)
+    return Refused(reason)
+
+
+class HubClient:
+    """The gateway side of CONTRACT §6 over one ``requests.Session``."""
+
+    def __init__(self, cfg: Config) -> None:
+        if not cfg.upload.url:
+            raise FieldgateError(f"{cfg.path}: upload.url is not set; nowhere to upload to")
+        self.cfg = cfg
+        self.base = cfg.upload.url.rstrip("/") + "/"
+        self.timeout = cfg.upload.timeout_secs
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = f"fieldgate/{__version__}"
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _key(self) -> str:
+        # Read every time: re-registering fixes a refused key without a restart.
+        return self.cfg.secret("upload.key_file")
+
+    def _request(self, method: str, url: str, **kw: Any) -> requests.Response:
+        try:
+            return self.session.request(method, url, timeout=self.timeout, **kw)
+        except requests.Timeout:
+            raise Transient(f"{method} {url}: no answer within {self.timeout:g} s") from None
+        except requests.ConnectionError as exc:
+            raise Transient(f"{method} {url}: cannot reach the hub: {_root_cause(exc)}") from None
+        except requests.RequestException as exc:
+            raise Transient(f"{method} {url}: {exc}") from None
+
+    def offer(self, manifest: dict[str, Any]) -> str | None:
+        """POST the manifest; the upload URL, or None when the hub already stored the batch."""
+        url = urljoin(self.base, "api/v1/batches")
+        resp = self._request(
+            "POST", url, json=manifest, headers={"Authorization": f"Bearer {self._key()}"}
+        )
+        if resp.status_code == 200 and _json(resp).get("state") == "stored":
+            return None
+        if resp.status_code == 201 and _json(resp).get("upload_url"):
+            return urljoin(self.base, str(_json(resp)["upload_url"]))
+        if resp.status_code in (200, 201):
+            raise Transient(f"POST {url}: unexpected answer {resp.text[:200]!r}")
+        raise _classify(resp, "the hub refused the batch manifest")
+
+    def put(self, upload_url: str, path: Path) -> None:
+        """PUT the zip to the upload URL; returns once the hub stored it."""
+        with path.open("rb") as body:
+            resp = self._request(
+                "PUT", upload_url, data=body, headers={"Content-Type": "application/zip"}
+            )
+        if resp.status_code in (200, 201):
+            return
+        if resp.status_code in (401, 403):
+            # An upload URL expires; a fresh one is one POST away.
+            raise Transient(f"the hub refused the upload URL: {_hub_error(resp)}")
+        raise _classify(resp, "the hub refused the batch file")
+
+    def register(self, serial: str, pin: str) -> str:
+        url = urljoin(self.base, "api/v1/register")
+        resp = self._request("POST", url, json={"pin": pin, "serial": serial})
+        if resp.status_code == 201 and _json(resp).get("gateway_key"):
+            return str(_json(resp)["gateway_key"])
+        raise FieldgateError(
+            f"the hub at {self.cfg.upload.url} refused the registration: {_hub_error(resp)}"
+        )
+
+
+def _json(resp: requests.Response) -> dict[str, Any]:
+    try:
+        body = resp.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__context__ is not None or exc.__cause__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = str(exc)
+    return text.split(": ", 1)[-1] if "Errno" in text else text
+
+
+@contextlib.contextmanager
+def uploader_lock(cfg: Config) -> Iterator[None]:
+    """One uploader per pending directory (two would cut the same readings)."""
+    pending, _ = batches.ensure_dirs(cfg)
+    lock_path = pending / ".lock"
+    fd: IO[bytes] = lock_path.open("ab")
+    try:
+        try:
+            fcntl.flock(fd.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FieldgateError(
+                f"another 'fieldgate upload' is running for {pending} (lock {lock_path})"
+            ) from None
+        yield
+    finally:
+        fd.close()
+
+
+class Uploader:
+    """The state of one uploader process: its store connection, hub client and counters."""
+
+    def __init__(self, cfg: Config, conn: sqlite3.Connection) -> None:
+        self.cfg = cfg
+        self.conn = conn
+        self.client = HubClient(cfg) if cfg.upload.mode != "PASS" else None
+        self.backoff = Backoff(cfg.upload.retry_initial_secs, cfg.upload.retry_max_secs)
+        self._logged_refusal: tuple[str, str] | None = None
+
+    def close(self) -> None:
+        if self.client:
+            self.client.close()
+
+    def cut(self) -> list[Batch]:
+        return batches.cut_all(self.conn, self.cfg)
+
+    def deliver(self, batch: Batch) -> None:
+        """Send one batch until the hub has it, then mark it; raises Transient or Refused."""
+        pending_dir, _ = batches.ensure_dirs(self.cfg)
+        path = pending_dir / batch.file
+        if self.client is not None:
+            manifest = batch.manifest(self.cfg.site.serial)
+            upload_url = self.client.offer(manifest)
+            if upload_url is None:
+                log.info("batch %s: the hub already has it", batch.batch_id)
+            else:
+                self.client.put(upload_url, path)
+            crash_point("after_put")
+        self.mark_uploaded(batch)
+
+    def mark_uploaded(self, batch: Batch) -> None:
+        now = store.now_ms()
+        with store.transaction(self.conn):
+            self.conn.execute(
+                "UPDATE batches SET state = 'uploaded', uploaded_at = ?, last_error = NULL, "
+                "attempts = attempts + 1 WHERE batch_id = ?",
+                (now, batch.batch_id),
+            )
+            verb = "passed (PASS mode, not sent)" if self.cfg.upload.mode == "PASS" else "uploaded"
+            store.set_state(self.conn, "upload.last_success", f"batch {batch.batch_id} {verb}")
+        batches.finish_file(self.cfg, batch)
+        log.info("batch %s: %s (%d readings)", batch.batch_id, verb, batch.rows)
+        self._logged_refusal = None
+
+    def record_failure(self, batch: Batch, exc: Exception) -> None:
+        """Keep the cause where ``status`` shows it; log a refusal only once."""
+        msg = f"batch {batch.batch_id}: {exc}"
+        refused = isinstance(exc, Refused)
+        with store.transaction(self.conn):
+            self.conn.execute(
+                "UPDATE batches SET attempts = attempts + 1, last_error = ? WHERE batch_id = ?",
+                (str(exc), batch.batch_id),
+            )
+            store.set_state(self.conn, "upload.last_error", msg)
+            if refused and self._logged_refusal != (batch.batch_id, str(exc)):
+                state = store.get_state(self.conn).get("upload.rejected_by_hub")
+                count = int(state[0]) + 1 if state else 1
+                store.set_state(self.conn, "upload.rejected_by_hub", str(count))
+                store.add_event(self.conn, "upload", msg)
+        if refused:
+            if self._logged_refusal != (batch.batch_id, str(exc)):
+                log.error("%s; the batch is kept and retried later", msg)
+                self._logged_refusal = (batch.batch_id, str(exc))
+        else:
+            log.warning("%s; retrying", msg)
+
+    def attempt(self, batch: Batch) -> Exception | None:
+        """One delivery attempt with the 409 repair; the failure, or None on success."""
+        try:
+            self.deliver(batch)
+        except ChecksumMismatch as exc:
+            self.record_failure(batch, exc)
+            if batches.regenerate(self.conn, self.cfg, batch):
+                log.warning("batch %s: regenerated from the store after 409", batch.batch_id)
+                return Transient(str(exc))
+            return exc
+        except (Transient, Refused) as exc:
+            self.record_failure(batch, exc)
+            return exc
+        except FieldgateError as exc:  # the key file went missing or unreadable
+            failure = Refused(str(exc))
+            self.record_failure(batch, failure)
+            return failure
+        except OSError as exc:  # the batch file itself (unreadable, vanished)
+            failure = Transient(f"reading {exc.filename}: {exc.strerror}")
+            self.record_failure(batch, failure)
+            batches.recover(self.conn, self.cfg)
+            return failure
+        return None
+
+    def drain(self, stop: StopFlag) -> Exception | None:
+        """Cut and send until nothing is pending; stops at the first failure and returns it."""
+        while not stop.is_set():
+            self.cut()
+            pending = batches.pending_batches(self.conn)
+            if not pending:
+                return None
+            for batch in pending:
+                if stop.is_set():
+                    return None
+                failure = self.attempt(batch)
+                if failure is not None:
+                    return failure
+                self.backoff.reset()
+        return None
+
+
+def upload_cmd(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate upload [--once]``."""
+    stop = StopFlag().install()
+    conn = store.open_store(
+        cfg.store.path, cfg.site.serial, busy_timeout_ms=cfg.store.busy_timeout_ms
+    )
+    try:
+        with uploader_lock(cfg):
+            batches.recover(conn, cfg)
+            up = Uploader(cfg, conn)
+            try:
+                if args.once:
+                    return _once(up, stop)
+                _forever(up, stop)
+            finally:
+                up.close()
+    finally:
+        conn.close()
+    return 0
+
+
+def _once(up: Uploader, stop: StopFlag) -> int:
+    failure: Exception | None = None
+    attempts = 0
+    while not stop.is_set():
+        failure = up.drain(stop)
+        if failure is None:
+            break
+        attempts += 1
+        if isinstance(failure, Refused) or attempts >= ONCE_ATTEMPTS:
+            break
+        stop.wait(up.backoff.next())
+    left = batches.pending_batches(up.conn)
+    if failure is not None and left:
+        rows = sum(b.rows for b in left)
+        raise FieldgateError(
+            f"{len(left)} batches ({rows} readings) not delivered, kept in "
+            f"{up.cfg.upload.pending_dir}: {failure}"
+        )
+    log.info("upload --once: nothing left to send")
+    return 0
+
+
+def _forever(up: Uploader, stop: StopFlag) -> None:
+    cfg = up.cfg
+    log.info(
+        "uploader started: mode %s, hub %s, every %g s",
+        cfg.upload.mode,
+        cfg.upload.url if cfg.upload.mode != "PASS" else "(none: PASS mode)",
+        cfg.upload.interval_secs,
+    )
+    while not stop.is_set():
+        failure = up.drain(stop)
+        if failure is None:
+            up.backoff.reset()
+            wait = cfg.upload.interval_secs
+        elif isinstance(failure, Refused):
+            wait = cfg.upload.retry_max_secs
+        else:
+            wait = up.backoff.next()
+        stop.wait(wait)
+    log.info("uploader stopped (%s)", stop.signal_name or "stop requested")
+
+
+def write_key_file(path: Path, key: str) -> None:
+    """Write the gateway key atomically with mode 0600 (never readable by others, not even
+    for an instant)."""
+    if not path.parent.is_dir():
+        raise FieldgateError(f"upload.key_file: directory {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(key + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    batches.fsync_dir(path.parent)
+
+
+def register_cmd(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate register --pin PIN``: exchange a one-time PIN for this gateway's key."""
+    client = HubClient(cfg)
+    try:
+        try:
+            key = client.register(cfg.site.serial, args.pin.strip())
+        except Transient as exc:
+            raise FieldgateError(str(exc)) from None
+    finally:
+        client.close()
+    path = Path(cfg.upload.key_file)
+    write_key_file(path, key)
+    print(f"registered {cfg.site.serial} with {cfg.upload.url}; key written to {path} (0600)")
+    return 0
+
+
+__all__ = ["HubClient", "Uploader", "register_cmd", "upload_cmd", "write_key_file"]
