@@ -82,7 +82,10 @@ class Broker:
             "max_queued_bytes 0\n"
             "max_inflight_messages 20\n"
             f"log_dest file {self.log}\n"
-            "log_type error\nlog_type warning\nlog_type notice\n" + self.extra_conf
+            "log_type error\nlog_type warning\nlog_type notice\n"
+            # as root, mosquitto would drop to user mosquitto, who cannot read pytest's tmp
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + self.extra_conf
         )
         return conf
 
@@ -330,3 +333,99 @@ def count_rows(db: Path, table: str, where: str = "1") -> int:
         return 0
     finally:
         conn.close()
+
+
+@dataclass
+class Hub:
+    """A real ``fieldgate hub serve`` (gunicorn) on a free loopback port, its own database.
+
+    ``stop()`` and ``start()`` keep the port and the database, so a test can take the hub
+    away and bring it back; ``extra_args`` are passed to ``hub serve``.
+    """
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"
+    workers: int = 2
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.db = self.workdir / "hub.db"
+        self.log = self.workdir / "hub.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    FIELDGATE,
+                    "hub",
+                    "serve",
+                    "--db",
+                    str(self.db),
+                    "--listen",
+                    f"{self.host}:{self.port}",
+                    "--workers",
+                    str(self.workers),
+                    *self.extra_args,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_for_port(self.host, self.port, timeout=30)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"the hub did not start: {self.log.read_text()[-2000:]}") from None
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def pin(self, serial: str, *extra: str) -> str:
+        """A one-time PIN from ``fieldgate hub pin``."""
+        r = run_fieldgate("hub", "pin", "--db", str(self.db), "--serial", serial, *extra)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    def register(self, config: Path) -> None:
+        """Register the gateway of ``config`` (``fieldgate register`` with a fresh PIN)."""
+        serial = yaml.safe_load(config.read_text())["site"]["serial"]
+        r = run_fieldgate("register", "--pin", self.pin(serial), config=config)
+        assert r.returncode == 0, r.stderr
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a query on the hub's database (read while the hub runs)."""
+        import sqlite3
+
+        conn = sqlite3.connect(str(self.db), timeout=30)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def readings(self, serial: str) -> int:
+        return int(self.query("SELECT COUNT(*) FROM readings WHERE serial = ?", (serial,))[0][0])
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    """A fresh hub per test; more with ``Hub(tmp_path / "other")`` (stop them yourself)."""
+    h = Hub(tmp_path / "hub")
+    h.start()
+    yield h
+    h.stop()
