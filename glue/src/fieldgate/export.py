@@ -1,0 +1,567 @@
+"""A consistent export of the store and the site configuration into a directory (CONTRACT §7).
+
+Three files land in the target directory, ``<ts>`` being ``YYYYMMDDTHHMMSS+0000`` (UTC)::
+
+    data_store-<serial>-<ts>.db      a snapshot of the store (plain SQLite, rollback journal)
+    site_config-<serial>-<ts>.yaml   the configuration with every secret-bearing key removed
+    export-<serial>-<ts>.sha256      ``sha256sum -c`` format, covering the two files above
+
+How, and why this way:
+
+- **Consistent while collection continues.** The snapshot is SQLite's online backup in one
+  step (``backup(pages=-1)``) from a read-only connection: in WAL mode that is one read
+  transaction, which never blocks the collector's commits (a stepped backup would restart
+  on every commit and never finish under load).
+- **Nothing partial under a final name.** Everything is written inside a hidden staging
+  directory ``.export-<serial>-<ts>.partial`` on the target itself (same filesystem, so the
+  final step is a rename), fsynced, checked (``PRAGMA integrity_check``), hashed, and only
+  then renamed into place; a failure removes the staging directory (best effort: on a
+  drive that was pulled out nothing can be removed, but nothing carries a final name).
+- **Never overwrite, never remove.** The staging directory is the reservation of a
+  timestamp: ``mkdir`` is atomic, so two exports racing for one second cannot both get it,
+  and a timestamp whose final names exist already is never used. When the current second
+  is taken, the export waits for the next one; the names therefore keep exactly the
+  CONTRACT format, and two exports in the same second get consecutive timestamps.
+- **Space first.** The target must have room for the store and its WAL plus
+  ``export.space_margin_percent``.
+- **Least privilege.** When run as root for a store owned by another user (``usb-watch``),
+  the snapshot and every write to the drive run in a forked child that has switched to the
+  store file's owner and group; only the final renames run as root (the drive's root
+  directory usually belongs to root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import errno
+import hashlib
+import json
+import math
+import os
+import select
+import signal
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fieldgate import store
+from fieldgate.config import Config, redacted
+from fieldgate.errors import FieldgateError
+
+TS_FORMAT = "%Y%m%dT%H%M%S+0000"
+PARTIAL = ".partial"
+#: Room for the configuration and checksum files beyond the database itself.
+SMALL_FILES_BYTES = 1 << 20
+#: How many consecutive seconds are tried before giving up on a free name.
+NAME_ATTEMPTS = 5
+
+Note = Callable[[str], None]
+
+
+def _no_note(_line: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ExportNames:
+    """The file names of one export."""
+
+    serial: str
+    ts: str
+
+    @property
+    def db(self) -> str:
+        return f"data_store-{self.serial}-{self.ts}.db"
+
+    @property
+    def config(self) -> str:
+        return f"site_config-{self.serial}-{self.ts}.yaml"
+
+    @property
+    def checksum(self) -> str:
+        return f"export-{self.serial}-{self.ts}.sha256"
+
+    @property
+    def staging(self) -> str:
+        return f".export-{self.serial}-{self.ts}{PARTIAL}"
+
+    @property
+    def finals(self) -> tuple[str, str, str]:
+        """In publishing order: the checksum file last, so it never names a missing file."""
+        return (self.db, self.config, self.checksum)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote."""
+
+    directory: Path
+    names: ExportNames
+    db_bytes: int
+    db_sha256: str
+    config_sha256: str
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.directory / n for n in self.names.finals]
+
+
+def format_ts(epoch: float) -> str:
+    """``YYYYMMDDTHHMMSS+0000`` for a UTC epoch in seconds."""
+    return dt.datetime.fromtimestamp(int(epoch), tz=dt.UTC).strftime(TS_FORMAT)
+
+
+def human(n: float) -> str:
+    """A byte count for log lines (``12.3 MiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def export_size(store_path: str | Path) -> int:
+    """Bytes the snapshot can take at most: the database file plus its WAL."""
+    path = Path(store_path)
+    size = path.stat().st_size
+    wal = Path(f"{path}-wal")
+    if wal.exists():
+        size += wal.stat().st_size
+    return size
+
+
+def required_space(store_path: str | Path, margin_percent: int) -> int:
+    """Free bytes an export needs on the target: the export size plus the margin."""
+    return math.ceil(export_size(store_path) * (1 + margin_percent / 100)) + SMALL_FILES_BYTES
+
+
+def free_space(directory: str | Path) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem holding ``directory``."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def check_target(directory: Path, need: int, note: Note = _no_note) -> None:
+    """Refuse a target that is not a writable directory with ``need`` bytes free."""
+    if not directory.is_dir():
+        raise FieldgateError(f"export target {directory} is not a directory")
+    st = os.statvfs(directory)
+    if st.f_flag & os.ST_RDONLY:
+        raise FieldgateError(f"export target {directory} is on a read-only filesystem")
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise FieldgateError(
+            f"not enough free space on {directory}: the export needs {human(need)} "
+            f"(store, WAL and margin), {human(free)} free"
+        )
+    note(f"free space ok: need {human(need)}, {human(free)} free")
+
+
+def _sleep_to_next_second(now: Callable[[], float], sleep: Callable[[float], None]) -> None:
+    t = now()
+    sleep(max(0.0, math.floor(t) + 1 - t) + 0.001)
+
+
+def reserve_names(
+    directory: Path,
+    serial: str,
+    *,
+    now: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ExportNames:
+    """Claim a timestamp in ``directory`` by creating its staging directory (atomic).
+
+    A second whose staging directory or final files exist is skipped by waiting for the
+    next one, so names never collide and keep the CONTRACT format.
+    """
+    for _ in range(NAME_ATTEMPTS):
+        names = ExportNames(serial, format_ts(now()))
+        try:
+            (directory / names.staging).mkdir(mode=0o700)
+        except FileExistsError:
+            _sleep_to_next_second(now, sleep)
+            continue
+        if any(os.path.lexists(directory / n) for n in names.finals):
+            (directory / names.staging).rmdir()
+            _sleep_to_next_second(now, sleep)
+            continue
+        return names
+    raise FieldgateError(
+        f"no free export name in {directory}: exports of {serial} for {NAME_ATTEMPTS} "
+        "consecutive seconds exist already (is the clock right?)"
+    )
+
+
+def _fsync_path(path: Path, *, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some FUSE filesystems do not implement fsync on directories; data files they do.
+        if not (directory and exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def snapshot(store_path: Path, dest: Path, *, busy_timeout_ms: int = 30000) -> int:
+    """Copy the store into the new file ``dest`` in one backup step; returns its size.
+
+    The copy is left in rollback-journal mode (header bytes 18/19 set to 1) so that it is
+    a self-contained file a reader can open on read-only media, without ``-wal``/``-shm``.
+    """
+    src = store.connect(store_path, busy_timeout_ms=busy_timeout_ms, readonly=True)
+    try:
+        dst = sqlite3.connect(str(dest), isolation_level=None)
+        try:
+            dst.execute("PRAGMA journal_mode = OFF")
+            dst.execute("PRAGMA synchronous = OFF")
+            src.backup(dst, pages=-1)
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    fd = os.open(dest, os.O_RDWR)
+    try:
+        if os.pread(fd, 2, 18) == b"\x02\x02":
+            os.pwrite(fd, b"\x01\x01", 18)
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def verify_and_hash(db: Path) -> str:
+    """``PRAGMA integrity_check`` on the copy and its SHA-256, side by side on two cores."""
+    digest: list[str] = []
+    failure: list[BaseException] = []
+
+    def hash_it() -> None:
+        try:
+            digest.append(sha256_file(db))
+        except BaseException as exc:
+            failure.append(exc)
+
+    worker = threading.Thread(target=hash_it, name="export-sha256")
+    worker.start()
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro&immutable=1", uri=True)
+        try:
+            rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+        finally:
+            conn.close()
+    finally:
+        worker.join()
+    if failure:
+        raise failure[0]
+    if rows != ["ok"]:
+        raise FieldgateError(
+            f"the copy on the target failed integrity_check: {'; '.join(rows[:3])}"
+        )
+    return digest[0]
+
+
+def config_text(cfg: Config, ts: str) -> str:
+    """The site configuration with every secret removed, as YAML."""
+    header = (
+        f"# fieldgate site configuration of {cfg.site.serial}, exported {ts}.\n"
+        "# Secret-bearing keys (passwords, keys, tokens) are removed.\n"
+    )
+    return header + yaml.safe_dump(redacted(cfg.raw), sort_keys=False)
+
+
+def stage_export(cfg: Config, staging: Path, names: ExportNames, note: Note = _no_note) -> dict:
+    """Write, fsync, check and hash the three files inside ``staging`` (``.partial`` names)."""
+    db_tmp = staging / (names.db + PARTIAL)
+    size = snapshot(Path(cfg.store.path), db_tmp, busy_timeout_ms=cfg.store.busy_timeout_ms)
+    note(f"snapshot written and synced: {human(size)}")
+    db_sha = verify_and_hash(db_tmp)
+    note(f"integrity_check ok, sha256 {db_sha}")
+    cfg_tmp = staging / (names.config + PARTIAL)
+    data = config_text(cfg, names.ts).encode()
+    _write_synced(cfg_tmp, data)
+    cfg_sha = hashlib.sha256(data).hexdigest()
+    sums = f"{db_sha}  {names.db}\n{cfg_sha}  {names.config}\n".encode()
+    _write_synced(staging / (names.checksum + PARTIAL), sums)
+    _fsync_path(staging, directory=True)
+    note("site config (secrets removed) and checksum file written and synced")
+    return {"db_bytes": size, "db_sha256": db_sha, "config_sha256": cfg_sha}
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(staging: Path, directory: Path, names: ExportNames) -> None:
+    """Rename the staged files to their final names (never over an existing file)."""
+    done: list[str] = []
+    try:
+        for name in names.finals:
+            final = directory / name
+            if os.path.lexists(final):
+                raise FieldgateError(f"{final} appeared during the export; it was left alone")
+            (staging / (name + PARTIAL)).rename(final)
+            done.append(name)
+        _fsync_path(directory, directory=True)
+    except BaseException:
+        for name in done:  # put our own files back out of sight; the caller removes them
+            with contextlib.suppress(OSError):
+                (directory / name).rename(staging / (name + PARTIAL))
+        raise
+    staging.rmdir()
+
+
+def discard(staging: Path, note: Note = _no_note) -> None:
+    """Remove a staging directory and what this export put in it (best effort)."""
+    try:
+        entries = list(staging.iterdir())
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        note(f"cannot clean up {staging.name}: {exc.strerror or exc}")
+        return
+    try:
+        for entry in entries:
+            entry.unlink()
+        staging.rmdir()
+    except OSError as exc:
+        note(f"cannot clean up {staging.name}: {exc.strerror or exc}")
+
+
+def describe_failure(exc: BaseException, target: Path) -> str:
+    """One sentence for an I/O or SQLite failure while writing the export."""
+    if isinstance(exc, FieldgateError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return f"the target {target} is full"
+        if exc.errno == errno.EROFS:
+            return f"the target {target} is read-only"
+        if exc.errno in (errno.EIO, errno.ENOTCONN, errno.ENODEV, errno.ENXIO):
+            return f"I/O error writing to {target} (device removed or failing): {exc.strerror}"
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"writing the export failed: {where}{exc.strerror or exc}"
+    if isinstance(exc, sqlite3.Error):
+        text = str(exc)
+        if "disk I/O error" in text:
+            return f"I/O error writing to {target} (device removed or failing): {text}"
+        if "full" in text:
+            return f"the target {target} is full: {text}"
+        return f"the snapshot failed: {text}"
+    return f"the export failed: {type(exc).__name__}: {exc}"
+
+
+def store_owner(store_path: str | Path) -> tuple[int, int]:
+    """(uid, gid) owning the store file."""
+    st = Path(store_path).stat()
+    return st.st_uid, st.st_gid
+
+
+def run_isolated(
+    fn: Callable[[], dict],
+    *,
+    uid: int | None = None,
+    gid: int | None = None,
+    stop: Any = None,
+) -> dict:
+    """Run ``fn`` in a forked child (as ``uid``/``gid`` when given); return its result.
+
+    A FieldgateError or any other failure in the child comes back as a FieldgateError with
+    the same sentence. When ``stop`` (a StopFlag) is set, the child is killed.
+    """
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(rfd)
+        code = 1
+        result: dict[str, Any]
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if uid is not None and gid is not None:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+            result = {"ok": fn()}
+            code = 0
+        except BaseException as exc:
+            result = {"error": str(exc) if isinstance(exc, FieldgateError) else None}
+            result["exc"] = _pack_exc(exc)
+        try:
+            os.write(wfd, json.dumps(result).encode())
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    chunks: list[bytes] = []
+    killed = False
+    try:
+        while True:
+            ready, _, _ = select.select([rfd], [], [], 0.2)
+            if ready:
+                block = os.read(rfd, 65536)
+                if not block:
+                    break
+                chunks.append(block)
+            elif stop is not None and stop.is_set() and not killed:
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+    finally:
+        os.close(rfd)
+        _, status = os.waitpid(pid, 0)
+    if killed:
+        reason = getattr(stop, "reason", None) or "fieldgate is shutting down"
+        raise FieldgateError(f"the export was stopped: {reason}")
+    try:
+        result = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        result = {}
+    if "ok" in result:
+        return result["ok"]
+    if result.get("error"):
+        raise FieldgateError(result["error"])
+    if "exc" in result:
+        raise _unpack_exc(result["exc"])
+    raise FieldgateError(f"the export process ended abnormally (wait status {status})")
+
+
+def _pack_exc(exc: BaseException) -> dict:
+    if isinstance(exc, OSError):
+        return {"kind": "os", "errno": exc.errno, "strerror": exc.strerror, "file": exc.filename}
+    if isinstance(exc, sqlite3.Error):
+        return {"kind": "sqlite", "text": str(exc)}
+    return {"kind": "other", "text": f"{type(exc).__name__}: {exc}"}
+
+
+def _unpack_exc(data: dict) -> BaseException:
+    if data.get("kind") == "os":
+        return OSError(data.get("errno"), data.get("strerror"), data.get("file"))
+    if data.get("kind") == "sqlite":
+        return sqlite3.OperationalError(data.get("text"))
+    return FieldgateError(f"the export failed: {data.get('text')}")
+
+
+def export_to(
+    cfg: Config,
+    directory: str | Path,
+    *,
+    note: Note = _no_note,
+    isolate: bool | None = None,
+    stop: Any = None,
+) -> ExportResult:
+    """Export the store and site configuration into ``directory`` (see the module doc).
+
+    ``isolate`` runs the snapshot in a forked child (default: only when root exports a
+    store that belongs to another user, and then as that user). Raises FieldgateError with
+    one sentence naming the cause; nothing is left under a final name on failure.
+    """
+    directory = Path(directory)
+    store_path = Path(cfg.store.path)
+    if not store_path.exists():
+        raise FieldgateError(f"store {store_path} does not exist: nothing to export yet")
+    need = required_space(store_path, cfg.export.space_margin_percent)
+    check_target(directory, need, note)
+    uid, gid = store_owner(store_path)
+    drop = os.geteuid() == 0 and uid != 0
+    if isolate is None:
+        isolate = drop
+    names = reserve_names(directory, cfg.site.serial)
+    staging = directory / names.staging
+    note(f"writing export {names.ts} into {directory}")
+    try:
+        if drop:
+            _hand_over(staging, uid, gid)
+            note(f"snapshot runs as uid {uid} gid {gid} (the store's owner)")
+        if isolate:
+            info = run_isolated(
+                lambda: stage_export(cfg, staging, names, note),
+                uid=uid if drop else None,
+                gid=gid if drop else None,
+                stop=stop,
+            )
+        else:
+            info = stage_export(cfg, staging, names, note)
+        publish(staging, directory, names)
+    except BaseException as exc:
+        discard(staging, note)
+        if isinstance(exc, FieldgateError | OSError | sqlite3.Error):
+            raise FieldgateError(describe_failure(exc, directory)) from None
+        raise
+    note("files renamed into place: " + ", ".join(names.finals))
+    return ExportResult(
+        directory=directory,
+        names=names,
+        db_bytes=info["db_bytes"],
+        db_sha256=info["db_sha256"],
+        config_sha256=info["config_sha256"],
+    )
+
+
+def _hand_over(staging: Path, uid: int, gid: int) -> None:
+    """Let the store's owner write the staging directory (ext4: chown; FUSE: uid= option)."""
+    try:
+        os.chown(staging, uid, gid)
+    except OSError:
+        st = staging.stat()
+        if st.st_uid != uid:
+            raise
+    st = staging.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise FieldgateError(f"{staging} is not a directory")
+
+
+def record_result(cfg: Config, text: str) -> None:
+    """Publish ``export.last_result`` and an ``export`` event, if the store exists."""
+    path = Path(cfg.store.path)
+    if not path.exists():
+        return
+    try:
+        conn = store.connect(path, busy_timeout_ms=cfg.store.busy_timeout_ms)
+        try:
+            with store.transaction(conn):
+                store.set_state(conn, "export.last_result", text)
+                store.add_event(conn, "export", text)
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        pass
+
+
+def export_cmd(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate export --to DIR``."""
+    target = Path(args.to)
+    if not target.is_dir():
+        raise FieldgateError(f"export target {target} is not a directory (create it first)")
+    try:
+        result = export_to(cfg, target)
+    except FieldgateError as exc:
+        record_result(cfg, f"error: export to {target}: {exc}")
+        raise
+    record_result(cfg, f"success: export to {target}: {result.names.db}")
+    for path in result.files:
+        print(path)
+    return 0
