@@ -1,0 +1,550 @@
+"""``fieldgate collect``: the MQTT collector. A reading that reached the broker is never lost.
+
+How:
+
+- A persistent session: fixed client id, MQTT 5 with ``clean_start`` off and a session that
+  never expires, subscribed at QoS 1 to ``<topic_prefix>/+/readings``. While the collector is
+  down (or paused) the broker keeps queuing for it.
+- ``manual_ack``: a message is acknowledged only after the readings it carries (or its
+  ``rejected`` row) are committed, in arrival order (MQTT §4.6). A crash before the ack means
+  the broker sends it again; the store's unique key makes that harmless.
+- Group commit: messages are collected into one transaction (one fsync) until
+  ``mqtt.commit_max_messages`` are held, ``mqtt.commit_max_ms`` have passed, or the stream
+  pauses; then the whole batch is acknowledged at once. The MQTT 5 Receive Maximum we send
+  (twice the batch size) bounds how many unacknowledged messages the broker sends, so the
+  memory held is bounded and the broker's ``max_inflight_messages`` does not throttle us.
+- One thread: the network I/O (paho's external-loop API), parsing and commits all run in the
+  main loop, which also watches the stop flag (SIGTERM), the disk guard and the heartbeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import select
+import sqlite3
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from fieldgate import store
+from fieldgate.config import Config
+from fieldgate.daemon import StopFlag
+from fieldgate.diskguard import DiskGuard, is_disk_full
+from fieldgate.errors import ConfigError
+from fieldgate.readings import Received, Rules, parse_message, store_outcomes
+
+log = logging.getLogger("fieldgate.collector")
+
+SOURCE = "mqtt"
+#: The broker keeps the session this long after a disconnect (0xFFFFFFFF: forever).
+SESSION_EXPIRY_NEVER = 0xFFFFFFFF
+HEARTBEAT_SECS = 5.0
+#: A commit is made as soon as the socket has been quiet this long.
+IDLE_FLUSH_SECS = 0.002
+CONNACK_TIMEOUT_SECS = 15.0
+#: Time allowed to commit, acknowledge and disconnect on SIGTERM (CONTRACT: within 10 s).
+STOP_GRACE_SECS = 5.0
+
+
+@dataclass
+class _Pending:
+    """A message held until its batch is committed."""
+
+    mid: int
+    qos: int
+    generation: int
+    item: Received
+
+
+class Backoff:
+    """Capped exponential backoff: 1, 2, 4 … ``cap`` seconds; reset after success."""
+
+    def __init__(self, cap: float, first: float = 1.0) -> None:
+        self.cap = max(first, cap)
+        self.first = first
+        self.current = first
+
+    def next(self) -> float:
+        delay = self.current
+        self.current = min(self.cap, self.current * 2)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.first
+
+
+def _describe_refusal(reason: ReasonCode | int) -> str:
+    text = str(getattr(reason, "getName", lambda: reason)()).strip()
+    return text[:1].lower() + text[1:] if text else f"reason code {reason}"
+
+
+class Collector:
+    """The collector's state and main loop; :func:`collect_cmd` runs it until stopped."""
+
+    def __init__(self, cfg: Config, stop: StopFlag) -> None:
+        self.cfg = cfg
+        self.stop = stop
+        self.rules = Rules.from_config(cfg)
+        self.broker = f"{cfg.mqtt.host}:{cfg.mqtt.port}"
+        self.topic = f"{cfg.mqtt.topic_prefix}/+/readings"
+        self.password = self._read_credentials()
+        if cfg.mqtt.tls_ca_file and not Path(cfg.mqtt.tls_ca_file).is_file():
+            raise ConfigError(
+                f"{cfg.path}: mqtt.tls_ca_file: {cfg.mqtt.tls_ca_file} does not exist"
+            )
+        if cfg.mqtt.qos != 1:
+            log.warning(
+                "mqtt.qos is %d; the collector subscribes at QoS 1 (with QoS 2 paho confirms "
+                "receipt before the reading is committed, which a crash could turn into a loss)",
+                cfg.mqtt.qos,
+            )
+        self.conn = store.open_store(
+            cfg.store.path, cfg.site.serial, busy_timeout_ms=cfg.store.busy_timeout_ms
+        )
+        self.guard = DiskGuard.for_store(cfg)
+        self.batch: list[_Pending] = []
+        self.batch_started = 0.0
+        self.generation = 0
+        #: "down", "connecting" (CONNECT sent, waiting for CONNACK) or "up".
+        self.link = "down"
+        self.connecting_since = 0.0
+        self.refusal: str | None = None
+        self.disconnect_reason: str | None = None
+        self.pause_reason: str | None = None
+        self.retry_at = 0.0
+        self.backoff = Backoff(cfg.mqtt.reconnect_max_secs)
+        self.state = ""
+        self.next_heartbeat = 0.0
+        self.next_misc = 0.0
+        self.stats = {"messages": 0, "readings": 0, "rejected": 0, "commits": 0}
+        self.receive_maximum = min(65535, 2 * cfg.mqtt.commit_max_messages)
+        self.client = self._make_client()
+
+    # ---- setup -----------------------------------------------------------------------------
+
+    def _read_credentials(self) -> str | None:
+        m = self.cfg.mqtt
+        if m.password_file and not m.username:
+            raise ConfigError(
+                f"{self.cfg.path}: mqtt.password_file is set but mqtt.username is not"
+            )
+        return self.cfg.secret("mqtt.password_file") if m.password_file else None
+
+    def _make_client(self) -> mqtt.Client:
+        m = self.cfg.mqtt
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=m.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        if m.username:
+            client.username_pw_set(m.username, self.password)
+        if m.tls_ca_file:
+            client.tls_set(ca_certs=m.tls_ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.connect_timeout = 10.0
+        return client
+
+    # ---- paho callbacks (run inside loop_read, in the main thread) ---------------------------
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        _userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            words = _describe_refusal(reason)
+            if reason.value in (134, 135):  # mosquitto answers a wrong password with 135
+                words = "bad user name or password" + (
+                    " (not authorized)" if reason.value == 135 else ""
+                )
+            self.refusal = f"broker {self.broker} refused the login: {words}"
+            return
+        self.link = "up"
+        self.refusal = None
+        self.backoff.reset()
+        client.subscribe(self.topic, qos=1)
+        log.info(
+            "connected to broker %s as %s (%s session)",
+            self.broker,
+            self.cfg.mqtt.client_id,
+            "resumed" if flags.session_present else "new",
+        )
+        self._set_state("running")
+
+    def _on_subscribe(
+        self,
+        _client: mqtt.Client,
+        _userdata: object,
+        _mid: int,
+        reasons: list[ReasonCode],
+        _props: Properties | None,
+    ) -> None:
+        bad = [r for r in reasons if r.is_failure]
+        if bad:
+            log.error(
+                "broker %s refused the subscription to %s: %s",
+                self.broker,
+                self.topic,
+                _describe_refusal(bad[0]),
+            )
+
+    def _on_disconnect(
+        self,
+        _client: mqtt.Client,
+        _userdata: object,
+        _flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        # The loop sees the closed socket and decides what to do; keep the broker's words.
+        if reason.is_failure and self.link == "up":
+            self.disconnect_reason = _describe_refusal(reason)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        received_at = store.now_ms()
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = repr(msg._topic)  # paho keeps the raw bytes only there
+        payload = bytes(msg.payload)
+        outcome = parse_message(topic, payload, self.rules, now_ms=received_at)
+        if not self.batch:
+            self.batch_started = time.monotonic()
+        self.batch.append(
+            _Pending(
+                msg.mid, msg.qos, self.generation, Received(topic, payload, received_at, outcome)
+            )
+        )
+
+    # ---- state for status ------------------------------------------------------------------
+
+    def _set_state(self, state: str, *, event: str | None = None) -> None:
+        """Publish ``collector.state`` (and optionally an event); never fatal."""
+        if state == self.state and event is None:
+            return
+        try:
+            with store.transaction(self.conn):
+                store.set_state(self.conn, "collector.state", state)
+                store.set_state(self.conn, "collector.heartbeat", _iso_now())
+                if event:
+                    store.add_event(self.conn, "collector", event)
+            self.state = state
+        except sqlite3.Error as exc:
+            log.warning("cannot record collector state %r in the store: %s", state, exc)
+            _rollback(self.conn)
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now < self.next_heartbeat:
+            return
+        self.next_heartbeat = now + HEARTBEAT_SECS
+        try:
+            with store.transaction(self.conn):
+                store.set_state(self.conn, "collector.heartbeat", _iso_now())
+        except sqlite3.Error as exc:
+            _rollback(self.conn)
+            log.debug("heartbeat not recorded: %s", exc)
+
+    # ---- connection ------------------------------------------------------------------------
+
+    def _lost(self) -> None:
+        """The connection is gone: messages held from it are committed but never acked
+        (their message ids mean nothing on the next connection)."""
+        if self.link != "down":
+            self.generation += 1
+        self.link = "down"
+
+    def _try_connect(self) -> None:
+        """One connection attempt (TCP + CONNECT); the CONNACK arrives through the loop."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_NEVER
+        props.ReceiveMaximum = self.receive_maximum
+        self._set_state("connecting")
+        try:
+            self.client.connect(
+                self.cfg.mqtt.host,
+                self.cfg.mqtt.port,
+                keepalive=self.cfg.mqtt.keepalive_secs,
+                clean_start=False,
+                properties=props,
+            )
+        except ssl.SSLError as exc:
+            self._retry_later(f"TLS to broker {self.broker} failed: {exc.reason or exc}")
+            return
+        except OSError as exc:
+            cause = exc.strerror or str(exc) or type(exc).__name__
+            self._retry_later(f"cannot reach broker {self.broker}: {cause}")
+            return
+        except ValueError as exc:
+            self._retry_later(f"cannot connect to broker {self.broker}: {exc}")
+            return
+        self.link = "connecting"
+        self.connecting_since = time.monotonic()
+        self.refusal = None
+        self.disconnect_reason = None
+
+    def _retry_later(self, cause: str) -> None:
+        delay = self.backoff.next()
+        log.error("%s; retrying in %g s", cause, delay)
+        self._set_state(f"connecting: {cause}")
+        self.retry_at = time.monotonic() + delay
+        self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        """Say goodbye if the socket still works; paho closes it (or the next connect does)."""
+        if self.client.socket() is not None:
+            try:
+                self.client.disconnect()
+                self.client.loop_write()
+            except Exception:  # a dying socket; nothing to keep
+                log.debug("disconnect of a dead connection", exc_info=True)
+        self._lost()
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _pump(self, timeout: float) -> int:
+        """Wait up to ``timeout`` for network traffic; returns how many messages arrived."""
+        sock = self.client.socket()
+        if sock is None:
+            self._connection_failed(mqtt.MQTT_ERR_NO_CONN)
+            return 0
+        wlist = [sock] if self.client.want_write() else []
+        try:
+            readable, writable, _ = select.select([sock], wlist, [], timeout)
+        except (OSError, ValueError):
+            self._connection_failed(mqtt.MQTT_ERR_CONN_LOST)
+            return 0
+        before = len(self.batch)
+        rc = mqtt.MQTT_ERR_SUCCESS
+        if readable:
+            limit = self.cfg.mqtt.commit_max_messages
+            while len(self.batch) - before < limit:
+                count = len(self.batch)
+                rc = self.client.loop_read()
+                if rc != mqtt.MQTT_ERR_SUCCESS or len(self.batch) == count:
+                    break
+        if rc == mqtt.MQTT_ERR_SUCCESS and (writable or self.client.want_write()):
+            rc = self.client.loop_write()
+        now = time.monotonic()
+        if rc == mqtt.MQTT_ERR_SUCCESS and now >= self.next_misc:
+            self.next_misc = now + 1.0
+            rc = self.client.loop_misc()
+        if rc != mqtt.MQTT_ERR_SUCCESS or self.client.socket() is None:
+            self._connection_failed(rc or mqtt.MQTT_ERR_CONN_LOST)
+        return len(self.batch) - before
+
+    def _connection_failed(self, rc: mqtt.MQTTErrorCode) -> None:
+        was_connected = self.link == "up"
+        detail = self.disconnect_reason or mqtt.error_string(rc).rstrip(".").lower()
+        if self.refusal:
+            cause = self.refusal
+        elif was_connected:
+            cause = f"lost the connection to broker {self.broker}: {detail}"
+        else:
+            cause = f"broker {self.broker} closed the connection during login: {detail}"
+        if self.batch:
+            self.flush()  # commit what arrived; it is not acked and will come again
+        self._lost()
+        if was_connected:
+            log.warning("%s; reconnecting", cause)
+            self.backoff.reset()
+            self._set_state(f"connecting: {cause}")
+            self.retry_at = time.monotonic() + self.backoff.next()
+            self._drop_connection()
+        else:
+            self._retry_later(cause)
+
+    def flush(self) -> bool:
+        """Commit every held message in one transaction, then acknowledge them in order.
+
+        On a store error nothing is acknowledged: the batch is forgotten, the connection is
+        dropped (the broker keeps the messages and sends them again later) and intake pauses.
+        """
+        if not self.batch:
+            return True
+        batch, self.batch = self.batch, []
+        try:
+            with store.transaction(self.conn):
+                new = store_outcomes(self.conn, (p.item for p in batch), source=SOURCE)
+                now = time.monotonic()
+                if now >= self.next_heartbeat:
+                    self.next_heartbeat = now + HEARTBEAT_SECS
+                    store.set_state(self.conn, "collector.heartbeat", _iso_now())
+        except sqlite3.Error as exc:
+            _rollback(self.conn)
+            self._store_failed(exc, len(batch))
+            return False
+        rejected = sum(1 for p in batch if p.item.outcome.reason is not None)
+        self.stats["messages"] += len(batch)
+        self.stats["readings"] += new
+        self.stats["rejected"] += rejected
+        self.stats["commits"] += 1
+        for p in batch:
+            if p.item.outcome.reason is not None:
+                log.warning("rejected message on %s: %s", p.item.topic, p.item.outcome.reason)
+        if self.link == "up":
+            for p in batch:
+                if p.generation == self.generation:
+                    self.client.ack(p.mid, p.qos)
+            if self.client.want_write():
+                rc = self.client.loop_write()
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    self._connection_failed(rc)
+        return True
+
+    def _store_failed(self, exc: sqlite3.Error, count: int) -> None:
+        if is_disk_full(exc):
+            reason = "paused: disk full (the store could not commit)"
+            self.guard.paused = True
+            self.guard.measure()
+        else:
+            reason = f"paused: store error: {exc}"
+        log.error(
+            "%s; %d messages not acknowledged (the broker keeps them); retrying later",
+            reason,
+            count,
+        )
+        self._pause(reason, event=f"intake {reason}")
+        self.retry_at = time.monotonic() + self.backoff.next()
+
+    def _pause(self, reason: str, *, event: str) -> None:
+        if self.link != "down":
+            self._drop_connection()
+        self.pause_reason = reason
+        self._set_state(reason, event=event)
+
+    def _check_disk(self) -> None:
+        change = self.guard.check()
+        if change is True:
+            reason = self.guard.describe()
+            log.warning("%s: intake paused; messages stay queued on the broker", reason)
+            self.flush()
+            self._pause(reason, event=f"intake {reason}")
+        elif (
+            self.pause_reason is not None
+            and not self.guard.paused
+            and time.monotonic() >= self.retry_at
+        ):
+            disk = self.pause_reason.startswith(("paused: disk", "paused: disk full"))
+            text = self.guard.resumed_text() if disk else "retrying the store: intake resumed"
+            log.warning("%s", text)
+            self.pause_reason = None
+            self.retry_at = 0.0
+            self._set_state("connecting", event=text)
+
+    def run(self) -> int:
+        """Collect until the stop flag is set; returns the exit status."""
+        log.info(
+            "collecting %s from broker %s into %s",
+            self.topic,
+            self.broker,
+            self.cfg.store.path,
+        )
+        self.guard.check(force=True)
+        if self.guard.paused:
+            reason = self.guard.describe()
+            log.warning("%s: intake paused; messages stay queued on the broker", reason)
+            self._pause(reason, event=f"intake {reason}")
+        try:
+            while not self.stop.is_set():
+                self._check_disk()
+                if self.pause_reason is not None:
+                    self.stop.wait(min(0.5, self.guard.interval_secs))
+                    continue
+                if self.link == "down":
+                    if time.monotonic() < self.retry_at:
+                        self.stop.wait(min(0.5, self.retry_at - time.monotonic()))
+                        continue
+                    self._try_connect()
+                    continue
+                if (
+                    self.link == "connecting"
+                    and time.monotonic() - self.connecting_since > CONNACK_TIMEOUT_SECS
+                ):
+                    self._retry_later(f"broker {self.broker} did not answer the login")
+                    continue
+                self._cycle()
+                self._heartbeat()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _cycle(self) -> None:
+        """One turn: read what arrives, commit when the batch is full, old or the line idle."""
+        if self.batch:
+            age = time.monotonic() - self.batch_started
+            left = self.cfg.mqtt.commit_max_ms / 1000 - age
+            timeout = max(0.0, min(IDLE_FLUSH_SECS, left))
+        else:
+            timeout = 0.25
+        got = self._pump(timeout)
+        if not self.batch:
+            return
+        age = time.monotonic() - self.batch_started
+        if (
+            got == 0
+            or len(self.batch) >= self.cfg.mqtt.commit_max_messages
+            or age * 1000 >= self.cfg.mqtt.commit_max_ms
+            or self.link != "up"
+        ):
+            self.flush()
+
+    def _shutdown(self) -> None:
+        """Commit, acknowledge, disconnect (the session stays on the broker), record it."""
+        deadline = time.monotonic() + STOP_GRACE_SECS
+        try:
+            self.flush()
+            if self.link == "up":
+                self.client.disconnect()
+                while self.client.want_write() and time.monotonic() < deadline:
+                    if self.client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
+                        break
+        except Exception:  # stopping: log and finish the stop
+            log.exception("error while stopping")
+        finally:
+            s = self.stats
+            log.info(
+                "stopped%s: %d messages, %d new readings, %d rejected, %d commits",
+                f" on {self.stop.signal_name}" if self.stop.signal_name else "",
+                s["messages"],
+                s["readings"],
+                s["rejected"],
+                s["commits"],
+            )
+            self._set_state("stopped", event=None)
+            self.conn.close()
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Leave no transaction open (a failed COMMIT keeps it open in SQLite)."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        log.debug("rollback failed", exc_info=True)
+
+
+def _iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def collect_cmd(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate collect``: run the collector until SIGTERM/SIGINT."""
+    stop = StopFlag().install()
+    collector = Collector(cfg, stop)
+    return collector.run()

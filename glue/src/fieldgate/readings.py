@@ -1,0 +1,419 @@
+"""Payload parsing and validation shared by the collector, the poller and restore.
+
+A message carries one or more *samples*: a JSON object ``{"ts": …, "metrics": {…}}``, each
+element of a JSON array of such objects, or each line of a CSV payload (for a device
+configured with ``format: csv``). The sample is the unit of acceptance: a sample is stored
+whole (all its metrics) or rejected whole. When some samples of a message are bad, the good
+ones are stored and the message goes to ``rejected`` once, with a reason naming every bad
+sample by its index (``element 3``, ``line 2``); a message with no good sample is rejected
+whole. Nothing is ever dropped silently.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fieldgate import store
+from fieldgate.config import NAME_RE, Config, DeviceConfig, DevicesConfig
+
+#: Metric names: safe in CSV batch files, SQL and file names.
+METRIC_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:%-]{0,63}$")
+
+#: RFC 3339 date-time (a time zone offset is required; ``t``/``z`` and a space allowed).
+RFC3339_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+#: How much of an oversized payload is kept in ``rejected`` (the reason says it was cut).
+REJECTED_PAYLOAD_KEEP = 4096
+
+#: The same statement as ``store.insert_readings``, run once for many messages.
+INSERT_READING_SQL = (
+    "INSERT OR IGNORE INTO readings (device, ts, metric, value, received_at, source) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+#: At most this many sample reasons are spelled out in one rejection reason.
+MAX_REASONS = 5
+
+
+class SampleError(ValueError):
+    """One sample (object, array element, CSV line) cannot be stored; the text says why."""
+
+
+@dataclass
+class Outcome:
+    """What one message yields: readings to store and, if anything was bad, one reason."""
+
+    device: str | None
+    readings: list[store.Reading] = field(default_factory=list)
+    reason: str | None = None
+    samples: int = 0
+    bad_samples: int = 0
+
+    @property
+    def wholly_rejected(self) -> bool:
+        return self.reason is not None and not self.readings
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The validation settings taken from the configuration."""
+
+    devices: DevicesConfig
+    max_payload_bytes: int
+    topic_prefix: str
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Rules:
+        return cls(cfg.devices, cfg.mqtt.max_payload_bytes, cfg.mqtt.topic_prefix)
+
+
+def device_from_topic(topic: str, prefix: str) -> str | None:
+    """The device level of ``<prefix>/<device>/readings``, or None for any other topic."""
+    parts = topic.split("/")
+    if len(parts) != 3 or parts[0] != prefix or parts[2] != "readings":
+        return None
+    return parts[1]
+
+
+def resolve_device(devices: DevicesConfig, name: str) -> tuple[str, DeviceConfig | None]:
+    """The canonical serial (and its configuration) of a device named by serial or alias.
+
+    Raises SampleError for an unknown device (unless ``allow_unknown``) or an unusable name.
+    """
+    if not name:
+        raise SampleError("the topic names no device")
+    serial = devices.resolve(name)
+    if serial is not None:
+        return serial, devices.get(serial)
+    if not devices.allow_unknown:
+        raise SampleError(
+            f"unknown device {name!r}: not in devices.list (devices.allow_unknown is false)"
+        )
+    if not NAME_RE.match(name):
+        raise SampleError(f"device name {name!r} is not valid (letters, digits, _ . : -)")
+    return name, None
+
+
+def parse_ts(value: Any, devices: DevicesConfig, now_ms: int) -> int:
+    """A sample's ``ts`` (epoch ms integer or RFC 3339 string) as UTC epoch milliseconds."""
+    if isinstance(value, bool):
+        raise SampleError(f"ts: expected epoch milliseconds or an RFC 3339 string, got {value}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise SampleError(f"ts: epoch milliseconds must be an integer, got {value!r}")
+        value = int(value)
+    if isinstance(value, int):
+        ts = value
+    elif isinstance(value, str):
+        ts = _parse_rfc3339(value)
+    elif value is None:
+        raise SampleError("ts: missing")
+    else:
+        raise SampleError(
+            f"ts: expected epoch milliseconds or an RFC 3339 string, got {type(value).__name__}"
+        )
+    lo = devices.min_ts_secs * 1000
+    hi = now_ms + devices.max_future_secs * 1000
+    if ts < lo:
+        hint = " (seconds instead of milliseconds?)" if 0 < ts * 1000 <= hi else ""
+        raise SampleError(f"ts: {ts} ({_iso(ts)}) is before devices.min_ts_secs ({_iso(lo)}){hint}")
+    if ts > hi:
+        raise SampleError(
+            f"ts: {ts} ({_iso(ts)}) is more than devices.max_future_secs "
+            f"({devices.max_future_secs} s) in the future"
+        )
+    return ts
+
+
+def _iso(ms: int) -> str:
+    try:
+        return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return "out of range"
+
+
+def _parse_rfc3339(text: str) -> int:
+    m = RFC3339_RE.match(text.strip())
+    if not m:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise SampleError(f"ts: {shown!r} is not an RFC 3339 date-time with a time zone")
+    year, month, day, hour, minute, second, frac, zone = m.groups()
+    try:
+        offset = dt.timedelta(0)
+        if zone not in ("Z", "z"):
+            sign = 1 if zone[0] == "+" else -1
+            offset = sign * dt.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+        when = dt.datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            tzinfo=dt.timezone(offset),
+        )
+    except ValueError as exc:
+        raise SampleError(f"ts: {text!r} is not a valid date-time: {exc}") from None
+    millis = int((frac or "0")[:3].ljust(3, "0"))
+    return int(when.timestamp()) * 1000 + millis
+
+
+def parse_value(name: str, value: Any) -> float:
+    """A metric value: a finite JSON number (not a boolean, not a string)."""
+    if isinstance(value, bool):
+        raise SampleError(f"metrics.{name}: {str(value).lower()} is not a number")
+    if isinstance(value, int):
+        try:
+            result = float(value)
+        except OverflowError:
+            raise SampleError(f"metrics.{name}: {value} is out of range") from None
+    elif isinstance(value, float):
+        result = value
+    elif value is None:
+        raise SampleError(f"metrics.{name}: missing value (null)")
+    else:
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 30 else shown[:27] + "..."
+        raise SampleError(f"metrics.{name}: {shown} is not a number")
+    if not math.isfinite(result):
+        raise SampleError(f"metrics.{name}: {value} is not a finite number")
+    return result
+
+
+def check_metric_name(name: Any) -> str:
+    if not isinstance(name, str) or not METRIC_RE.match(name):
+        shown = repr(name) if len(repr(name)) <= 40 else repr(name)[:37] + "..."
+        raise SampleError(f"metric name {shown} is not valid (letters, digits, _ . : % -)")
+    return name
+
+
+def parse_sample(obj: Any, device: str, devices: DevicesConfig, now_ms: int) -> list[store.Reading]:
+    """One ``{"ts": …, "metrics": {…}}`` object as readings (other keys are ignored)."""
+    if not isinstance(obj, dict):
+        raise SampleError(f"expected an object with ts and metrics, got {_json_kind(obj)}")
+    if "ts" not in obj:
+        raise SampleError("ts: missing")
+    ts = parse_ts(obj["ts"], devices, now_ms)
+    if "metrics" not in obj:
+        raise SampleError("metrics: missing")
+    metrics = obj["metrics"]
+    if not isinstance(metrics, dict):
+        raise SampleError(f"metrics: expected an object of name: number, got {_json_kind(metrics)}")
+    if not metrics:
+        raise SampleError("metrics: empty")
+    return [
+        (device, ts, check_metric_name(name), parse_value(name, value))
+        for name, value in metrics.items()
+    ]
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "a number")
+
+
+def _reject_constant(token: str) -> float:
+    raise SampleError(f"{token} is not allowed in JSON")
+
+
+def parse_json_samples(text: str) -> list[Any]:
+    """The samples of a JSON payload: the object itself, or the elements of an array."""
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant)
+    except SampleError as exc:
+        raise SampleError(f"bad JSON: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise SampleError(f"bad JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise SampleError("bad JSON: nested too deeply") from None
+    if isinstance(doc, list):
+        if not doc:
+            raise SampleError("empty JSON array: no readings")
+        return doc
+    if isinstance(doc, dict):
+        return [doc]
+    raise SampleError(f"expected a JSON object or array, got {_json_kind(doc)}")
+
+
+def parse_csv_lines(text: str, columns: list[str]) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of each data line; blank lines and a header line are skipped."""
+    result = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if fields == columns:
+            continue
+        result.append((number, fields))
+    if not result:
+        raise SampleError("empty CSV payload: no data line")
+    return result
+
+
+def parse_csv_sample(
+    fields_: list[str], columns: list[str], device: str, devices: DevicesConfig, now_ms: int
+) -> list[store.Reading]:
+    """One CSV line (its columns as configured in ``csv_columns``) as readings."""
+    if len(fields_) != len(columns):
+        raise SampleError(f"{len(fields_)} fields, expected {len(columns)} ({','.join(columns)})")
+    row = dict(zip(columns, fields_, strict=True))
+    ts_text = row.pop("ts")
+    ts_value: Any = int(ts_text) if re.fullmatch(r"-?\d+", ts_text) else ts_text
+    if ts_text == "":
+        ts_value = None
+    ts = parse_ts(ts_value, devices, now_ms)
+    readings = []
+    for name, text in row.items():
+        if text == "":
+            raise SampleError(f"metrics.{name}: missing value (empty field)")
+        try:
+            value = float(text)
+        except ValueError:
+            shown = text if len(text) <= 30 else text[:27] + "..."
+            raise SampleError(f"metrics.{name}: {shown!r} is not a number") from None
+        if not math.isfinite(value):
+            raise SampleError(f"metrics.{name}: {text} is not a finite number")
+        readings.append((device, ts, check_metric_name(name), value))
+    return readings
+
+
+def parse_payload(
+    device_name: str,
+    payload: bytes,
+    rules: Rules,
+    *,
+    now_ms: int | None = None,
+) -> Outcome:
+    """Validate one message from ``device_name`` and turn it into readings and/or a reason."""
+    now_ms = store.now_ms() if now_ms is None else now_ms
+    try:
+        device, dev_cfg = resolve_device(rules.devices, device_name)
+    except SampleError as exc:
+        return Outcome(device=None, reason=str(exc))
+    outcome = Outcome(device=device)
+    if len(payload) > rules.max_payload_bytes:
+        outcome.reason = (
+            f"payload of {len(payload)} bytes is over mqtt.max_payload_bytes "
+            f"({rules.max_payload_bytes}); first {REJECTED_PAYLOAD_KEEP} bytes kept"
+        )
+        return outcome
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        outcome.reason = f"payload is not valid UTF-8 (byte {exc.start})"
+        return outcome
+    csv_columns = dev_cfg.csv_columns if dev_cfg is not None and dev_cfg.format == "csv" else None
+    try:
+        if csv_columns is not None:
+            samples: list[tuple[str, Any]] = [
+                (f"line {n}", f) for n, f in parse_csv_lines(text, csv_columns)
+            ]
+        else:
+            docs = parse_json_samples(text)
+            if text.lstrip().startswith("["):
+                samples = [(f"element {i}", d) for i, d in enumerate(docs)]
+            else:
+                samples = [("", docs[0])]
+    except SampleError as exc:
+        outcome.reason = str(exc)
+        return outcome
+    problems: list[str] = []
+    for label, sample in samples:
+        try:
+            if csv_columns is not None:
+                got = parse_csv_sample(sample, csv_columns, device, rules.devices, now_ms)
+            else:
+                got = parse_sample(sample, device, rules.devices, now_ms)
+        except SampleError as exc:
+            problems.append(f"{label}: {exc}" if label else str(exc))
+            continue
+        outcome.readings.extend(got)
+    outcome.samples = len(samples)
+    outcome.bad_samples = len(problems)
+    if problems:
+        outcome.reason = _summarise(problems, len(samples))
+    return outcome
+
+
+def _summarise(problems: list[str], total: int) -> str:
+    if total == 1:
+        return problems[0]
+    shown = "; ".join(problems[:MAX_REASONS])
+    more = f"; and {len(problems) - MAX_REASONS} more" if len(problems) > MAX_REASONS else ""
+    kept = total - len(problems)
+    tail = f", the other {kept} stored" if kept else ""
+    return f"{len(problems)} of {total} samples rejected{tail}: {shown}{more}"
+
+
+def parse_message(
+    topic: str, payload: bytes, rules: Rules, *, now_ms: int | None = None
+) -> Outcome:
+    """Validate one MQTT message by its topic ``<prefix>/<device>/readings`` and payload."""
+    device_name = device_from_topic(topic, rules.topic_prefix)
+    if device_name is None:
+        return Outcome(
+            device=None,
+            reason=f"topic {topic!r} is not {rules.topic_prefix}/<device>/readings",
+        )
+    return parse_payload(device_name, payload, rules, now_ms=now_ms)
+
+
+def rejected_payload(payload: bytes) -> bytes | str:
+    """What ``rejected.payload`` keeps: the text when it is UTF-8, else the bytes; cut if huge."""
+    if len(payload) > REJECTED_PAYLOAD_KEEP:
+        payload = payload[:REJECTED_PAYLOAD_KEEP]
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return payload
+
+
+@dataclass
+class Received:
+    """One message as it reached a collector or poller."""
+
+    topic: str
+    payload: bytes
+    received_at: int
+    outcome: Outcome
+
+
+def store_outcomes(conn: sqlite3.Connection, items: Iterable[Received], *, source: str) -> int:
+    """Insert the readings and rejections of many messages (call inside one transaction).
+
+    Returns how many readings were new.
+    """
+    items = list(items)
+    before = conn.total_changes
+    # One statement for the readings of every message: far cheaper than one per message.
+    conn.executemany(
+        INSERT_READING_SQL,
+        (
+            (d, ts, m, v, item.received_at, source)
+            for item in items
+            for d, ts, m, v in item.outcome.readings
+        ),
+    )
+    new = conn.total_changes - before
+    for item in items:
+        if item.outcome.reason is not None:
+            store.insert_rejected(
+                conn,
+                source=source,
+                topic=item.topic,
+                payload=rejected_payload(item.payload),
+                reason=item.outcome.reason,
+                received_at=item.received_at,
+            )
+    return new
