@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# Lint and static checks of the Ansible side of fieldgate (called by scripts/test.sh):
+#   1. yamllint and ansible-lint --offline (profile production, nothing skipped)
+#   2. ansible-playbook --syntax-check of every playbook
+#   3. the udev rule rendered from the udev_rules role passes `udevadm verify`
+#      (udevadm 254 from bookworm-backports, unpacked into .bundle/tools; Debian 12's lacks verify)
+#   4. the configuration rendered from the example inventory is accepted by the glue
+#      (`fieldgate check-config`)
+#   5. negative checks: a bad inventory fails at validation, before any change, naming the
+#      variable (and the good inventory passes the same validation)
+# Needs: .venv (scripts/bootstrap.sh), apt-get and dpkg-deb. Leaves nothing behind but the
+# udevadm cache in .bundle/tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export PATH="$ROOT/.venv/bin:$PATH"
+export ANSIBLE_CONFIG="$ROOT/ansible.cfg"
+export ANSIBLE_NOCOLOR=1
+WORK=$(mktemp -d /tmp/fieldgate-lint.XXXXXX)
+# Ansible's own temporary and cache files stay in WORK.
+export ANSIBLE_LOCAL_TEMP="$WORK/ansible-tmp" ANSIBLE_REMOTE_TEMP="$WORK/ansible-remote-tmp"
+export ANSIBLE_HOME="$WORK/ansible-home"
+trap 'rm -rf "$WORK"' EXIT
+
+step() { printf '\n--- lint: %s\n' "$1"; }
+fail() { printf 'lint: FAILED: %s\n' "$1" >&2; exit 1; }
+
+step "yamllint"
+yamllint --strict .
+
+step "ansible-lint (production profile, offline)"
+ansible-lint --offline --profile production
+
+step "syntax check of every playbook"
+for pb in playbooks/*.yml; do
+  ansible-playbook -i inventories/example --syntax-check "$pb" >/dev/null || fail "syntax check of $pb"
+  echo "ok  $pb"
+done
+
+step "udev rule passes udevadm verify"
+UDEVADM_DIR="$ROOT/.bundle/tools/udevadm-254"
+if [ ! -x "$UDEVADM_DIR/bin/udevadm" ]; then
+  apt_dir="$WORK/apt"
+  mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$WORK/debs"
+  : > "$apt_dir/status"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main" \
+    > "$apt_dir/sources.list"
+  apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+            -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::State::status=$apt_dir/status"
+            -o "Dir::Cache=$apt_dir/cache" -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
+  apt-get "${apt_opts[@]}" -qq update
+  (cd "$WORK/debs" && apt-get "${apt_opts[@]}" -qq download udev libsystemd-shared)
+  rm -rf "$UDEVADM_DIR.tmp" && mkdir -p "$UDEVADM_DIR.tmp"
+  for deb in "$WORK"/debs/*.deb; do dpkg-deb -x "$deb" "$UDEVADM_DIR.tmp"; done
+  rm -rf "$UDEVADM_DIR" && mv "$UDEVADM_DIR.tmp" "$UDEVADM_DIR"
+fi
+udevadm_verify() {
+  LD_LIBRARY_PATH="$UDEVADM_DIR/usr/lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu)/systemd" \
+    "$UDEVADM_DIR/bin/udevadm" verify "$@"
+}
+ansible -i localhost, -c local localhost -m ansible.builtin.template \
+  -a "src=$ROOT/roles/udev_rules/templates/etc/udev/rules.d/fieldgate-usb-export.rules.j2 dest=$WORK/90-fieldgate-usb-export.rules mode=0644" \
+  -e "@$ROOT/roles/udev_rules/defaults/main.yml" >/dev/null
+udevadm_verify "$WORK/90-fieldgate-usb-export.rules" || fail "udevadm verify of the rendered USB export rule"
+# The check itself must be able to fail: a broken rule is refused.
+printf 'ACTION="add", SUBSYSTEM=="block", RUN+="/bin/true"\n' > "$WORK/99-broken.rules"
+if udevadm_verify "$WORK/99-broken.rules" >/dev/null 2>&1; then
+  fail "udevadm verify accepted a broken rule file"
+fi
+echo "ok  udevadm verify (a broken rule is refused)"
+
+# A local inventory for the validation checks: one gateway and one hub, connection local,
+# the real group_vars/host_vars layout of inventories/example.
+INV="$WORK/inventory"
+mkdir -p "$INV/host_vars"
+cp -r inventories/example/group_vars "$INV/"
+cat > "$INV/hosts.yml" <<EOF
+all:
+  children:
+    gateways:
+      hosts:
+        gw-north:
+    hubs:
+      hosts:
+        hub:
+  vars:
+    ansible_connection: local
+    ansible_python_interpreter: $ROOT/.venv/bin/python
+EOF
+cp inventories/example/host_vars/gw-north.yml "$INV/host_vars/gw-north.yml"
+
+step "the rendered configuration is accepted by the glue"
+cat > "$WORK/render.yml" <<EOF
+- name: Render the glue configuration of each example gateway
+  hosts: gateways
+  gather_facts: false
+  tasks:
+    - name: Load the fieldgate role's defaults and checks
+      ansible.builtin.include_role:
+        name: fieldgate
+        tasks_from: validate
+        public: true
+    - name: Render the configuration
+      ansible.builtin.template:
+        src: $ROOT/roles/fieldgate/templates/etc/fieldgate/fieldgate.yaml.j2
+        dest: "$WORK/{{ inventory_hostname }}.yaml"
+        mode: "0640"
+EOF
+ansible-playbook -i inventories/example "$WORK/render.yml" >"$WORK/render.log" 2>&1 \
+  || { cat "$WORK/render.log"; fail "rendering the example configurations"; }
+for cfg in "$WORK"/gw-*.yaml; do
+  fieldgate --config "$cfg" check-config || fail "the glue refused the configuration rendered for $(basename "$cfg" .yaml)"
+done
+
+step "bad inventory fails at validation, naming the variable"
+# Positive control: the good inventory passes the validation plays.
+ansible-playbook -i "$INV" playbooks/site.yml --tags validate >"$WORK/good.log" 2>&1 \
+  || { cat "$WORK/good.log"; fail "the good inventory did not pass validation"; }
+echo "ok  the example inventory passes validation"
+
+# expect_bad NAME EXPECTED-TEXT  (the override YAML comes on stdin; extra vars beat host vars)
+expect_bad() {
+  local name=$1 expected=$2 log="$WORK/bad-$1.log"
+  cat > "$WORK/bad-$name.yml"
+  if ansible-playbook -i "$INV" playbooks/site.yml --check -e "@$WORK/bad-$name.yml" >"$log" 2>&1; then
+    cat "$log"; fail "$name: the bad inventory was accepted"
+  fi
+  grep -qF -- "$expected" "$log" || { cat "$log"; fail "$name: the failure does not name '$expected'"; }
+  # Nothing ran after the validation plays.
+  if grep -q '^PLAY \[Package sources' "$log"; then
+    cat "$log"; fail "$name: the run went past validation"
+  fi
+  echo "ok  $name -> fails naming $expected"
+}
+
+expect_bad device-without-serial "fieldgate_devices" <<'EOF'
+fieldgate_devices:
+  - alias: roof-temp
+EOF
+grep -q "serial" "$WORK/bad-device-without-serial.log" || fail "device-without-serial: the message does not name 'serial'"
+
+expect_bad unknown-led-type "fieldgate_led_type" <<'EOF'
+fieldgate_led_type: gpio
+EOF
+
+expect_bad led-path-not-a-led "fieldgate_led_path" <<'EOF'
+fieldgate_led_type: sysfs
+fieldgate_led_path: /tmp/led
+EOF
+
+expect_bad listener-port-out-of-range "mosquitto_listeners[0].port" <<'EOF'
+mosquitto_listeners:
+  - port: 70000
+EOF
+
+expect_bad rule-port-out-of-range "shorewall_rules[0].dport" <<'EOF'
+shorewall_rules:
+  - action: ACCEPT
+    source: sensor
+    dest: $FW
+    proto: tcp
+    dport: "99999"
+EOF
+
+expect_bad rule-unknown-zone "shorewall_rules[0]" <<'EOF'
+shorewall_rules:
+  - action: ACCEPT
+    source: dmz
+    dest: $FW
+    proto: tcp
+    dport: "1883"
+EOF
+grep -q "dmz" "$WORK/bad-rule-unknown-zone.log" || fail "rule-unknown-zone: the message does not name the zone"
+
+expect_bad interface-unknown-zone "shorewall_interfaces" <<'EOF'
+shorewall_interfaces:
+  - zone: lan
+    name: eth2
+EOF
+
+expect_bad device-without-account "mosquitto_device_accounts" <<'EOF'
+mosquitto_device_accounts: []
+EOF
+
+expect_bad unknown-upload-mode "fieldgate_upload_mode" <<'EOF'
+fieldgate_upload_mode: FAST
+EOF
+
+expect_bad hub-port-out-of-range "hub_port" <<'EOF'
+hub_port: 0
+EOF
+
+printf '\nlint: all checks passed\n'
