@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import sqlite3
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,9 +210,6 @@ class Uploader:
         if self.client:
             self.client.close()
 
-    def cut(self) -> list[Batch]:
-        return batches.cut_all(self.conn, self.cfg)
-
     def deliver(self, batch: Batch) -> None:
         """Send one batch until the hub has it, then mark it; raises Transient or Refused."""
         pending_dir, _ = batches.ensure_dirs(self.cfg)
@@ -282,25 +280,90 @@ class Uploader:
         except OSError as exc:  # the batch file itself (unreadable, vanished)
             failure = Transient(f"reading {exc.filename}: {exc.strerror}")
             self.record_failure(batch, failure)
-            batches.recover(self.conn, self.cfg)
+            batches.repair(self.conn, self.cfg, batch)
             return failure
         return None
 
     def drain(self, stop: StopFlag) -> Exception | None:
-        """Cut and send until nothing is pending; stops at the first failure and returns it."""
-        while not stop.is_set():
-            self.cut()
-            pending = batches.pending_batches(self.conn)
-            if not pending:
-                return None
-            for batch in pending:
-                if stop.is_set():
-                    return None
-                failure = self.attempt(batch)
-                if failure is not None:
-                    return failure
-                self.backoff.reset()
-        return None
+        """Cut every unbatched reading and send every pending batch, oldest first.
+
+        A cutter thread (its own store connection) cuts batches while this thread sends
+        the ones already cut, so zipping and the hub's ingest overlap. Sending stops at the
+        first failure and returns it; the cutter still finishes (the backlog is on disk in
+        batches either way).
+        """
+        cutter = Cutter(self.cfg, stop)
+        cutter.start()
+        try:
+            while not stop.is_set():
+                pending = batches.pending_batches(self.conn)
+                if not pending:
+                    if cutter.finished():
+                        cutter.join()
+                        if not batches.pending_batches(self.conn):
+                            return None
+                        continue
+                    cutter.wait_for_batch(0.5)
+                    continue
+                for batch in pending:
+                    if stop.is_set():
+                        return None
+                    failure = self.attempt(batch)
+                    if failure is not None:
+                        return failure
+                    self.backoff.reset()
+            return None
+        finally:
+            cutter.join()
+
+
+class Cutter(threading.Thread):
+    """Cuts all unbatched readings into batches in the background, one commit per batch."""
+
+    def __init__(self, cfg: Config, stop: StopFlag) -> None:
+        super().__init__(name="fieldgate-cutter", daemon=True)
+        self.cfg = cfg
+        self.stop = stop
+        self.error: BaseException | None = None
+        self._cut = threading.Condition()
+        self._done = False
+
+    def run(self) -> None:
+        try:
+            conn = store.open_store(
+                self.cfg.store.path, busy_timeout_ms=self.cfg.store.busy_timeout_ms
+            )
+            try:
+                while not self.stop.is_set():
+                    batch = batches.cut_batch(conn, self.cfg)
+                    if batch is None:
+                        break
+                    log.info("cut batch %s: %d readings", batch.batch_id, batch.rows)
+                    with self._cut:
+                        self._cut.notify_all()
+            finally:
+                conn.close()
+        except BaseException as exc:  # re-raised in the sending thread by join()
+            self.error = exc
+        finally:
+            with self._cut:
+                self._done = True
+                self._cut.notify_all()
+
+    def finished(self) -> bool:
+        with self._cut:
+            return self._done
+
+    def wait_for_batch(self, timeout: float) -> None:
+        with self._cut:
+            if not self._done:
+                self._cut.wait(timeout)
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def upload_cmd(cfg: Config, args: argparse.Namespace) -> int:

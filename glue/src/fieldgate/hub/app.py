@@ -18,7 +18,6 @@ import datetime as dt
 import hashlib
 import io
 import logging
-import math
 import os
 import re
 import zipfile
@@ -101,29 +100,34 @@ def check_manifest(m: Any) -> dict[str, Any]:
     return m
 
 
-def parse_rows(text: str, expected: int) -> Iterator[Row]:
-    """The readings of ``readings.csv``; raises IngestError naming the line."""
+MAX_TS = 2**53
+MAX_FLOAT = 1.7976931348623157e308
+
+
+def parse_rows(text: str) -> Iterator[Row]:
+    """The readings of ``readings.csv``; raises IngestError naming the line.
+
+    A reading needs a device and a metric, an integer ts in [0, 2**53) and a finite value.
+    """
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
     if header != CSV_HEADER:
         raise IngestError(f"readings.csv must start with the header {','.join(CSV_HEADER)}")
-    n = 0
-    for n, rec in enumerate(reader, start=2):
-        try:
-            device, ts_s, metric, value_s = rec
+    try:
+        for device, ts_s, metric, value_s in reader:
             ts = int(ts_s)
             value = float(value_s)
-        except ValueError:
-            raise IngestError(
-                f"readings.csv line {n}: expected device,ts,metric,value with an integer ts "
-                f"and a numeric value, got {','.join(rec)[:80]!r}"
-            ) from None
-        if not device or not metric or not 0 <= ts < 2**53 or not math.isfinite(value):
-            raise IngestError(
-                f"readings.csv line {n}: reading out of range: {','.join(rec)[:80]!r}"
-            )
-        yield device, ts, metric, value
-    del expected
+            if not (device and metric and 0 <= ts < MAX_TS and -MAX_FLOAT <= value <= MAX_FLOAT):
+                raise IngestError(
+                    f"readings.csv line {reader.line_num}: reading out of range "
+                    f"({device!r:.40}, {ts}, {metric!r:.40}, {value})"
+                )
+            yield device, ts, metric, value
+    except ValueError:
+        raise IngestError(
+            f"readings.csv line {reader.line_num}: expected device,ts,metric,value with an "
+            "integer ts and a numeric value"
+        ) from None
 
 
 def create_app(
@@ -287,7 +291,7 @@ def create_app(
             new = st.ingest(
                 up.serial,
                 up.batch_id,
-                parse_rows(text, m["rows"]),
+                parse_rows(text),
                 test=m["mode"] == "TEST",
                 manifest=m,
                 expected_rows=m["rows"],

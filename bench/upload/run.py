@@ -1,0 +1,215 @@
+"""Benchmark: the whole upload pipeline against a plain local CSV + zip export of the same rows.
+
+Loads N readings (default 1,000,000) into a fresh gateway store, then times in one run:
+
+- baseline: read the readings from the store, write them as CSV, zip the CSV (deflate at
+  the level batch files use) into one local file;
+- pipeline: ``fieldgate upload --once`` against a real ``fieldgate hub serve`` on loopback:
+  cut batches (CSV + zip + fsync + store transaction), POST manifest, PUT zip, the hub
+  verifies and ingests each batch into its SQLite database.
+
+Prints rows/s for both and the ratio pipeline/baseline (target: at least 0.5), and checks
+that the hub holds exactly N readings. Run from the repository root:
+
+    .venv/bin/python bench/upload/run.py [--rows N] [--batch-rows N] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import yaml
+from fieldgate import batches, store
+
+FIELDGATE = str(Path(sys.executable).with_name("fieldgate"))
+SERIAL = "GW-BENCH"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"bench: the hub did not start on port {port}")
+
+
+def load(db: Path, rows: int) -> None:
+    """N readings: 50 devices x 4 metrics, one sample a minute, values like real sensors."""
+    conn = store.open_store(db, SERIAL)
+    devices = [f"TH-{i:03d}" for i in range(50)]
+    metrics = ["temperature", "humidity", "pressure", "battery"]
+    per_ts = len(devices) * len(metrics)
+    t0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+    def gen() -> object:
+        for i in range(rows):
+            step, k = divmod(i, per_ts)
+            dev, m = divmod(k, len(metrics))
+            yield (
+                devices[dev],
+                t0 + step * 60_000,
+                metrics[m],
+                round(20 + (i % 997) * 0.013, 3),
+            )
+
+    with store.transaction(conn):
+        store.insert_readings(conn, gen(), source="bench")  # type: ignore[arg-type]
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+def baseline(db: Path, out: Path) -> float:
+    """Export every reading to CSV inside one zip; returns seconds."""
+    t = time.perf_counter()
+    conn = sqlite3.connect(str(db))
+    cur = conn.execute("SELECT device, ts, metric, value FROM readings ORDER BY id")
+    with (
+        zipfile.ZipFile(
+            out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=batches.ZIP_LEVEL
+        ) as zf,
+        zf.open("readings.csv", "w", force_zip64=True) as member,
+    ):
+        text = io.TextIOWrapper(member, encoding="utf-8", newline="")
+        w = csv.writer(text, lineterminator="\n")
+        w.writerow(("device", "ts", "metric", "value"))
+        while chunk := cur.fetchmany(50_000):
+            w.writerows(chunk)
+        text.flush()
+        text.detach()
+    with out.open("rb+") as f:
+        os.fsync(f.fileno())
+    conn.close()
+    return time.perf_counter() - t
+
+
+def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]
+    if p.returncode != 0:
+        raise SystemExit(
+            f"bench: {' '.join(cmd[:3])} failed: {p.stderr.strip()[-500:]}"
+        )
+    return p
+
+
+def pipeline(root: Path, db: Path, batch_rows: int, workers: int) -> tuple[float, int]:
+    """Batch + upload + hub ingest of every reading; returns seconds and the hub's count."""
+    port = free_port()
+    hub_db = root / "hub.db"
+    hub_log = (root / "hub.log").open("wb")
+    hub = subprocess.Popen(
+        [
+            FIELDGATE,
+            "hub",
+            "serve",
+            "--db",
+            str(hub_db),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
+        ],
+        stdout=hub_log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port)
+        cfg = root / "fieldgate.yaml"
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "site": {"serial": SERIAL},
+                    "store": {"path": str(db)},
+                    "upload": {
+                        "url": f"http://127.0.0.1:{port}",
+                        "key_file": str(root / "gateway_key"),
+                        "batch_max_rows": batch_rows,
+                        "pending_dir": str(root / "pending"),
+                        "uploaded_dir": str(root / "uploaded"),
+                    },
+                    "log": {"level": os.environ.get("BENCH_LOG", "WARNING")},
+                }
+            )
+        )
+        pin = run(
+            [FIELDGATE, "hub", "pin", "--db", str(hub_db), "--serial", SERIAL]
+        ).stdout
+        run([FIELDGATE, "--config", str(cfg), "register", "--pin", pin.strip()])
+        t = time.perf_counter()
+        up = run([FIELDGATE, "--config", str(cfg), "upload", "--once"])
+        if os.environ.get("BENCH_LOG"):
+            print(up.stderr)
+        elapsed = time.perf_counter() - t
+    finally:
+        hub.terminate()
+        hub.wait(30)
+        hub_log.close()
+    conn = sqlite3.connect(str(hub_db))
+    held = conn.execute(
+        "SELECT COUNT(*) FROM readings WHERE serial = ?", (SERIAL,)
+    ).fetchone()[0]
+    conn.close()
+    return elapsed, int(held)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument(
+        "--batch-rows", type=int, default=50_000, help="upload.batch_max_rows"
+    )
+    ap.add_argument("--workers", type=int, default=2, help="hub workers")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="fieldgate-bench-upload-"))
+    try:
+        t = time.perf_counter()
+        base_db = root / "baseline.db"
+        load(base_db, args.rows)
+        print(f"loaded {args.rows} readings in {time.perf_counter() - t:.1f} s")
+        pipe_db = root / "pipeline.db"
+        shutil.copyfile(base_db, pipe_db)
+        b = baseline(base_db, root / "baseline.zip")
+        p, held = pipeline(root, pipe_db, args.batch_rows, args.workers)
+        if held != args.rows:
+            print(f"FAIL: the hub holds {held} readings, expected {args.rows}")
+            return 1
+        b_rate, p_rate = args.rows / b, args.rows / p
+        print(
+            f"baseline  (store -> CSV -> zip, local):          {b:7.2f} s  {b_rate:10.0f} rows/s"
+        )
+        print(
+            f"pipeline  (batch + upload + hub ingest, {args.batch_rows} rows/batch): "
+            f"{p:7.2f} s  {p_rate:10.0f} rows/s"
+        )
+        print(f"ratio pipeline/baseline: {p_rate / b_rate:.2f} (target >= 0.5)")
+        print(f"hub holds {held} readings")
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
