@@ -345,13 +345,52 @@ def _nspawn_cmd(run_: Run, name: str) -> list[str]:
     return cmd
 
 
+# cgroup hierarchies a container's systemd manages (this machine: hybrid, v1 name=systemd + v2).
+CGROUP_ROOTS = [Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")]
+
+
+def _cgroup_dirs(machine: str) -> list[Path]:
+    """Where the host's own cgroup tree lives: one directory per writable hierarchy."""
+    dirs = []
+    for root in CGROUP_ROOTS:
+        if (root / "cgroup.procs").exists() and os.access(root / "cgroup.procs", os.W_OK):
+            dirs.append(root / f"fieldgate-testhost-{machine}")
+    return dirs
+
+
+def _enter_own_cgroup(dirs: list[Path]) -> None:
+    """In the forked child, before exec: move into the host's own cgroups.
+
+    systemd-nspawn --keep-unit splits the cgroup it starts in into supervisor/ and
+    payload/. Started from a shared cgroup, every container would get the same payload/
+    and their systemds would manage (and kill) each other's units.
+    """
+    for d in dirs:
+        (d / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def _remove_cgroups(machine: str) -> None:
+    """Remove the host's cgroup directories, deepest first (they must be empty of processes)."""
+    for d in _cgroup_dirs(machine):
+        if not d.is_dir():
+            continue
+        for sub, _dirs, _files in sorted(os.walk(d), key=lambda t: -t[0].count("/")):
+            try:
+                os.rmdir(sub)
+            except OSError as exc:
+                log(f"cannot remove cgroup {sub}: {exc.strerror}")
+
+
 def _boot(run_: Run, name: str) -> None:
     """Start systemd-nspawn detached, attach its veths to the bridges, set the addresses."""
     h = run_.state["hosts"][name]
     logf = open(_host_dir(run_, name) / "nspawn.log", "ab")
+    cgroups = _cgroup_dirs(h["machine"])
+    for d in cgroups:
+        d.mkdir(exist_ok=True)
     proc = subprocess.Popen(
         _nspawn_cmd(run_, name), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=lambda: _enter_own_cgroup(cgroups),
     )  # fmt: skip
     h["pid"] = proc.pid
     h["leader"] = None
@@ -496,6 +535,7 @@ def _stop_host(run_: Run, name: str, timeout: float = 20) -> None:
             time.sleep(0.1)
     if pid:
         _reap(pid)
+    _remove_cgroups(h["machine"])
     h["pid"] = None
     h["leader"] = None
     h["pidns"] = None
