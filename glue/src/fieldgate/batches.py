@@ -32,6 +32,7 @@ import shutil
 import signal
 import sqlite3
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,6 +437,23 @@ def finish_file(cfg: Config, batch: Batch) -> None:
         _unlink_durably(src)
     else:
         move_file(src, uploaded_dir / batch.file)
+
+
+def file_problem(cfg: Config, batch: Batch) -> str | None:
+    """Why the batch's pending file does not match its row (unreadable, bad zip, other
+    sha256, other batch), or None when it is sound."""
+    pending_dir, _ = ensure_dirs(cfg)
+    try:
+        data, manifest = read_zip(pending_dir / batch.file)
+    except FileNotFoundError:
+        return "the file is missing"
+    except (OSError, zipfile.BadZipFile, zlib.error, KeyError, EOFError, yaml.YAMLError) as exc:
+        return f"the file is damaged ({exc})"
+    if hashlib.sha256(data).hexdigest() != batch.sha256:
+        return "readings.csv does not match the recorded sha256"
+    if not isinstance(manifest, dict) or manifest.get("batch_id") != batch.batch_id:
+        return "manifest.yaml does not name this batch"
+    return None
 
 
 def read_zip(path: Path) -> tuple[bytes, dict[str, Any]]:

@@ -13,8 +13,9 @@ Failures are of two kinds:
   hub's reason, counted in ``upload.rejected_by_hub`` for ``status``, the batch kept and
   tried again at the longest backoff (a fixed key file is picked up without a restart).
 
-A checksum mismatch (409) means the file on disk no longer matches its manifest: the batch
-is regenerated from the store when its readings are still there.
+A damaged upload (400: not a zip, cut off; 409: checksum mismatch) is checked against the
+file here: a sound file is sent again (the bytes broke on the way), a rotten one is
+regenerated from the store when its readings are still there.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class Refused(Exception):
     """The hub refused the batch for a reason retrying will not fix."""
 
 
-class ChecksumMismatch(Refused):
-    """The hub computed another sha256 than the manifest's (HTTP 409)."""
+class Damaged(Exception):
+    """The hub found the zip damaged (400) or its CSV not matching the sha256 (409): either
+    the bytes broke in transit (send again) or the file on disk rotted (regenerate)."""
 
 
 @dataclass
@@ -92,8 +94,6 @@ def _classify(resp: requests.Response, what: str) -> Exception:
     reason = f"{what}: {_hub_error(resp)}"
     if status >= 500 or status in (408, 425, 429):
         return Transient(reason)
-    if status == 409:
-        return ChecksumMismatch(reason)
     return Refused(reason)
 
 
@@ -151,6 +151,8 @@ class HubClient:
         if resp.status_code in (401, 403):
             # An upload URL expires; a fresh one is one POST away.
             raise Transient(f"the hub refused the upload URL: {_hub_error(resp)}")
+        if resp.status_code in (400, 409):
+            raise Damaged(f"the hub refused the batch file: {_hub_error(resp)}")
         raise _classify(resp, "the hub refused the batch file")
 
     def register(self, serial: str, pin: str) -> str:
@@ -264,12 +266,17 @@ class Uploader:
         """One delivery attempt with the 409 repair; the failure, or None on success."""
         try:
             self.deliver(batch)
-        except ChecksumMismatch as exc:
-            self.record_failure(batch, exc)
-            if batches.regenerate(self.conn, self.cfg, batch):
-                log.warning("batch %s: regenerated from the store after 409", batch.batch_id)
-                return Transient(str(exc))
-            return exc
+        except Damaged as exc:
+            problem = batches.file_problem(self.cfg, batch)
+            if problem is None:  # the file is sound: the bytes broke on the way
+                failure: Exception = Transient(f"{exc} (the file here is sound; sending again)")
+            elif batches.regenerate(self.conn, self.cfg, batch):
+                log.warning("batch %s: %s; regenerated from the store", batch.batch_id, problem)
+                failure = Transient(f"{exc} ({problem}; regenerated from the store)")
+            else:
+                failure = Refused(f"{exc} ({problem}; its readings are no longer in the store)")
+            self.record_failure(batch, failure)
+            return failure
         except (Transient, Refused) as exc:
             self.record_failure(batch, exc)
             return exc
