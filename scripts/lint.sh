@@ -20,7 +20,7 @@ WORK=$(mktemp -d /tmp/fieldgate-lint.XXXXXX)
 # Ansible's own temporary and cache files stay in WORK.
 export ANSIBLE_LOCAL_TEMP="$WORK/ansible-tmp" ANSIBLE_REMOTE_TEMP="$WORK/ansible-remote-tmp"
 export ANSIBLE_HOME="$WORK/ansible-home"
-trap 'rm -rf "$WORK"' EXIT
+trap '[ -n "${LINT_KEEP:-}" ] || rm -rf "$WORK"' EXIT
 
 step() { printf '\n--- lint: %s\n' "$1"; }
 fail() { printf 'lint: FAILED: %s\n' "$1" >&2; exit 1; }
@@ -60,7 +60,7 @@ udevadm_verify() {
 }
 ansible -i localhost, -c local localhost -m ansible.builtin.template \
   -a "src=$ROOT/roles/udev_rules/templates/etc/udev/rules.d/fieldgate-usb-export.rules.j2 dest=$WORK/90-fieldgate-usb-export.rules mode=0644" \
-  -e "@$ROOT/roles/udev_rules/defaults/main.yml" >/dev/null
+  -e "@$ROOT/roles/udev_rules/defaults/main.yml" -e "ansible_python_interpreter=$ROOT/.venv/bin/python" >/dev/null
 udevadm_verify "$WORK/90-fieldgate-usb-export.rules" || fail "udevadm verify of the rendered USB export rule"
 # The check itself must be able to fail: a broken rule is refused.
 printf 'ACTION="add", SUBSYSTEM=="block", RUN+="/bin/true"\n' > "$WORK/99-broken.rules"
@@ -93,7 +93,10 @@ step "the rendered configuration is accepted by the glue"
 cat > "$WORK/render.yml" <<EOF
 - name: Render the glue configuration of each example gateway
   hosts: gateways
+  connection: local
   gather_facts: false
+  vars:
+    ansible_python_interpreter: $ROOT/.venv/bin/python
   tasks:
     - name: Load the fieldgate role's defaults and checks
       ansible.builtin.include_role:
@@ -125,19 +128,23 @@ expect_bad() {
   if ansible-playbook -i "$INV" playbooks/site.yml --check -e "@$WORK/bad-$name.yml" >"$log" 2>&1; then
     cat "$log"; fail "$name: the bad inventory was accepted"
   fi
-  grep -qF -- "$expected" "$log" || { cat "$log"; fail "$name: the failure does not name '$expected'"; }
+  # The error message itself (between "[ERROR]:" and "Origin:") must name the variable.
+  awk '/^\[ERROR\]:/{on=1} /^Origin:/{on=0} on' "$log" > "$WORK/bad-$name.msg"
+  grep -qF -- "$expected" "$WORK/bad-$name.msg" || { cat "$log"; fail "$name: the failure does not name '$expected'"; }
+  grep -q "Validation of arguments failed\|Action failed" "$WORK/bad-$name.msg" \
+    || { cat "$log"; fail "$name: not refused by argument validation or an assertion"; }
   # Nothing ran after the validation plays.
   if grep -q '^PLAY \[Package sources' "$log"; then
     cat "$log"; fail "$name: the run went past validation"
   fi
-  echo "ok  $name -> fails naming $expected"
+  echo "ok  $name -> $(head -c 300 "$WORK/bad-$name.msg" | tr '\n' ' ' | sed 's/^\[ERROR\]: Task failed: //')"
 }
 
 expect_bad device-without-serial "fieldgate_devices" <<'EOF'
 fieldgate_devices:
   - alias: roof-temp
 EOF
-grep -q "serial" "$WORK/bad-device-without-serial.log" || fail "device-without-serial: the message does not name 'serial'"
+grep -q "serial" "$WORK/bad-device-without-serial.msg" || fail "device-without-serial: the message does not name 'serial'"
 
 expect_bad unknown-led-type "fieldgate_led_type" <<'EOF'
 fieldgate_led_type: gpio
@@ -170,7 +177,7 @@ shorewall_rules:
     proto: tcp
     dport: "1883"
 EOF
-grep -q "dmz" "$WORK/bad-rule-unknown-zone.log" || fail "rule-unknown-zone: the message does not name the zone"
+grep -q "dmz" "$WORK/bad-rule-unknown-zone.msg" || fail "rule-unknown-zone: the message does not name the zone"
 
 expect_bad interface-unknown-zone "shorewall_interfaces" <<'EOF'
 shorewall_interfaces:
