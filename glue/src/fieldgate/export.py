@@ -40,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import select
 import signal
 import sqlite3
@@ -201,6 +202,30 @@ def reserve_names(
     )
 
 
+#: Filesystems that corrupt files written out of order (seen with fusefat 0.1a).
+SEQUENTIAL_ONLY = frozenset({"fuse.fusefat"})
+
+
+def filesystem_type(directory: Path) -> str:
+    """The type of the filesystem mounted at or above ``directory`` (from mountinfo)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return ""
+    target = str(directory.resolve())
+    best, kind = "", ""
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, right.split()[0]
+    return kind
+
+
 def _fsync_path(path: Path, *, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
@@ -222,7 +247,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def snapshot(store_path: Path, dest: Path, *, busy_timeout_ms: int = 30000) -> int:
+def snapshot(
+    store_path: Path, dest: Path, *, busy_timeout_ms: int = 30000, sync: bool = True
+) -> int:
     """Copy the store into the new file ``dest`` in one backup step; returns its size.
 
     The copy is left in rollback-journal mode (header bytes 18/19 set to 1) so that it is
@@ -243,10 +270,40 @@ def snapshot(store_path: Path, dest: Path, *, busy_timeout_ms: int = 30000) -> i
     try:
         if os.pread(fd, 2, 18) == b"\x02\x02":
             os.pwrite(fd, b"\x01\x01", 18)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
         return os.fstat(fd).st_size
     finally:
         os.close(fd)
+
+
+def copy_sequential(src: Path, dest: Path, chunk: int = 1 << 20) -> str:
+    """Copy ``src`` to the new file ``dest`` front to back, fsync it; returns the SHA-256."""
+    h = hashlib.sha256()
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with src.open("rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def integrity_check(db: Path) -> None:
+    """``PRAGMA integrity_check`` on a finished copy; FieldgateError naming the first problem."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro&immutable=1", uri=True)
+    try:
+        rows = [str(r[0]) for r in conn.execute("PRAGMA integrity_check")]
+    finally:
+        conn.close()
+    if rows != ["ok"]:
+        first = " ".join(" ".join(rows).split())
+        raise FieldgateError(f"the copy on the target failed integrity_check: {first[:200]}")
 
 
 def verify_and_hash(db: Path) -> str:
@@ -263,19 +320,11 @@ def verify_and_hash(db: Path) -> str:
     worker = threading.Thread(target=hash_it, name="export-sha256")
     worker.start()
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro&immutable=1", uri=True)
-        try:
-            rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
-        finally:
-            conn.close()
+        integrity_check(db)
     finally:
         worker.join()
     if failure:
         raise failure[0]
-    if rows != ["ok"]:
-        raise FieldgateError(
-            f"the copy on the target failed integrity_check: {'; '.join(rows[:3])}"
-        )
     return digest[0]
 
 
@@ -288,12 +337,36 @@ def config_text(cfg: Config, ts: str) -> str:
     return header + yaml.safe_dump(redacted(cfg.raw), sort_keys=False)
 
 
-def stage_export(cfg: Config, staging: Path, names: ExportNames, note: Note = _no_note) -> dict:
-    """Write, fsync, check and hash the three files inside ``staging`` (``.partial`` names)."""
+def stage_export(
+    cfg: Config,
+    staging: Path,
+    names: ExportNames,
+    note: Note = _no_note,
+    *,
+    sequential: bool = False,
+) -> dict:
+    """Write, fsync, check and hash the three files inside ``staging`` (``.partial`` names).
+
+    ``sequential``: the target filesystem cannot take SQLite's write pattern (fusefat
+    corrupts files written out of order), so the snapshot is taken next to the store and
+    copied onto the target front to back.
+    """
     db_tmp = staging / (names.db + PARTIAL)
-    size = snapshot(Path(cfg.store.path), db_tmp, busy_timeout_ms=cfg.store.busy_timeout_ms)
-    note(f"snapshot written and synced: {human(size)}")
-    db_sha = verify_and_hash(db_tmp)
+    store_path = Path(cfg.store.path)
+    timeout = cfg.store.busy_timeout_ms
+    if sequential:
+        local = store_path.with_name(f".{names.db}{PARTIAL}")
+        try:
+            size = snapshot(store_path, local, busy_timeout_ms=timeout, sync=False)
+            db_sha = copy_sequential(local, db_tmp)
+        finally:
+            local.unlink(missing_ok=True)
+        note(f"snapshot copied front to back and synced: {human(size)}")
+        integrity_check(db_tmp)
+    else:
+        size = snapshot(store_path, db_tmp, busy_timeout_ms=timeout)
+        note(f"snapshot written and synced: {human(size)}")
+        db_sha = verify_and_hash(db_tmp)
     note(f"integrity_check ok, sha256 {db_sha}")
     cfg_tmp = staging / (names.config + PARTIAL)
     data = config_text(cfg, names.ts).encode()
@@ -489,6 +562,14 @@ def export_to(
     drop = os.geteuid() == 0 and uid != 0
     if isolate is None:
         isolate = drop
+    sequential = filesystem_type(directory) in SEQUENTIAL_ONLY
+    if sequential:
+        local_need = export_size(store_path) + SMALL_FILES_BYTES
+        if free_space(store_path.parent) < local_need:
+            raise FieldgateError(
+                f"the target needs a front-to-back copy, but {store_path.parent} lacks "
+                f"{human(local_need)} for the temporary snapshot"
+            )
     names = reserve_names(directory, cfg.site.serial)
     staging = directory / names.staging
     note(f"writing export {names.ts} into {directory}")
@@ -498,13 +579,13 @@ def export_to(
             note(f"snapshot runs as uid {uid} gid {gid} (the store's owner)")
         if isolate:
             info = run_isolated(
-                lambda: stage_export(cfg, staging, names, note),
+                lambda: stage_export(cfg, staging, names, note, sequential=sequential),
                 uid=uid if drop else None,
                 gid=gid if drop else None,
                 stop=stop,
             )
         else:
-            info = stage_export(cfg, staging, names, note)
+            info = stage_export(cfg, staging, names, note, sequential=sequential)
         publish(staging, directory, names)
     except BaseException as exc:
         discard(staging, note)
