@@ -323,7 +323,7 @@ def _unlink_durably(path: Path) -> None:
 
 
 def move_file(src: Path, dst: Path) -> None:
-    """Move a batch file durably (rename, or copy + fsync + unlink across filesystems)."""
+    """Move a batch file (rename, or copy + fsync + rename + unlink across filesystems)."""
     try:
         src.replace(dst)
     except OSError as exc:
@@ -334,10 +334,9 @@ def move_file(src: Path, dst: Path) -> None:
         with tmp.open("rb+") as f:
             os.fsync(f.fileno())
         tmp.replace(dst)
-        fsync_dir(dst.parent)
         src.unlink()
-    fsync_dir(dst.parent)
-    fsync_dir(src.parent)
+    # No fsync: after a power cut the file is under one name or the other, and recover()
+    # puts a pending-dir file of an uploaded batch where it belongs.
 
 
 def regenerate(conn: sqlite3.Connection, cfg: Config, batch: Batch) -> bool:
@@ -434,7 +433,7 @@ def finish_file(cfg: Config, batch: Batch) -> None:
     if not src.exists():
         return
     if cfg.upload.delete_batch_on_upload:
-        _unlink_durably(src)
+        src.unlink()  # not fsynced: recover() deletes it again if a power cut undoes this
     else:
         move_file(src, uploaded_dir / batch.file)
 

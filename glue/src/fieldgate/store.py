@@ -43,7 +43,7 @@ MIGRATIONS: dict[int, str] = {
         UNIQUE (device, ts, metric)
     );
     CREATE INDEX IF NOT EXISTS readings_unbatched ON readings (id) WHERE batch_id IS NULL;
-    CREATE INDEX IF NOT EXISTS readings_batch ON readings (batch_id);
+    CREATE INDEX IF NOT EXISTS readings_batch ON readings (batch_id) WHERE batch_id IS NOT NULL;
     CREATE TABLE IF NOT EXISTS rejected (
         id          INTEGER PRIMARY KEY,
         received_at INTEGER NOT NULL,            -- UTC epoch milliseconds

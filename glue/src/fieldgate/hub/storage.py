@@ -226,6 +226,8 @@ class SqliteHubStorage:
             self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.execute("PRAGMA synchronous = FULL")
+            # the primary key index grows with every gateway: keep its hot pages in memory
+            self.conn.execute("PRAGMA cache_size = -65536")
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise FieldgateError(f"hub database {path}: {exc}") from None
