@@ -512,3 +512,54 @@ def test_second_uploader_is_refused(config_file: ConfigFactory, tmp_path: Path) 
         if first.poll() is None:
             first.kill()
             first.wait()
+
+
+class BlackHole:
+    """Accepts connections and never answers (a hub that hangs)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.sock.settimeout(0.1)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.stopping = True
+        self.thread.join(5)
+        for c in self.held:
+            c.close()
+        self.sock.close()
+
+
+def test_sigterm_stops_promptly_with_a_request_in_flight(
+    config_file: ConfigFactory, tmp_path: Path
+) -> None:
+    hole = BlackHole()
+    try:
+        config = gateway_config(config_file, f"http://127.0.0.1:{hole.port}", timeout_secs=600)
+        cfg = load_config(str(config))
+        fill(cfg, rows(50))
+        log = tmp_path / "upload.log"
+        proc = start_fieldgate("upload", config=config, log=log)
+        try:
+            wait_until(lambda: len(hole.held) == 1, what="the POST to the hanging hub")
+            assert stop_process(proc) == 0  # fails if it takes longer than 15 s
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        hole.close()
+    assert "request to the hub in flight" in log.read_text()
+    assert status(config)["batches"]["pending"] == 1  # kept for the next start

@@ -373,9 +373,46 @@ class Cutter(threading.Thread):
             raise error
 
 
+#: Seconds a stop request waits for the step in flight (a POST or PUT to a slow hub)
+#: before the process exits anyway; CONTRACT §3 allows 10 s in all.
+STOP_GRACE_SECS = 8.0
+
+
 def upload_cmd(cfg: Config, args: argparse.Namespace) -> int:
-    """``fieldgate upload [--once]``."""
+    """``fieldgate upload [--once]``.
+
+    The work runs in a thread so that SIGTERM is honoured within seconds even while a
+    request to a hub that stopped answering is in flight: abandoning it is safe, since a
+    batch is only marked after the hub said stored (the next start asks again and gets
+    ``200 stored``), and every store write is a transaction.
+    """
     stop = StopFlag().install()
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["rc"] = _run(cfg, args, stop)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="fieldgate-upload", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        if stop.wait(0.5):
+            worker.join(STOP_GRACE_SECS)
+            if worker.is_alive():
+                log.warning(
+                    "stopping with a request to the hub in flight; the batch is sent again "
+                    "at the next start"
+                )
+                return 0
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return int(outcome.get("rc", 0))
+
+
+def _run(cfg: Config, args: argparse.Namespace, stop: StopFlag) -> int:
     conn = store.open_store(
         cfg.store.path, cfg.site.serial, busy_timeout_ms=cfg.store.busy_timeout_ms
     )
