@@ -20,6 +20,7 @@ import argparse
 import csv
 import io
 import os
+import resource
 import shutil
 import socket
 import sqlite3
@@ -78,9 +79,12 @@ def load(db: Path, rows: int) -> None:
     conn.close()
 
 
-def baseline(db: Path, out: Path) -> float:
-    """Export every reading to CSV inside one zip; returns seconds."""
+def baseline(
+    db: Path, out: Path, level: int = batches.ZIP_LEVEL
+) -> tuple[float, float]:
+    """Export every reading to CSV inside one zip; returns wall and CPU seconds."""
     t = time.perf_counter()
+    cpu = time.process_time()
     conn = sqlite3.connect(str(db))
     cur = conn.execute("SELECT device, ts, metric, value FROM readings ORDER BY id")
     with (
@@ -99,7 +103,12 @@ def baseline(db: Path, out: Path) -> float:
     with out.open("rb+") as f:
         os.fsync(f.fileno())
     conn.close()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - cpu
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
@@ -111,8 +120,11 @@ def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return p
 
 
-def pipeline(root: Path, db: Path, batch_rows: int, workers: int) -> tuple[float, int]:
-    """Batch + upload + hub ingest of every reading; returns seconds and the hub's count."""
+def pipeline(
+    root: Path, db: Path, batch_rows: int, workers: int
+) -> tuple[float, float, int]:
+    """Batch + upload + hub ingest of every reading; returns wall seconds, CPU seconds of
+    the uploader and the hub (the hub's start included), and the hub's count."""
     port = free_port()
     hub_db = root / "hub.db"
     hub_log = (root / "hub.log").open("wb")
@@ -154,6 +166,7 @@ def pipeline(root: Path, db: Path, batch_rows: int, workers: int) -> tuple[float
             [FIELDGATE, "hub", "pin", "--db", str(hub_db), "--serial", SERIAL]
         ).stdout
         run([FIELDGATE, "--config", str(cfg), "register", "--pin", pin.strip()])
+        cpu0 = _children_cpu()
         t = time.perf_counter()
         up = run([FIELDGATE, "--config", str(cfg), "upload", "--once"])
         if os.environ.get("BENCH_LOG"):
@@ -163,12 +176,13 @@ def pipeline(root: Path, db: Path, batch_rows: int, workers: int) -> tuple[float
         hub.terminate()
         hub.wait(30)
         hub_log.close()
+    cpu = _children_cpu() - cpu0
     conn = sqlite3.connect(str(hub_db))
     held = conn.execute(
         "SELECT COUNT(*) FROM readings WHERE serial = ?", (SERIAL,)
     ).fetchone()[0]
     conn.close()
-    return elapsed, int(held)
+    return elapsed, cpu, int(held)
 
 
 def main() -> int:
@@ -188,8 +202,9 @@ def main() -> int:
         print(f"loaded {args.rows} readings in {time.perf_counter() - t:.1f} s")
         pipe_db = root / "pipeline.db"
         shutil.copyfile(base_db, pipe_db)
-        b = baseline(base_db, root / "baseline.zip")
-        p, held = pipeline(root, pipe_db, args.batch_rows, args.workers)
+        load_before = os.getloadavg()[0]
+        b, b_cpu = baseline(base_db, root / "baseline.zip")
+        p, p_cpu, held = pipeline(root, pipe_db, args.batch_rows, args.workers)
         if held != args.rows:
             print(f"FAIL: the hub holds {held} readings, expected {args.rows}")
             return 1
@@ -202,6 +217,16 @@ def main() -> int:
             f"{p:7.2f} s  {p_rate:10.0f} rows/s"
         )
         print(f"ratio pipeline/baseline: {p_rate / b_rate:.2f} (target >= 0.5)")
+        b6, _ = baseline(base_db, root / "baseline6.zip", level=6)
+        print(
+            f"(for reference: the same export at zip's default deflate level 6 takes {b6:.2f} s, "
+            f"{args.rows / b6:.0f} rows/s; ratio against it {p_rate / (args.rows / b6):.2f})"
+        )
+        print(
+            f"CPU seconds: baseline {b_cpu:.2f}, pipeline {p_cpu:.2f} (uploader + hub); "
+            f"{os.cpu_count()} cores, load average {load_before:.1f} before, "
+            f"{os.getloadavg()[0]:.1f} after"
+        )
         print(f"hub holds {held} readings")
     finally:
         if args.keep:
