@@ -563,3 +563,35 @@ def test_sigterm_stops_promptly_with_a_request_in_flight(
         hole.close()
     assert "request to the hub in flight" in log.read_text()
     assert status(config)["batches"]["pending"] == 1  # kept for the next start
+
+
+def test_repeated_sigkill_at_arbitrary_moments_loses_and_duplicates_nothing(
+    hub: Hub, config_file: ConfigFactory, tmp_path: Path
+) -> None:
+    import random
+
+    config = gateway_config(config_file, hub.url, batch_max_rows=400)
+    cfg = load_config(str(config))
+    hub.register(config)
+    data: list[store.Reading] = []
+    rnd = random.Random(3)
+    log = tmp_path / "upload.log"
+    for k in range(6):
+        chunk = rows(4000, start=k * 4000)  # readings keep coming between the crashes
+        fill(cfg, chunk)
+        data += chunk
+        proc = start_fieldgate("upload", config=config, log=log)
+        time.sleep(rnd.uniform(0.3, 0.9))  # wherever it is: cutting, sending, marking
+        proc.kill()
+        proc.wait()
+    r = run_fieldgate("upload", "--once", config=config)
+    assert r.returncode == 0, r.stderr
+    assert hub.readings(SERIAL) == 24_000
+    assert hub_rows(hub) == set(data)
+    gw = gateway_batches(cfg)
+    assert all(state == "uploaded" for _, state, _ in gw)
+    assert sum(n for _, _, n in gw) == 24_000
+    assert hub.query("SELECT COUNT(*), SUM(new_rows) FROM batches") == [(len(gw), 24_000)]
+    pending = Path(cfg.upload.pending_dir)
+    assert [p.name for p in pending.iterdir() if p.name != ".lock"] == []
+    assert len(list(Path(cfg.upload.uploaded_dir).glob(f"{SERIAL}-*.zip"))) == len(gw)
