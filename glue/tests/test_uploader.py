@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -595,3 +596,42 @@ def test_repeated_sigkill_at_arbitrary_moments_loses_and_duplicates_nothing(
     pending = Path(cfg.upload.pending_dir)
     assert [p.name for p in pending.iterdir() if p.name != ".lock"] == []
     assert len(list(Path(cfg.upload.uploaded_dir).glob(f"{SERIAL}-*.zip"))) == len(gw)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and its children (the hub's gunicorn master and workers)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        text = (task / "children").read_text().split()
+        children += [int(c) for c in text]
+    for p in [pid, *children]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def test_hub_killed_mid_ingest_then_back_nothing_lost_or_doubled(
+    hub: Hub, config_file: ConfigFactory, tmp_path: Path
+) -> None:
+    config = gateway_config(config_file, hub.url, batch_max_rows=2000)
+    cfg = load_config(str(config))
+    hub.register(config)
+    data = rows(60_000)
+    fill(cfg, data)
+    log = tmp_path / "upload.log"
+    proc = start_fieldgate("upload", config=config, log=log)
+    try:
+        wait_until(lambda: hub.readings(SERIAL) > 0, what="the first batches at the hub")
+        assert hub.proc is not None
+        _kill_tree(hub.proc.pid)  # a power cut on the hub, wherever its ingest is
+        hub.proc.wait()
+        hub.proc = None
+        wait_until(lambda: "cannot reach the hub" in log.read_text(), what="the uploader noticing")
+        hub.start()
+        wait_until(lambda: hub.readings(SERIAL) == 60_000, timeout=180, what="all at the hub")
+        assert stop_process(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert hub_rows(hub) == set(data)
+    assert hub.query("SELECT COUNT(*), SUM(new_rows) FROM batches") == [(30, 60_000)]
