@@ -158,6 +158,9 @@ class ExportConfig:
     mount_dir: str = "/run/fieldgate/usb-mounts"
     #: Free space demanded on the drive beyond the export's size, in percent.
     space_margin_percent: int = field(default=10, metadata=_range(0, 1000))
+    #: How the copy on the target is checked before it gets its final name:
+    #: ``integrity_check`` (complete, CPU-bound) or ``quick_check`` (structure only, O(N)).
+    verify: Literal["integrity_check", "quick_check"] = "integrity_check"
 
 
 @dataclass(frozen=True)
