@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -43,8 +42,6 @@ from fieldgate.readings import Received, Rules, parse_message, store_outcomes
 log = logging.getLogger("fieldgate.collector")
 
 SOURCE = "mqtt"
-#: The broker keeps the session this long after a disconnect (0xFFFFFFFF: forever).
-SESSION_EXPIRY_NEVER = 0xFFFFFFFF
 HEARTBEAT_SECS = 5.0
 #: A commit is made as soon as the socket has been quiet this long.
 IDLE_FLUSH_SECS = 0.002
@@ -53,7 +50,7 @@ CONNACK_TIMEOUT_SECS = 15.0
 STOP_GRACE_SECS = 5.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """A message held until its batch is committed."""
 
@@ -124,7 +121,6 @@ class Collector:
         self.next_heartbeat = 0.0
         self.next_misc = 0.0
         self.stats = {"messages": 0, "readings": 0, "rejected": 0, "commits": 0}
-        self.receive_maximum = min(65535, 2 * cfg.mqtt.commit_max_messages)
         self.client = self._make_client()
 
     # ---- setup -----------------------------------------------------------------------------
@@ -142,7 +138,8 @@ class Collector:
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=m.client_id,
-            protocol=mqtt.MQTTv5,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
             manual_ack=True,
         )
         if m.username:
@@ -221,7 +218,7 @@ class Collector:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = repr(msg._topic)  # paho keeps the raw bytes only there
-        payload = bytes(msg.payload)
+        payload = msg.payload
         outcome = parse_message(topic, payload, self.rules, now_ms=received_at)
         if not self.batch:
             self.batch_started = time.monotonic()
@@ -271,17 +268,10 @@ class Collector:
 
     def _try_connect(self) -> None:
         """One connection attempt (TCP + CONNECT); the CONNACK arrives through the loop."""
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY_NEVER
-        props.ReceiveMaximum = self.receive_maximum
         self._set_state("connecting")
         try:
             self.client.connect(
-                self.cfg.mqtt.host,
-                self.cfg.mqtt.port,
-                keepalive=self.cfg.mqtt.keepalive_secs,
-                clean_start=False,
-                properties=props,
+                self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive_secs
             )
         except ssl.SSLError as exc:
             self._retry_later(f"TLS to broker {self.broker} failed: {exc.reason or exc}")
@@ -389,14 +379,15 @@ class Collector:
             _rollback(self.conn)
             self._store_failed(exc, len(batch))
             return False
-        rejected = sum(1 for p in batch if p.item.outcome.reason is not None)
+        rejected = [p.item for p in batch if p.item.outcome.reason is not None]
         self.stats["messages"] += len(batch)
         self.stats["readings"] += new
-        self.stats["rejected"] += rejected
+        self.stats["rejected"] += len(rejected)
         self.stats["commits"] += 1
-        for p in batch:
-            if p.item.outcome.reason is not None:
-                log.warning("rejected message on %s: %s", p.item.topic, p.item.outcome.reason)
+        for item in rejected[:3]:
+            log.warning("rejected message on %s: %s", item.topic, item.outcome.reason)
+        if len(rejected) > 3:
+            log.warning("... and %d more rejected messages in this commit", len(rejected) - 3)
         if self.link == "up":
             for p in batch:
                 if p.generation == self.generation:
