@@ -207,3 +207,15 @@ def _assert_all_batched_once(cfg: Config, n: int) -> None:
     seen = [row for p in files for row in csv_rows(batches.read_zip(p)[0])[1:]]
     assert len(seen) == n == len({tuple(r[:3]) for r in seen})
     conn.close()
+
+
+def test_render_csv_is_what_csv_writer_writes() -> None:
+    plain = [("TH-001", T0 + i, "temperature", i / 7) for i in range(100)]
+    odd = [*plain, ('say "hi"', T0, "t", 1.0), ("a\nb", T0, "t", -0.0)]
+    for rows in (plain, odd):
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["device", "ts", "metric", "value"])
+        w.writerows(rows)
+        assert batches.render_csv(rows) == buf.getvalue().encode()
+        assert batches.render_csv(iter(rows)) == buf.getvalue().encode()
