@@ -2,17 +2,20 @@
 
 How:
 
-- A persistent session: fixed client id, MQTT 5 with ``clean_start`` off and a session that
-  never expires, subscribed at QoS 1 to ``<topic_prefix>/+/readings``. While the collector is
-  down (or paused) the broker keeps queuing for it.
+- A persistent session: fixed client id, MQTT 3.1.1 with ``clean_session`` off, subscribed at
+  QoS 1 to ``<topic_prefix>/+/readings``. While the collector is down (or paused) the broker
+  keeps queuing for it (the broker needs ``max_queued_messages`` high or 0, see README).
 - ``manual_ack``: a message is acknowledged only after the readings it carries (or its
-  ``rejected`` row) are committed, in arrival order (MQTT §4.6). A crash before the ack means
-  the broker sends it again; the store's unique key makes that harmless.
+  ``rejected`` row) are committed, in arrival order (MQTT 3.1.1 §4.6). A crash before the ack
+  means the broker sends it again; the store's unique key makes that harmless.
 - Group commit: messages are collected into one transaction (one fsync) until
   ``mqtt.commit_max_messages`` are held, ``mqtt.commit_max_ms`` have passed, or the stream
-  pauses; then the whole batch is acknowledged at once. The MQTT 5 Receive Maximum we send
-  (twice the batch size) bounds how many unacknowledged messages the broker sends, so the
-  memory held is bounded and the broker's ``max_inflight_messages`` does not throttle us.
+  pauses; then the whole batch is acknowledged at once. The broker sends at most its
+  ``max_inflight_messages`` before it sees acks, so that setting bounds a batch (20 by default:
+  set it to at least ``commit_max_messages`` on the broker). At most ``commit_max_messages``
+  messages are read from the socket before a commit, so memory stays bounded whatever the
+  broker sends. (MQTT 5 would let the client set this window itself, but paho's per-message
+  property decoding costs a quarter of the collector's time.)
 - One thread: the network I/O (paho's external-loop API), parsing and commits all run in the
   main loop, which also watches the stop flag (SIGTERM), the disk guard and the heartbeat.
 """

@@ -1,0 +1,240 @@
+"""``fieldgate poll [--once]``: readings from HTTP nodes that cannot publish to the broker.
+
+Every node in ``poll.nodes`` is fetched (HTTP GET) every ``poll.interval_secs`` with a timeout
+(the node's ``timeout_secs`` or ``poll.timeout_secs``). Each fetch runs in its own worker
+thread and each node keeps its own schedule, so a dead or slow node never delays the others:
+while a node's request is still out, its next turn is skipped, not queued. Bodies are the
+MQTT payloads of CONTRACT §4 (JSON object or array, or CSV lines for a ``format: csv``
+device), validated by :mod:`fieldgate.readings` and stored in the main thread (one store
+connection, one transaction per node response). Bodies over ``mqtt.max_payload_bytes`` are
+rejected like oversized MQTT messages.
+
+``--once`` polls every node once and exits: 0 when every node answered with readings,
+otherwise 1 with one line naming each failed node and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import requests
+
+from fieldgate import __version__, store
+from fieldgate.config import Config, PollNode
+from fieldgate.daemon import StopFlag
+from fieldgate.errors import ConfigError, FieldgateError
+from fieldgate.readings import Received, Rules, parse_payload, store_outcomes
+
+log = logging.getLogger("fieldgate.poller")
+
+
+@dataclass
+class Fetched:
+    """What one request to a node gave: a body, or the reason there is none."""
+
+    node: PollNode
+    body: bytes | None
+    error: str | None
+    received_at: int
+
+
+@dataclass
+class NodeResult:
+    """How one poll of a node ended, after validation and storage."""
+
+    node: str
+    ok: bool
+    detail: str
+    new_readings: int = 0
+
+
+def fetch(node: PollNode, timeout: float, max_bytes: int) -> Fetched:
+    """GET the node's URL; never raises (every failure becomes ``error``)."""
+    headers = {"User-Agent": f"fieldgate/{__version__}", "Accept": "application/json, text/csv"}
+    received_at = store.now_ms()
+    try:
+        with requests.get(node.url, timeout=timeout, stream=True, headers=headers) as resp:
+            if resp.status_code != 200:
+                reason = f" {resp.reason}" if resp.reason else ""
+                return Fetched(node, None, f"HTTP {resp.status_code}{reason}", received_at)
+            deadline = time.monotonic() + timeout
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in resp.iter_content(chunk_size=65536):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:  # keep one byte over: the validator rejects it by size
+                    break
+                if time.monotonic() > deadline:
+                    return Fetched(
+                        node, None, f"timed out after {timeout:g} s (body too slow)", received_at
+                    )
+            return Fetched(node, b"".join(chunks), None, store.now_ms())
+    except requests.Timeout:
+        return Fetched(node, None, f"timed out after {timeout:g} s", received_at)
+    except requests.ConnectionError as exc:
+        return Fetched(node, None, f"cannot connect: {_root_cause(exc)}", received_at)
+    except requests.RequestException as exc:
+        return Fetched(node, None, f"request failed: {_root_cause(exc)}", received_at)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause of a requests error, e.g. ``Connection refused``."""
+    inner: BaseException = exc
+    while True:
+        nxt = inner.__cause__ or inner.__context__
+        if nxt is None or nxt is inner:
+            break
+        inner = nxt
+        if isinstance(inner, OSError) and inner.strerror:
+            return inner.strerror
+    if isinstance(inner, OSError) and inner.strerror:
+        return inner.strerror
+    text = str(inner) or type(inner).__name__
+    return text.rsplit(": ", 1)[-1] if "Errno" in text else text
+
+
+class Poller:
+    """The nodes, their schedules and the store; :meth:`run` and :meth:`once` drive it."""
+
+    def __init__(self, cfg: Config) -> None:
+        if not cfg.poll.nodes:
+            raise ConfigError(f"{cfg.path}: poll.nodes is empty: there is nothing to poll")
+        self.cfg = cfg
+        self.rules = Rules.from_config(cfg)
+        self.conn = store.open_store(
+            cfg.store.path, cfg.site.serial, busy_timeout_ms=cfg.store.busy_timeout_ms
+        )
+        #: Answers from the fetch threads, stored by the main thread.
+        self.answers: queue.Queue[Fetched] = queue.Queue()
+        self.last: dict[str, NodeResult] = {}
+
+    def timeout(self, node: PollNode) -> float:
+        return node.timeout_secs if node.timeout_secs is not None else self.cfg.poll.timeout_secs
+
+    def submit(self, node: PollNode) -> None:
+        """Fetch a node in its own daemon thread (a hung node cannot hold up a stop)."""
+
+        def work() -> None:
+            self.answers.put(fetch(node, self.timeout(node), self.rules.max_payload_bytes))
+
+        threading.Thread(target=work, name=f"poll-{node.name}", daemon=True).start()
+
+    def store_result(self, fetched: Fetched) -> NodeResult:
+        """Validate and store one node's answer; the outcome for the log and status."""
+        node = fetched.node
+        if fetched.body is None:
+            result = NodeResult(node.name, False, fetched.error or "no answer")
+        else:
+            outcome = parse_payload(
+                node.device, fetched.body, self.rules, now_ms=fetched.received_at
+            )
+            item = Received(node.url, fetched.body, fetched.received_at, outcome)
+            try:
+                with store.transaction(self.conn):
+                    new = store_outcomes(self.conn, [item], source=f"poll:{node.name}")
+                    store.set_state(
+                        self.conn,
+                        f"poller.node.{node.name}",
+                        f"ok: {len(outcome.readings)} readings"
+                        if outcome.reason is None
+                        else f"rejected: {outcome.reason}",
+                    )
+            except Exception:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+            if outcome.reason is None:
+                result = NodeResult(node.name, True, f"{len(outcome.readings)} readings", new)
+            elif outcome.readings:
+                result = NodeResult(node.name, True, f"partly rejected: {outcome.reason}", new)
+            else:
+                result = NodeResult(node.name, False, f"rejected: {outcome.reason}")
+        self.last[node.name] = result
+        return result
+
+    def publish_state(self, prefix: str) -> None:
+        failed = [r for r in self.last.values() if not r.ok]
+        summary = f"{len(self.last) - len(failed)} ok, {len(failed)} failed"
+        if failed:
+            summary += " (" + "; ".join(f"{r.node}: {r.detail}" for r in failed) + ")"
+        with store.transaction(self.conn):
+            store.set_state(self.conn, "poller.state", f"{prefix}: {summary}")
+
+    def once(self) -> list[NodeResult]:
+        """Poll every node once, concurrently; store every answer."""
+        for node in self.cfg.poll.nodes:
+            self.submit(node)
+        results = {}
+        for _ in self.cfg.poll.nodes:
+            fetched = self.answers.get()
+            results[fetched.node.name] = self.store_result(fetched)
+        return [results[node.name] for node in self.cfg.poll.nodes]
+
+    def run(self, stop: StopFlag) -> None:
+        """Poll each node every interval until stopped; one slow node delays no other."""
+        interval = self.cfg.poll.interval_secs
+        due = {node.name: 0.0 for node in self.cfg.poll.nodes}
+        busy: set[str] = set()
+        log.info("polling %d nodes every %g s", len(self.cfg.poll.nodes), interval)
+        self.publish_state("running")
+        while not stop.is_set():
+            now = time.monotonic()
+            for node in self.cfg.poll.nodes:
+                if node.name in busy or now < due[node.name]:
+                    continue
+                self.submit(node)
+                busy.add(node.name)
+                due[node.name] = now + interval
+            next_due = min(
+                (t for name, t in due.items() if name not in busy), default=now + interval
+            )
+            wait_secs = max(0.05, min(0.5, next_due - time.monotonic()))
+            try:
+                fetched = self.answers.get(timeout=wait_secs)
+            except queue.Empty:
+                continue
+            busy.discard(fetched.node.name)
+            result = self.store_result(fetched)
+            level = (
+                logging.INFO if result.ok and "rejected" not in result.detail else logging.WARNING
+            )
+            log.log(level, "node %s (%s): %s", fetched.node.name, fetched.node.url, result.detail)
+            self.publish_state("running")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def poll_cmd(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate poll [--once]``."""
+    poller = Poller(cfg)
+    try:
+        if args.once:
+            results = poller.once()
+            poller.publish_state("last --once run")
+            for r in results:
+                if r.ok:
+                    log.info("node %s: %s", r.node, r.detail)
+            failed = [r for r in results if not r.ok]
+            if failed:
+                names = "; ".join(f"{r.node} ({r.detail})" for r in failed)
+                raise FieldgateError(
+                    f"poll failed for {len(failed)} of {len(results)} nodes: {names}"
+                )
+            return 0
+        stop = StopFlag().install()
+        try:
+            poller.run(stop)
+        finally:
+            with store.transaction(poller.conn):
+                store.set_state(poller.conn, "poller.state", "stopped")
+            log.info("stopped%s", f" on {stop.signal_name}" if stop.signal_name else "")
+        return 0
+    finally:
+        poller.close()

@@ -1,0 +1,208 @@
+"""``fieldgate poll`` against a real HTTP server on loopback: good, slow, dead and bad nodes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from support import (
+    ConfigFactory,
+    count_rows,
+    free_port,
+    run_fieldgate,
+    start_fieldgate,
+    stop_process,
+    wait_until,
+)
+from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.wrappers import Request, Response
+
+T0 = 1_767_225_600_000
+
+
+class Nodes:
+    """A real HTTP server whose paths play sensor nodes; counts every request."""
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self.release = threading.Event()  # /hang answers only once this is set
+        self.server: BaseWSGIServer = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def app(self, environ: dict, start_response):  # type: ignore[no-untyped-def]
+        req = Request(environ)
+        self.hits[req.path] += 1
+        if req.path == "/good":
+            body = json.dumps({"ts": T0, "metrics": {"temperature": 21.5, "humidity": 40}})
+            resp = Response(body, mimetype="application/json")
+        elif req.path == "/array":
+            body = json.dumps([{"ts": T0 + i * 1000, "metrics": {"level": i}} for i in range(3)])
+            resp = Response(body, mimetype="application/json")
+        elif req.path == "/csv":
+            resp = Response(f"ts,temperature,humidity\n{T0},19.5,55\n", mimetype="text/csv")
+        elif req.path == "/slow":
+            time.sleep(2)
+            resp = Response(json.dumps({"ts": T0, "metrics": {"x": 1}}))
+        elif req.path == "/hang":
+            self.release.wait(60)
+            resp = Response(json.dumps({"ts": T0 + 5000, "metrics": {"x": 2}}))
+        elif req.path == "/garbage":
+            resp = Response("<html>not json</html>", mimetype="text/html")
+        else:
+            resp = Response("boom", status=500)
+        return resp(environ, start_response)
+
+    def __enter__(self) -> Nodes:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def nodes() -> Iterator[Nodes]:
+    with Nodes() as n:
+        yield n
+
+
+def poll_config(config_file: ConfigFactory, nodes: list[dict], **poll: object) -> Path:
+    return config_file(
+        overrides={"poll": {"interval_secs": 1, "timeout_secs": 1, **poll, "nodes": nodes}}
+    )
+
+
+def db_of(config: Path) -> Path:
+    return Path(yaml.safe_load(config.read_text())["store"]["path"])
+
+
+def test_once_stores_every_good_node(config_file: ConfigFactory, nodes: Nodes) -> None:
+    config = poll_config(
+        config_file,
+        [
+            {"name": "a", "url": f"{nodes.base}/good", "device": "roof-temp"},
+            {"name": "b", "url": f"{nodes.base}/array", "device": "TH-002"},
+            {"name": "c", "url": f"{nodes.base}/csv", "device": "CSV-001"},
+        ],
+    )
+    r = run_fieldgate("poll", "--once", config=config)
+    assert r.returncode == 0, r
+    db = db_of(config)
+    conn = sqlite3.connect(str(db))
+    rows = conn.execute(
+        "SELECT device, ts, metric, value, source FROM readings ORDER BY device, ts, metric"
+    ).fetchall()
+    conn.close()
+    assert rows == [
+        ("CSV-001", T0, "humidity", 55.0, "poll:c"),
+        ("CSV-001", T0, "temperature", 19.5, "poll:c"),
+        ("TH-001", T0, "humidity", 40.0, "poll:a"),
+        ("TH-001", T0, "temperature", 21.5, "poll:a"),
+        ("TH-002", T0, "level", 0.0, "poll:b"),
+        ("TH-002", T0 + 1000, "level", 1.0, "poll:b"),
+        ("TH-002", T0 + 2000, "level", 2.0, "poll:b"),
+    ]
+    # polling again stores nothing twice
+    assert run_fieldgate("poll", "--once", config=config).returncode == 0
+    assert count_rows(db, "readings") == 7
+
+
+def test_once_names_dead_slow_and_bad_nodes_and_stores_the_rest(
+    config_file: ConfigFactory, nodes: Nodes
+) -> None:
+    dead = free_port()
+    config = poll_config(
+        config_file,
+        [
+            {"name": "good", "url": f"{nodes.base}/good", "device": "TH-001"},
+            {"name": "dead", "url": f"http://127.0.0.1:{dead}/x", "device": "TH-002"},
+            {"name": "slow", "url": f"{nodes.base}/slow", "device": "TH-002", "timeout_secs": 0.3},
+            {"name": "broken", "url": f"{nodes.base}/error", "device": "TH-002"},
+            {"name": "junk", "url": f"{nodes.base}/garbage", "device": "TH-002"},
+        ],
+    )
+    r = run_fieldgate("poll", "--once", config=config)
+    assert r.returncode == 1, r
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [x for x in r.stderr.splitlines() if x.startswith("fieldgate: error: ")]
+    assert len(errors) == 1 and r.stderr.splitlines()[-1] == errors[0], r.stderr
+    line = errors[0]
+    assert line.startswith("fieldgate: error: poll failed for 4 of 5 nodes: ")
+    assert "dead (cannot connect: Connection refused)" in line
+    assert "slow (timed out after 0.3 s)" in line
+    assert "broken (HTTP 500 INTERNAL SERVER ERROR)" in line
+    assert "junk (rejected: bad JSON" in line
+    db = db_of(config)
+    assert count_rows(db, "readings") == 2
+    assert count_rows(db, "rejected", "source = 'poll:junk' AND reason LIKE 'bad JSON%'") == 1
+
+
+def test_a_hanging_node_does_not_hold_up_the_others(
+    config_file: ConfigFactory, nodes: Nodes, tmp_path: Path
+) -> None:
+    config = poll_config(
+        config_file,
+        [
+            {"name": "hang", "url": f"{nodes.base}/hang", "device": "TH-002", "timeout_secs": 120},
+            {"name": "good", "url": f"{nodes.base}/good", "device": "TH-001"},
+        ],
+        interval_secs=1,
+    )
+    db = db_of(config)
+    proc = start_fieldgate("poll", config=config, log=tmp_path / "poll.log")
+    try:
+        wait_until(
+            lambda: nodes.hits["/good"] >= 3, timeout=60, what="three polls of the good node"
+        )
+        # the hanging node's first request is still out and was not sent again
+        assert nodes.hits["/hang"] == 1
+        assert count_rows(db, "readings") == 2
+        assert count_rows(db, "readings", "device = 'TH-002'") == 0
+        nodes.release.set()
+        wait_until(lambda: count_rows(db, "readings", "device = 'TH-002'") == 1)
+        assert proc.poll() is None
+    finally:
+        rc = stop_process(proc, signal.SIGTERM, timeout=10)
+    assert rc == 0, (tmp_path / "poll.log").read_text()
+    conn = sqlite3.connect(str(db))
+    state = conn.execute("SELECT value FROM state WHERE key = 'poller.state'").fetchone()[0]
+    conn.close()
+    assert state == "stopped"
+
+
+def test_sigterm_stops_within_10_seconds_while_a_node_hangs(
+    config_file: ConfigFactory, nodes: Nodes, tmp_path: Path
+) -> None:
+    config = poll_config(
+        config_file,
+        [{"name": "hang", "url": f"{nodes.base}/hang", "device": "TH-002", "timeout_secs": 300}],
+    )
+    proc = start_fieldgate("poll", config=config, log=tmp_path / "poll.log")
+    wait_until(lambda: nodes.hits["/hang"] == 1, what="the hanging request")
+    started = time.monotonic()
+    rc = stop_process(proc, signal.SIGTERM, timeout=10)
+    assert rc == 0
+    assert time.monotonic() - started < 10
+
+
+def test_no_nodes_is_a_config_error(config_file: ConfigFactory) -> None:
+    config = config_file()
+    r = run_fieldgate("poll", "--once", config=config)
+    assert r.returncode == 2, r
+    assert (
+        r.stderr == f"fieldgate: error: {config}: poll.nodes is empty: there is nothing to poll\n"
+    )
