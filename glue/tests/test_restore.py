@@ -189,3 +189,17 @@ def test_restore_as_site_refuses_to_mix_sites(config_file, tmp_path: Path) -> No
     assert r.returncode == 1
     assert "site.serial is GW-A; set it to GW-B first" in r.stderr
     assert fingerprint(db) == (1, 0, "GW-A")
+
+
+def test_dry_run_validates_and_changes_nothing(gateway, tmp_path: Path) -> None:
+    cfg, db = gateway
+    export = make_export(tmp_path / "drive", "GW-OLD", 40)
+    r = run_fieldgate("restore", str(export), "--as-site", "GW-OTHER", "--dry-run", config=cfg)
+    assert r.returncode == 0, r
+    assert "valid fieldgate store of site GW-OLD" in r.stdout and "40 readings" in r.stdout
+    assert "checksum verified" in r.stdout and "nothing changed" in r.stdout
+    assert not db.exists()
+    bad = tmp_path / "bad.db"
+    bad.write_text("nope")
+    r = run_fieldgate("restore", str(bad), "--merge", "--dry-run", config=cfg)
+    assert r.returncode == 1 and "is not an SQLite database" in r.stderr

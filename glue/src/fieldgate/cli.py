@@ -138,6 +138,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         action="store_true",
         help="proceed although the store holds readings not yet uploaded",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only validate the file and say what it holds; change nothing",
+    )
 
     command(
         "prune",

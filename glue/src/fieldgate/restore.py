@@ -10,6 +10,7 @@ validation (:func:`inspect_export`).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import hashlib
 import logging
 import shutil
@@ -265,8 +266,25 @@ def restore_merge(cfg: Config, file: str | Path) -> RestoreResult:
     return RestoreResult(info, cfg.site.serial, new, info.readings - new)
 
 
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def restore_cmd(cfg: Config, args: argparse.Namespace) -> int:
-    """``fieldgate restore FILE.db (--as-site SERIAL | --merge) [--force]``."""
+    """``fieldgate restore FILE.db (--as-site SERIAL | --merge) [--force] [--dry-run]``."""
+    if args.dry_run:
+        info = inspect_export(args.file)
+        span = ""
+        if info.first_ts is not None and info.last_ts is not None:
+            span = f" from {_iso(info.first_ts)} to {_iso(info.last_ts)}"
+        checked = (
+            f"; checksum verified with {info.checksum_file.name}" if info.checksum_file else ""
+        )
+        print(
+            f"{info.path.name}: valid fieldgate store of site {info.site_serial} (schema "
+            f"{info.schema_version}), {info.readings} readings{span}{checked}; nothing changed"
+        )
+        return 0
     if args.merge:
         r = restore_merge(cfg, args.file)
     else:
