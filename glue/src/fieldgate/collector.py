@@ -121,6 +121,7 @@ class Collector:
         self.retry_at = 0.0
         self.backoff = Backoff(cfg.mqtt.reconnect_max_secs)
         self.state = ""
+        self.unrecorded_events: list[str] = []
         self.next_heartbeat = 0.0
         self.next_misc = 0.0
         self.stats = {"messages": 0, "readings": 0, "rejected": 0, "commits": 0}
@@ -234,19 +235,30 @@ class Collector:
     # ---- state for status ------------------------------------------------------------------
 
     def _set_state(self, state: str, *, event: str | None = None) -> None:
-        """Publish ``collector.state`` (and optionally an event); never fatal."""
-        if state == self.state and event is None:
+        """Publish ``collector.state`` (and optionally an event); never fatal.
+
+        An event that cannot be written (a full disk) is kept and written with the next state
+        that can, stamped with the time it happened.
+        """
+        if event:
+            self.unrecorded_events.append(event)
+        if state == self.state and not self.unrecorded_events:
             return
         try:
             with store.transaction(self.conn):
                 store.set_state(self.conn, "collector.state", state)
                 store.set_state(self.conn, "collector.heartbeat", _iso_now())
-                if event:
-                    store.add_event(self.conn, "collector", event)
+                for text in self.unrecorded_events:
+                    store.add_event(self.conn, "collector", text)
+            self.unrecorded_events.clear()
             self.state = state
         except sqlite3.Error as exc:
             log.warning("cannot record collector state %r in the store: %s", state, exc)
             _rollback(self.conn)
+            self.unrecorded_events = [
+                e if e.endswith(")") and " (at " in e else f"{e} (at {_iso_now()})"
+                for e in self.unrecorded_events
+            ]
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
