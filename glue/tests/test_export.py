@@ -289,3 +289,31 @@ def stored_count(db: Path, device: str) -> int:
         )
     finally:
         conn.close()
+
+
+def test_quick_check_can_replace_integrity_check(
+    config_file: ConfigFactory, tmp_path: Path
+) -> None:
+    config = config_file(overrides={"export": {"verify": "quick_check"}})
+    fill(store_of(config), 1000)
+    r = run_fieldgate("export", "--to", str(tmp_path), config=config)
+    assert r.returncode == 0, r.stderr
+    assert "quick_check ok in" in r.stderr
+    assert "integrity_check" not in r.stderr
+
+
+def test_a_damaged_copy_is_refused(tmp_path: Path) -> None:
+    from fieldgate.errors import FieldgateError
+    from fieldgate.export import integrity_check, snapshot
+
+    src = tmp_path / "src.db"
+    fill(src, 20_000)
+    copy = tmp_path / "copy.db"
+    snapshot(src, copy)
+    integrity_check(copy)
+    with copy.open("r+b") as f:  # garble a b-tree page in the middle of the file
+        f.seek(4096 * 20 + 100)
+        f.write(b"\xff" * 400)
+    for pragma in ("integrity_check", "quick_check"):
+        with pytest.raises(FieldgateError, match=f"failed {pragma}"):
+            integrity_check(copy, pragma)

@@ -486,3 +486,27 @@ def test_snapshot_runs_as_the_store_owner(
         assert {p.stat().st_uid for p in home.iterdir() if p.name != "mnt"} == {65534}
     finally:
         subprocess.run(["rm", "-rf", str(home)], check=False)
+
+
+def test_password_file_rules(tmp_path: Path) -> None:
+    from fieldgate.usb import NotQualified, password_matches, read_password
+
+    assert read_password(tmp_path) is None
+    (tmp_path / "PASSWORD.TXT").write_bytes(b"\xef\xbb\xbf open-sesame \r\n")  # Notepad: BOM
+    assert read_password(tmp_path) == "open-sesame"  # FAT names are case-insensitive
+    (tmp_path / "PASSWORD.TXT").unlink()
+    secret = tmp_path / "elsewhere"
+    secret.write_text("open-sesame")
+    (tmp_path / "Password.txt").symlink_to(secret)
+    with pytest.raises(NotQualified, match="symbolic link"):
+        read_password(tmp_path)
+    (tmp_path / "Password.txt").unlink()
+    os.mkfifo(tmp_path / "Password.txt")  # would block a plain open() forever
+    with pytest.raises(NotQualified, match="not a regular file"):
+        read_password(tmp_path)
+    (tmp_path / "Password.txt").unlink()
+    (tmp_path / "Password.txt").write_bytes(b"x" * 10_000)
+    assert read_password(tmp_path) == ""
+    assert password_matches("open-sesame", "open-sesame")
+    assert not password_matches("open-sesame ", "open-sesame")
+    assert not password_matches("", "open-sesame")

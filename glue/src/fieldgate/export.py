@@ -312,6 +312,10 @@ def integrity_check(db: Path, pragma: str = "integrity_check") -> None:
     conn = sqlite3.connect(f"file:{db}?mode=ro&immutable=1", uri=True)
     try:
         rows = [str(r[0]) for r in conn.execute(f"PRAGMA {pragma}")]
+    except sqlite3.DatabaseError as exc:
+        if "I/O" in str(exc):  # the drive failed, the copy may be fine: say so
+            raise
+        raise FieldgateError(f"the copy on the target failed {pragma}: {exc}") from None
     finally:
         conn.close()
     if rows != ["ok"]:
