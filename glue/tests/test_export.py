@@ -8,15 +8,23 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from support import (
     FIELDGATE,
+    SENSOR_PASSWORD,
+    SENSOR_USER,
+    Broker,
     ConfigFactory,
+    reading_payload,
     run_fieldgate,
+    start_fieldgate,
+    stop_process,
     wait_until,
 )
 
@@ -317,3 +325,89 @@ def test_a_damaged_copy_is_refused(tmp_path: Path) -> None:
     for pragma in ("integrity_check", "quick_check"):
         with pytest.raises(FieldgateError, match=f"failed {pragma}"):
             integrity_check(copy, pragma)
+
+
+def collector_state(db: Path) -> str | None:
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    except sqlite3.OperationalError:
+        return None
+    try:
+        row = conn.execute("SELECT value FROM state WHERE key = 'collector.state'").fetchone()
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        conn.close()
+    return row[0] if row else None
+
+
+def test_readings_published_during_the_export_reach_the_store(
+    mosquitto: Broker, config_file: ConfigFactory, tmp_path: Path
+) -> None:
+    """The real collector, fed by a real broker at about 1,000 msg/s, while the export runs."""
+    config = config_file(broker=mosquitto)
+    db = store_of(config)
+    fill(db, 600_000, device="TH-002")  # about 45 MB: the snapshot takes a while
+    collector = start_fieldgate("collect", config=config, log=tmp_path / "collect.log")
+    sent: list[int] = []
+    stop = threading.Event()
+    t0 = 1_767_225_600_000
+
+    def publisher() -> None:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        client.username_pw_set(SENSOR_USER, SENSOR_PASSWORD)
+        client.max_inflight_messages_set(200)
+        client.max_queued_messages_set(0)
+        client.connect(mosquitto.host, mosquitto.port)
+        client.loop_start()
+        infos = []
+        i = 0
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                for _ in range(50):
+                    payload = reading_payload(t0 + i * 1000, temperature=21.5)
+                    infos.append(client.publish("fieldgate/TH-001/readings", payload, qos=1))
+                    sent.append(i)
+                    i += 1
+                time.sleep(max(0.0, 0.05 - (time.monotonic() - started)))
+            for info in infos:
+                info.wait_for_publish(timeout=60)
+                assert info.is_published()
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+    thread = threading.Thread(target=publisher)
+    try:
+        wait_until(lambda: collector_state(db) == "running", 30, what="collector running")
+        thread.start()
+        wait_until(lambda: stored_count(db, "TH-001") >= 2000, 60, what="ingest under way")
+        committed_before = keys(db)
+        began = store.now_ms()
+        target = tmp_path / "out"
+        target.mkdir()
+        r = run_fieldgate("export", "--to", str(target), config=config)
+        ended = store.now_ms()
+        assert r.returncode == 0, r.stderr
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(120)
+    try:
+        wait_until(lambda: stored_count(db, "TH-001") >= len(sent), 60, what="all stored")
+    finally:
+        assert stop_process(collector) == 0
+    final = keys(db)
+    published = {("TH-001", t0 + i * 1000, "temperature") for i in sent}
+    assert {k for k in final if k[0] == "TH-001"} == published  # none lost
+    snap = keys(next(target.glob("data_store-*.db")))
+    assert committed_before <= snap <= final
+    conn = sqlite3.connect(str(db))
+    during = conn.execute(
+        "SELECT COUNT(*) FROM readings WHERE device = 'TH-001' AND received_at BETWEEN ? AND ?",
+        (began, ended),
+    ).fetchone()[0]
+    conn.close()
+    assert during > 0  # the collector kept committing while the snapshot was taken
+    assert snap != final
