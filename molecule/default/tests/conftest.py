@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from support import get_host, testnet
+from support import get_host, run_state
 
 
 @pytest.fixture(scope="session")
 def net() -> dict[str, Any]:
-    return testnet()
+    return run_state()
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ EPHEMERAL = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "."))
 INVENTORY = os.environ.get("MOLECULE_INVENTORY_FILE", "")
 TESTHOSTS = Path(__file__).resolve().parents[2] / "shared" / "testhosts.py"
 CONFIG_PATH = "/etc/fieldgate/fieldgate.yaml"
+FIELDGATE = "/opt/fieldgate/venv/bin/fieldgate"  # the fieldgate role's virtualenv
 GATEWAYS = ["gw1", "gw2"]
 # How long a test waits for something that happens asynchronously (collector commit,
 # upload cycle, export); generous because two cores are shared with other test runs.
@@ -39,7 +40,7 @@ def get_host(name: str) -> Any:
     return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
 
 
-def testnet() -> dict[str, Any]:
+def run_state() -> dict[str, Any]:
     """The run's state written by testhosts.py: addresses, networks, USB images."""
     return json.loads((EPHEMERAL / "testhosts" / "state.json").read_text())
 
@@ -118,7 +119,7 @@ def hub_db(hub: Any) -> str:
     return args[args.index("--db") + 1]
 
 
-def testhosts(*args: str) -> None:
+def hosts_tool(*args: str) -> None:
     """Run the test-host tool against this run (e.g. restart a host)."""
     subprocess.run(
         ["python3", str(TESTHOSTS), "--run-dir", str(EPHEMERAL / "testhosts"), *args],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from support import CONFIG_PATH, FIELDGATE
+
 testinfra_hosts = ["gateways"]
 
 GLUE_PROGRAMS = ["collect", "upload", "usb-watch"]
@@ -45,4 +47,4 @@ def test_mqtt_listens_on_sensor_network(host, net):
 
 
 def test_config_is_valid(host):
-    host.check_output("fieldgate check-config")
+    host.check_output(f"{FIELDGATE} --config {CONFIG_PATH} check-config")

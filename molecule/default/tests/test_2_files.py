@@ -33,11 +33,11 @@ def test_config_not_world_writable(host):
     assert not f.mode & 0o002
 
 
-def test_store_directory_not_world_readable(host):
+def test_store_closed_to_other_users(host):
     cfg = gateway_config(host)
-    db = host.file(cfg["store"]["path"])
-    assert db.exists
-    assert not db.mode & 0o007, f"{cfg['store']['path']} mode {oct(db.mode)}"
+    assert host.file(cfg["store"]["path"]).exists
+    data_dir = host.file(cfg["store"]["path"].rsplit("/", 1)[0])
+    assert not data_dir.mode & 0o007, f"{data_dir.path} mode {oct(data_dir.mode)}"
 
 
 def known_secrets(host) -> list[str]:

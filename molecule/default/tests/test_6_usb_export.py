@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from support import gateway_config, get_host, testnet, wait_for
+from support import gateway_config, get_host, run_state, wait_for
 
 TS = r"\d{8}T\d{6}\+0000"
 
@@ -26,19 +26,17 @@ def drive_mounted(device: str, readonly: bool):
             subprocess.run(["umount", mnt], check=True)
 
 
-def udev_run_command(host, devnode: str) -> str:
-    """The command the installed udev rule runs for this device (its RUN+= with %k expanded)."""
+def udev_run_command(host, devnode: str, action: str) -> str:
+    """What the installed udev rule runs for this device and action: its RUN+= program with
+    %k expanded, in the environment the rule's ENV{...}= assignments give it."""
     rules = host.check_output("grep -l -s usb-event /etc/udev/rules.d/*.rules /lib/udev/rules.d/*.rules")
     text = host.file(rules.split()[0]).content_string
-    run = re.search(r'RUN\+="([^"]*usb-event[^"]*)"', text)
-    assert run, f"no RUN+= calling usb-event in {rules}"
-    kernel = devnode.rsplit("/", 1)[1]
-    cmd = run.group(1)
-    for token, value in (("%k", kernel), ("$kernel", kernel), ("$devnode", devnode), ("%N", devnode),
-                         ("$env{DEVNAME}", devnode), ("%E{DEVNAME}", devnode), ("$env{ACTION}", "add"),
-                         ("%E{ACTION}", "add"), ("$action", "add")):  # fmt: skip
-        cmd = cmd.replace(token, value)
-    return cmd
+    env = dict(re.findall(r'ENV\{(\w+)\}="([^"]*)"', text))
+    run = re.search(rf'ACTION=="{action}",\s*RUN\+="([^"]*)"', text)
+    assert run, f"no RUN+= for ACTION=={action} in {rules}"
+    command = run.group(1).replace("%k", devnode.rsplit("/", 1)[1]).replace("$kernel", devnode.rsplit("/", 1)[1])
+    assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    return f"env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin {assignments} {command}"
 
 
 def led(host, led_path: str) -> dict[str, str]:
@@ -50,7 +48,7 @@ def test_export_to_usb_drive():
     gw = get_host("gw1")
     cfg = gateway_config(gw)
     serial = cfg["site"]["serial"]
-    device = testnet()["hosts"]["gw1"]["usb"]["device"]
+    device = run_state()["hosts"]["gw1"]["usb"]["device"]
     password = gw.file(cfg["export"]["password_file"]).content_string.strip()
     log_file = cfg["export"].get("log_file", "/var/log/fieldgate/usb_exporter.log")
     led_path = cfg["export"]["led_path"]
@@ -58,9 +56,25 @@ def test_export_to_usb_drive():
     with drive_mounted(device, readonly=False) as mnt:
         (mnt / "Password.txt").write_text(f"  {password}\n")
         (mnt / "notes.txt").write_text("kept as it is\n")
+        before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in mnt.iterdir() if p.is_file()}
     log_before = int(gw.check_output(f"cat {shlex.quote(log_file)} 2>/dev/null | wc -l"))
 
-    assert gw.run(udev_run_command(gw, device)).rc == 0
+    assert gw.run(udev_run_command(gw, device, "add")).rc == 0
+    try:
+        check_export(gw, device, serial, password, led_path, before, log_file, log_before)
+    finally:  # the drive is pulled in any case, so success/error do not hold past this test
+        assert gw.run(udev_run_command(gw, device, "remove")).rc == 0
+
+    wait_for("the LED back to normal operation", lambda: led(gw, led_path).get("trigger") in ("none", None)
+             and led(gw, led_path).get("brightness", "0") != "0")  # fmt: skip
+    lines = gw.check_output(f"tail -n +{log_before + 1} {shlex.quote(log_file)}").splitlines()
+    order = [next((i for i, line in enumerate(lines) if f"led: {s}" in line), None)
+             for s in ("in_progress", "success", "normal_operation")]  # fmt: skip
+    assert None not in order and order == sorted(order), f"LED states in the log: {lines}"
+
+
+def check_export(gw, device, serial, password, led_path, before, log_file, log_before) -> None:
+    """The export finished with success, and the drive holds exactly what CONTRACT §7 says."""
 
     def new_log() -> list[str]:
         return gw.check_output(f"tail -n +{log_before + 1} {shlex.quote(log_file)}").splitlines()
@@ -70,12 +84,14 @@ def test_export_to_usb_drive():
     assert (state.get("trigger"), state.get("delay_on"), state.get("delay_off")) == ("timer", "250", "250"), state
 
     with drive_mounted(device, readonly=True) as mnt:
-        names = sorted(p.name for p in mnt.iterdir() if p.name != "lost+found")
-        assert (mnt / "notes.txt").read_text() == "kept as it is\n"
+        # Nothing that was on the drive is overwritten or removed (earlier exports included).
+        for name, digest in before.items():
+            assert hashlib.sha256((mnt / name).read_bytes()).hexdigest() == digest, name
+        names = sorted(p.name for p in mnt.iterdir() if p.is_file() and p.name not in before)
         db = [n for n in names if re.fullmatch(rf"data_store-{re.escape(serial)}-{TS}\.db", n)]
         site = [n for n in names if re.fullmatch(rf"site_config-{re.escape(serial)}-{TS}\.yaml", n)]
         sums = [n for n in names if re.fullmatch(rf"export-{re.escape(serial)}-{TS}\.sha256", n)]
-        assert len(db) == len(site) == len(sums) == 1, names
+        assert len(names) == 3 and len(db) == len(site) == len(sums) == 1, names
         listed = {}
         for line in (mnt / sums[0]).read_text().splitlines():
             digest, name = line.split(maxsplit=1)
@@ -87,13 +103,3 @@ def test_export_to_usb_drive():
         check = subprocess.run(["sqlite3", "-readonly", str(mnt / db[0]), "PRAGMA integrity_check; SELECT COUNT(*) > 0 FROM readings;"],
                                capture_output=True, text=True, check=True)  # fmt: skip
         assert check.stdout.split() == ["ok", "1"]
-
-    remove = udev_run_command(gw, device).replace(" add ", " remove ")
-    assert gw.run(remove).rc == 0
-    wait_for("the LED back to normal operation", lambda: led(gw, led_path).get("trigger") in ("none", None)
-             and led(gw, led_path).get("brightness", "0") != "0")  # fmt: skip
-
-    lines = new_log()
-    order = [next((i for i, line in enumerate(lines) if f"led: {s}" in line), None)
-             for s in ("in_progress", "success", "normal_operation")]  # fmt: skip
-    assert None not in order and order == sorted(order), f"LED states in the log: {lines}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from support import await_at_hub, count, get_host, probe_from, probe_here, send_readings, testhosts, wait_for
+from support import await_at_hub, count, get_host, probe_from, probe_here, send_readings, hosts_tool, wait_for
 
 SERVICES = ["mosquitto", "supervisor", "shorewall", "apcupsd"]
 
@@ -18,7 +18,7 @@ def test_gateway_comes_back_after_reboot(sensor, hub, net):
     gw = get_host("gw2")
     total = count(gw, before["db"], "1 = 1")
 
-    testhosts("restart", "gw2")
+    hosts_tool("restart", "gw2")
 
     gw = get_host("gw2")
     for service in SERVICES:
