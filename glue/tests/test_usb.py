@@ -510,3 +510,29 @@ def test_password_file_rules(tmp_path: Path) -> None:
     assert password_matches("open-sesame", "open-sesame")
     assert not password_matches("open-sesame ", "open-sesame")
     assert not password_matches("", "open-sesame")
+
+
+def test_store_owner_cannot_reach_the_drive(
+    config_file: ConfigFactory, drives: Drives, tmp_path: Path
+) -> None:
+    """A mount directory below a directory the store's owner cannot traverse: one clear line."""
+    home = Path(tempfile.mkdtemp(prefix="fieldgate-owner-", dir="/tmp"))
+    try:
+        home.chmod(0o755)
+        db = home / "data_store.db"
+        fill_store(db, 100)
+        for p in (home, *home.iterdir()):
+            os.chown(p, 65534, 65534)
+        # mount_dir stays under pytest's 0700 tmp directory
+        w = Watch(config_file(overrides={"store": {"path": str(db)}}))
+        drive = drives.make("ext4", files={"Password.txt": PASSWORD})
+        w.start()
+        try:
+            w.event("add", drive.devname)
+            line = w.result(drive.devname)
+        finally:
+            w.stop()
+        assert "a directory above it is not traversable for that user" in line, line
+        assert set(drives.listing(drive)) == {"Password.txt"}
+    finally:
+        subprocess.run(["rm", "-rf", str(home)], check=False)

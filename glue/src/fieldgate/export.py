@@ -368,6 +368,11 @@ def stage_export(
     corrupts files written out of order), so the snapshot is taken next to the store and
     copied onto the target front to back.
     """
+    if not os.access(staging, os.W_OK | os.X_OK):
+        raise FieldgateError(
+            f"{staging} cannot be written as uid {os.geteuid()} (the store's owner): a "
+            "directory above it is not traversable for that user"
+        )
     db_tmp = staging / (names.db + PARTIAL)
     store_path = Path(cfg.store.path)
     timeout = cfg.store.busy_timeout_ms

@@ -431,14 +431,17 @@ class Watcher:
     def start(self) -> None:
         """Prepare the mount directory, clean stale mounts of ours, LED normal."""
         self.log.line("usb-watch started")
+        self.prepare_mount_dir()
+        self.clean_stale_mounts()
+        self.led.set(ledmod.NORMAL)
+
+    def prepare_mount_dir(self) -> None:
+        """``mount_dir``: root's, traversable by the store's group only (the snapshot child)."""
         _, gid = self._owner()
         self.mount_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if os.geteuid() == 0:
-            # The snapshot child (store owner's group) must reach the drive; nobody else.
             os.chown(self.mount_dir, 0, gid)
             self.mount_dir.chmod(0o710)
-        self.clean_stale_mounts()
-        self.led.set(ledmod.NORMAL)
 
     def clean_stale_mounts(self) -> None:
         prefix = str(self.mount_dir) + "/"
@@ -545,6 +548,7 @@ class Watcher:
         if fstype is None:
             raise NotQualified("no filesystem recognised")
         self.log.line(f"{part}: filesystem {fstype}")
+        self.prepare_mount_dir()  # the store (and its group) may have appeared since start
         m = mount_partition(part, fstype, self.mount_dir, self._owner())
         self.log.line(f"{part}: mounted ({m.driver}, {MOUNT_OPTS}) on {m.point}")
         outcome: str | None = None
