@@ -10,7 +10,7 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev gcc
   mosquitto mosquitto-clients sqlite3
   debootstrap systemd-container iproute2 iptables openssh-client rsync
-  fusefat exfat-fuse dosfstools exfatprogs e2fsprogs util-linux fdisk bindfs
+  fusefat exfat-fuse dosfstools exfatprogs e2fsprogs util-linux bindfs
   dpkg-dev xz-utils ca-certificates
 )
 
