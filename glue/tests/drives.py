@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,16 +42,10 @@ class Drive:
     image: Path
     loop: str  # /dev/loopN
     fstype: str
-    partitions: list[str] = field(default_factory=list)  # /dev/loopNp1 ...
 
     @property
     def devname(self) -> str:
         return Path(self.loop).name
-
-    @property
-    def targets(self) -> list[str]:
-        """The block devices holding filesystems."""
-        return self.partitions or [self.loop]
 
 
 class Drives:
@@ -92,8 +86,7 @@ class Drives:
         self.loops.append(loop)
         drive = Drive(image, loop, fstype)
         if not readonly:
-            for target in drive.targets:
-                self._mkfs(fstype, target, files)
+            self._mkfs(fstype, loop, files)
         return drive
 
     def _mkfs(self, fstype: str, target: str, files: dict[str, bytes | str]) -> None:
@@ -146,21 +139,14 @@ class Drives:
                 proc.wait(60)
             point.rmdir()
 
-    def listing(self, drive: Drive, target: str | None = None) -> dict[str, bytes]:
-        """Every file at the root of the drive's (first) filesystem, with its content."""
-        with self.mount(target or drive.targets[0], drive.fstype, readonly=True) as root:
+    def listing(self, drive: Drive) -> dict[str, bytes]:
+        """Every file at the root of the drive's filesystem, with its content."""
+        with self.mount(drive.loop, drive.fstype, readonly=True) as root:
             return {
                 p.name: p.read_bytes()
                 for p in root.iterdir()
                 if p.is_file() and p.name != "lost+found"
             }
-
-    def copy_out(self, drive: Drive, dest: Path) -> Path:
-        """Copy the drive's root files into ``dest`` (to run sha256sum and sqlite there)."""
-        dest.mkdir(parents=True, exist_ok=True)
-        for name, data in self.listing(drive).items():
-            (dest / name).write_bytes(data)
-        return dest
 
     # -- failing devices
 

@@ -402,7 +402,7 @@ def test_device_failing_mid_export(watch: Watch, drives: Drives, tmp_path: Path)
     watch.wait_for(rf"^{drive.devname}: error: ", timeout=180)
     error = next(x for x in watch.lines() if x.startswith(f"{drive.devname}: error: "))
     assert re.search(r"removed|I/O error", error), error
-    assert read_pattern(watch.led) in ("error", "normal_operation")
+    wait_until(lambda: read_pattern(watch.led) in ("error", "normal_operation"), 30)
     watch.wait_for(rf"^{drive.devname}: drive removed")
     watch.wait_led("normal_operation")
     watch.stop()
