@@ -68,7 +68,7 @@ def start_broker(work: Path, port: int) -> subprocess.Popen[bytes]:
         f"persistence_location {work}/\n"
         "max_queued_messages 0\n"
         "max_queued_bytes 0\n"
-        "max_inflight_messages 1000\n"
+        "max_inflight_messages 2000\n"
         + ("user root\n" if os.geteuid() == 0 else "")
         + f"log_dest file {work}/mosquitto.log\n"
     )

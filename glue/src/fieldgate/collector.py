@@ -28,6 +28,7 @@ import select
 import sqlite3
 import ssl
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +39,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fieldgate import store
 from fieldgate.config import Config
 from fieldgate.daemon import StopFlag
-from fieldgate.diskguard import DiskGuard, is_disk_full
-from fieldgate.errors import ConfigError
-from fieldgate.readings import Received, Rules, parse_message, store_outcomes
+from fieldgate.diskguard import DiskGuard
+from fieldgate.errors import ConfigError, FieldgateError
+from fieldgate.writer import start_writer
 
 log = logging.getLogger("fieldgate.collector")
 
@@ -49,18 +50,20 @@ HEARTBEAT_SECS = 5.0
 #: A commit is made as soon as the socket has been quiet this long.
 IDLE_FLUSH_SECS = 0.002
 CONNACK_TIMEOUT_SECS = 15.0
+#: Batches handed to the writer and not yet answered, at most.
+MAX_SENT = 4
 #: Time allowed to commit, acknowledge and disconnect on SIGTERM (CONTRACT: within 10 s).
 STOP_GRACE_SECS = 5.0
 
 
 @dataclass(slots=True)
-class _Pending:
-    """A message held until its batch is committed."""
+class _Sent:
+    """A batch handed to the writer, waiting for its commit before its acks go out."""
 
-    mid: int
-    qos: int
+    seq: int
     generation: int
-    item: Received
+    acks: list[tuple[int, int]]  # (mid, qos) in arrival order
+    count: int
 
 
 class Backoff:
@@ -91,7 +94,6 @@ class Collector:
     def __init__(self, cfg: Config, stop: StopFlag) -> None:
         self.cfg = cfg
         self.stop = stop
-        self.rules = Rules.from_config(cfg)
         self.broker = f"{cfg.mqtt.host}:{cfg.mqtt.port}"
         self.topic = f"{cfg.mqtt.topic_prefix}/+/readings"
         self.password = self._read_credentials()
@@ -105,11 +107,17 @@ class Collector:
                 "receipt before the reading is committed, which a crash could turn into a loss)",
                 cfg.mqtt.qos,
             )
+        # Fork the writer before this process opens the store or any socket.
+        self.writer, self.pipe = start_writer(cfg)
         self.conn = store.open_store(
             cfg.store.path, cfg.site.serial, busy_timeout_ms=cfg.store.busy_timeout_ms
         )
         self.guard = DiskGuard.for_store(cfg)
-        self.batch: list[_Pending] = []
+        #: Messages read but not yet handed to the writer: (mid, qos, topic, payload, at).
+        self.batch: list[tuple[int, int, str, bytes, int]] = []
+        self.batch_generation = 0
+        self.sent: deque[_Sent] = deque()
+        self.seq = 0
         self.batch_started = 0.0
         self.generation = 0
         #: "down", "connecting" (CONNECT sent, waiting for CONNACK) or "up".
@@ -217,20 +225,14 @@ class Collector:
             self.disconnect_reason = _describe_refusal(reason)
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
-        received_at = store.now_ms()
         try:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = repr(msg._topic)  # paho keeps the raw bytes only there
-        payload = msg.payload
-        outcome = parse_message(topic, payload, self.rules, now_ms=received_at)
         if not self.batch:
             self.batch_started = time.monotonic()
-        self.batch.append(
-            _Pending(
-                msg.mid, msg.qos, self.generation, Received(topic, payload, received_at, outcome)
-            )
-        )
+            self.batch_generation = self.generation
+        self.batch.append((msg.mid, msg.qos, topic, msg.payload, store.now_ms()))
 
     # ---- state for status ------------------------------------------------------------------
 
@@ -330,13 +332,17 @@ class Collector:
             return 0
         wlist = [sock] if self.client.want_write() else []
         try:
-            readable, writable, _ = select.select([sock], wlist, [], timeout)
+            readable, writable, _ = select.select([sock, self.pipe], wlist, [], timeout)
         except (OSError, ValueError):
             self._connection_failed(mqtt.MQTT_ERR_CONN_LOST)
             return 0
+        if self.pipe in readable:
+            self._replies()
+            if self.link == "down":
+                return 0
         before = len(self.batch)
         rc = mqtt.MQTT_ERR_SUCCESS
-        if readable:
+        if sock in readable:
             limit = self.cfg.mqtt.commit_max_messages
             while len(self.batch) - before < limit:
                 count = len(self.batch)
@@ -374,52 +380,86 @@ class Collector:
         else:
             self._retry_later(cause)
 
-    def flush(self) -> bool:
-        """Commit every held message in one transaction, then acknowledge them in order.
+    def flush(self) -> None:
+        """Hand the held messages to the writer as one batch (one transaction, one fsync).
 
-        On a store error nothing is acknowledged: the batch is forgotten, the connection is
-        dropped (the broker keeps the messages and sends them again later) and intake pauses.
+        Their acks go out, in arrival order, when the writer reports the commit
+        (:meth:`_replies`). At most ``MAX_SENT`` batches are out at once.
         """
         if not self.batch:
-            return True
+            return
+        while len(self.sent) >= MAX_SENT:
+            self._replies(wait=1.0)
         batch, self.batch = self.batch, []
+        self.seq += 1
+        generation = self.batch_generation
+        if generation != self.generation:
+            acks: list[tuple[int, int]] = []  # from a dead connection: never acked
+        else:
+            acks = [(mid, qos) for mid, qos, _, _, _ in batch]
         try:
-            with store.transaction(self.conn):
-                new = store_outcomes(self.conn, (p.item for p in batch), source=SOURCE)
-                now = time.monotonic()
-                if now >= self.next_heartbeat:
-                    self.next_heartbeat = now + HEARTBEAT_SECS
-                    store.set_state(self.conn, "collector.heartbeat", _iso_now())
-        except sqlite3.Error as exc:
-            _rollback(self.conn)
-            self._store_failed(exc, len(batch))
-            return False
-        rejected = [p.item for p in batch if p.item.outcome.reason is not None]
-        self.stats["messages"] += len(batch)
+            self.pipe.send(("batch", self.seq, [(t, p, at) for _, _, t, p, at in batch]))
+        except (OSError, ValueError) as exc:
+            raise FieldgateError(f"the collector's store writer is gone: {exc}") from None
+        self.sent.append(_Sent(self.seq, generation, acks, len(batch)))
+
+    def _replies(self, wait: float = 0.0) -> None:
+        """Take the writer's answers; ack committed batches, pause on a failed one."""
+        try:
+            if not self.pipe.poll(wait):
+                return
+            while self.sent and self.pipe.poll():
+                reply = self.pipe.recv()
+                sent = self.sent.popleft()
+                if reply[1] != sent.seq:
+                    raise FieldgateError(
+                        f"the store writer answered batch {reply[1]}, expected {sent.seq}"
+                    )
+                if reply[0] == "done":
+                    self._committed(sent, *reply[2:])
+                else:
+                    self._store_failed(reply[2], reply[3], sent.count)
+        except (EOFError, OSError) as exc:
+            raise FieldgateError(
+                f"the collector's store writer died (exit status {self.writer.exitcode}): "
+                f"{exc or 'pipe closed'}"
+            ) from None
+
+    def _committed(
+        self, sent: _Sent, new: int, rejected: int, reasons: list[tuple[str, str]]
+    ) -> None:
+        self.stats["messages"] += sent.count
         self.stats["readings"] += new
-        self.stats["rejected"] += len(rejected)
+        self.stats["rejected"] += rejected
         self.stats["commits"] += 1
-        for item in rejected[:3]:
-            log.warning("rejected message on %s: %s", item.topic, item.outcome.reason)
-        if len(rejected) > 3:
-            log.warning("... and %d more rejected messages in this commit", len(rejected) - 3)
-        if self.link == "up":
-            for p in batch:
-                if p.generation == self.generation:
-                    self.client.ack(p.mid, p.qos)
+        for topic, reason in reasons:
+            log.warning("rejected message on %s: %s", topic, reason)
+        if rejected > len(reasons):
+            log.warning("... and %d more rejected messages in this commit", rejected - len(reasons))
+        if self.link == "up" and sent.generation == self.generation and sent.acks:
+            for mid, qos in sent.acks:
+                self.client.ack(mid, qos)
             if self.client.want_write():
                 rc = self.client.loop_write()
                 if rc != mqtt.MQTT_ERR_SUCCESS:
                     self._connection_failed(rc)
-        return True
 
-    def _store_failed(self, exc: sqlite3.Error, count: int) -> None:
-        if is_disk_full(exc):
+    def _settle(self, timeout: float) -> None:
+        """Hand over the held messages and wait until every batch is answered (or timeout)."""
+        self.flush()
+        deadline = time.monotonic() + timeout
+        while self.sent and time.monotonic() < deadline:
+            self._replies(wait=min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def _store_failed(self, kind: str, text: str, count: int) -> None:
+        if self.pause_reason is not None:
+            return  # already paused; this batch was not acked either
+        if kind == "full":
             reason = "paused: disk full (the store could not commit)"
             self.guard.paused = True
             self.guard.measure()
         else:
-            reason = f"paused: store error: {exc}"
+            reason = f"paused: store error: {text}"
         log.error(
             "%s; %d messages not acknowledged (the broker keeps them); retrying later",
             reason,
@@ -439,8 +479,9 @@ class Collector:
         if change is True:
             reason = self.guard.describe()
             log.warning("%s: intake paused; messages stay queued on the broker", reason)
-            self.flush()
-            self._pause(reason, event=f"intake {reason}")
+            self._settle(STOP_GRACE_SECS)  # commit and ack what is held before leaving
+            if self.pause_reason is None:
+                self._pause(reason, event=f"intake {reason}")
         elif (
             self.pause_reason is not None
             and not self.guard.paused
@@ -470,11 +511,11 @@ class Collector:
             while not self.stop.is_set():
                 self._check_disk()
                 if self.pause_reason is not None:
-                    self.stop.wait(min(0.5, self.guard.interval_secs))
+                    self._idle(min(0.5, self.guard.interval_secs))
                     continue
                 if self.link == "down":
                     if time.monotonic() < self.retry_at:
-                        self.stop.wait(min(0.5, self.retry_at - time.monotonic()))
+                        self._idle(min(0.5, self.retry_at - time.monotonic()))
                         continue
                     self._try_connect()
                     continue
@@ -489,6 +530,13 @@ class Collector:
         finally:
             self._shutdown()
         return 0
+
+    def _idle(self, secs: float) -> None:
+        """Wait (for a stop, or answers from the writer about batches still out)."""
+        if self.sent:
+            self._replies(wait=max(0.0, secs))
+        else:
+            self.stop.wait(max(0.0, secs))
 
     def _cycle(self) -> None:
         """One turn: read what arrives, commit when the batch is full, old or the line idle."""
@@ -514,7 +562,7 @@ class Collector:
         """Commit, acknowledge, disconnect (the session stays on the broker), record it."""
         deadline = time.monotonic() + STOP_GRACE_SECS
         try:
-            self.flush()
+            self._settle(STOP_GRACE_SECS)
             if self.link == "up":
                 self.client.disconnect()
                 while self.client.want_write() and time.monotonic() < deadline:
@@ -532,8 +580,21 @@ class Collector:
                 s["rejected"],
                 s["commits"],
             )
+            self._stop_writer()
             self._set_state("stopped", event=None)
             self.conn.close()
+
+    def _stop_writer(self) -> None:
+        try:
+            self.pipe.send(("stop",))
+        except (OSError, ValueError):
+            log.debug("writer already gone")
+        self.writer.join(5)
+        if self.writer.is_alive():
+            log.warning("the store writer did not stop; terminating it")
+            self.writer.kill()
+            self.writer.join(5)
+        self.pipe.close()
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -1,0 +1,138 @@
+"""The collector's store writer: a child process that validates and commits message batches.
+
+Why a second process: paho's packet handling and the validation plus SQLite work each cost
+about as much CPU per message, and the GIL would serialise them in threads. With the writer
+in its own process, the collector reads and acknowledges batch k+1 from the broker while the
+writer validates and commits batch k, on the other core.
+
+Protocol over a :mod:`multiprocessing` pipe (batches are answered strictly in order):
+
+- parent -> writer: ``("batch", seq, [(topic, payload, received_at), ...])``, ``("stop",)``
+- writer -> parent: ``("ready",)`` or ``("error", text)`` once at start, then for every batch
+  ``("done", seq, new_readings, rejected, [(topic, reason), ...])`` or
+  ``("failed", seq, "full" | "error", text)`` (nothing of that batch is committed).
+
+The writer ignores SIGTERM/SIGINT (the collector decides when to stop) and exits when the
+pipe closes, so a killed collector never leaves it behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import sqlite3
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from fieldgate import store
+from fieldgate.config import Config
+from fieldgate.diskguard import is_disk_full
+from fieldgate.errors import FieldgateError
+from fieldgate.readings import Received, Rules, parse_message, store_outcomes
+
+log = logging.getLogger("fieldgate.collector.writer")
+
+SOURCE = "mqtt"
+HEARTBEAT_SECS = 5.0
+#: Reasons sent back per batch for the collector's log (the store keeps them all).
+REASONS_BACK = 3
+
+Item = tuple[str, bytes, int]
+"""(topic, payload, received_at epoch ms) of one message."""
+
+
+def _iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def commit_batch(conn: sqlite3.Connection, rules: Rules, items: list[Item]) -> tuple[Any, ...]:
+    """Validate and store one batch in one transaction; the reply for the collector."""
+    received = [
+        Received(topic, payload, at, parse_message(topic, payload, rules, now_ms=at))
+        for topic, payload, at in items
+    ]
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        new = store_outcomes(conn, received, source=SOURCE)
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.debug("rollback failed", exc_info=True)
+        return ("full" if is_disk_full(exc) else "error", str(exc))
+    bad = [(r.topic, r.outcome.reason) for r in received if r.outcome.reason is not None]
+    return ("done", new, len(bad), bad[:REASONS_BACK])
+
+
+def _heartbeat(conn: sqlite3.Connection) -> None:
+    try:
+        with store.transaction(conn):
+            store.set_state(conn, "collector.heartbeat", _iso_now())
+    except sqlite3.Error:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+def writer_main(cfg: Config, pipe: Connection) -> None:
+    """The writer process: open the store, then commit batches until told to stop."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        conn = store.open_store(
+            cfg.store.path, cfg.site.serial, busy_timeout_ms=cfg.store.busy_timeout_ms
+        )
+    except FieldgateError as exc:
+        pipe.send(("error", str(exc)))
+        return
+    rules = Rules.from_config(cfg)
+    pipe.send(("ready",))
+    next_heartbeat = 0.0
+    try:
+        while True:
+            try:
+                msg = pipe.recv()
+            except (EOFError, OSError):
+                return  # the collector is gone
+            if msg[0] == "stop":
+                return
+            _, seq, items = msg
+            result = commit_batch(conn, rules, items)
+            if result[0] == "done":
+                pipe.send(("done", seq, *result[1:]))
+                now = time.monotonic()
+                if now >= next_heartbeat:
+                    next_heartbeat = now + HEARTBEAT_SECS
+                    _heartbeat(conn)
+            else:
+                pipe.send(("failed", seq, *result))
+    finally:
+        conn.close()
+
+
+def start_writer(cfg: Config) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+    """Fork the writer and wait until its store is open; FieldgateError if it cannot be."""
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe(duplex=True)
+    proc = ctx.Process(
+        target=writer_main, args=(cfg, child_end), name="fieldgate-writer", daemon=True
+    )
+    proc.start()
+    child_end.close()
+    if not parent_end.poll(60):
+        proc.kill()
+        raise FieldgateError("the collector's store writer did not start within 60 s")
+    try:
+        first = parent_end.recv()
+    except EOFError:
+        proc.join(5)
+        raise FieldgateError(
+            f"the collector's store writer exited at start (status {proc.exitcode})"
+        ) from None
+    if first[0] == "error":
+        proc.join(5)
+        raise FieldgateError(first[1])
+    return proc, parent_end
