@@ -108,8 +108,9 @@ EOF
 )
 
 say "Deploying the hub: ansible-playbook playbooks/hub.yml"
+t0=$SECONDS
 ansible-playbook -i "$demo/inventory.yml" playbooks/hub.yml >"$demo/hub.log" 2>&1 || { tail -n 40 "$demo/hub.log"; fail "hub.yml failed (log: $demo/hub.log)"; }
-ok "$(grep -E '^hub ' "$demo/hub.log" | tail -n 1 | tr -s ' ')"
+ok "$(grep -E '^hub ' "$demo/hub.log" | tail -n 1 | tr -s ' ') ($((SECONDS - t0)) s)"
 
 pin_args=()
 if ! on "$GW" test -s /etc/fieldgate/secrets/gateway_key 2>/dev/null; then
@@ -121,8 +122,9 @@ if ! on "$GW" test -s /etc/fieldgate/secrets/gateway_key 2>/dev/null; then
 fi
 
 say "Deploying the gateway: ansible-playbook playbooks/site.yml"
+t0=$SECONDS
 ansible-playbook -i "$demo/inventory.yml" playbooks/site.yml "${pin_args[@]}" >"$demo/site.log" 2>&1 || { tail -n 40 "$demo/site.log"; fail "site.yml failed (log: $demo/site.log)"; }
-ok "$(grep -E '^gw ' "$demo/site.log" | tail -n 1 | tr -s ' ')"
+ok "$(grep -E '^gw ' "$demo/site.log" | tail -n 1 | tr -s ' ') ($((SECONDS - t0)) s)"
 
 say "A sensor publishes 10 sample readings to the gateway over MQTT"
 scp -q "${ssh_opts[@]}" molecule/shared/probe.py "root@$SENSOR:/usr/local/bin/fieldgate-probe"
