@@ -39,6 +39,15 @@ def stream(n: int, device: str = "TH-001", start: int = 0) -> list[tuple[str, st
     ]
 
 
+def running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def store_path(config: Path) -> Path:
     return Path(yaml.safe_load(config.read_text())["store"]["path"])
 
@@ -161,7 +170,13 @@ def test_sigkill_mid_stream_then_restart_stores_every_reading_once(
     publisher = threading.Thread(target=publish, args=(mosquitto, stream(total)))
     publisher.start()
     wait_until(lambda: collector.readings() > 0, what="the first readings")
+    assert collector.proc is not None
+    pid = collector.proc.pid
+    writers = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(writers) == 1  # the store writer process
     collector.stop(signal.SIGKILL)
+    # the writer notices its collector is gone and exits: no orphan holds the store
+    wait_until(lambda: not running(int(writers[0])), what="the writer to exit")
     stored_at_kill = collector.readings()
     publisher.join()
     collector.start()

@@ -77,8 +77,10 @@ def _heartbeat(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-def writer_main(cfg: Config, pipe: Connection) -> None:
+def writer_main(cfg: Config, pipe: Connection, parent_end: Connection | None = None) -> None:
     """The writer process: open the store, then commit batches until told to stop."""
+    if parent_end is not None:
+        parent_end.close()  # else the pipe never reports EOF when the collector dies
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -118,7 +120,10 @@ def start_writer(cfg: Config) -> tuple[multiprocessing.process.BaseProcess, Conn
     ctx = multiprocessing.get_context("fork")
     parent_end, child_end = ctx.Pipe(duplex=True)
     proc = ctx.Process(
-        target=writer_main, args=(cfg, child_end), name="fieldgate-writer", daemon=True
+        target=writer_main,
+        args=(cfg, child_end, parent_end),
+        name="fieldgate-writer",
+        daemon=True,
     )
     proc.start()
     child_end.close()
