@@ -27,7 +27,7 @@ def port_state(host: str, port: int, timeout: float) -> str:
             return "open"
     except ConnectionRefusedError:
         return "closed"
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return "filtered"
     except OSError as exc:  # e.g. EHOSTUNREACH from an ICMP reject
         return f"closed ({exc.strerror})"

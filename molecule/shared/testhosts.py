@@ -346,7 +346,11 @@ def _nspawn_cmd(run_: Run, name: str) -> list[str]:
 
 
 # cgroup hierarchies a container's systemd manages (this machine: hybrid, v1 name=systemd + v2).
-CGROUP_ROOTS = [Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")]
+CGROUP_ROOTS = [
+    Path("/sys/fs/cgroup/systemd"),
+    Path("/sys/fs/cgroup/unified"),
+    Path("/sys/fs/cgroup"),
+]
 
 
 def _cgroup_dirs(machine: str) -> list[Path]:

@@ -131,7 +131,9 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def send_readings(sensor: Any, net: dict[str, Any], gw: str, n: int = 5, repeat: int = 2) -> dict[str, Any]:
+def send_readings(
+    sensor: Any, net: dict[str, Any], gw: str, n: int = 5, repeat: int = 2
+) -> dict[str, Any]:
     """Publish n two-metric readings of the gateway's last device from the sensor host.
 
     Each message is sent `repeat` times (the duplicates must collapse). Returns what a test
@@ -161,8 +163,15 @@ def count(host: Any, db: str, where: str) -> int:
 def await_at_hub(hub: Any, sent: dict[str, Any]) -> list[dict[str, Any]]:
     """Wait until the sent readings are stored at the gateway and at the hub; the hub's rows."""
     rows = 2 * sent["n"]  # two metrics per reading
-    wait_for("the readings in the gateway store", lambda: count(sent["host"], sent["db"], sent["where"]) == rows)
+    wait_for(
+        "the readings in the gateway store",
+        lambda: count(sent["host"], sent["db"], sent["where"]) == rows,
+    )
     hub_path = hub_db(hub)
     hub_where = f"serial = '{sent['serial']}' AND {sent['where']}"
     wait_for("the readings at the hub", lambda: count(hub, hub_path, hub_where) >= rows)
-    return sql(hub, hub_path, f"SELECT metric, ts, value FROM readings WHERE {hub_where} ORDER BY ts, metric")
+    return sql(
+        hub,
+        hub_path,
+        f"SELECT metric, ts, value FROM readings WHERE {hub_where} ORDER BY ts, metric",
+    )

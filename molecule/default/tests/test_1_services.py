@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from support import CONFIG_PATH, FIELDGATE
 
 testinfra_hosts = ["gateways"]
@@ -27,7 +26,9 @@ def supervisor_programs(host) -> dict[str, str]:
 @pytest.mark.parametrize("program", GLUE_PROGRAMS)
 def test_glue_program_running(host, program):
     programs = supervisor_programs(host)
-    matching = {name: state for name, state in programs.items() if name.split(":")[-1].endswith(program)}
+    matching = {
+        name: state for name, state in programs.items() if name.split(":")[-1].endswith(program)
+    }
     assert matching, f"no supervisor program for '{program}' in {programs}"
     assert set(matching.values()) == {"RUNNING"}, matching
 
@@ -43,7 +44,9 @@ def test_glue_program_runs_as_service_user(host):
 def test_mqtt_listens_on_sensor_network(host, net):
     sensor_ip = net["hosts"][host.backend.get_hostname()]["nets"]["sensor"]
     listening = [s for s in host.socket.get_listening_sockets() if s.endswith(":1883")]
-    assert any(s in (f"tcp://{sensor_ip}:1883", "tcp://0.0.0.0:1883", "tcp://:::1883") for s in listening), listening
+    assert any(
+        s in (f"tcp://{sensor_ip}:1883", "tcp://0.0.0.0:1883", "tcp://:::1883") for s in listening
+    ), listening
 
 
 def test_config_is_valid(host):

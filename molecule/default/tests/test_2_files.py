@@ -5,7 +5,6 @@ from __future__ import annotations
 import shlex
 
 import pytest
-
 from support import gateway_config, group_vars, host_vars
 
 testinfra_hosts = ["gateways"]
@@ -25,7 +24,9 @@ def test_secret_file_mode(host, key):
     f = host.file(path)
     assert f.is_file, f"{key}: {path} missing"
     assert f.mode == 0o600, f"{path} has mode {oct(f.mode)}"
-    assert f.user != "root" or f.group != "root", f"{path} is owned by root:root, not the service user"
+    assert f.user != "root" or f.group != "root", (
+        f"{path} is owned by root:root, not the service user"
+    )
 
 
 def test_config_not_world_writable(host):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from support import GATEWAYS, probe_from, probe_here
 
 # Ports nothing should answer on from anywhere (besides the ones a rule opens).

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import pytest
-
-from support import GATEWAYS, device_password, gateway_config, get_host, host_vars, now_ms, publish, sql, wait_for
+from support import (
+    GATEWAYS,
+    device_password,
+    gateway_config,
+    get_host,
+    host_vars,
+    now_ms,
+    publish,
+    sql,
+    wait_for,
+)
 
 # MQTT 3.1.1 CONNACK codes: 4 bad user name or password, 5 not authorised.
 REFUSED = {"4", "5"}
@@ -12,7 +21,9 @@ REFUSED = {"4", "5"}
 
 @pytest.mark.parametrize("gw", GATEWAYS)
 def test_anonymous_refused(sensor, net, gw):
-    code = sensor.check_output("fieldgate-probe connect %s 1883", net["hosts"][gw]["nets"]["sensor"])
+    code = sensor.check_output(
+        "fieldgate-probe connect %s 1883", net["hosts"][gw]["nets"]["sensor"]
+    )
     assert code in REFUSED
 
 
@@ -20,7 +31,10 @@ def test_anonymous_refused(sensor, net, gw):
 def test_wrong_password_refused(sensor, net, gw):
     device = host_vars(gw)["mosquitto_device_accounts"][0]["username"]
     code = sensor.check_output(
-        "fieldgate-probe connect %s 1883 -u %s -P %s", net["hosts"][gw]["nets"]["sensor"], device, "not-the-password"
+        "fieldgate-probe connect %s 1883 -u %s -P %s",
+        net["hosts"][gw]["nets"]["sensor"],
+        device,
+        "not-the-password",
     )
     assert code in REFUSED
 
@@ -49,5 +63,8 @@ def test_device_cannot_publish_as_another_device(sensor, net):
         "the genuine reading in the gateway store",
         lambda: sql(gw, db, f"SELECT 1 FROM readings WHERE ts = {ts} AND metric = 'genuine'"),
     )
-    assert sql(gw, db, f"SELECT device, metric FROM readings WHERE ts = {ts} AND metric = 'forged'") == []
+    assert (
+        sql(gw, db, f"SELECT device, metric FROM readings WHERE ts = {ts} AND metric = 'forged'")
+        == []
+    )
     assert sql(gw, db, f"SELECT reason FROM rejected WHERE payload LIKE '%{ts}%forged%'") == []

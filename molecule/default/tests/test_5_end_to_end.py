@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from support import GATEWAYS, await_at_hub, count, send_readings
 
 

@@ -29,18 +29,26 @@ def drive_mounted(device: str, readonly: bool):
 def udev_run_command(host, devnode: str, action: str) -> str:
     """What the installed udev rule runs for this device and action: its RUN+= program with
     %k expanded, in the environment the rule's ENV{...}= assignments give it."""
-    rules = host.check_output("grep -l -s usb-event /etc/udev/rules.d/*.rules /lib/udev/rules.d/*.rules")
+    rules = host.check_output(
+        "grep -l -s usb-event /etc/udev/rules.d/*.rules /lib/udev/rules.d/*.rules"
+    )
     text = host.file(rules.split()[0]).content_string
     env = dict(re.findall(r'ENV\{(\w+)\}="([^"]*)"', text))
     run = re.search(rf'ACTION=="{action}",\s*RUN\+="([^"]*)"', text)
     assert run, f"no RUN+= for ACTION=={action} in {rules}"
-    command = run.group(1).replace("%k", devnode.rsplit("/", 1)[1]).replace("$kernel", devnode.rsplit("/", 1)[1])
+    command = (
+        run.group(1)
+        .replace("%k", devnode.rsplit("/", 1)[1])
+        .replace("$kernel", devnode.rsplit("/", 1)[1])
+    )
     assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     return f"env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin {assignments} {command}"
 
 
 def led(host, led_path: str) -> dict[str, str]:
-    out = host.check_output(f"cd {shlex.quote(led_path)} && grep -H . trigger brightness delay_on delay_off 2>/dev/null || true")
+    out = host.check_output(
+        f"cd {shlex.quote(led_path)} && grep -H . trigger brightness delay_on delay_off 2>/dev/null || true"
+    )
     return dict(line.split(":", 1) for line in out.splitlines())
 
 
@@ -56,7 +64,9 @@ def test_export_to_usb_drive():
     with drive_mounted(device, readonly=False) as mnt:
         (mnt / "Password.txt").write_text(f"  {password}\n")
         (mnt / "notes.txt").write_text("kept as it is\n")
-        before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in mnt.iterdir() if p.is_file()}
+        before = {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in mnt.iterdir() if p.is_file()
+        }
     log_before = int(gw.check_output(f"cat {shlex.quote(log_file)} 2>/dev/null | wc -l"))
 
     assert gw.run(udev_run_command(gw, device, "add")).rc == 0
@@ -81,7 +91,11 @@ def check_export(gw, device, serial, password, led_path, before, log_file, log_b
 
     wait_for("the export to finish", lambda: any("led: success" in line for line in new_log()))
     state = led(gw, led_path)
-    assert (state.get("trigger"), state.get("delay_on"), state.get("delay_off")) == ("timer", "250", "250"), state
+    assert (state.get("trigger"), state.get("delay_on"), state.get("delay_off")) == (
+        "timer",
+        "250",
+        "250",
+    ), state
 
     with drive_mounted(device, readonly=True) as mnt:
         # Nothing that was on the drive is overwritten or removed (earlier exports included).

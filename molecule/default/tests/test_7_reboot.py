@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from support import await_at_hub, count, get_host, probe_from, probe_here, send_readings, hosts_tool, wait_for
+from support import (
+    await_at_hub,
+    count,
+    get_host,
+    hosts_tool,
+    probe_from,
+    probe_here,
+    send_readings,
+    wait_for,
+)
 
 SERVICES = ["mosquitto", "supervisor", "shorewall", "apcupsd"]
 

@@ -106,7 +106,8 @@ def test_backup_then_restore_onto_another_gateway(tmp_path: Path) -> None:
     # 6. restore onto gw-b as a new site, with a PIN from the hub; the play waits for the backlog
     pin = hub.check_output(
         "runuser -u fieldgate-hub -- /opt/fieldgate/venv/bin/fieldgate hub pin --db %s --serial %s",
-        hub_db(hub), NEW_SERIAL,
+        hub_db(hub),
+        NEW_SERIAL,
     ).strip()
     p = playbook("restore.yml", "--limit", "gw-b", "-e", f"restore_file={snapshot}",
                  "-e", f"restore_serial={NEW_SERIAL}", "-e", f"restore_pin={pin}")  # fmt: skip
@@ -119,5 +120,7 @@ def test_backup_then_restore_onto_another_gateway(tmp_path: Path) -> None:
 
     # 7. the hub holds the same readings under the new serial, exactly once
     assert hub_rows(hub, NEW_SERIAL) == source
-    count = sql(hub, hub_db(hub), f"SELECT COUNT(*) AS n FROM readings WHERE serial = '{NEW_SERIAL}'")
+    count = sql(
+        hub, hub_db(hub), f"SELECT COUNT(*) AS n FROM readings WHERE serial = '{NEW_SERIAL}'"
+    )
     assert count == [{"n": N}]
