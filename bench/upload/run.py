@@ -172,11 +172,15 @@ def pipeline(
         if os.environ.get("BENCH_LOG"):
             print(up.stderr)
         elapsed = time.perf_counter() - t
+        uploader_cpu = _children_cpu() - cpu0
     finally:
         hub.terminate()
         hub.wait(30)
         hub_log.close()
     cpu = _children_cpu() - cpu0
+    print(
+        f"  CPU seconds: uploader {uploader_cpu:.2f}, hub {cpu - uploader_cpu:.2f} (with its start)"
+    )
     conn = sqlite3.connect(str(hub_db))
     held = conn.execute(
         "SELECT COUNT(*) FROM readings WHERE serial = ?", (SERIAL,)

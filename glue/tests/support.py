@@ -377,11 +377,16 @@ class Hub:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        try:
-            wait_for_port(self.host, self.port, timeout=30)
-        except TimeoutError:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                wait_for_port(self.host, self.port, timeout=0.5)
+                return
+            except TimeoutError:
+                if self.proc.poll() is None and time.monotonic() < deadline:
+                    continue
             self.stop()
-            raise RuntimeError(f"the hub did not start: {self.log.read_text()[-2000:]}") from None
+            raise RuntimeError(f"the hub did not start: {self.log.read_text()[-2000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:

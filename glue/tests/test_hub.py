@@ -307,6 +307,11 @@ def test_storage_ingest_is_exactly_once_and_all_or_nothing(tmp_path: Path) -> No
     assert st.ingest("GW-1", "import-a", iter(rows)) == 100
     assert st.ingest("GW-1", "import-a", iter(rows)) == 0
     assert st.ingest("GW-2", "import-a", iter(rows)) == 100  # another gateway's readings
+    quoted = "import-o'brien's.db"
+    assert st.ingest("GW-3", quoted, iter(rows[:3])) == 3
+    assert st.conn.execute(
+        "SELECT DISTINCT batch_id FROM readings WHERE serial='GW-3'"
+    ).fetchall() == [(quoted,)]
 
     def broken() -> Any:
         yield ("TH-1", T0 + 1000, "t", 1.0)
@@ -316,7 +321,7 @@ def test_storage_ingest_is_exactly_once_and_all_or_nothing(tmp_path: Path) -> No
         st.ingest("GW-1", "b-x", broken())
     with pytest.raises(IngestError):
         st.ingest("GW-1", "b-y", iter([*rows[:5], ("TH-1", T0 + 999, "t", 1.0)]), expected_rows=5)
-    assert st.conn.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == 200
+    assert st.conn.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == 203
     assert st.gateway("GW-1")["rows"] == 100  # type: ignore[index]
     st.close()
 
