@@ -287,10 +287,11 @@ def running_since(db: Path) -> float:
 
 def drain_fieldgate(
     config: Path, db: Path, log: Path, n: int
-) -> tuple[float, float, int]:
+) -> tuple[float, float, tuple[int, int]]:
     """Start the collector; wait until the store holds 2n readings.
 
-    Returns (seconds from process start, seconds from the broker connection, VmHWM kB).
+    Returns (seconds from process start, seconds from the broker connection, and the VmHWM
+    in kB of the collector and of its store-writer child).
     """
     started = time.monotonic()
     proc = start_collector(config, log)
@@ -303,7 +304,10 @@ def drain_fieldgate(
             time.sleep(0.05)
         done_wall = time.time()
         elapsed = time.monotonic() - started
-        hwm = vm_hwm_kb(proc.pid)
+        children = (
+            Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        )
+        hwm = (vm_hwm_kb(proc.pid), sum(vm_hwm_kb(int(c)) for c in children))
         from_connect = done_wall - running_since(db)
     finally:
         stop(proc)
@@ -362,17 +366,19 @@ def main() -> int:
         ok_all = stored == 2 * n and distinct == 2 * n and rejected == 0
         r_sub = fg_rate / sub_rate
         r_naive = fg_rate / naive_rate
-        rss_mb = hwm / 1024
+        rss_mb = sum(hwm) / 1024
+        rss_text = (
+            f"collector peak RSS (VmHWM) = {rss_mb:.1f} MB: main process "
+            f"{hwm[0] / 1024:.1f} MB + store writer {hwm[1] / 1024:.1f} MB "
+            "(target <= 60 MB)"
+        )
         results = [
             (
                 f"fieldgate / mosquitto_sub = {r_sub:.2f}x (target >= 0.3x)",
                 r_sub >= 0.3,
             ),
             (f"fieldgate / naive = {r_naive:.1f}x (target >= 5x)", r_naive >= 5),
-            (
-                f"collector peak RSS (VmHWM) = {rss_mb:.1f} MB (target <= 60 MB)",
-                rss_mb <= 60,
-            ),
+            (rss_text, rss_mb <= 60),
             (f"stored {stored} readings for {n} messages, {rejected} rejected", ok_all),
         ]
         for text, ok in results:
