@@ -163,6 +163,9 @@ class Collector:
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         client.connect_timeout = 10.0
+        # Our own select loop writes (loop_write): without this hook paho would make one
+        # send call per queued PUBACK the moment it is queued, instead of per batch.
+        client.on_socket_register_write = _no_op
         return client
 
     # ---- paho callbacks (run inside loop_read, in the main thread) ---------------------------
@@ -595,6 +598,10 @@ class Collector:
             self.writer.kill()
             self.writer.join(5)
         self.pipe.close()
+
+
+def _no_op(*_args: object) -> None:
+    """A paho socket hook that needs no action (see ``_make_client``)."""
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
