@@ -467,7 +467,12 @@ class Watcher:
                     self.log.line(f"unreadable event file {item.name} discarded")
                     item.unlink(missing_ok=True)
                     continue
-                self.handle(item)
+                try:
+                    self.handle(item)
+                except Exception as exc:  # a bug must not stop the daemon on this event forever
+                    log.exception("handling %s %s", item.action, item.devname)
+                    self.log.line(f"{item.devname}: error: internal failure: {exc!r}")
+                    self.led.set(ledmod.ERROR)
                 item.path.unlink(missing_ok=True)
             self.stop.wait(POLL_SECS)
         self.log.line(f"usb-watch stopped ({self.stop.signal_name or 'stop'})")
@@ -524,9 +529,10 @@ class Watcher:
                 self.log.line(f"{part}: does not qualify: {exc}")
                 reasons.append(f"{part}: {exc}")
                 continue
-            except FieldgateError as exc:
-                self.log.line(f"{part}: error: {exc}")
-                record_result(self.cfg, f"error: {part}: {exc}")
+            except (FieldgateError, OSError, subprocess.SubprocessError) as exc:
+                cause = str(exc) if isinstance(exc, FieldgateError) else describe_failure(exc)
+                self.log.line(f"{part}: error: {cause}")
+                record_result(self.cfg, f"error: {part}: {cause}")
                 self.led.set(ledmod.ERROR)
                 return ledmod.ERROR
             self.log.line(f"{part}: success: export {target} written, drive may be removed")
@@ -576,6 +582,16 @@ class Watcher:
         if problem and outcome is not None:
             raise FieldgateError(f"export written, but unmounting failed: {problem}")
         return outcome
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One sentence for an OS-level failure while handling a drive."""
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return f"{exc.cmd[0]} did not finish within {exc.timeout:.0f} s"
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}"
+    return str(exc)
 
 
 def watch_cmd(cfg: Config, args: Any) -> int:
