@@ -206,24 +206,18 @@ def cut_batch(conn: sqlite3.Connection, cfg: Config) -> Batch | None:
         return None
     # The unbatched readings are (almost always) the tail of the table: scanning it in rowid
     # order is about twice as fast as walking the partial index row by row.
-    scan = "FROM readings NOT INDEXED WHERE id >= ? AND batch_id IS NULL ORDER BY id LIMIT ?"
-    conn.execute("BEGIN")  # one snapshot for the summary and the CSV
-    try:
-        n, last_id, first_ts, last_ts = conn.execute(
-            f"SELECT COUNT(*), MAX(id), MIN(ts), MAX(ts) FROM (SELECT id, ts {scan})",  # noqa: S608
-            (start, cfg.upload.batch_max_rows),
-        ).fetchone()
-        csv_bytes = render_csv(
-            conn.execute(
-                "SELECT device, ts, metric, value FROM readings NOT INDEXED "
-                "WHERE id BETWEEN ? AND ? AND batch_id IS NULL ORDER BY id",
-                (start, last_id),
-            )
-        )
-    finally:
-        conn.execute("COMMIT")
-    if not n:
+    rows = conn.execute(
+        "SELECT id, device, ts, metric, value FROM readings NOT INDEXED "
+        "WHERE id >= ? AND batch_id IS NULL ORDER BY id LIMIT ?",
+        (start, cfg.upload.batch_max_rows),
+    ).fetchall()
+    if not rows:
         return None
+    n, last_id = len(rows), rows[-1][0]
+    first_ts = min(r[2] for r in rows)
+    last_ts = max(r[2] for r in rows)
+    csv_bytes = render_csv([r[1:] for r in rows])
+    del rows
     created_at = store.now_ms()
     batch_id = f"{_next_seq(conn):08d}-{_utc_stamp(created_at)}"
     batch = Batch(
