@@ -97,9 +97,12 @@ def fill_completely(mnt: Path) -> Path:
 
 
 def state_of(db: Path) -> str:
+    """``collector.state`` ("" until the collector has created its store and said so)."""
     conn = sqlite3.connect(str(db), timeout=30)
     try:
         row = conn.execute("SELECT value FROM state WHERE key = 'collector.state'").fetchone()
+    except sqlite3.OperationalError:  # the schema is being created right now
+        return ""
     finally:
         conn.close()
     return row[0] if row else ""
