@@ -288,7 +288,8 @@ class Collector:
 
     def _try_connect(self) -> None:
         """One connection attempt (TCP + CONNECT); the CONNACK arrives through the loop."""
-        self._set_state("connecting")
+        if not self.state.startswith("connecting"):
+            self._set_state("connecting")  # keep the cause of the last failure until success
         try:
             self.client.connect(
                 self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive_secs
