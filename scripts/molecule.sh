@@ -17,6 +17,12 @@ work=$(mktemp -d /var/tmp/fieldgate-molecule.XXXXXX)
 export HOME="$work/home" ANSIBLE_HOME="$work/ansible" ANSIBLE_LOCAL_TEMP="$work/ansible-tmp"
 export FIELDGATE_MOLECULE_LOGS=${FIELDGATE_MOLECULE_LOGS:-$root/.work/molecule-logs}
 mkdir -p "$HOME" "$FIELDGATE_MOLECULE_LOGS"
+# The code under test is a snapshot of glue/ taken now, and the bundle is built in a directory
+# of its own (kept between runs: the Debian packages are only fetched again when the package
+# list changes): edits in the working tree during the run cannot change what is tested.
+export FIELDGATE_MOLECULE_GLUE_DIR="$work/glue"
+export FIELDGATE_MOLECULE_BUNDLE_DIR=${FIELDGATE_MOLECULE_BUNDLE_DIR:-$root/.work/molecule-bundle}
+rsync -a --exclude '__pycache__' --exclude '*.egg-info' --exclude '.pytest_cache' glue/ "$work/glue/"
 
 cleanup() {
   local state
