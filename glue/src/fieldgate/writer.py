@@ -30,7 +30,7 @@ from fieldgate import store
 from fieldgate.config import Config
 from fieldgate.diskguard import is_disk_full
 from fieldgate.errors import FieldgateError
-from fieldgate.readings import Received, Rules, parse_message, store_outcomes
+from fieldgate.readings import Outcome, Received, Rules, parse_message, store_outcomes
 
 log = logging.getLogger("fieldgate.collector.writer")
 
@@ -47,10 +47,20 @@ def _iso_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _parse(topic: str, payload: bytes, rules: Rules, at: int) -> Outcome:
+    """parse_message, and a rejection instead of a crash should it ever raise (a message
+    that crashed the writer would be sent again after every restart)."""
+    try:
+        return parse_message(topic, payload, rules, now_ms=at)
+    except Exception as exc:
+        log.exception("unexpected error while validating a message on %s", topic)
+        return Outcome(device=None, reason=f"internal error while validating: {exc!r}")
+
+
 def commit_batch(conn: sqlite3.Connection, rules: Rules, items: list[Item]) -> tuple[Any, ...]:
     """Validate and store one batch in one transaction; the reply for the collector."""
     received = [
-        Received(topic, payload, at, parse_message(topic, payload, rules, now_ms=at))
+        Received(topic, payload, at, _parse(topic, payload, rules, at))
         for topic, payload, at in items
     ]
     try:
