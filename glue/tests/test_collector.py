@@ -200,13 +200,21 @@ def test_backlog_published_while_stopped_arrives_after_restart(
     collector.start()
     publish(mosquitto, stream(100))
     wait_until(lambda: collector.readings() == 200)
+    # publishing goes on while the collector is stopped (SIGTERM) in the middle of it
+    publisher = threading.Thread(target=publish, args=(mosquitto, stream(3000, start=100)))
+    publisher.start()
+    wait_until(lambda: collector.readings() > 200, what="part of the stream")
     assert collector.stop() == 0
-    publish(mosquitto, stream(3000, start=100))
-    assert collector.readings() == 200
+    at_stop = collector.readings()
+    publisher.join()
+    assert collector.readings() == at_stop  # nobody collects while it is stopped
+    assert at_stop < 6200
+    publish(mosquitto, stream(1000, start=3100))  # and more once the stream has ended
     collector.start()
-    wait_until(lambda: collector.readings() == 6200, what="the backlog")
+    wait_until(lambda: collector.readings() == 8200, what="the backlog")
     assert collector.stop() == 0
-    assert collector.readings() == 6200
+    assert collector.readings() == 8200
+    assert count_rows(collector.db, "rejected") == 0
 
 
 def test_broker_restart_is_survived(mosquitto: Broker, collector: Collector) -> None:
