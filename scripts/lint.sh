@@ -113,6 +113,7 @@ ansible-playbook -i inventories/example "$WORK/render.yml" >"$WORK/render.log" 2
   || { cat "$WORK/render.log"; fail "rendering the example configurations"; }
 for cfg in "$WORK"/gw-*.yaml; do
   fieldgate --config "$cfg" check-config || fail "the glue refused the configuration rendered for $(basename "$cfg" .yaml)"
+  fieldgate --config "$cfg" status >/dev/null || fail "fieldgate status with the configuration rendered for $(basename "$cfg" .yaml)"
 done
 
 step "bad inventory fails at validation, naming the variable"
