@@ -438,7 +438,13 @@ class Watcher:
     def prepare_mount_dir(self) -> None:
         """``mount_dir``: root's, traversable by the store's group only (the snapshot child)."""
         _, gid = self._owner()
-        self.mount_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Parents created here (/run/fieldgate) must stay traversable for the snapshot child
+        # whatever umask the daemon runs with (supervisor gives it 027).
+        old_umask = os.umask(0o022)
+        try:
+            self.mount_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        finally:
+            os.umask(old_umask)
         if os.geteuid() == 0:
             os.chown(self.mount_dir, 0, gid)
             self.mount_dir.chmod(0o710)
