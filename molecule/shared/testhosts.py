@@ -553,6 +553,15 @@ def _reap(pid: int) -> None:
         pass
 
 
+# What is kept of a host before it is destroyed: failed units, the journal of this boot, and
+# the tail of every log file under /var/log (the daemons' own logs live there, not in journald).
+SAVE_LOGS_SCRIPT = (
+    "systemctl --failed --no-pager; journalctl -b --no-pager -o short-iso; "
+    "find /var/log -type f -name '*.log' -size +0 | sort | while read -r f; do "
+    'echo; echo "==== $f (last 200 lines)"; tail -n 200 "$f"; done'
+)
+
+
 def save_journals(run_: Run, dest: Path) -> None:
     """Keep each running host's journal and failed units before it is destroyed."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -562,7 +571,7 @@ def save_journals(run_: Run, dest: Path) -> None:
             continue
         inner = ["nsenter", "-t", str(leader), "-a", "--"]
         out = subprocess.run(
-            [*inner, "sh", "-c", "systemctl --failed --no-pager; journalctl -b --no-pager -o short-iso"],
+            [*inner, "sh", "-c", SAVE_LOGS_SCRIPT],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         (dest / f"{name}.journal").write_text(out.stdout + out.stderr)

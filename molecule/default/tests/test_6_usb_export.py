@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from support import gateway_config, get_host, run_state, wait_for
+from support import count, gateway_config, get_host, run_state, send_readings, wait_for
 
 TS = r"\d{8}T\d{6}\+0000"
 
@@ -52,8 +52,11 @@ def led(host, led_path: str) -> dict[str, str]:
     return dict(line.split(":", 1) for line in out.splitlines())
 
 
-def test_export_to_usb_drive():
+def test_export_to_usb_drive(sensor, net):
     gw = get_host("gw1")
+    # Readings that must be in the export.
+    sent = send_readings(sensor, net, "gw1", n=3, repeat=1)
+    wait_for("the readings in the gateway store", lambda: count(gw, sent["db"], sent["where"]) == 6)
     cfg = gateway_config(gw)
     serial = cfg["site"]["serial"]
     device = run_state()["hosts"]["gw1"]["usb"]["device"]
@@ -71,7 +74,9 @@ def test_export_to_usb_drive():
 
     assert gw.run(udev_run_command(gw, device, "add")).rc == 0
     try:
-        check_export(gw, device, serial, password, led_path, before, log_file, log_before)
+        check_export(
+            gw, device, serial, password, led_path, before, log_file, log_before, sent["where"]
+        )
     finally:  # the drive is pulled in any case, so success/error do not hold past this test
         assert gw.run(udev_run_command(gw, device, "remove")).rc == 0
 
@@ -83,7 +88,9 @@ def test_export_to_usb_drive():
     assert None not in order and order == sorted(order), f"LED states in the log: {lines}"
 
 
-def check_export(gw, device, serial, password, led_path, before, log_file, log_before) -> None:
+def check_export(
+    gw, device, serial, password, led_path, before, log_file, log_before, where
+) -> None:
     """The export finished with success, and the drive holds exactly what CONTRACT §7 says."""
 
     def new_log() -> list[str]:
@@ -114,6 +121,11 @@ def check_export(gw, device, serial, password, led_path, before, log_file, log_b
         for name, digest in listed.items():
             assert hashlib.sha256((mnt / name).read_bytes()).hexdigest() == digest, name
         assert password not in (mnt / site[0]).read_text()
-        check = subprocess.run(["sqlite3", "-readonly", str(mnt / db[0]), "PRAGMA integrity_check; SELECT COUNT(*) > 0 FROM readings;"],
-                               capture_output=True, text=True, check=True)  # fmt: skip
-        assert check.stdout.split() == ["ok", "1"]
+        query = f"PRAGMA integrity_check; SELECT COUNT(*) FROM readings WHERE {where};"
+        check = subprocess.run(
+            ["sqlite3", "-readonly", str(mnt / db[0]), query],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert check.stdout.split() == ["ok", "6"]
