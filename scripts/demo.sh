@@ -165,11 +165,16 @@ except ConnectionRefusedError: print("closed")
 except TimeoutError: print("blocked")
 EOF
 }
-[ "$(on "$SENSOR" fieldgate-probe port "$GW_SENSOR" 1883)" = open ] && ok "MQTT (1883) from the sensor network: open"
-[ "$(probe "$GW" 1883)" = blocked ] && ok "MQTT (1883) from the management side: blocked"
-[ "$(probe "$GW" 22)" = open ] && ok "SSH (22) from the management side: open"
-[ "$(probe "$GW" 8080)" = blocked ] && ok "any other port (e.g. 8080): blocked"
-on "$GW" shorewall status | grep -q "is running" && ok "Shorewall is running"
+problems=0
+expect() {  # expect ACTUAL WANTED TEXT
+  if [ "$1" = "$2" ]; then ok "$3"; else printf '    \033[31m✗\033[0m %s (found: %s)\n' "$3" "$1"; problems=$((problems + 1)); fi
+}
+expect "$(on "$SENSOR" fieldgate-probe port "$GW_SENSOR" 1883)" open "MQTT (1883) from the sensor network: open"
+expect "$(probe "$GW" 1883)" blocked "MQTT (1883) from the management side: blocked"
+expect "$(probe "$GW" 22)" open "SSH (22) from the management side: open"
+expect "$(probe "$GW" 8080)" blocked "any other port (e.g. 8080): blocked"
+expect "$(on "$GW" shorewall status | grep -c 'is running')" 1 "Shorewall is running"
+[ "$problems" = 0 ] || fail "the firewall is not as expected ($problems problem(s) above)"
 
 cat <<EOF
 
