@@ -128,6 +128,7 @@ ok "$(grep -E '^gw ' "$demo/site.log" | tail -n 1 | tr -s ' ') ($((SECONDS - t0)
 
 say "A sensor publishes 10 sample readings to the gateway over MQTT"
 scp -q "${ssh_opts[@]}" molecule/shared/probe.py "root@$SENSOR:/usr/local/bin/fieldgate-probe"
+on "$SENSOR" chmod 0755 /usr/local/bin/fieldgate-probe
 start=$(date +%s%3N)
 msgs=()
 for i in $(seq 0 9); do
