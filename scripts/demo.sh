@@ -155,7 +155,8 @@ on "$GW" FIELDGATE_CONFIG=/etc/fieldgate/fieldgate.yaml /opt/fieldgate/venv/bin/
 say "Were they uploaded to the hub?"
 hubdb=$(on "$HUB" "pgrep -a -f 'fieldgate hub serve' | grep -v pgrep | head -n 1" | sed -n 's/.*--db \([^ ]*\).*/\1/p')
 n=$(wait_count "$HUB" "$hubdb" "serial = 'DEMO-GW-0001' AND $where" 10) || fail "only $n of 10 readings reached the hub"
-ok "$n readings of site DEMO-GW-0001 at the hub ($hubdb), each exactly once"
+[ "$n" = 10 ] || fail "the hub holds $n rows for the 10 readings sent"
+ok "all 10 readings of site DEMO-GW-0001 are at the hub ($hubdb), each exactly once"
 
 say "Is the firewall active on the gateway?"
 probe() { python3 - "$1" "$2" <<'EOF'
@@ -180,8 +181,8 @@ expect "$(on "$GW" shorewall status | grep -c 'is running')" 1 "Shorewall is run
 cat <<EOF
 
 The demo is up. Look around:
-  ssh ${ssh_opts[*]:0:2} root@$GW            # the gateway (fieldgate status, supervisorctl status)
-  ssh ${ssh_opts[*]:0:2} root@$HUB           # the hub
+  ssh ${ssh_opts[*]:0:6} root@$GW  # the gateway (fieldgate status, supervisorctl status)
+  ssh ${ssh_opts[*]:0:6} root@$HUB  # the hub
 Logs of this run: $demo/*.log
 
 Tear it down with:  scripts/demo.sh down
