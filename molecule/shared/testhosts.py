@@ -396,6 +396,7 @@ def _boot(run_: Run, name: str) -> None:
         _nspawn_cmd(run_, name), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
         start_new_session=True, preexec_fn=lambda: _enter_own_cgroup(cgroups),
     )  # fmt: skip
+    logf.close()  # the child has its own descriptor
     h["pid"] = proc.pid
     h["leader"] = None
     run_.save()

@@ -33,12 +33,15 @@ def test_glue_program_running(host, program):
     assert set(matching.values()) == {"RUNNING"}, matching
 
 
-def test_glue_program_runs_as_service_user(host):
-    collector = host.process.filter(comm="fieldgate")
-    if not collector:  # console scripts show up under the interpreter's name
-        collector = [p for p in host.process.filter(comm="python3") if "collect" in p.args]
-    assert collector, "no collector process"
-    assert {p.user for p in collector} - {"root"}, "the collector runs as root"
+def test_collector_and_uploader_run_as_service_user(host):
+    # usb-watch runs as root by design (it mounts drives); the others must not.
+    procs = [
+        p
+        for p in host.process.filter(comm="fieldgate")
+        if {"collect", "upload"} & set(p.args.split())
+    ]
+    assert procs, "no collect/upload process"
+    assert {p.user for p in procs} == {"fieldgate"}, [(p.args, p.user) for p in procs]
 
 
 def test_mqtt_listens_on_sensor_network(host, net):
