@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 import yaml
-from support import Hub, run_fieldgate
+from support import Hub, run_fieldgate, wait_until
 
 from fieldgate import batches, store
 from fieldgate.hub.storage import IngestError, SqliteHubStorage
@@ -175,6 +175,14 @@ def test_same_batch_any_number_of_times_is_stored_once(hub: Hub) -> None:
     assert held(hub) == 1000
     assert put(second_url, body).status_code == 200
     assert put(url, body).status_code in (200, 403)
+    # upload URLs are credentials until they expire: the access log shows no token
+    for token in (url.rsplit("/", 1)[1], second_url.rsplit("/", 1)[1]):
+        wait_until(
+            lambda: "PUT /api/v1/uploads/" in hub.log_text(),
+            timeout=10,
+            what="the access log line of the upload",
+        )
+        assert token not in hub.log_text()
     r = offer(hub, key, manifest)
     assert r.status_code == 200
     assert r.json() == {"state": "stored"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,30 @@ from fieldgate.errors import FieldgateError
 from fieldgate.hub.storage import SqliteHubStorage
 
 log = logging.getLogger("fieldgate.hub")
+
+
+UPLOAD_TOKEN_RE = re.compile(r"(/api/v1/uploads/)[^ ?/]+")
+
+
+def redact_upload_token(text: str) -> str:
+    """Upload URLs are credentials until they expire: keep their tokens out of the logs."""
+    return UPLOAD_TOKEN_RE.sub(r"\1…", text)
+
+
+def _redacting_logger_class() -> type:
+    from gunicorn.glogging import Logger
+
+    class RedactingLogger(Logger):
+        """gunicorn's access log with upload tokens replaced by an ellipsis."""
+
+        def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
+            atoms = super().atoms(resp, req, environ, request_time)
+            for key in ("r", "U", "{raw_uri}e"):
+                if isinstance(atoms.get(key), str):
+                    atoms[key] = redact_upload_token(atoms[key])
+            return atoms
+
+    return RedactingLogger
 
 
 def _check_bind(host: str, port: int) -> None:
@@ -50,6 +75,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
                 "timeout": 300,
                 "graceful_timeout": 8,
                 "accesslog": "-",
+                "logger_class": _redacting_logger_class(),
                 "errorlog": "-",
                 "loglevel": "info",
                 "proc_name": "fieldgate-hub",
