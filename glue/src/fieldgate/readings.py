@@ -136,7 +136,7 @@ def parse_ts(value: Any, devices: DevicesConfig, now_ms: int) -> int:
 
 def _iso(ms: int) -> str:
     try:
-        return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return store.iso_utc(ms)
     except (OverflowError, OSError, ValueError):
         return "out of range"
 

@@ -10,7 +10,6 @@ validation (:func:`inspect_export`).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import logging
 import shutil
@@ -266,17 +265,13 @@ def restore_merge(cfg: Config, file: str | Path) -> RestoreResult:
     return RestoreResult(info, cfg.site.serial, new, info.readings - new)
 
 
-def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def restore_cmd(cfg: Config, args: argparse.Namespace) -> int:
     """``fieldgate restore FILE.db (--as-site SERIAL | --merge) [--force] [--dry-run]``."""
     if args.dry_run:
         info = inspect_export(args.file)
         span = ""
         if info.first_ts is not None and info.last_ts is not None:
-            span = f" from {_iso(info.first_ts)} to {_iso(info.last_ts)}"
+            span = f" from {store.iso_utc(info.first_ts)} to {store.iso_utc(info.last_ts)}"
         checked = (
             f"; checksum verified with {info.checksum_file.name}" if info.checksum_file else ""
         )

@@ -8,7 +8,6 @@ and after they have stopped.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import sqlite3
@@ -35,7 +34,7 @@ def disk_usage_percent(path: str | Path) -> float:
 def _iso(ms: int | None) -> str | None:
     if ms is None:
         return None
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return store.iso_utc(ms)
 
 
 def collect_status(cfg: Config) -> dict[str, Any]:

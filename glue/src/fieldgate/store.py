@@ -13,6 +13,7 @@ Commits use ``synchronous=FULL``: a reading acknowledged to the broker survives 
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -87,6 +88,11 @@ MIGRATIONS: dict[int, str] = {
 def now_ms() -> int:
     """The current UTC time in epoch milliseconds."""
     return time.time_ns() // 1_000_000
+
+
+def iso_utc(ms: int) -> str:
+    """An epoch-milliseconds time as RFC 3339 UTC to the second (``2026-11-21T10:15:00Z``)."""
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def connect(

@@ -14,7 +14,6 @@ Every error is JSON ``{"error": "<one sentence>"}`` and is logged with the gatew
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import hashlib
 import io
 import logging
@@ -30,7 +29,8 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from fieldgate import __version__
-from fieldgate.hub.storage import HubStorage, IngestError, Row, SqliteHubStorage, now_ms
+from fieldgate.hub.storage import HubStorage, IngestError, Row, SqliteHubStorage
+from fieldgate.store import iso_utc, now_ms
 
 log = logging.getLogger("fieldgate.hub")
 
@@ -50,10 +50,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def check_manifest(m: Any) -> dict[str, Any]:
@@ -244,7 +240,7 @@ def create_app(
             return jsonify(state="stored"), 200
         token, expires = st.open_upload(serial, manifest, upload_ttl_secs)
         return jsonify(
-            upload_url=f"{request.host_url}api/v1/uploads/{token}", expires_at=_iso(expires)
+            upload_url=f"{request.host_url}api/v1/uploads/{token}", expires_at=iso_utc(expires)
         ), 201
 
     @app.put("/api/v1/uploads/<token>")
@@ -259,7 +255,7 @@ def create_app(
         if up.expires_at < now_ms():
             raise ApiError(
                 403,
-                f"the upload URL expired at {_iso(up.expires_at)}; ask for a new one with "
+                f"the upload URL expired at {iso_utc(up.expires_at)}; ask for a new one with "
                 "POST /api/v1/batches",
             )
         m = up.manifest
@@ -326,9 +322,9 @@ def create_app(
 def _summary(d: dict[str, Any]) -> dict[str, Any]:
     out = dict(d)
     for key in ("created_at", "registered_at", "last_seen"):
-        out[key] = _iso(out[key]) if out.get(key) else None
+        out[key] = iso_utc(out[key]) if out.get(key) else None
     if out.get("last_batch") and out["last_batch"].get("stored_at"):
-        out["last_batch"]["stored_at"] = _iso(out["last_batch"]["stored_at"])
+        out["last_batch"]["stored_at"] = iso_utc(out["last_batch"]["stored_at"])
     return out
 
 

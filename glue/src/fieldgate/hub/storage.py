@@ -17,7 +17,6 @@ import hmac
 import json
 import secrets
 import sqlite3
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fieldgate.errors import FieldgateError
+from fieldgate.store import now_ms
 
 #: (device, ts epoch ms, metric, value)
 Row = tuple[str, int, str, float]
@@ -99,10 +99,6 @@ CREATE TABLE IF NOT EXISTS readings (
     PRIMARY KEY (serial, ts, device, metric)
 ) WITHOUT ROWID;
 """
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _sha(text: str) -> str:
