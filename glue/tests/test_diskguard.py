@@ -25,7 +25,7 @@ from support import (
 )
 
 from fieldgate.diskguard import DiskGuard, is_disk_full, pause_text
-from fieldgate.status import disk_usage_percent
+from fieldgate.fsutil import disk_usage_percent
 
 T0 = 1_767_225_600_000
 

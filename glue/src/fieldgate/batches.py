@@ -20,15 +20,12 @@ comes from the store, so a clock that jumps back at boot cannot reorder batches.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime as dt
-import errno
 import hashlib
 import io
 import logging
 import os
-import shutil
 import signal
 import sqlite3
 import zipfile
@@ -40,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from fieldgate import __version__, store
+from fieldgate import __version__, fsutil, store
 from fieldgate.config import Config
 from fieldgate.errors import FieldgateError
 
@@ -117,15 +114,6 @@ def file_name(serial: str, batch_id: str) -> str:
     return f"{serial}-{batch_id}.zip"
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def ensure_dirs(cfg: Config) -> tuple[Path, Path]:
     """The pending and uploaded directories, created if missing."""
     dirs = []
@@ -164,29 +152,17 @@ def render_csv(rows: Iterable[tuple[str, int, str, float]]) -> bytes:
 
 def write_zip(path: Path, csv_bytes: bytes, manifest: dict[str, Any]) -> None:
     """Write the batch zip to ``path`` via a temporary name: fsync, atomic rename, fsync dir."""
-    tmp = path.with_name(TMP_PREFIX + path.name)
-    try:
-        with tmp.open("wb") as raw:
-            with zipfile.ZipFile(
-                raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=ZIP_LEVEL
-            ) as zf:
-                half = len(csv_bytes) // 2
-                with zf.open(CSV_NAME, "w", force_zip64=True) as member:
-                    member.write(csv_bytes[:half])
-                    raw.flush()
-                    crash_point("writing_batch")
-                    member.write(csv_bytes[half:])
-                zf.writestr(
-                    MANIFEST_NAME, yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True)
-                )
+    with (
+        fsutil.atomic_file(path, tmp=path.with_name(TMP_PREFIX + path.name)) as raw,
+        zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=ZIP_LEVEL) as zf,
+    ):
+        half = len(csv_bytes) // 2
+        with zf.open(CSV_NAME, "w", force_zip64=True) as member:
+            member.write(csv_bytes[:half])
             raw.flush()
-            os.fsync(raw.fileno())
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+            crash_point("writing_batch")
+            member.write(csv_bytes[half:])
+        zf.writestr(MANIFEST_NAME, yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
 
 
 def _next_seq(conn: sqlite3.Connection) -> int:
@@ -275,11 +251,11 @@ def cut_batch(conn: sqlite3.Connection, cfg: Config) -> Batch | None:
     except _Raced as exc:
         # Another writer changed these readings between our read and our commit (a second
         # uploader, or a restore); drop the file and let the next cut see the new truth.
-        _unlink_durably(path)
+        fsutil.unlink_durably(path)
         log.warning("batch %s discarded: %s; cutting again", batch_id, exc)
         return cut_batch(conn, cfg)
     except BaseException:
-        _unlink_durably(path)
+        fsutil.unlink_durably(path)
         raise
     return batch
 
@@ -320,27 +296,13 @@ def get_batch(conn: sqlite3.Connection, batch_id: str) -> Batch | None:
     return Batch(*row) if row else None
 
 
-def _unlink_durably(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-        fsync_dir(path.parent)
-
-
 def move_file(src: Path, dst: Path) -> None:
-    """Move a batch file (rename, or copy + fsync + rename + unlink across filesystems)."""
-    try:
-        src.replace(dst)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        tmp = dst.with_name(TMP_PREFIX + dst.name)
-        shutil.copyfile(src, tmp)
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        tmp.replace(dst)
-        src.unlink()
-    # No fsync: after a power cut the file is under one name or the other, and recover()
-    # puts a pending-dir file of an uploaded batch where it belongs.
+    """Move a batch file (rename, or copy + fsync + rename + unlink across filesystems).
+
+    No fsync of the rename: after a power cut the file is under one name or the other,
+    and recover() puts a pending-dir file of an uploaded batch where it belongs.
+    """
+    fsutil.move_file(src, dst, tmp=dst.with_name(TMP_PREFIX + dst.name))
 
 
 def regenerate(conn: sqlite3.Connection, cfg: Config, batch: Batch) -> bool:
@@ -415,7 +377,7 @@ def recover(conn: sqlite3.Connection, cfg: Config) -> None:
     for path in sorted(pending_dir.iterdir()):
         if path.name.startswith(TMP_PREFIX):
             log.warning("removing %s left by an interrupted batch write", path)
-            _unlink_durably(path)
+            fsutil.unlink_durably(path)
             continue
         if not (path.name.startswith(prefix) and path.name.endswith(".zip")):
             continue
@@ -423,7 +385,7 @@ def recover(conn: sqlite3.Connection, cfg: Config) -> None:
         batch = get_batch(conn, batch_id)
         if batch is None:
             log.warning("removing orphan batch file %s (never recorded; readings re-cut)", path)
-            _unlink_durably(path)
+            fsutil.unlink_durably(path)
         elif batch.state == "uploaded":
             finish_file(cfg, batch)
     for batch in pending_batches(conn):

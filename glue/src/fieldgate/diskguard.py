@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fieldgate.config import Config
-from fieldgate.status import disk_usage_percent
+from fieldgate.fsutil import disk_usage_percent
 
 
 def is_disk_full(exc: BaseException) -> bool:

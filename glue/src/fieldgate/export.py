@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import re
 import select
 import signal
 import sqlite3
@@ -58,6 +57,16 @@ import yaml
 from fieldgate import store
 from fieldgate.config import Config, redacted
 from fieldgate.errors import FieldgateError
+from fieldgate.fsutil import (
+    filesystem_type,
+    free_bytes,
+    fsync_dir,
+    fsync_file,
+    human_bytes,
+    sha256_file,
+    write_all,
+    write_new,
+)
 
 log = logging.getLogger("fieldgate.export")
 
@@ -126,15 +135,6 @@ def format_ts(epoch: float) -> str:
     return dt.datetime.fromtimestamp(int(epoch), tz=dt.UTC).strftime(TS_FORMAT)
 
 
-def human(n: float) -> str:
-    """A byte count for log lines (``12.3 MiB``)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 def export_size(store_path: str | Path) -> int:
     """Bytes the snapshot can take at most: the database file plus its WAL."""
     path = Path(store_path)
@@ -150,12 +150,6 @@ def required_space(store_path: str | Path, margin_percent: int) -> int:
     return math.ceil(export_size(store_path) * (1 + margin_percent / 100)) + SMALL_FILES_BYTES
 
 
-def free_space(directory: str | Path) -> int:
-    """Bytes an unprivileged writer may still use on the filesystem holding ``directory``."""
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
-
-
 def check_target(directory: Path, need: int, note: Note = _no_note) -> None:
     """Refuse a target that is not a writable directory with ``need`` bytes free."""
     if not directory.is_dir():
@@ -166,10 +160,10 @@ def check_target(directory: Path, need: int, note: Note = _no_note) -> None:
     free = st.f_bavail * st.f_frsize
     if free < need:
         raise FieldgateError(
-            f"not enough free space on {directory}: the export needs {human(need)} "
-            f"(store, WAL and margin), {human(free)} free"
+            f"not enough free space on {directory}: the export needs {human_bytes(need)} "
+            f"(store, WAL and margin), {human_bytes(free)} free"
         )
-    note(f"free space ok: need {human(need)}, {human(free)} free")
+    note(f"free space ok: need {human_bytes(need)}, {human_bytes(free)} free")
 
 
 def _sleep_to_next_second(now: Callable[[], float], sleep: Callable[[float], None]) -> None:
@@ -209,47 +203,6 @@ def reserve_names(
 
 #: Filesystems that corrupt files written out of order (seen with fusefat 0.1a).
 SEQUENTIAL_ONLY = frozenset({"fuse.fusefat"})
-
-
-def filesystem_type(directory: Path) -> str:
-    """The type of the filesystem mounted at or above ``directory`` (from mountinfo)."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return ""
-    target = str(directory.resolve())
-    best, kind = "", ""
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if len(fields) < 5 or not right:
-            continue
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best):
-            best, kind = point, right.split()[0]
-    return kind
-
-
-def _fsync_path(path: Path, *, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some FUSE filesystems do not implement fsync on directories; data files they do.
-        if not (directory and exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)):
-            raise
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """The hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def snapshot(
@@ -292,9 +245,7 @@ def copy_sequential(src: Path, dest: Path, chunk: int = 1 << 20) -> str:
         with src.open("rb") as f:
             while block := f.read(chunk):
                 h.update(block)
-                view = memoryview(block)
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_all(fd, block)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -344,7 +295,7 @@ def verify_and_hash(db: Path, pragma: str = "integrity_check", *, fsync: bool = 
 
     def sync_it() -> None:
         try:
-            _fsync_path(db)
+            fsync_file(db)
         except BaseException as exc:
             failure.append(exc)
 
@@ -404,7 +355,7 @@ def stage_export(
         finally:
             local.unlink(missing_ok=True)
         note(
-            f"snapshot copied front to back and synced: {human(size)} "
+            f"snapshot copied front to back and synced: {human_bytes(size)} "
             f"in {time.monotonic() - started:.2f} s"
         )
         started = time.monotonic()
@@ -412,7 +363,7 @@ def stage_export(
         note(f"{pragma} ok in {time.monotonic() - started:.2f} s, sha256 {db_sha}")
     else:
         size = snapshot(store_path, db_tmp, busy_timeout_ms=timeout, sync=False)
-        note(f"snapshot written: {human(size)} in {time.monotonic() - started:.2f} s")
+        note(f"snapshot written: {human_bytes(size)} in {time.monotonic() - started:.2f} s")
         started = time.monotonic()
         db_sha = verify_and_hash(db_tmp, pragma, fsync=True)
         note(
@@ -421,24 +372,13 @@ def stage_export(
         )
     cfg_tmp = staging / (names.config + PARTIAL)
     data = config_text(cfg, names.ts).encode()
-    _write_synced(cfg_tmp, data)
+    write_new(cfg_tmp, data)
     cfg_sha = hashlib.sha256(data).hexdigest()
     sums = f"{db_sha}  {names.db}\n{cfg_sha}  {names.config}\n".encode()
-    _write_synced(staging / (names.checksum + PARTIAL), sums)
-    _fsync_path(staging, directory=True)
+    write_new(staging / (names.checksum + PARTIAL), sums)
+    fsync_dir(staging)
     note("site config (secrets removed) and checksum file written and synced")
     return {"db_bytes": size, "db_sha256": db_sha, "config_sha256": cfg_sha}
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def publish(staging: Path, directory: Path, names: ExportNames) -> None:
@@ -451,7 +391,7 @@ def publish(staging: Path, directory: Path, names: ExportNames) -> None:
                 raise FieldgateError(f"{final} appeared during the export; it was left alone")
             (staging / (name + PARTIAL)).rename(final)
             done.append(name)
-        _fsync_path(directory, directory=True)
+        fsync_dir(directory)
     except BaseException:
         for name in done:  # put our own files back out of sight; the caller removes them
             with contextlib.suppress(OSError):
@@ -616,10 +556,10 @@ def export_to(
     sequential = filesystem_type(directory) in SEQUENTIAL_ONLY
     if sequential:
         local_need = export_size(store_path) + SMALL_FILES_BYTES
-        if free_space(store_path.parent) < local_need:
+        if free_bytes(store_path.parent) < local_need:
             raise FieldgateError(
                 f"the target needs a front-to-back copy, but {store_path.parent} lacks "
-                f"{human(local_need)} for the temporary snapshot"
+                f"{human_bytes(local_need)} for the temporary snapshot"
             )
     names = reserve_names(directory, cfg.site.serial)
     staging = directory / names.staging

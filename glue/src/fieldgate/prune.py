@@ -24,6 +24,7 @@ from pathlib import Path
 
 from fieldgate import store
 from fieldgate.config import Config
+from fieldgate.fsutil import human_bytes
 
 log = logging.getLogger("fieldgate.prune")
 
@@ -87,12 +88,8 @@ def _day(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _size(n: int) -> str:
-    if n >= 1024 * 1024:
-        return f"{n / (1024 * 1024):.1f} MB"
-    if n >= 1024:
-        return f"{n / 1024:.1f} kB"
-    return f"{n} bytes"
+#: The units ``prune`` has always printed (steps of 1024, labelled kB and MB).
+SIZE_UNITS = ("bytes", "kB", "MB")
 
 
 def prune_cmd(cfg: Config, args: argparse.Namespace) -> int:
@@ -108,6 +105,6 @@ def prune_cmd(cfg: Config, args: argparse.Namespace) -> int:
     print(
         f"pruned {r.readings} readings uploaded before {_day(r.cutoff_ms)} "
         f"(retention {cfg.store.retention_days} days) from {r.batches} batches{files}; "
-        f"{_size(r.free_bytes)} free in the store file for new readings"
+        f"{human_bytes(r.free_bytes, SIZE_UNITS)} free in the store file for new readings"
     )
     return 0

@@ -9,26 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from fieldgate import store
 from fieldgate.config import Config
-
-
-def disk_usage_percent(path: str | Path) -> float:
-    """Used space of the filesystem holding ``path``, as root sees it (like ``df``)."""
-    st = os.statvfs(path)
-    total = st.f_blocks * st.f_frsize
-    if total == 0:
-        return 0.0
-    avail = st.f_bavail * st.f_frsize
-    free_all = st.f_bfree * st.f_frsize
-    used = total - free_all
-    # df's Use%: used / (used + available to unprivileged users)
-    return 100.0 * used / max(1, used + avail)
+from fieldgate.fsutil import disk_usage_percent
 
 
 def _iso(ms: int | None) -> str | None:

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import fcntl
 import logging
-import os
 import random
 import sqlite3
 import threading
@@ -36,7 +35,7 @@ from urllib.parse import urljoin
 
 import requests
 
-from fieldgate import __version__, batches, store
+from fieldgate import __version__, batches, fsutil, store
 from fieldgate.batches import Batch, crash_point
 from fieldgate.config import Config
 from fieldgate.daemon import StopFlag
@@ -479,20 +478,7 @@ def write_key_file(path: Path, key: str) -> None:
     for an instant)."""
     if not path.parent.is_dir():
         raise FieldgateError(f"upload.key_file: directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(key + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.chmod(0o600)
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    batches.fsync_dir(path.parent)
+    fsutil.atomic_write(path, (key + "\n").encode("utf-8"), mode=0o600)
 
 
 def register_cmd(cfg: Config, args: argparse.Namespace) -> int:

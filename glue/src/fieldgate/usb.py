@@ -44,12 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from fieldgate import fsutil, store
 from fieldgate import led as ledmod
-from fieldgate import store
 from fieldgate.config import Config
 from fieldgate.daemon import StopFlag
 from fieldgate.errors import FieldgateError
 from fieldgate.export import export_to, record_result
+from fieldgate.fsutil import is_mounted, mount_points
 
 log = logging.getLogger("fieldgate.usb")
 
@@ -100,11 +101,9 @@ def record_event(spool_dir: str | Path, action: str, devname: str) -> Path:
     except OSError as exc:
         raise FieldgateError(f"cannot create spool directory {spool}: {exc.strerror}") from None
     name = f"{time.time_ns():020d}-{os.getpid():07d}.event"
-    tmp = spool / f".{name}.tmp"
     body = json.dumps({"action": action, "devname": devname, "at_ns": time.time_ns()})
     try:
-        tmp.write_text(body + "\n", encoding="utf-8")
-        tmp.rename(spool / name)
+        fsutil.atomic_write(spool / name, (body + "\n").encode(), tmp=spool / f".{name}.tmp")
     except OSError as exc:
         raise FieldgateError(f"cannot record the event in {spool}: {exc.strerror}") from None
     return spool / name
@@ -182,23 +181,6 @@ def kernel_has(fstype: str) -> bool:
     except OSError:
         return False
     return any(line.split()[-1] == fstype for line in text.splitlines() if line.strip())
-
-
-def _unescape_mount(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mount_points() -> list[str]:
-    """Every mount point of this mount namespace (from /proc/self/mountinfo)."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    return [_unescape_mount(line.split()[4]) for line in lines if len(line.split()) > 4]
-
-
-def is_mounted(point: Path) -> bool:
-    return str(point) in mount_points()
 
 
 @dataclass
