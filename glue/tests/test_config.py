@@ -53,6 +53,13 @@ def test_device_resolves_by_serial_and_alias() -> None:
             "devices.allow_unknown: expected true or false",
         ),
         ({"site": {"serial": "GW/1"}}, "site.serial: 'GW/1' is not a valid value here"),
+        # ':' is refused in every name that can end up in a file name (FAT forbids it)
+        ({"site": {"serial": "GW:1"}}, "site.serial: 'GW:1' is not a valid value here"),
+        (
+            {"site": {"serial": "GW"}, "devices": {"list": [{"serial": "TH", "alias": "a:b"}]}},
+            "devices.list[0].alias: 'a:b' is not a valid value here",
+        ),
+        ({"site": {"serial": "GW"}, "mqtt": {"topic_prefix": "f:g"}}, "mqtt.topic_prefix: 'f:g'"),
         (
             {"site": {"serial": "GW"}, "devices": {"list": [{"serial": "A"}, {"serial": "A"}]}},
             "devices.list[1]: name 'A' is already used",

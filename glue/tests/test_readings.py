@@ -167,6 +167,16 @@ def test_unknown_device_is_rejected_unless_allowed() -> None:
         ("TH-9", T, "x", 1.0)
     ]
     assert "is not valid" in rejected({"ts": T, "metrics": {"x": 1}}, "a b", r=open_rules)
+    assert rejected({"ts": T, "metrics": {"x": 1}}, "TH:9", r=open_rules) == (
+        "device name 'TH:9' is not valid (letters, digits, _ . -)"
+    )
+
+
+def test_metric_names_may_hold_colon_and_percent() -> None:
+    assert ok({"ts": T, "metrics": {"temperature:0.tC": 21.5, "rh%": 40}}) == [
+        ("TH-001", T, "temperature:0.tC", 21.5),
+        ("TH-001", T, "rh%", 40.0),
+    ]
 
 
 def test_extra_keys_are_ignored() -> None:

@@ -18,12 +18,10 @@ from typing import Any, Literal
 import yaml
 
 from fieldgate.errors import ConfigError
+from fieldgate.names import NAME_RE
 
 DEFAULT_CONFIG_PATH = "/etc/fieldgate/fieldgate.yaml"
 CONFIG_ENV = "FIELDGATE_CONFIG"
-
-#: Names that may appear in an MQTT topic level and in file names.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 
 def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:

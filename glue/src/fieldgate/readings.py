@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fieldgate import store
-from fieldgate.config import NAME_RE, Config, DeviceConfig, DevicesConfig
-
-#: Metric names: safe in CSV batch files, SQL and file names.
-METRIC_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:%-]{0,63}$")
+from fieldgate.config import Config, DeviceConfig, DevicesConfig
+from fieldgate.names import ALLOWED, METRIC_RE, NAME_RE
 
 #: RFC 3339 date-time (a time zone offset is required; ``t``/``z`` and a space allowed).
 RFC3339_RE = re.compile(
@@ -99,7 +97,7 @@ def resolve_device(devices: DevicesConfig, name: str) -> tuple[str, DeviceConfig
             f"unknown device {name!r}: not in devices.list (devices.allow_unknown is false)"
         )
     if not NAME_RE.match(name):
-        raise SampleError(f"device name {name!r} is not valid (letters, digits, _ . : -)")
+        raise SampleError(f"device name {name!r} is not valid ({ALLOWED['name']})")
     return name, None
 
 
@@ -199,7 +197,7 @@ def check_metric_name(name: Any) -> str:
         return name
     if not isinstance(name, str) or not METRIC_RE.match(name):
         shown = repr(name) if len(repr(name)) <= 40 else repr(name)[:37] + "..."
-        raise SampleError(f"metric name {shown} is not valid (letters, digits, _ . : % -)")
+        raise SampleError(f"metric name {shown} is not valid ({ALLOWED['metric']})")
     if len(_GOOD_METRICS) < 10_000:
         _GOOD_METRICS.add(name)
     return name

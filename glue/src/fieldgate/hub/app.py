@@ -30,6 +30,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from fieldgate import __version__
 from fieldgate.hub.storage import HubStorage, IngestError, Row, SqliteHubStorage
+from fieldgate.names import BATCH_ID_RE, NAME_RE
 from fieldgate.store import iso_utc, now_ms
 
 log = logging.getLogger("fieldgate.hub")
@@ -37,8 +38,6 @@ log = logging.getLogger("fieldgate.hub")
 CSV_NAME = "readings.csv"
 MANIFEST_NAME = "manifest.yaml"
 CSV_HEADER = ["device", "ts", "metric", "value"]
-BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-SERIAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_ROWS = 10_000_000
 
@@ -70,7 +69,7 @@ def check_manifest(m: Any) -> dict[str, Any]:
     )
     need(
         "serial",
-        isinstance(m.get("serial"), str) and bool(SERIAL_RE.match(m["serial"])),
+        isinstance(m.get("serial"), str) and bool(NAME_RE.match(m["serial"])),
         "a gateway serial",
     )
     rows = m.get("rows")
@@ -208,7 +207,7 @@ def create_app(
     def register() -> tuple[Response, int]:
         body = json_body()
         pin, serial = body.get("pin"), body.get("serial")
-        if not isinstance(pin, str) or not isinstance(serial, str) or not SERIAL_RE.match(serial):
+        if not isinstance(pin, str) or not isinstance(serial, str) or not NAME_RE.match(serial):
             raise ApiError(400, "register needs a JSON object with a 'pin' and a 'serial'")
         g.ctx = f" [{serial}]"
         key = storage().register(serial, pin)

@@ -11,6 +11,7 @@ from typing import Any
 
 from fieldgate.errors import FieldgateError
 from fieldgate.hub.storage import SqliteHubStorage
+from fieldgate.names import is_name
 
 log = logging.getLogger("fieldgate.hub")
 
@@ -95,9 +96,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
 
 def pin_cmd(args: argparse.Namespace) -> int:
     """``fieldgate hub pin --db PATH --serial SERIAL``: print a one-time registration PIN."""
-    from fieldgate.hub.app import SERIAL_RE
-
-    if not SERIAL_RE.match(args.serial):
+    if not is_name(args.serial):
         raise FieldgateError(f"{args.serial!r} is not a valid gateway serial")
     hours = float(getattr(args, "valid_hours", 24))
     st = SqliteHubStorage(args.db)
