@@ -41,6 +41,7 @@ from fieldgate.config import Config
 from fieldgate.daemon import StopFlag
 from fieldgate.diskguard import DiskGuard
 from fieldgate.errors import ConfigError, FieldgateError
+from fieldgate.retry import Backoff
 from fieldgate.writer import start_writer
 
 log = logging.getLogger("fieldgate.collector")
@@ -64,23 +65,6 @@ class _Sent:
     generation: int
     acks: list[tuple[int, int]]  # (mid, qos) in arrival order
     count: int
-
-
-class Backoff:
-    """Capped exponential backoff: 1, 2, 4 … ``cap`` seconds; reset after success."""
-
-    def __init__(self, cap: float, first: float = 1.0) -> None:
-        self.cap = max(first, cap)
-        self.first = first
-        self.current = first
-
-    def next(self) -> float:
-        delay = self.current
-        self.current = min(self.cap, self.current * 2)
-        return delay
-
-    def reset(self) -> None:
-        self.current = self.first
 
 
 def _describe_refusal(reason: ReasonCode | int) -> str:
@@ -127,7 +111,7 @@ class Collector:
         self.disconnect_reason: str | None = None
         self.pause_reason: str | None = None
         self.retry_at = 0.0
-        self.backoff = Backoff(cfg.mqtt.reconnect_max_secs)
+        self.backoff = Backoff(1.0, cfg.mqtt.reconnect_max_secs)
         self.state = ""
         self.unrecorded_events: list[str] = []
         self.next_heartbeat = 0.0

@@ -29,6 +29,7 @@ from fieldgate.config import Config, PollNode
 from fieldgate.daemon import StopFlag
 from fieldgate.errors import ConfigError, FieldgateError
 from fieldgate.readings import Received, Rules, parse_payload, store_outcomes
+from fieldgate.retry import root_cause
 
 log = logging.getLogger("fieldgate.poller")
 
@@ -78,25 +79,9 @@ def fetch(node: PollNode, timeout: float, max_bytes: int) -> Fetched:
     except requests.Timeout:
         return Fetched(node, None, f"timed out after {timeout:g} s", received_at)
     except requests.ConnectionError as exc:
-        return Fetched(node, None, f"cannot connect: {_root_cause(exc)}", received_at)
+        return Fetched(node, None, f"cannot connect: {root_cause(exc)}", received_at)
     except requests.RequestException as exc:
-        return Fetched(node, None, f"request failed: {_root_cause(exc)}", received_at)
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost cause of a requests error, e.g. ``Connection refused``."""
-    inner: BaseException = exc
-    while True:
-        nxt = inner.__cause__ or inner.__context__
-        if nxt is None or nxt is inner:
-            break
-        inner = nxt
-        if isinstance(inner, OSError) and inner.strerror:
-            return inner.strerror
-    if isinstance(inner, OSError) and inner.strerror:
-        return inner.strerror
-    text = str(inner) or type(inner).__name__
-    return text.rsplit(": ", 1)[-1] if "Errno" in text else text
+        return Fetched(node, None, f"request failed: {root_cause(exc)}", received_at)
 
 
 class Poller:

@@ -24,11 +24,9 @@ import argparse
 import contextlib
 import fcntl
 import logging
-import random
 import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urljoin
@@ -40,6 +38,7 @@ from fieldgate.batches import Batch, crash_point
 from fieldgate.config import Config
 from fieldgate.daemon import StopFlag
 from fieldgate.errors import FieldgateError
+from fieldgate.retry import Backoff, root_cause
 
 log = logging.getLogger("fieldgate.uploader")
 
@@ -58,23 +57,6 @@ class Refused(Exception):
 class Damaged(Exception):
     """The hub found the zip damaged (400) or its CSV not matching the sha256 (409): either
     the bytes broke in transit (send again) or the file on disk rotted (regenerate)."""
-
-
-@dataclass
-class Backoff:
-    """Capped exponential backoff with full jitter in [delay/2, delay]."""
-
-    initial: float
-    cap: float
-    attempt: int = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.initial * (2**self.attempt))
-        self.attempt = min(self.attempt + 1, 62)
-        return random.uniform(delay / 2, delay)  # noqa: S311 (jitter, not crypto)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 def _hub_error(resp: requests.Response) -> str:
@@ -121,7 +103,7 @@ class HubClient:
         except requests.Timeout:
             raise Transient(f"{method} {url}: no answer within {self.timeout:g} s") from None
         except requests.ConnectionError as exc:
-            raise Transient(f"{method} {url}: cannot reach the hub: {_root_cause(exc)}") from None
+            raise Transient(f"{method} {url}: cannot reach the hub: {root_cause(exc)}") from None
         except requests.RequestException as exc:
             raise Transient(f"{method} {url}: {exc}") from None
 
@@ -172,13 +154,6 @@ def _json(resp: requests.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def _root_cause(exc: BaseException) -> str:
-    while exc.__context__ is not None or exc.__cause__ is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    text = str(exc)
-    return text.split(": ", 1)[-1] if "Errno" in text else text
-
-
 @contextlib.contextmanager
 def uploader_lock(cfg: Config) -> Iterator[None]:
     """One uploader per pending directory (two would cut the same readings)."""
@@ -204,7 +179,9 @@ class Uploader:
         self.cfg = cfg
         self.conn = conn
         self.client = HubClient(cfg) if cfg.upload.mode != "PASS" else None
-        self.backoff = Backoff(cfg.upload.retry_initial_secs, cfg.upload.retry_max_secs)
+        self.backoff = Backoff(
+            cfg.upload.retry_initial_secs, cfg.upload.retry_max_secs, jitter=True
+        )
         self._logged_refusal: tuple[str, str] | None = None
 
     def close(self) -> None:

@@ -1,0 +1,90 @@
+"""Filesystem helpers (fieldgate.fsutil): atomic writes, hashes, mounts, sizes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from fieldgate import fsutil
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "key"
+    target.write_text("old\n")
+    fsutil.atomic_write(target, b"new\n", mode=0o600)
+    assert target.read_bytes() == b"new\n"
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key"]
+
+
+def test_atomic_file_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    target = tmp_path / "data"
+    target.write_bytes(b"intact")
+    tmp = tmp_path / ".tmp-data"
+    tmp.write_bytes(b"left by a crash")
+    with pytest.raises(RuntimeError), fsutil.atomic_file(target, tmp=tmp) as f:
+        f.write(b"half")
+        raise RuntimeError("power cut")
+    assert target.read_bytes() == b"intact"
+    assert not tmp.exists()
+
+
+def test_write_new_refuses_an_existing_file_and_links(tmp_path: Path) -> None:
+    fsutil.write_new(tmp_path / "a", b"x")
+    with pytest.raises(FileExistsError):
+        fsutil.write_new(tmp_path / "a", b"y")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(FileExistsError):
+        fsutil.write_new(tmp_path / "link", b"y")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_sha256_file(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    (tmp_path / "f").write_bytes(data)
+    assert fsutil.sha256_file(tmp_path / "f", chunk=4096) == hashlib.sha256(data).hexdigest()
+
+
+def test_mounts_parse_escapes_and_types(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "40 22 8:17 / /media/usb\\040stick rw,nosuid - fuse.fusefat /dev/sdb1 rw\n"
+        "garbage\n"
+    )
+    assert fsutil.mounts(info) == [
+        fsutil.Mount("/", "ext4"),
+        fsutil.Mount("/media/usb stick", "fuse.fusefat"),
+    ]
+    assert fsutil.mounts(tmp_path / "missing") == []
+
+
+def test_filesystem_type_and_mount_points_of_this_machine(tmp_path: Path) -> None:
+    assert "/" in fsutil.mount_points()
+    assert fsutil.is_mounted("/")
+    assert fsutil.filesystem_type(tmp_path) != ""
+
+
+def test_disk_usage_and_free_bytes(tmp_path: Path) -> None:
+    assert 0.0 <= fsutil.disk_usage_percent(tmp_path) <= 100.0
+    assert fsutil.free_bytes(tmp_path) >= 0
+
+
+@pytest.mark.parametrize(
+    ("n", "units", "text"),
+    [
+        (0, fsutil.IEC_UNITS, "0 B"),
+        (1023, fsutil.IEC_UNITS, "1023 B"),
+        (1536, fsutil.IEC_UNITS, "1.5 KiB"),
+        (7.4 * 1024**3, fsutil.IEC_UNITS, "7.4 GiB"),
+        (3 * 1024**4, fsutil.IEC_UNITS, "3072.0 GiB"),
+        (512, ("bytes", "kB", "MB"), "512 bytes"),
+        (6.1 * 1024**2, ("bytes", "kB", "MB"), "6.1 MB"),
+        (5 * 1024**3, ("bytes", "kB", "MB"), "5120.0 MB"),
+    ],
+)
+def test_human_bytes(n: float, units: tuple[str, ...], text: str) -> None:
+    assert fsutil.human_bytes(n, units) == text
