@@ -19,7 +19,8 @@ import yaml
 from support import Hub, run_fieldgate, wait_until
 
 from fieldgate import batches, store
-from fieldgate.hub.storage import IngestError, SqliteHubStorage
+from fieldgate.hub.sqlite_storage import SqliteHubStorage
+from fieldgate.hub.storage import IngestError
 
 SERIAL = "GW-HUB"
 T0 = 1_767_225_600_000

@@ -236,16 +236,16 @@ class Collector:
         try:
             with store.transaction(self.conn):
                 store.set_state(self.conn, "collector.state", state)
-                store.set_state(self.conn, "collector.heartbeat", _iso_now())
+                store.set_state(self.conn, "collector.heartbeat", store.iso_now())
                 for text in self.unrecorded_events:
                     store.add_event(self.conn, "collector", text)
             self.unrecorded_events.clear()
             self.state = state
         except sqlite3.Error as exc:
             log.warning("cannot record collector state %r in the store: %s", state, exc)
-            _rollback(self.conn)
+            store.rollback_quietly(self.conn)
             self.unrecorded_events = [
-                e if e.endswith(")") and " (at " in e else f"{e} (at {_iso_now()})"
+                e if e.endswith(")") and " (at " in e else f"{e} (at {store.iso_now()})"
                 for e in self.unrecorded_events
             ]
 
@@ -256,9 +256,9 @@ class Collector:
         self.next_heartbeat = now + HEARTBEAT_SECS
         try:
             with store.transaction(self.conn):
-                store.set_state(self.conn, "collector.heartbeat", _iso_now())
+                store.set_state(self.conn, "collector.heartbeat", store.iso_now())
         except sqlite3.Error as exc:
-            _rollback(self.conn)
+            store.rollback_quietly(self.conn)
             log.debug("heartbeat not recorded: %s", exc)
 
     # ---- connection ------------------------------------------------------------------------
@@ -587,19 +587,6 @@ class Collector:
 
 def _no_op(*_args: object) -> None:
     """A paho socket hook that needs no action (see ``_make_client``)."""
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    """Leave no transaction open (a failed COMMIT keeps it open in SQLite)."""
-    try:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-    except sqlite3.Error:
-        log.debug("rollback failed", exc_info=True)
-
-
-def _iso_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def collect_cmd(cfg: Config, args: argparse.Namespace) -> int:

@@ -131,8 +131,7 @@ class Poller:
                         else f"rejected: {outcome.reason}",
                     )
             except Exception:
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
+                store.rollback_quietly(self.conn)
                 raise
             if outcome.reason is None:
                 result = NodeResult(node.name, True, f"{len(outcome.readings)} readings", new)

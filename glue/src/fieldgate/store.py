@@ -14,16 +14,18 @@ Commits use ``synchronous=FULL``: a reading acknowledged to the broker survives 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 from fieldgate.errors import FieldgateError
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("fieldgate.store")
 
 #: Schema migrations: version -> SQL that brings a store from version-1 to version.
 MIGRATIONS: dict[int, str] = {
@@ -85,6 +87,10 @@ MIGRATIONS: dict[int, str] = {
 }
 
 
+#: The store schema this fieldgate writes.
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
 def now_ms() -> int:
     """The current UTC time in epoch milliseconds."""
     return time.time_ns() // 1_000_000
@@ -95,18 +101,116 @@ def iso_utc(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def iso_now() -> str:
+    """The current UTC time as :func:`iso_utc` writes it."""
+    return iso_utc(now_ms())
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A database's migrations and the ``meta`` key that records how far it is migrated.
+
+    ``migrations[v]`` is the SQL that brings the database from version v-1 to v. With
+    ``adopt_foreign`` false, a database that holds tables but no ``meta`` table (another
+    program's) is refused instead of getting this schema's tables added.
+    """
+
+    migrations: Mapping[int, str]
+    version_key: str = "schema_version"
+    what: str = "fieldgate store"
+    adopt_foreign: bool = True
+
+    @property
+    def version(self) -> int:
+        return max(self.migrations)
+
+
+#: The gateway store's schema.
+STORE_SCHEMA = Schema(MIGRATIONS)
+
+
+def immutable_uri(path: str | Path) -> str:
+    """A read-only URI that makes SQLite create nothing (no -wal, no -shm) beside the file:
+    for a finished copy, an export on a drive, a file being restored."""
+    return f"file:{quote(str(Path(path).resolve()))}?mode=ro&immutable=1"
+
+
 def connect(
-    path: str | Path, *, busy_timeout_ms: int = 30000, readonly: bool = False
+    path: str | Path,
+    *,
+    busy_timeout_ms: int = 30000,
+    readonly: bool = False,
+    immutable: bool = False,
+    check_same_thread: bool = True,
 ) -> sqlite3.Connection:
-    """A connection with the pragmas every fieldgate process uses (no schema work)."""
-    # URI filenames, so that ATTACH on this connection can open other files read-only.
-    mode = "ro" if readonly else "rwc"
-    uri = f"file:{quote(str(Path(path).resolve()))}?mode={mode}"
-    conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000, isolation_level=None)
+    """A connection with the pragmas every fieldgate process uses (no schema work).
+
+    Writable connections use WAL and ``synchronous=FULL``; ``readonly`` ones read a live
+    database; ``immutable`` ones read a file nobody writes (see :func:`immutable_uri`).
+    The connection is in autocommit mode; use :func:`transaction` for atomic work.
+    """
+    if immutable:
+        uri = immutable_uri(path)
+    else:
+        # URI filenames, so that ATTACH on this connection can open other files read-only.
+        mode = "ro" if readonly else "rwc"
+        uri = f"file:{quote(str(Path(path).resolve()))}?mode={mode}"
+    conn = sqlite3.connect(
+        uri,
+        uri=True,
+        timeout=busy_timeout_ms / 1000,
+        isolation_level=None,
+        check_same_thread=check_same_thread,
+    )
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    if not readonly:
+    if not (readonly or immutable):
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def connect_unjournaled(path: str | Path) -> sqlite3.Connection:
+    """A connection to a new file that one writer fills in bulk (a snapshot being taken):
+    no journal, no syncs, exclusive lock. The caller fsyncs the finished file."""
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    conn.execute("PRAGMA journal_mode = OFF")
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+    return conn
+
+
+def open_database(
+    path: str | Path,
+    schema: Schema,
+    *,
+    label: str,
+    create: bool = True,
+    busy_timeout_ms: int = 30000,
+    check_same_thread: bool = True,
+) -> sqlite3.Connection:
+    """Open (creating and migrating as needed) a database of ``schema`` at ``path``.
+
+    ``label`` names the kind of database in messages (``store``, ``hub database``); every
+    failure is a FieldgateError naming it and the path.
+    """
+    path = Path(path)
+    if not path.exists():
+        if not create:
+            raise FieldgateError(f"{label} {path} does not exist")
+        if not path.parent.is_dir():
+            raise FieldgateError(f"{label} directory {path.parent} does not exist")
+    conn = None
+    try:
+        conn = connect(path, busy_timeout_ms=busy_timeout_ms, check_same_thread=check_same_thread)
+        migrate(conn, str(path), schema)
+    except sqlite3.DatabaseError as exc:
+        if conn is not None:
+            conn.close()
+        raise FieldgateError(f"{label} {path}: {exc}") from None
+    except FieldgateError:
+        if conn is not None:
+            conn.close()
+        raise
     return conn
 
 
@@ -117,61 +221,65 @@ def open_store(
     busy_timeout_ms: int = 30000,
     create: bool = True,
 ) -> sqlite3.Connection:
-    """Open (creating and migrating as needed) the store at ``path``.
+    """Open (creating and migrating as needed) the gateway store at ``path``.
 
-    The connection is in autocommit mode; use :func:`transaction` for atomic work. When
-    ``site_serial`` is given, a store that belongs to another site is refused.
+    When ``site_serial`` is given, a store that belongs to another site is refused.
     """
-    path = Path(path)
-    if not path.exists():
-        if not create:
-            raise FieldgateError(f"store {path} does not exist")
-        if not path.parent.is_dir():
-            raise FieldgateError(f"store directory {path.parent} does not exist")
-    try:
-        conn = connect(path, busy_timeout_ms=busy_timeout_ms)
-        migrate(conn, str(path))
-        if site_serial is not None:
+    conn = open_database(
+        path, STORE_SCHEMA, label="store", create=create, busy_timeout_ms=busy_timeout_ms
+    )
+    if site_serial is not None:
+        try:
             _claim_site(conn, str(path), site_serial)
-    except sqlite3.DatabaseError as exc:
-        raise FieldgateError(f"store {path}: {exc}") from None
+        except (sqlite3.DatabaseError, FieldgateError) as exc:
+            conn.close()
+            if isinstance(exc, FieldgateError):
+                raise
+            raise FieldgateError(f"store {path}: {exc}") from None
     return conn
 
 
-def schema_version(conn: sqlite3.Connection) -> int:
-    """The store's schema version (0 for an empty database)."""
+def schema_version(conn: sqlite3.Connection, version_key: str = "schema_version") -> int:
+    """The schema version recorded under ``version_key`` (0 for an empty database)."""
     has_meta = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
     ).fetchone()
     if not has_meta:
         return 0
-    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (version_key,)).fetchone()
     return int(row[0]) if row else 0
 
 
-def migrate(conn: sqlite3.Connection, label: str = "store") -> int:
-    """Bring the schema up to :data:`SCHEMA_VERSION`; refuse a store from a newer fieldgate."""
-    current = schema_version(conn)
-    if current > SCHEMA_VERSION:
+def migrate(conn: sqlite3.Connection, label: str = "store", schema: Schema = STORE_SCHEMA) -> int:
+    """Bring ``schema`` up to date in one transaction; refuse a newer or a foreign database.
+
+    ``label`` names the database in messages (its path).
+    """
+    current = schema_version(conn, schema.version_key)
+    if current > schema.version:
         raise FieldgateError(
             f"{label} has schema version {current}, newer than this fieldgate supports "
-            f"({SCHEMA_VERSION}); upgrade fieldgate"
+            f"({schema.version}); upgrade fieldgate"
         )
-    if current == SCHEMA_VERSION:
+    if current == schema.version:
         return current
+    if current == 0 and not schema.adopt_foreign and _is_foreign(conn):
+        raise FieldgateError(f"{label} is not a {schema.what}")
     with transaction(conn):
-        for version in range(current + 1, SCHEMA_VERSION + 1):
-            for statement in _statements(MIGRATIONS[version]):
+        for version in range(current + 1, schema.version + 1):
+            for statement in _statements(schema.migrations[version]):
                 conn.execute(statement)
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (str(version),),
-            )
+            set_meta(conn, schema.version_key, str(version))
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('created_at', ?)", (str(now_ms()),)
         )
-    return SCHEMA_VERSION
+    return schema.version
+
+
+def _is_foreign(conn: sqlite3.Connection) -> bool:
+    """Tables, but no ``meta`` table: some other program's database."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return bool(tables) and "meta" not in tables
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -209,6 +317,16 @@ def transaction(
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def rollback_quietly(conn: sqlite3.Connection) -> None:
+    """Leave no transaction open after a failure (a failed COMMIT keeps it open in SQLite);
+    never raises, the first failure is what matters."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        log.debug("rollback failed", exc_info=True)
 
 
 def get_meta(conn: sqlite3.Connection, key: str) -> str | None:

@@ -43,10 +43,6 @@ Item = tuple[str, bytes, int]
 """(topic, payload, received_at epoch ms) of one message."""
 
 
-def _iso_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def _parse(topic: str, payload: bytes, rules: Rules, at: int) -> Outcome:
     """parse_message, and a rejection instead of a crash should it ever raise (a message
     that crashed the writer would be sent again after every restart)."""
@@ -68,11 +64,7 @@ def commit_batch(conn: sqlite3.Connection, rules: Rules, items: list[Item]) -> t
         new = store_outcomes(conn, received, source=SOURCE)
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
-        try:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            log.debug("rollback failed", exc_info=True)
+        store.rollback_quietly(conn)
         return ("full" if is_disk_full(exc) else "error", str(exc))
     bad = [(r.topic, r.outcome.reason) for r in received if r.outcome.reason is not None]
     return ("done", new, len(bad), bad[:REASONS_BACK])
@@ -81,10 +73,9 @@ def commit_batch(conn: sqlite3.Connection, rules: Rules, items: list[Item]) -> t
 def _heartbeat(conn: sqlite3.Connection) -> None:
     try:
         with store.transaction(conn):
-            store.set_state(conn, "collector.heartbeat", _iso_now())
+            store.set_state(conn, "collector.heartbeat", store.iso_now())
     except sqlite3.Error:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
+        store.rollback_quietly(conn)
 
 
 def writer_main(cfg: Config, pipe: Connection, parent_end: Connection | None = None) -> None:

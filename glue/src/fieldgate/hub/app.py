@@ -29,7 +29,8 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from fieldgate import __version__
-from fieldgate.hub.storage import HubStorage, IngestError, Row, SqliteHubStorage
+from fieldgate.hub.backends import open_storage
+from fieldgate.hub.storage import HubStorage, IngestError, Row
 from fieldgate.names import BATCH_ID_RE, NAME_RE
 from fieldgate.store import iso_utc, now_ms
 
@@ -139,7 +140,7 @@ def create_app(
     app = Flask("fieldgate.hub")
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    factory = storage_factory or (lambda: SqliteHubStorage(db_path, create=False))
+    factory = storage_factory or (lambda: open_storage(db_path, create=False))
     per_process: dict[int, HubStorage] = {}
 
     def storage() -> HubStorage:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fieldgate.errors import FieldgateError
-from fieldgate.hub.storage import SqliteHubStorage
+from fieldgate.hub.backends import open_storage
 from fieldgate.names import is_name
 
 log = logging.getLogger("fieldgate.hub")
@@ -61,7 +61,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise FieldgateError("--workers must be at least 1")
     db = str(Path(args.db).resolve())
-    SqliteHubStorage(db).close()  # create or migrate once, before the workers fork
+    open_storage(db).close()  # create or migrate once, before the workers fork
     _check_bind(host, port)
     ttl = float(getattr(args, "upload_ttl_secs", 3600))
     max_bytes = int(float(getattr(args, "max_upload_mb", 256)) * 1024 * 1024)
@@ -99,7 +99,7 @@ def pin_cmd(args: argparse.Namespace) -> int:
     if not is_name(args.serial):
         raise FieldgateError(f"{args.serial!r} is not a valid gateway serial")
     hours = float(getattr(args, "valid_hours", 24))
-    st = SqliteHubStorage(args.db)
+    st = open_storage(args.db)
     try:
         pin = st.create_pin(args.serial, int(hours * 3600))
     finally:
@@ -113,7 +113,7 @@ def import_cmd(args: argparse.Namespace) -> int:
     from fieldgate.restore import inspect_export, iter_readings, readable_copy
 
     info = inspect_export(args.file)
-    st = SqliteHubStorage(args.db)
+    st = open_storage(args.db)
     try:
         with readable_copy(info) as db:
             rows = (r for chunk in iter_readings(db) for r in chunk)
