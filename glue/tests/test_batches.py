@@ -12,7 +12,7 @@ from pathlib import Path
 
 from support import ConfigFactory, run_fieldgate
 
-from fieldgate import batches, store
+from fieldgate import batches, batchfile, store
 from fieldgate.config import Config, load_config
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -54,7 +54,7 @@ def test_batches_hold_oldest_readings_with_manifest(config_file: ConfigFactory) 
     assert sorted(p.name for p in pending.glob("GW-TEST-*.zip")) == sorted(
         f"GW-TEST-{b.batch_id}.zip" for b in cut
     )
-    data, manifest = batches.read_zip(pending / cut[0].file)
+    data, manifest = batchfile.read_zip(pending / cut[0].file)
     rows = csv_rows(data)
     assert rows[0] == ["device", "ts", "metric", "value"]
     assert rows[1:] == [[d, str(ts), m, repr(v)] for d, ts, m, v in readings(50)]
@@ -86,7 +86,7 @@ def test_values_survive_the_csv_exactly(config_file: ConfigFactory) -> None:
     fill(cfg, odd)
     conn = open_conn(cfg)
     (b,) = batches.cut_all(conn, cfg)
-    data, _ = batches.read_zip(Path(cfg.upload.pending_dir) / b.file)
+    data, _ = batchfile.read_zip(Path(cfg.upload.pending_dir) / b.file)
     back = [(d, int(ts), m, float(v)) for d, ts, m, v in csv_rows(data)[1:]]
     assert back == odd
     conn.close()
@@ -103,7 +103,7 @@ def test_delete_reading_on_zip_removes_readings_after_the_file_exists(
     assert conn.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == 0
     total = 0
     for b in cut:
-        data, manifest = batches.read_zip(Path(cfg.upload.pending_dir) / b.file)
+        data, manifest = batchfile.read_zip(Path(cfg.upload.pending_dir) / b.file)
         assert manifest["rows"] == len(csv_rows(data)) - 1 == b.rows
         total += b.rows
     assert total == 100
@@ -116,10 +116,10 @@ def test_missing_file_is_regenerated_identically(config_file: ConfigFactory) -> 
     conn = open_conn(cfg)
     (b,) = batches.cut_all(conn, cfg)
     path = Path(cfg.upload.pending_dir) / b.file
-    before = batches.read_zip(path)
+    before = batchfile.read_zip(path)
     path.unlink()
     batches.recover(conn, cfg)
-    assert batches.read_zip(path) == before
+    assert batchfile.read_zip(path) == before
     conn.close()
 
 
@@ -191,7 +191,7 @@ def test_killed_between_file_and_commit_leaves_an_orphan_that_is_removed(
     assert "orphan batch file" in r.stderr
     assert not orphans[0].exists()
     uploaded = sorted(Path(cfg.upload.uploaded_dir).glob("*.zip"))
-    rows = [row for p in uploaded for row in csv_rows(batches.read_zip(p)[0])[1:]]
+    rows = [row for p in uploaded for row in csv_rows(batchfile.read_zip(p)[0])[1:]]
     assert rows == [[d, str(ts), m, repr(v)] for d, ts, m, v in readings(1500)]
 
 
@@ -204,7 +204,7 @@ def _assert_all_batched_once(cfg: Config, n: int) -> None:
     assert sum(per_batch.values()) == n
     files = sorted(Path(cfg.upload.uploaded_dir).glob("*.zip"))
     assert len(files) == len(per_batch)
-    seen = [row for p in files for row in csv_rows(batches.read_zip(p)[0])[1:]]
+    seen = [row for p in files for row in csv_rows(batchfile.read_zip(p)[0])[1:]]
     assert len(seen) == n == len({tuple(r[:3]) for r in seen})
     conn.close()
 
@@ -217,5 +217,5 @@ def test_render_csv_is_what_csv_writer_writes() -> None:
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["device", "ts", "metric", "value"])
         w.writerows(rows)
-        assert batches.render_csv(rows) == buf.getvalue().encode()
-        assert batches.render_csv(iter(rows)) == buf.getvalue().encode()
+        assert batchfile.render_csv(rows) == buf.getvalue().encode()
+        assert batchfile.render_csv(iter(rows)) == buf.getvalue().encode()

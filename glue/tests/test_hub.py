@@ -18,7 +18,7 @@ import requests
 import yaml
 from support import Hub, run_fieldgate, wait_until
 
-from fieldgate import batches, store
+from fieldgate import batchfile, store
 from fieldgate.hub.sqlite_storage import SqliteHubStorage
 from fieldgate.hub.storage import IngestError
 
@@ -31,7 +31,7 @@ def make_batch(
 ) -> tuple[dict[str, Any], bytes, bytes]:
     """(manifest, zip bytes, csv bytes) of a batch as a gateway cuts it."""
     rows = [("TH-001", T0 + (start + i) * 1000, "temperature", 20 + i * 0.5) for i in range(n)]
-    data = batches.render_csv(rows)
+    data = batchfile.render_csv(rows)
     manifest = {
         "batch_id": batch_id,
         "serial": serial,

@@ -27,7 +27,7 @@ from support import (
     wait_until,
 )
 
-from fieldgate import batches, store
+from fieldgate import batches, batchfile, store
 from fieldgate.config import Config, load_config
 from fieldgate.uploader import HubClient, Transient
 
@@ -273,7 +273,7 @@ def test_corrupted_batch_file_is_refused_then_regenerated(
     cut = batches.cut_all(conn, cfg)
     conn.close()
     victim = Path(cfg.upload.pending_dir) / cut[1].file
-    csv_bytes, manifest = batches.read_zip(victim)
+    csv_bytes, manifest = batchfile.read_zip(victim)
     bad = csv_bytes.replace(b",temperature,", b",temperature,9", 1)
     assert bad != csv_bytes
     victim.unlink()

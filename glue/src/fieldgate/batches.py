@@ -1,7 +1,7 @@
-"""Cutting readings into batch files (CONTRACT §6) and keeping files and store in agreement.
+"""Cutting readings into batch files and keeping files and store in agreement.
 
-A batch is ``<serial>-<batch_id>.zip`` in ``upload.pending_dir`` holding ``readings.csv``
-(``device,ts,metric,value``) and ``manifest.yaml``. Cutting one is crash-safe in this order:
+A batch is ``<serial>-<batch_id>.zip`` in ``upload.pending_dir`` (the format is
+:mod:`fieldgate.batchfile`, docs/contract.md §6). Cutting one is crash-safe in this order:
 
 1. read the oldest unbatched readings (by id, at most ``upload.batch_max_rows``);
 2. write the zip to a hidden temporary name, fsync it, rename it atomically, fsync the dir;
@@ -20,35 +20,21 @@ comes from the store, so a clock that jumps back at boot cannot reorder batches.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import hashlib
-import io
 import logging
 import os
 import signal
 import sqlite3
-import zipfile
-import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fieldgate import __version__, fsutil, store
+from fieldgate import batchfile, fsutil, store
 from fieldgate.config import Config
 from fieldgate.errors import FieldgateError
 
 log = logging.getLogger("fieldgate.batches")
 
-CSV_HEADER = ("device", "ts", "metric", "value")
-CSV_NAME = "readings.csv"
-MANIFEST_NAME = "manifest.yaml"
-#: Deflate level of batch zips: level 1 is several times faster than the default 6 and
-#: CSV of readings still shrinks to about a quarter.
-ZIP_LEVEL = 1
 TMP_PREFIX = ".tmp-"
 #: Environment seam for crash tests: the named step kills this process with SIGKILL.
 CRASH_ENV = "FIELDGATE_TEST_CRASH_AT"
@@ -82,36 +68,26 @@ class Batch:
     created_at: int
 
     def manifest(self, serial: str) -> dict[str, Any]:
-        """The manifest sent to the hub and stored in the zip (CONTRACT §6 keys first)."""
-        return {
-            "batch_id": self.batch_id,
-            "serial": serial,
-            "rows": self.rows,
-            "sha256": self.sha256,
-            "first_ts": self.first_ts,
-            "last_ts": self.last_ts,
-            "mode": self.mode,
-            "type": self.type,
-            "created_at": _iso(self.created_at),
-            "first_id": self.first_id,
-            "last_id": self.last_id,
-            "fieldgate_version": __version__,
-        }
+        """The manifest sent to the hub and stored in the zip."""
+        return batchfile.build_manifest(
+            batch_id=self.batch_id,
+            serial=serial,
+            rows=self.rows,
+            sha256=self.sha256,
+            first_ts=self.first_ts,
+            last_ts=self.last_ts,
+            mode=self.mode,
+            type=self.type,
+            created_at=self.created_at,
+            first_id=self.first_id,
+            last_id=self.last_id,
+        )
 
 
 BATCH_COLUMNS = (
     "batch_id, state, rows, sha256, first_ts, last_ts, first_id, last_id, mode, type, file, "
     "created_at"
 )
-
-
-def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def file_name(serial: str, batch_id: str) -> str:
-    """``<serial>-<batch_id>.zip`` (CONTRACT §6)."""
-    return f"{serial}-{batch_id}.zip"
 
 
 def ensure_dirs(cfg: Config) -> tuple[Path, Path]:
@@ -127,42 +103,15 @@ def ensure_dirs(cfg: Config) -> tuple[Path, Path]:
     return dirs[0], dirs[1]
 
 
-_CSV_SPECIAL = frozenset(',"\r\n')
-
-
-def render_csv(rows: Iterable[tuple[str, int, str, float]]) -> bytes:
-    """The CSV of readings; deterministic, so a regenerated batch has the same sha256.
-
-    Values use Python's shortest round-trip float repr, so the hub stores exactly the
-    gateway's double. The output is what ``csv.writer`` writes; names without a comma,
-    quote or line break (all of them, in practice) take a faster path that formats lines
-    directly.
-    """
-    rows = list(rows)
-    names = {r[0] for r in rows} | {r[2] for r in rows}
-    if any(_CSV_SPECIAL.intersection(name) or not name for name in names):
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(CSV_HEADER)
-        w.writerows(rows)
-        return buf.getvalue().encode("utf-8")
-    lines = [f"{d},{ts},{m},{v!r}\n" for d, ts, m, v in rows]
-    return ("device,ts,metric,value\n" + "".join(lines)).encode("utf-8")
-
-
 def write_zip(path: Path, csv_bytes: bytes, manifest: dict[str, Any]) -> None:
-    """Write the batch zip to ``path`` via a temporary name: fsync, atomic rename, fsync dir."""
-    with (
-        fsutil.atomic_file(path, tmp=path.with_name(TMP_PREFIX + path.name)) as raw,
-        zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=ZIP_LEVEL) as zf,
-    ):
-        half = len(csv_bytes) // 2
-        with zf.open(CSV_NAME, "w", force_zip64=True) as member:
-            member.write(csv_bytes[:half])
-            raw.flush()
-            crash_point("writing_batch")
-            member.write(csv_bytes[half:])
-        zf.writestr(MANIFEST_NAME, yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
+    """Write a batch zip durably under its hidden temporary name first (see recover)."""
+    batchfile.write_zip(
+        path,
+        csv_bytes,
+        manifest,
+        tmp=path.with_name(TMP_PREFIX + path.name),
+        midway=lambda: crash_point("writing_batch"),
+    )
 
 
 def _next_seq(conn: sqlite3.Connection) -> int:
@@ -192,7 +141,7 @@ def cut_batch(conn: sqlite3.Connection, cfg: Config) -> Batch | None:
     n, last_id = len(rows), rows[-1][0]
     first_ts = min(r[2] for r in rows)
     last_ts = max(r[2] for r in rows)
-    csv_bytes = render_csv([r[1:] for r in rows])
+    csv_bytes = batchfile.render_csv([r[1:] for r in rows])
     del rows
     created_at = store.now_ms()
     batch_id = f"{_next_seq(conn):08d}-{_utc_stamp(created_at)}"
@@ -200,14 +149,14 @@ def cut_batch(conn: sqlite3.Connection, cfg: Config) -> Batch | None:
         batch_id=batch_id,
         state="pending",
         rows=n,
-        sha256=hashlib.sha256(csv_bytes).hexdigest(),
+        sha256=batchfile.csv_sha256(csv_bytes),
         first_ts=first_ts,
         last_ts=last_ts,
         first_id=start,
         last_id=last_id,
         mode=cfg.upload.mode,
         type=cfg.upload.type,
-        file=file_name(cfg.site.serial, batch_id),
+        file=batchfile.file_name(cfg.site.serial, batch_id),
         created_at=created_at,
     )
     first_id = start
@@ -318,8 +267,8 @@ def regenerate(conn: sqlite3.Connection, cfg: Config, batch: Batch) -> bool:
     ).fetchall()
     if len(rows) != batch.rows:
         return False
-    csv_bytes = render_csv(rows)
-    sha = hashlib.sha256(csv_bytes).hexdigest()
+    csv_bytes = batchfile.render_csv(rows)
+    sha = batchfile.csv_sha256(csv_bytes)
     if sha != batch.sha256:
         log.warning("batch %s: regenerated CSV differs from the recorded one", batch.batch_id)
         with store.transaction(conn):
@@ -373,15 +322,14 @@ def recover(conn: sqlite3.Connection, cfg: Config) -> None:
       the uploaded directory, or marked ``lost`` when neither is possible.
     """
     pending_dir, _ = ensure_dirs(cfg)
-    prefix = f"{cfg.site.serial}-"
     for path in sorted(pending_dir.iterdir()):
         if path.name.startswith(TMP_PREFIX):
             log.warning("removing %s left by an interrupted batch write", path)
             fsutil.unlink_durably(path)
             continue
-        if not (path.name.startswith(prefix) and path.name.endswith(".zip")):
+        batch_id = batchfile.batch_id_of(path.name, cfg.site.serial)
+        if batch_id is None:
             continue
-        batch_id = path.name[len(prefix) : -len(".zip")]
         batch = get_batch(conn, batch_id)
         if batch is None:
             log.warning("removing orphan batch file %s (never recorded; readings re-cut)", path)
@@ -409,19 +357,13 @@ def file_problem(cfg: Config, batch: Batch) -> str | None:
     sha256, other batch), or None when it is sound."""
     pending_dir, _ = ensure_dirs(cfg)
     try:
-        data, manifest = read_zip(pending_dir / batch.file)
+        data, manifest = batchfile.read_zip(pending_dir / batch.file)
     except FileNotFoundError:
         return "the file is missing"
-    except (OSError, zipfile.BadZipFile, zlib.error, KeyError, EOFError, yaml.YAMLError) as exc:
+    except (OSError, batchfile.BatchFileError) as exc:
         return f"the file is damaged ({exc})"
-    if hashlib.sha256(data).hexdigest() != batch.sha256:
+    if batchfile.csv_sha256(data) != batch.sha256:
         return "readings.csv does not match the recorded sha256"
-    if not isinstance(manifest, dict) or manifest.get("batch_id") != batch.batch_id:
+    if manifest.get("batch_id") != batch.batch_id:
         return "manifest.yaml does not name this batch"
     return None
-
-
-def read_zip(path: Path) -> tuple[bytes, dict[str, Any]]:
-    """The CSV bytes and manifest of a batch zip (used by checks and tests)."""
-    with zipfile.ZipFile(path) as zf:
-        return zf.read(CSV_NAME), yaml.safe_load(zf.read(MANIFEST_NAME))

@@ -1,0 +1,306 @@
+"""The batch file: the one format a gateway and the hub exchange (docs/contract.md §6).
+
+A batch is a zip named ``<serial>-<batch_id>.zip`` holding ``readings.csv``
+(``device,ts,metric,value``, values in Python's round-trip float notation) and
+``manifest.yaml`` (``batch_id``, ``serial``, ``rows``, ``sha256`` of the CSV, ``first_ts``,
+``last_ts``, ``mode``, ``type``, then ``created_at``, ``first_id``, ``last_id``,
+``fieldgate_version``). The gateway writes it (:mod:`fieldgate.batches`), the hub reads and
+checks it (:mod:`fieldgate.hub.app`): both sides use this module, so they cannot drift.
+
+Checks raise :class:`BatchFileError` with one sentence and the HTTP status the hub answers
+it with (400 not a zip, 409 checksum mismatch, 422 anything else not acceptable).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import io
+import re
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fieldgate import __version__, fsutil
+from fieldgate.names import ALLOWED, BATCH_ID_RE, is_name
+
+CSV_NAME = "readings.csv"
+MANIFEST_NAME = "manifest.yaml"
+CSV_HEADER = ("device", "ts", "metric", "value")
+SUFFIX = ".zip"
+#: Deflate level of batch zips: level 1 is several times faster than the default 6 and
+#: CSV of readings still shrinks to about a quarter.
+ZIP_LEVEL = 1
+#: The most readings one batch may announce.
+MAX_ROWS = 10_000_000
+#: Readings the hub accepts: ts in [0, 2**53) ms, a finite value.
+MAX_TS = 2**53
+MAX_FLOAT = 1.7976931348623157e308
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+#: Modes a sent batch may carry (PASS batches are never sent).
+SENT_MODES = ("LIVE", "TEST")
+
+Row = tuple[str, int, str, float]
+"""(device, ts epoch ms, metric, value)"""
+
+
+class BatchFileError(Exception):
+    """A batch (manifest, zip or CSV) that is not acceptable; ``status`` for the hub."""
+
+    status = 422
+
+
+class NotAZip(BatchFileError):
+    """The bytes are not a (complete) zip archive."""
+
+    status = 400
+
+
+class ChecksumMismatch(BatchFileError):
+    """readings.csv does not have the announced SHA-256."""
+
+    status = 409
+
+
+# ---- names ---------------------------------------------------------------------------------
+
+
+def file_name(serial: str, batch_id: str) -> str:
+    """``<serial>-<batch_id>.zip``."""
+    return f"{serial}-{batch_id}{SUFFIX}"
+
+
+def batch_id_of(name: str, serial: str) -> str | None:
+    """The batch id in a file name of ``serial``'s, or None for any other name."""
+    prefix = f"{serial}-"
+    if not (name.startswith(prefix) and name.endswith(SUFFIX)):
+        return None
+    return name[len(prefix) : -len(SUFFIX)]
+
+
+# ---- readings.csv --------------------------------------------------------------------------
+
+_CSV_SPECIAL = frozenset(',"\r\n')
+
+
+def render_csv(rows: Iterable[Row]) -> bytes:
+    """The CSV of readings; deterministic, so a regenerated batch has the same sha256.
+
+    Values use Python's shortest round-trip float repr, so the hub stores exactly the
+    gateway's double. The output is what ``csv.writer`` writes; names without a comma,
+    quote or line break (all of them, in practice) take a faster path that formats lines
+    directly.
+    """
+    rows = list(rows)
+    names = {r[0] for r in rows} | {r[2] for r in rows}
+    if any(_CSV_SPECIAL.intersection(name) or not name for name in names):
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(CSV_HEADER)
+        w.writerows(rows)
+        return buf.getvalue().encode("utf-8")
+    lines = [f"{d},{ts},{m},{v!r}\n" for d, ts, m, v in rows]
+    return (",".join(CSV_HEADER) + "\n" + "".join(lines)).encode("utf-8")
+
+
+def csv_sha256(csv_bytes: bytes) -> str:
+    """The ``sha256`` a manifest records for its readings.csv."""
+    return hashlib.sha256(csv_bytes).hexdigest()
+
+
+def decode_csv(csv_bytes: bytes) -> str:
+    """readings.csv as text (it must be UTF-8)."""
+    try:
+        return csv_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BatchFileError("readings.csv is not UTF-8 text") from None
+
+
+def parse_csv(text: str) -> Iterator[Row]:
+    """The readings of ``readings.csv``, lazily; BatchFileError naming the line.
+
+    A reading needs a device and a metric, an integer ts in [0, 2**53) and a finite value.
+    """
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None or tuple(header) != CSV_HEADER:
+        raise BatchFileError(f"readings.csv must start with the header {','.join(CSV_HEADER)}")
+    try:
+        for device, ts_s, metric, value_s in reader:
+            ts = int(ts_s)
+            value = float(value_s)
+            if not (device and metric and 0 <= ts < MAX_TS and -MAX_FLOAT <= value <= MAX_FLOAT):
+                raise BatchFileError(
+                    f"readings.csv line {reader.line_num}: reading out of range "
+                    f"({device!r:.40}, {ts}, {metric!r:.40}, {value})"
+                )
+            yield device, ts, metric, value
+    except ValueError:
+        raise BatchFileError(
+            f"readings.csv line {reader.line_num}: expected device,ts,metric,value with an "
+            "integer ts and a numeric value"
+        ) from None
+
+
+# ---- manifest.yaml -------------------------------------------------------------------------
+
+
+def _iso_micro(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def build_manifest(
+    *,
+    batch_id: str,
+    serial: str,
+    rows: int,
+    sha256: str,
+    first_ts: int | None,
+    last_ts: int | None,
+    mode: str,
+    type: str,
+    created_at: int,
+    first_id: int | None,
+    last_id: int | None,
+) -> dict[str, Any]:
+    """The manifest sent to the hub and stored in the zip (the contract's keys first)."""
+    return {
+        "batch_id": batch_id,
+        "serial": serial,
+        "rows": rows,
+        "sha256": sha256,
+        "first_ts": first_ts,
+        "last_ts": last_ts,
+        "mode": mode,
+        "type": type,
+        "created_at": _iso_micro(created_at),
+        "first_id": first_id,
+        "last_id": last_id,
+        "fieldgate_version": __version__,
+    }
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_manifest(m: Any) -> dict[str, Any]:
+    """A manifest as a gateway announces it, validated; BatchFileError names the field."""
+    if not isinstance(m, dict):
+        raise BatchFileError("the manifest must be a JSON object")
+    rows = m.get("rows")
+    checks = (
+        (
+            "batch_id",
+            isinstance(m.get("batch_id"), str) and bool(BATCH_ID_RE.match(m["batch_id"])),
+            f"a batch id ({ALLOWED['batch_id']})",
+        ),
+        ("serial", is_name(m.get("serial")), "a gateway serial"),
+        ("rows", _is_int(rows) and 1 <= rows <= MAX_ROWS, f"an integer from 1 to {MAX_ROWS}"),
+        (
+            "sha256",
+            isinstance(m.get("sha256"), str) and bool(SHA256_RE.match(m["sha256"])),
+            "64 lowercase hex digits",
+        ),
+        (
+            "first_ts",
+            m.get("first_ts") is None or _is_int(m["first_ts"]),
+            "an integer (epoch ms) or null",
+        ),
+        (
+            "last_ts",
+            m.get("last_ts") is None or _is_int(m["last_ts"]),
+            "an integer (epoch ms) or null",
+        ),
+        ("mode", m.get("mode") in SENT_MODES, "LIVE or TEST (PASS batches are not sent)"),
+        ("type", isinstance(m.get("type"), str) and bool(m.get("type")), "a non-empty string"),
+    )
+    for key, ok, what in checks:
+        if key not in m:
+            raise BatchFileError(f"manifest: {key} is missing")
+        if not ok:
+            raise BatchFileError(f"manifest: {key} must be {what}, got {m[key]!r:.60}")
+    return m
+
+
+#: The manifest keys the zip's manifest.yaml must repeat exactly as announced.
+PINNED_KEYS = ("batch_id", "serial", "rows", "sha256")
+
+
+def check_contents(csv_bytes: bytes, inner: dict[str, Any], announced: dict[str, Any]) -> None:
+    """The zip's CSV has the announced sha256 and its manifest.yaml names the same batch."""
+    sha = csv_sha256(csv_bytes)
+    if sha != announced["sha256"]:
+        raise ChecksumMismatch(
+            f"checksum mismatch: readings.csv has sha256 {sha}, the manifest says "
+            f"{announced['sha256']}"
+        )
+    for key in PINNED_KEYS:
+        if inner.get(key) != announced[key]:
+            raise BatchFileError(
+                f"manifest.yaml says {key} {inner.get(key)!r:.70} but the batch was "
+                f"announced with {announced[key]!r}"
+            )
+
+
+# ---- the zip -------------------------------------------------------------------------------
+
+
+def write_zip(
+    path: Path,
+    csv_bytes: bytes,
+    manifest: dict[str, Any],
+    *,
+    tmp: Path | None = None,
+    midway: Callable[[], None] | None = None,
+) -> None:
+    """Write the batch zip to ``path`` durably (temporary name, fsync, rename, fsync dir).
+
+    ``midway`` runs when half the CSV is on disk (the crash tests' seam).
+    """
+    with (
+        fsutil.atomic_file(path, tmp=tmp) as raw,
+        zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=ZIP_LEVEL) as zf,
+    ):
+        half = len(csv_bytes) // 2
+        with zf.open(CSV_NAME, "w", force_zip64=True) as member:
+            member.write(csv_bytes[:half])
+            raw.flush()
+            if midway is not None:
+                midway()
+            member.write(csv_bytes[half:])
+        zf.writestr(MANIFEST_NAME, yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
+
+
+def read_zip(source: Path | bytes) -> tuple[bytes, dict[str, Any]]:
+    """readings.csv and the parsed manifest.yaml of a batch zip (a file or its bytes).
+
+    NotAZip for a truncated or corrupted archive, BatchFileError for a zip without the two
+    members or with a manifest that is not a YAML mapping; OSError reading a file.
+    """
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except zipfile.BadZipFile:
+        raise NotAZip("the upload is not a zip archive (truncated or corrupted)") from None
+    with zf:
+        names = set(zf.namelist())
+        for name in (CSV_NAME, MANIFEST_NAME):
+            if name not in names:
+                raise BatchFileError(f"the batch zip has no {name}")
+        try:
+            csv_bytes = zf.read(CSV_NAME)
+            manifest_text = zf.read(MANIFEST_NAME)
+        except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as exc:
+            raise NotAZip(f"the batch zip is corrupted ({exc})") from None
+    try:
+        inner = yaml.safe_load(manifest_text)
+    except yaml.YAMLError:
+        raise BatchFileError("manifest.yaml is not valid YAML") from None
+    if not isinstance(inner, dict):
+        raise BatchFileError("manifest.yaml is not a mapping")
+    return csv_bytes, inner

@@ -1,0 +1,174 @@
+"""What gateways call (docs/contract.md §6): register, offer a batch, upload its zip.
+
+- ``POST /api/v1/register`` ``{"pin", "serial"}`` → ``201 {"gateway_key"}``
+- ``POST /api/v1/batches`` (Bearer key, manifest JSON) → ``201 {"upload_url", "expires_at"}``
+  or ``200 {"state": "stored"}`` when the batch is already stored
+- ``PUT /api/v1/uploads/<token>`` (the zip) → ``201`` stored; ``200`` already stored;
+  ``409`` checksum mismatch; ``403`` unknown or expired URL; ``413`` too large;
+  ``400`` not a zip / truncated body; ``422`` manifest or CSV not acceptable
+
+The batch format and its checks are :mod:`fieldgate.batchfile`, the gateway's own.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, g, jsonify, request
+from werkzeug.exceptions import ClientDisconnected
+
+from fieldgate import batchfile
+from fieldgate.hub.storage import IngestError
+from fieldgate.hub.web import ApiError, json_body, settings, storage
+from fieldgate.names import is_name
+from fieldgate.store import iso_utc, now_ms
+
+log = logging.getLogger("fieldgate.hub")
+
+uploads = Blueprint("uploads", __name__, url_prefix="/api/v1")
+
+#: What a refused upload adds to its reason.
+NOTHING_STORED = "; nothing was stored"
+
+
+def gateway_from_key() -> str:
+    """The gateway whose key authorises this request (401 without a valid one)."""
+    auth = request.headers.get("Authorization", "")
+    scheme, _, key = auth.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise ApiError(401, "missing 'Authorization: Bearer <gateway key>'")
+    serial = storage().serial_for_key(key.strip())
+    if serial is None:
+        raise ApiError(
+            401,
+            "the gateway key is not valid (unknown or revoked); register again with a new PIN",
+        )
+    return serial
+
+
+@uploads.post("/register")
+def register() -> tuple[Response, int]:
+    body = json_body()
+    pin, serial = body.get("pin"), body.get("serial")
+    if not isinstance(pin, str) or not is_name(serial):
+        raise ApiError(400, "register needs a JSON object with a 'pin' and a 'serial'")
+    g.ctx = f" [{serial}]"
+    key = storage().register(serial, pin)
+    if key is None:
+        raise ApiError(
+            403, f"the PIN is not valid for gateway {serial} (wrong, already used or expired)"
+        )
+    log.info("gateway %s registered: new key issued", serial)
+    return jsonify(gateway_key=key), 201
+
+
+@uploads.post("/batches")
+def offer_batch() -> tuple[Response, int]:
+    serial = gateway_from_key()
+    g.ctx = f" [{serial}]"
+    try:
+        manifest = batchfile.check_manifest(json_body())
+    except batchfile.BatchFileError as exc:
+        raise ApiError(exc.status, str(exc)) from None
+    g.ctx = f" [{serial} {manifest['batch_id']}]"
+    if manifest["serial"] != serial:
+        raise ApiError(403, f"this key belongs to gateway {serial}, not {manifest['serial']}")
+    st = storage()
+    st.touch(serial)
+    stored = st.stored_batch(serial, manifest["batch_id"])
+    if stored is not None:
+        if stored.sha256 and stored.sha256 != manifest["sha256"]:
+            raise ApiError(
+                409,
+                f"batch {manifest['batch_id']} is already stored with other content "
+                f"(sha256 {stored.sha256})",
+            )
+        return jsonify(state="stored"), 200
+    token, expires = st.open_upload(serial, manifest, settings().upload_ttl_secs)
+    return jsonify(
+        upload_url=f"{request.host_url}api/v1/uploads/{token}", expires_at=iso_utc(expires)
+    ), 201
+
+
+@uploads.put("/uploads/<token>")
+def put_batch(token: str) -> tuple[Response, int]:
+    st = storage()
+    up = st.find_upload(token)
+    if up is None:
+        raise ApiError(403, "the upload URL is not valid; ask for one with POST /api/v1/batches")
+    g.ctx = f" [{up.serial} {up.batch_id}]"
+    if up.expires_at < now_ms():
+        raise ApiError(
+            403,
+            f"the upload URL expired at {iso_utc(up.expires_at)}; ask for a new one with "
+            "POST /api/v1/batches",
+        )
+    m = up.manifest
+    stored = st.stored_batch(up.serial, up.batch_id)
+    if stored is not None and stored.sha256 == m["sha256"]:
+        st.close_upload(token)
+        return jsonify(state="stored"), 200
+    body = read_body(settings().max_upload_bytes)
+    try:
+        csv_bytes, inner = batchfile.read_zip(body)
+        batchfile.check_contents(csv_bytes, inner, m)
+        rows = batchfile.parse_csv(batchfile.decode_csv(csv_bytes))
+        new = st.ingest(
+            up.serial,
+            up.batch_id,
+            rows,
+            test=m["mode"] == "TEST",
+            manifest=m,
+            expected_rows=m["rows"],
+        )
+    except batchfile.BatchFileError as exc:
+        raise ApiError(exc.status, f"{exc}{NOTHING_STORED}") from None
+    except IngestError as exc:
+        raise ApiError(422, f"{exc}{NOTHING_STORED}") from None
+    st.close_upload(token)
+    test = " (TEST)" if m["mode"] == "TEST" else ""
+    log.info(
+        "stored batch %s from %s: %d readings, %d new%s",
+        up.batch_id,
+        up.serial,
+        m["rows"],
+        new,
+        test,
+    )
+    return jsonify(state="stored", rows=m["rows"], new_rows=new), 201
+
+
+#: gunicorn's exceptions for a request body that ended early.
+_SHORT_BODY = ("NoMoreData", "ChunkMissingTerminator", "InvalidChunkSize")
+
+
+def read_body(limit: int) -> bytes:
+    """The whole request body; 413 over ``limit``, 400 when the client sent less than it
+    announced."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise ApiError(413, f"the upload is {length} bytes; this hub accepts at most {limit}")
+    cut_off = f"the upload body was cut off after {{got}} of {length} bytes{NOTHING_STORED}"
+    chunks: list[bytes] = []
+    got = 0
+    try:
+        while chunk := request.stream.read(1 << 20):
+            got += len(chunk)
+            if got > limit:
+                raise ApiError(413, f"the upload is larger than this hub accepts ({limit} bytes)")
+            chunks.append(chunk)
+    except (ClientDisconnected, OSError) as exc:
+        raise ApiError(
+            400,
+            f"the upload body was cut off after {got} of {length} bytes "
+            f"({exc.__class__.__name__}){NOTHING_STORED}",
+        ) from None
+    except Exception as exc:  # gunicorn's NoMoreData and friends: a short body
+        if exc.__class__.__name__ in _SHORT_BODY:
+            raise ApiError(400, cut_off.format(got=got)) from None
+        raise
+    if length is not None and got != length:
+        raise ApiError(400, cut_off.format(got=got))
+    if not got:
+        raise ApiError(400, "the upload body is empty; send the batch zip")
+    return b"".join(chunks)
