@@ -216,11 +216,8 @@ def snapshot(
     src = store.connect(store_path, busy_timeout_ms=busy_timeout_ms, readonly=True)
     try:
         src.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")  # fewer copies reading the store
-        dst = sqlite3.connect(str(dest), isolation_level=None)
+        dst = store.connect_unjournaled(dest)
         try:
-            dst.execute("PRAGMA journal_mode = OFF")
-            dst.execute("PRAGMA synchronous = OFF")
-            dst.execute("PRAGMA locking_mode = EXCLUSIVE")
             src.backup(dst, pages=-1)
         finally:
             dst.close()
@@ -262,7 +259,7 @@ def integrity_check(db: Path, pragma: str = "integrity_check") -> None:
     """
     if pragma not in VERIFY_PRAGMAS:
         raise ValueError(pragma)
-    conn = sqlite3.connect(f"file:{db}?mode=ro&immutable=1", uri=True)
+    conn = store.connect(db, immutable=True)
     try:
         # Memory-mapped reads halve integrity_check's time (its index lookups re-read pages).
         conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")

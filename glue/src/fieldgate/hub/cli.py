@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fieldgate.errors import FieldgateError
+from fieldgate.exportdb import inspect_export, iter_readings, readable_copy
 from fieldgate.hub.backends import open_storage
 from fieldgate.names import is_name
 
@@ -110,8 +111,6 @@ def pin_cmd(args: argparse.Namespace) -> int:
 
 def import_cmd(args: argparse.Namespace) -> int:
     """``fieldgate hub import --db PATH FILE.db``: ingest an exported gateway database."""
-    from fieldgate.restore import inspect_export, iter_readings, readable_copy
-
     info = inspect_export(args.file)
     st = open_storage(args.db)
     try:
