@@ -45,6 +45,7 @@ import select
 import signal
 import sqlite3
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -414,19 +415,30 @@ def discard(staging: Path, note: Note = _no_note) -> None:
         note(f"cannot clean up {staging.name}: {exc.strerror or exc}")
 
 
-def describe_failure(exc: BaseException, target: Path) -> str:
-    """One sentence for an I/O or SQLite failure while writing the export."""
+def describe_failure(exc: BaseException, target: Path | None = None) -> str:
+    """One sentence for a failure while handling a drive or writing an export.
+
+    With ``target`` (the directory being written), I/O and SQLite failures are worded as
+    failures of writing there (full, read-only, device gone); without it, as the operation
+    that failed (a command that timed out, a file that could not be opened).
+    """
     if isinstance(exc, FieldgateError):
         return str(exc)
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return f"{exc.cmd[0]} did not finish within {exc.timeout:.0f} s"
     if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        if target is None:
+            return f"{where}{exc.strerror or exc}"
         if exc.errno == errno.ENOSPC:
             return f"the target {target} is full"
         if exc.errno == errno.EROFS:
             return f"the target {target} is read-only"
         if exc.errno in (errno.EIO, errno.ENOTCONN, errno.ENODEV, errno.ENXIO):
             return f"I/O error writing to {target} (device removed or failing): {exc.strerror}"
-        where = f"{exc.filename}: " if exc.filename else ""
         return f"writing the export failed: {where}{exc.strerror or exc}"
+    if target is None:
+        return str(exc)
     if isinstance(exc, sqlite3.Error):
         text = str(exc)
         if "disk I/O error" in text:

@@ -49,7 +49,7 @@ from fieldgate import led as ledmod
 from fieldgate.config import Config
 from fieldgate.daemon import StopFlag
 from fieldgate.errors import FieldgateError
-from fieldgate.export import export_to, record_result
+from fieldgate.export import describe_failure, export_to, record_result
 from fieldgate.fsutil import is_mounted, mount_points
 
 log = logging.getLogger("fieldgate.usb")
@@ -518,7 +518,7 @@ class Watcher:
                 reasons.append(f"{part}: {exc}")
                 continue
             except (FieldgateError, OSError, subprocess.SubprocessError) as exc:
-                cause = str(exc) if isinstance(exc, FieldgateError) else describe_failure(exc)
+                cause = describe_failure(exc)
                 self.log.line(f"{part}: error: {cause}")
                 record_result(self.cfg, f"error: {part}: {cause}")
                 self.led.set(ledmod.ERROR)
@@ -570,16 +570,6 @@ class Watcher:
         if problem and outcome is not None:
             raise FieldgateError(f"export written, but unmounting failed: {problem}")
         return outcome
-
-
-def describe_failure(exc: BaseException) -> str:
-    """One sentence for an OS-level failure while handling a drive."""
-    if isinstance(exc, subprocess.TimeoutExpired):
-        return f"{exc.cmd[0]} did not finish within {exc.timeout:.0f} s"
-    if isinstance(exc, OSError):
-        where = f"{exc.filename}: " if exc.filename else ""
-        return f"{where}{exc.strerror or exc}"
-    return str(exc)
 
 
 def watch_cmd(cfg: Config, args: Any) -> int:
