@@ -32,7 +32,7 @@ import zipfile
 from pathlib import Path
 
 import yaml
-from fieldgate import batches, store
+from fieldgate import batchfile, store
 
 FIELDGATE = str(Path(sys.executable).with_name("fieldgate"))
 SERIAL = "GW-BENCH"
@@ -80,7 +80,7 @@ def load(db: Path, rows: int) -> None:
 
 
 def baseline(
-    db: Path, out: Path, level: int = batches.ZIP_LEVEL
+    db: Path, out: Path, level: int = batchfile.ZIP_LEVEL
 ) -> tuple[float, float]:
     """Export every reading to CSV inside one zip; returns wall and CPU seconds."""
     t = time.perf_counter()
@@ -89,13 +89,13 @@ def baseline(
     cur = conn.execute("SELECT device, ts, metric, value FROM readings ORDER BY id")
     with (
         zipfile.ZipFile(
-            out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=batches.ZIP_LEVEL
+            out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level
         ) as zf,
-        zf.open("readings.csv", "w", force_zip64=True) as member,
+        zf.open(batchfile.CSV_NAME, "w", force_zip64=True) as member,
     ):
         text = io.TextIOWrapper(member, encoding="utf-8", newline="")
         w = csv.writer(text, lineterminator="\n")
-        w.writerow(("device", "ts", "metric", "value"))
+        w.writerow(batchfile.CSV_HEADER)
         while chunk := cur.fetchmany(50_000):
             w.writerows(chunk)
         text.flush()

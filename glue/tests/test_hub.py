@@ -372,3 +372,28 @@ def test_hub_db_is_plain_sqlite_with_the_contract_table(hub: Hub) -> None:
     assert cols[:5] == ["serial", "device", "ts", "metric", "value"]
     assert stat.S_ISREG(hub.db.stat().st_mode)
     assert json.loads(json.dumps(hub.query("SELECT value FROM meta")))
+
+
+def test_serve_without_the_hub_extra_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gateway installs the glue without Flask and gunicorn (the ``hub`` extra)."""
+    import logging
+    import sys
+
+    from fieldgate import cli
+
+    root = logging.getLogger()  # main() sets up logging: give the root logger back afterwards
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    for name in [m for m in sys.modules if m.startswith(("fieldgate.hub", "flask", "gunicorn"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "flask", None)  # as if Flask were not installed
+    argv = ["hub", "serve", "--db", str(tmp_path / "hub.db"), "--listen", "127.0.0.1:9"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "fieldgate: error: 'fieldgate hub serve' needs the hub extra (Flask, gunicorn): "
+        "pip install 'fieldgate[hub]'\n"
+    )
+    assert not (tmp_path / "hub.db").exists()

@@ -30,7 +30,8 @@ from fieldgate import store
 from fieldgate.daemon import StopFlag
 from fieldgate.export import TS_FORMAT
 from fieldgate.led import read_pattern
-from fieldgate.usb import Watcher, normalize_devname, pending_events
+from fieldgate.usb.spool import normalize_devname, pending_events
+from fieldgate.usb.watcher import Watcher
 
 pytestmark = pytest.mark.root
 
@@ -489,7 +490,7 @@ def test_snapshot_runs_as_the_store_owner(
 
 
 def test_password_file_rules(tmp_path: Path) -> None:
-    from fieldgate.usb import NotQualified, password_matches, read_password
+    from fieldgate.usb.blockdev import NotQualified, password_matches, read_password
 
     assert read_password(tmp_path) is None
     (tmp_path / "PASSWORD.TXT").write_bytes(b"\xef\xbb\xbf open-sesame \r\n")  # Notepad: BOM

@@ -22,7 +22,6 @@ How:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import select
 import sqlite3
@@ -73,7 +72,7 @@ def _describe_refusal(reason: ReasonCode | int) -> str:
 
 
 class Collector:
-    """The collector's state and main loop; :func:`collect_cmd` runs it until stopped."""
+    """The collector's state and main loop; :meth:`run` collects until the stop flag is set."""
 
     def __init__(self, cfg: Config, stop: StopFlag) -> None:
         self.cfg = cfg
@@ -587,10 +586,3 @@ class Collector:
 
 def _no_op(*_args: object) -> None:
     """A paho socket hook that needs no action (see ``_make_client``)."""
-
-
-def collect_cmd(cfg: Config, args: argparse.Namespace) -> int:
-    """``fieldgate collect``: run the collector until SIGTERM/SIGINT."""
-    stop = StopFlag().install()
-    collector = Collector(cfg, stop)
-    return collector.run()

@@ -32,7 +32,6 @@ How, and why this way:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import errno
@@ -632,9 +631,9 @@ def record_result(cfg: Config, text: str) -> None:
         pass
 
 
-def export_cmd(cfg: Config, args: argparse.Namespace) -> int:
-    """``fieldgate export --to DIR``."""
-    target = Path(args.to)
+def export_to_dir(cfg: Config, target: Path) -> ExportResult:
+    """``fieldgate export --to DIR``: export into an existing directory and record the result
+    (``export.last_result`` and an event) for ``status``."""
     if not target.is_dir():
         raise FieldgateError(f"export target {target} is not a directory (create it first)")
     try:
@@ -643,6 +642,4 @@ def export_cmd(cfg: Config, args: argparse.Namespace) -> int:
         record_result(cfg, f"error: export to {target}: {exc}")
         raise
     record_result(cfg, f"success: export to {target}: {result.names.db}")
-    for path in result.files:
-        print(path)
-    return 0
+    return result

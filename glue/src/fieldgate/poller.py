@@ -15,7 +15,6 @@ otherwise 1 with one line naming each failed node and why.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import queue
 import threading
@@ -27,7 +26,7 @@ import requests
 from fieldgate import __version__, store
 from fieldgate.config import Config, PollNode
 from fieldgate.daemon import StopFlag
-from fieldgate.errors import ConfigError, FieldgateError
+from fieldgate.errors import ConfigError
 from fieldgate.readings import Received, Rules, parse_payload, store_outcomes
 from fieldgate.retry import root_cause
 
@@ -151,17 +150,29 @@ class Poller:
             store.set_state(self.conn, "poller.state", f"{prefix}: {summary}")
 
     def once(self) -> list[NodeResult]:
-        """Poll every node once, concurrently; store every answer."""
+        """Poll every node once, concurrently; store every answer; publish the outcome."""
         for node in self.cfg.poll.nodes:
             self.submit(node)
         results = {}
         for _ in self.cfg.poll.nodes:
             fetched = self.answers.get()
             results[fetched.node.name] = self.store_result(fetched)
+        self.publish_state("last --once run")
+        for r in results.values():
+            if r.ok:
+                log.info("node %s: %s", r.node, r.detail)
         return [results[node.name] for node in self.cfg.poll.nodes]
 
     def run(self, stop: StopFlag) -> None:
         """Poll each node every interval until stopped; one slow node delays no other."""
+        try:
+            self._loop(stop)
+        finally:
+            with store.transaction(self.conn):
+                store.set_state(self.conn, "poller.state", "stopped")
+            log.info("stopped%s", f" on {stop.signal_name}" if stop.signal_name else "")
+
+    def _loop(self, stop: StopFlag) -> None:
         interval = self.cfg.poll.interval_secs
         due = {node.name: 0.0 for node in self.cfg.poll.nodes}
         busy: set[str] = set()
@@ -193,32 +204,3 @@ class Poller:
 
     def close(self) -> None:
         self.conn.close()
-
-
-def poll_cmd(cfg: Config, args: argparse.Namespace) -> int:
-    """``fieldgate poll [--once]``."""
-    poller = Poller(cfg)
-    try:
-        if args.once:
-            results = poller.once()
-            poller.publish_state("last --once run")
-            for r in results:
-                if r.ok:
-                    log.info("node %s: %s", r.node, r.detail)
-            failed = [r for r in results if not r.ok]
-            if failed:
-                names = "; ".join(f"{r.node} ({r.detail})" for r in failed)
-                raise FieldgateError(
-                    f"poll failed for {len(failed)} of {len(results)} nodes: {names}"
-                )
-            return 0
-        stop = StopFlag().install()
-        try:
-            poller.run(stop)
-        finally:
-            with store.transaction(poller.conn):
-                store.set_state(poller.conn, "poller.state", "stopped")
-            log.info("stopped%s", f" on {stop.signal_name}" if stop.signal_name else "")
-        return 0
-    finally:
-        poller.close()

@@ -14,7 +14,6 @@ that may be nearly full and would block the collector while it runs.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import logging
@@ -24,7 +23,6 @@ from pathlib import Path
 
 from fieldgate import store
 from fieldgate.config import Config
-from fieldgate.fsutil import human_bytes
 
 log = logging.getLogger("fieldgate.prune")
 
@@ -78,33 +76,23 @@ def prune(conn: sqlite3.Connection, cfg: Config, *, now_ms: int | None = None) -
     if deleted:
         with store.transaction(conn):
             store.add_event(
-                conn, "prune", f"pruned {deleted} readings uploaded before {_day(cutoff)}"
+                conn, "prune", f"pruned {deleted} readings uploaded before {day_text(cutoff)}"
             )
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return PruneResult(deleted, touched, files, cutoff, free_bytes(conn))
 
 
-def _day(ms: int) -> str:
+def day_text(ms: int) -> str:
+    """``2026-08-23 08:00 UTC``: the cutoff as prune reports it."""
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-#: The units ``prune`` has always printed (steps of 1024, labelled kB and MB).
-SIZE_UNITS = ("bytes", "kB", "MB")
-
-
-def prune_cmd(cfg: Config, args: argparse.Namespace) -> int:
-    """``fieldgate prune``."""
+def prune_store(cfg: Config) -> PruneResult:
+    """``fieldgate prune``: prune the configured store."""
     conn = store.open_store(
         cfg.store.path, cfg.site.serial, busy_timeout_ms=cfg.store.busy_timeout_ms
     )
     try:
-        r = prune(conn, cfg)
+        return prune(conn, cfg)
     finally:
         conn.close()
-    files = f", {r.files} uploaded batch files deleted" if r.files else ""
-    print(
-        f"pruned {r.readings} readings uploaded before {_day(r.cutoff_ms)} "
-        f"(retention {cfg.store.retention_days} days) from {r.batches} batches{files}; "
-        f"{human_bytes(r.free_bytes, SIZE_UNITS)} free in the store file for new readings"
-    )
-    return 0

@@ -9,7 +9,6 @@ validation (:func:`fieldgate.exportdb.inspect_export`).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sqlite3
 from dataclasses import dataclass
@@ -115,35 +114,3 @@ def restore_merge(cfg: Config, file: str | Path) -> RestoreResult:
         finally:
             conn.close()
     return RestoreResult(info, cfg.site.serial, new, info.readings - new)
-
-
-def restore_cmd(cfg: Config, args: argparse.Namespace) -> int:
-    """``fieldgate restore FILE.db (--as-site SERIAL | --merge) [--force] [--dry-run]``."""
-    if args.dry_run:
-        info = inspect_export(args.file)
-        span = ""
-        if info.first_ts is not None and info.last_ts is not None:
-            span = f" from {store.iso_utc(info.first_ts)} to {store.iso_utc(info.last_ts)}"
-        checked = (
-            f"; checksum verified with {info.checksum_file.name}" if info.checksum_file else ""
-        )
-        print(
-            f"{info.path.name}: valid fieldgate store of site {info.site_serial} (schema "
-            f"{info.schema_version}), {info.readings} readings{span}{checked}; nothing changed"
-        )
-        return 0
-    if args.merge:
-        r = restore_merge(cfg, args.file)
-    else:
-        r = restore_as_site(cfg, args.file, args.as_site, force=args.force)
-    origin = "" if r.info.site_serial == r.site else f" (exported by site {r.info.site_serial})"
-    checked = (
-        f", checksum verified with {r.info.checksum_file.name}" if r.info.checksum_file else ""
-    )
-    print(
-        f"restored {r.info.path.name}{origin} into site {r.site}: {r.info.readings} readings, "
-        f"{r.new} new, {r.present} already present{checked}"
-    )
-    if r.new:
-        print(f"{r.new} readings wait for upload ('fieldgate upload' sends them)")
-    return 0

@@ -7,8 +7,6 @@ and after they have stopped.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -180,13 +178,3 @@ def render_text(s: dict[str, Any]) -> str:
         for e in s["events"]:
             lines.append(f"  {e['at']}  {e['kind']}: {e['message']}")
     return "\n".join(lines) + "\n"
-
-
-def status_cmd(cfg: Config, args: argparse.Namespace) -> int:
-    """``fieldgate status [--json]``."""
-    s = collect_status(cfg)
-    if args.json:
-        print(json.dumps(s, indent=2, sort_keys=True))
-    else:
-        print(render_text(s), end="")
-    return 0

@@ -20,7 +20,6 @@ regenerated from the store when its readings are still there.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import logging
@@ -350,24 +349,23 @@ class Cutter(threading.Thread):
 
 
 #: Seconds a stop request waits for the step in flight (a POST or PUT to a slow hub)
-#: before the process exits anyway; CONTRACT §3 allows 10 s in all.
+#: before the process exits anyway; docs/contract.md §3 allows 10 s in all.
 STOP_GRACE_SECS = 8.0
 
 
-def upload_cmd(cfg: Config, args: argparse.Namespace) -> int:
-    """``fieldgate upload [--once]``.
+def serve(cfg: Config, *, once: bool, stop: StopFlag) -> int:
+    """Run the uploader until ``stop`` (or, with ``once``, until everything is delivered).
 
-    The work runs in a thread so that SIGTERM is honoured within seconds even while a
+    The work runs in a thread so that a stop is honoured within seconds even while a
     request to a hub that stopped answering is in flight: abandoning it is safe, since a
     batch is only marked after the hub said stored (the next start asks again and gets
     ``200 stored``), and every store write is a transaction.
     """
-    stop = StopFlag().install()
     outcome: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            outcome["rc"] = _run(cfg, args, stop)
+            outcome["rc"] = _run(cfg, once, stop)
         except BaseException as exc:
             outcome["error"] = exc
 
@@ -388,7 +386,7 @@ def upload_cmd(cfg: Config, args: argparse.Namespace) -> int:
     return int(outcome.get("rc", 0))
 
 
-def _run(cfg: Config, args: argparse.Namespace, stop: StopFlag) -> int:
+def _run(cfg: Config, once: bool, stop: StopFlag) -> int:
     conn = store.open_store(
         cfg.store.path, cfg.site.serial, busy_timeout_ms=cfg.store.busy_timeout_ms
     )
@@ -397,7 +395,7 @@ def _run(cfg: Config, args: argparse.Namespace, stop: StopFlag) -> int:
             batches.recover(conn, cfg)
             up = Uploader(cfg, conn)
             try:
-                if args.once:
+                if once:
                     return _once(up, stop)
                 _forever(up, stop)
             finally:
@@ -458,20 +456,19 @@ def write_key_file(path: Path, key: str) -> None:
     fsutil.atomic_write(path, (key + "\n").encode("utf-8"), mode=0o600)
 
 
-def register_cmd(cfg: Config, args: argparse.Namespace) -> int:
-    """``fieldgate register --pin PIN``: exchange a one-time PIN for this gateway's key."""
+def register(cfg: Config, pin: str) -> Path:
+    """Exchange a one-time PIN for this gateway's key; write the key file, return its path."""
     client = HubClient(cfg)
     try:
         try:
-            key = client.register(cfg.site.serial, args.pin.strip())
+            key = client.register(cfg.site.serial, pin.strip())
         except Transient as exc:
             raise FieldgateError(str(exc)) from None
     finally:
         client.close()
     path = Path(cfg.upload.key_file)
     write_key_file(path, key)
-    print(f"registered {cfg.site.serial} with {cfg.upload.url}; key written to {path} (0600)")
-    return 0
+    return path
 
 
-__all__ = ["HubClient", "Uploader", "register_cmd", "upload_cmd", "write_key_file"]
+__all__ = ["HubClient", "Uploader", "register", "serve", "write_key_file"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,8 +69,14 @@ def json_body() -> dict[str, Any]:
 
 def error_response(status: int, message: str) -> tuple[Response, int]:
     """``{"error": message}`` with ``status``, logged with the request's context."""
-    path = request.path
-    if "/uploads/" in path:  # upload URLs are credentials until they expire
-        path = path.split("/uploads/")[0] + "/uploads/…"
+    path = redact_upload_token(request.path)
     log.warning("%s %s -> %d%s: %s", request.method, path, status, g.get("ctx", ""), message)
     return jsonify(error=message), status
+
+
+UPLOAD_TOKEN_RE = re.compile(r"(/api/v1/uploads/)[^ ?/]+")
+
+
+def redact_upload_token(text: str) -> str:
+    """Upload URLs are credentials until they expire: keep their tokens out of the logs."""
+    return UPLOAD_TOKEN_RE.sub(r"\1…", text)

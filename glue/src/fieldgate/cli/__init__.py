@@ -1,0 +1,306 @@
+"""``fieldgate <command>``: a thin command line over the library modules.
+
+:data:`COMMANDS` is the whole command line as a table: each command's name, where it is
+implemented (``module:function`` in this package), its help and its options. A command's
+module is imported only when it runs, so ``usb-event`` (run by udev) starts fast. Operator
+mistakes become one line ``fieldgate: error: …`` on stderr and a non-zero exit status,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from fieldgate import __version__
+from fieldgate.errors import FieldgateError
+
+#: An option or argument: the flags/name and ``add_argument``'s keyword arguments.
+Arg = tuple[tuple[str, ...], dict[str, Any]]
+
+
+def arg(*flags: str, **kw: Any) -> Arg:
+    return flags, kw
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """Options of which exactly one must be given (``restore --as-site | --merge``)."""
+
+    args: tuple[Arg, ...]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command: ``name`` (``hub serve`` for a hub command), where it is implemented
+    (``module:function`` under ``fieldgate.cli``), its help, its arguments, and whether it
+    reads the gateway configuration (then it is called with ``(cfg, args)``, else
+    ``(args)``)."""
+
+    name: str
+    target: str
+    help: str
+    args: tuple[Arg | OneOf, ...] = ()
+    config: bool = True
+
+
+DB = arg("--db", required=True, metavar="PATH", help="the hub's SQLite database")
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "collect",
+        "daemons:collect",
+        "Long-running MQTT collector: store every reading, acknowledge only after commit.",
+    ),
+    Command(
+        "poll",
+        "daemons:poll",
+        "Poll the configured HTTP nodes into the store (long-running).",
+        (arg("--once", action="store_true", help="poll every node once and exit"),),
+    ),
+    Command(
+        "status",
+        "commands:status",
+        "Store counts, backlog, batches, uploads, disk use, collector and export state.",
+        (arg("--json", action="store_true", help="machine-readable output"),),
+    ),
+    Command(
+        "upload",
+        "daemons:upload",
+        "Long-running: cut batches from new readings and upload them to the hub.",
+        (arg("--once", action="store_true", help="cut and upload everything, then exit"),),
+    ),
+    Command(
+        "register",
+        "commands:register",
+        "Obtain this gateway's key from the hub with a one-time PIN; write the key file.",
+        (arg("--pin", required=True, help="the PIN printed by 'fieldgate hub pin'"),),
+    ),
+    Command(
+        "export",
+        "commands:export",
+        "Write a consistent export of the store and the site config into a directory.",
+        (arg("--to", required=True, metavar="DIR", help="target directory (must exist)"),),
+    ),
+    Command(
+        "usb-watch",
+        "daemons:usb_watch",
+        "Long-running USB export daemon: device events -> mount -> export -> LED.",
+    ),
+    Command(
+        "usb-event",
+        "usb_event:usb_event",
+        "Record a USB block device event for usb-watch and return (run by udev).",
+        (
+            arg("action", choices=["add", "remove"]),
+            arg("devname", metavar="DEVNAME", help="kernel name (sdb1) or node (/dev/sdb1)"),
+        ),
+    ),
+    Command(
+        "restore",
+        "commands:restore",
+        "Bring an exported database back into this gateway's store.",
+        (
+            arg("file", metavar="FILE.db", help="an exported fieldgate database"),
+            OneOf(
+                (
+                    arg("--as-site", metavar="SERIAL", help="load its readings as site SERIAL"),
+                    arg("--merge", action="store_true", help="merge into the current store"),
+                )
+            ),
+            arg(
+                "--force",
+                action="store_true",
+                help="proceed although the store holds readings not yet uploaded",
+            ),
+            arg(
+                "--dry-run",
+                action="store_true",
+                help="only validate the file and say what it holds; change nothing",
+            ),
+        ),
+    ),
+    Command(
+        "prune",
+        "commands:prune",
+        "Delete uploaded readings older than store.retention_days.",
+    ),
+    Command(
+        "devices",
+        "commands:devices",
+        "The device allowlist as configured.",
+        (
+            arg("what", choices=["list"]),
+            arg("--json", action="store_true", help="machine-readable output"),
+        ),
+    ),
+    Command(
+        "power-event",
+        "commands:power_event",
+        "Record a UPS power event in the store (run by apcupsd hooks).",
+        (arg("event", help="apcupsd event name, e.g. onbattery, offbattery, doshutdown"),),
+    ),
+    Command(
+        "check-config",
+        "commands:check_config",
+        "Validate the configuration file and exit (0 when valid).",
+    ),
+    Command(
+        "hub serve",
+        "hub:serve",
+        "Serve the upload API over HTTP.",
+        (
+            DB,
+            arg("--listen", required=True, type=_host_port, metavar="HOST:PORT"),
+            arg("--workers", type=int, default=2, help="worker processes (default 2)"),
+            arg(
+                "--upload-ttl-secs",
+                type=float,
+                default=3600,
+                help="how long an upload URL stays valid (default 3600)",
+            ),
+            arg(
+                "--max-upload-mb",
+                type=float,
+                default=256,
+                help="largest batch zip accepted, in MiB (default 256)",
+            ),
+        ),
+        config=False,
+    ),
+    Command(
+        "hub pin",
+        "hub:pin",
+        "Print a one-time registration PIN for a gateway.",
+        (
+            DB,
+            arg("--serial", required=True),
+            arg(
+                "--valid-hours",
+                type=float,
+                default=24,
+                help="how long the PIN is valid (default 24)",
+            ),
+        ),
+        config=False,
+    ),
+    Command(
+        "hub import",
+        "hub:import_",
+        "Ingest an exported gateway database directly.",
+        (DB, arg("file", metavar="FILE.db")),
+        config=False,
+    ),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format of docs/contract.md §3."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"fieldgate: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def _add_config(p: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        default=default,
+        help="configuration file (default: $FIELDGATE_CONFIG or /etc/fieldgate/fieldgate.yaml)",
+    )
+
+
+def _add_args(p: argparse.ArgumentParser, args: tuple[Arg | OneOf, ...]) -> None:
+    for a in args:
+        if isinstance(a, OneOf):
+            group = p.add_mutually_exclusive_group(required=True)
+            for flags, kw in a.args:
+                group.add_argument(*flags, **kw)
+        else:
+            p.add_argument(*a[0], **a[1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, from :data:`COMMANDS`."""
+    parser = _Parser(
+        prog="fieldgate",
+        description="Field data gateway: collect sensor readings into a local store, "
+        "batch and upload them to a hub, export them to a USB drive, restore them.",
+    )
+    parser.add_argument("--version", action="version", version=f"fieldgate {__version__}")
+    _add_config(parser, default=None)
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    sub.required = True
+    hub_sub = None
+    for cmd in COMMANDS:
+        group, _, name = cmd.name.rpartition(" ")
+        if group == "hub":
+            if hub_sub is None:
+                hub = sub.add_parser(
+                    "hub",
+                    help="The reference central receiver.",
+                    description="The reference central receiver gateways upload to.",
+                )
+                hub_sub = hub.add_subparsers(
+                    dest="hub_command", metavar="<hub-command>", parser_class=_Parser
+                )
+                hub_sub.required = True
+            p = hub_sub.add_parser(name, help=cmd.help, description=cmd.help)
+        else:
+            p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        if cmd.config:
+            _add_config(p)
+        _add_args(p, cmd.args)
+    return parser
+
+
+def _resolve(target: str) -> Callable[..., int | None]:
+    module_name, _, func_name = target.partition(":")
+    return getattr(importlib.import_module(f"fieldgate.cli.{module_name}"), func_name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fieldgate`` console script."""
+    args = build_parser().parse_args(argv)
+    name = args.command if args.command != "hub" else f"hub {args.hub_command}"
+    cmd = next(c for c in COMMANDS if c.name == name)
+    try:
+        from fieldgate.daemon import setup_logging
+
+        if cmd.config:
+            from fieldgate.config import load_config
+
+            cfg = load_config(args.config)
+            setup_logging(cfg.log.level)
+            return int(_resolve(cmd.target)(cfg, args) or 0)
+        setup_logging("INFO")
+        return int(_resolve(cmd.target)(args) or 0)
+    except FieldgateError as exc:
+        sys.stderr.write(f"fieldgate: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except sqlite3.DatabaseError as exc:
+        sys.stderr.write(f"fieldgate: error: database: {exc}\n")
+        return 1
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(f"fieldgate: error: {where}{exc.strerror or exc}\n")
+        return 1
+
+
+__all__ = ["COMMANDS", "build_parser", "main"]

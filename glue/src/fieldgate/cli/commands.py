@@ -1,0 +1,143 @@
+"""The one-shot gateway commands: they call the library and print what it returns.
+
+``status``, ``register``, ``export``, ``restore``, ``prune``, ``devices list``,
+``power-event`` and ``check-config``. Their output lines are part of the command line's
+contract (docs/contract.md §3): scripts and tests read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fieldgate import store
+from fieldgate.config import Config
+from fieldgate.export import export_to_dir
+from fieldgate.exportdb import inspect_export
+from fieldgate.fsutil import human_bytes
+from fieldgate.prune import day_text, prune_store
+from fieldgate.restore import restore_as_site, restore_merge
+from fieldgate.status import collect_status, render_text
+
+#: The units ``prune`` has always printed (steps of 1024, labelled kB and MB).
+PRUNE_SIZE_UNITS = ("bytes", "kB", "MB")
+
+
+def status(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate status [--json]``."""
+    s = collect_status(cfg)
+    if args.json:
+        print(json.dumps(s, indent=2, sort_keys=True))
+    else:
+        print(render_text(s), end="")
+    return 0
+
+
+def register(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate register --pin PIN``: exchange a one-time PIN for this gateway's key."""
+    from fieldgate.uploader import register as register_with_hub  # requests: only here
+
+    path = register_with_hub(cfg, args.pin)
+    print(f"registered {cfg.site.serial} with {cfg.upload.url}; key written to {path} (0600)")
+    return 0
+
+
+def export(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate export --to DIR``: print the paths of the files written."""
+    for path in export_to_dir(cfg, Path(args.to)).files:
+        print(path)
+    return 0
+
+
+def restore(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate restore FILE.db (--as-site SERIAL | --merge) [--force] [--dry-run]``."""
+    if args.dry_run:
+        info = inspect_export(args.file)
+        span = ""
+        if info.first_ts is not None and info.last_ts is not None:
+            span = f" from {store.iso_utc(info.first_ts)} to {store.iso_utc(info.last_ts)}"
+        checked = (
+            f"; checksum verified with {info.checksum_file.name}" if info.checksum_file else ""
+        )
+        print(
+            f"{info.path.name}: valid fieldgate store of site {info.site_serial} (schema "
+            f"{info.schema_version}), {info.readings} readings{span}{checked}; nothing changed"
+        )
+        return 0
+    if args.merge:
+        r = restore_merge(cfg, args.file)
+    else:
+        r = restore_as_site(cfg, args.file, args.as_site, force=args.force)
+    origin = "" if r.info.site_serial == r.site else f" (exported by site {r.info.site_serial})"
+    checked = (
+        f", checksum verified with {r.info.checksum_file.name}" if r.info.checksum_file else ""
+    )
+    print(
+        f"restored {r.info.path.name}{origin} into site {r.site}: {r.info.readings} readings, "
+        f"{r.new} new, {r.present} already present{checked}"
+    )
+    if r.new:
+        print(f"{r.new} readings wait for upload ('fieldgate upload' sends them)")
+    return 0
+
+
+def prune(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate prune``: one line saying what was deleted and what is free."""
+    r = prune_store(cfg)
+    files = f", {r.files} uploaded batch files deleted" if r.files else ""
+    print(
+        f"pruned {r.readings} readings uploaded before {day_text(r.cutoff_ms)} "
+        f"(retention {cfg.store.retention_days} days) from {r.batches} batches{files}; "
+        f"{human_bytes(r.free_bytes, PRUNE_SIZE_UNITS)} free in the store file for new readings"
+    )
+    return 0
+
+
+def devices(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate devices list [--json]``."""
+    rows = [
+        {
+            "serial": d.serial,
+            "alias": d.alias,
+            "format": d.format,
+            "csv_columns": d.csv_columns,
+            "description": d.description,
+        }
+        for d in cfg.devices.list
+    ]
+    if args.json:
+        print(json.dumps({"allow_unknown": cfg.devices.allow_unknown, "devices": rows}, indent=2))
+        return 0
+    if not rows:
+        print("no devices configured")
+    else:
+        width = max(len("SERIAL"), *(len(r["serial"]) for r in rows))
+        awidth = max(len("ALIAS"), *(len(r["alias"] or "-") for r in rows))
+        print(f"{'SERIAL':<{width}}  {'ALIAS':<{awidth}}  FORMAT")
+        for r in rows:
+            fmt = r["format"] + (f" ({','.join(r['csv_columns'])})" if r["csv_columns"] else "")
+            print(f"{r['serial']:<{width}}  {(r['alias'] or '-'):<{awidth}}  {fmt}")
+    state = "accepted" if cfg.devices.allow_unknown else "rejected"
+    print(f"unknown devices: {state}")
+    return 0
+
+
+def power_event(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate power-event EVENT``: keep a UPS event where ``status`` shows it."""
+    conn = store.open_store(
+        cfg.store.path, cfg.site.serial, busy_timeout_ms=cfg.store.busy_timeout_ms
+    )
+    try:
+        with store.transaction(conn):
+            store.add_event(conn, "power", args.event)
+            store.set_state(conn, "power.last_event", args.event)
+    finally:
+        conn.close()
+    return 0
+
+
+def check_config(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate check-config``: loading already validated it."""
+    print(f"{cfg.path}: valid (site {cfg.site.serial}, {len(cfg.devices.list)} devices)")
+    return 0

@@ -1,0 +1,58 @@
+"""The long-running commands: ``collect``, ``poll``, ``upload``, ``usb-watch``.
+
+Each installs the stop flag (SIGTERM, SIGINT) and runs its daemon until stopped; what they
+say goes to the log (supervisor keeps it), not to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fieldgate import uploader
+from fieldgate.collector import Collector
+from fieldgate.config import Config
+from fieldgate.daemon import StopFlag
+from fieldgate.errors import FieldgateError
+from fieldgate.poller import Poller
+from fieldgate.usb.watcher import Watcher
+
+
+def collect(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate collect``: run the collector until SIGTERM/SIGINT."""
+    stop = StopFlag().install()
+    return Collector(cfg, stop).run()
+
+
+def poll(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate poll [--once]``; ``--once`` fails naming every node that failed."""
+    poller = Poller(cfg)
+    try:
+        if args.once:
+            results = poller.once()
+            failed = [r for r in results if not r.ok]
+            if failed:
+                names = "; ".join(f"{r.node} ({r.detail})" for r in failed)
+                raise FieldgateError(
+                    f"poll failed for {len(failed)} of {len(results)} nodes: {names}"
+                )
+            return 0
+        poller.run(StopFlag().install())
+        return 0
+    finally:
+        poller.close()
+
+
+def upload(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate upload [--once]``."""
+    return uploader.serve(cfg, once=args.once, stop=StopFlag().install())
+
+
+def usb_watch(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate usb-watch``: the long-running USB export daemon."""
+    watcher = Watcher(cfg, StopFlag().install())
+    try:
+        watcher.start()
+        watcher.run()
+    finally:
+        watcher.log.close()
+    return 0
