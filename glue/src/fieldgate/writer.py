@@ -1,4 +1,5 @@
-"""The collector's store writer: a child process that validates and commits message batches.
+"""The collector's store writer: a child process that validates and commits message batches,
+and :class:`WriterChannel`, the collector's end of the pipe to it.
 
 Why a second process: paho's packet handling and the validation plus SQLite work each cost
 about as much CPU per message, and the GIL would serialise them in threads. With the writer
@@ -23,6 +24,9 @@ import multiprocessing
 import signal
 import sqlite3
 import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -38,6 +42,8 @@ SOURCE = "mqtt"
 HEARTBEAT_SECS = 5.0
 #: Reasons sent back per batch for the collector's log (the store keeps them all).
 REASONS_BACK = 3
+#: Batches handed to the writer and not yet answered, at most.
+MAX_SENT = 4
 
 Item = tuple[str, bytes, int]
 """(topic, payload, received_at epoch ms) of one message."""
@@ -142,3 +148,70 @@ def start_writer(cfg: Config) -> tuple[multiprocessing.process.BaseProcess, Conn
         proc.join(5)
         raise FieldgateError(first[1])
     return proc, parent_end
+
+
+@dataclass(slots=True)
+class Sent:
+    """A batch handed to the writer, waiting for its commit before its acks go out."""
+
+    seq: int
+    generation: int
+    acks: list[tuple[int, int]]  # (mid, qos) in arrival order
+    count: int
+
+
+class WriterChannel:
+    """The collector's end of the writer: batches go out, answers come back in order."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.proc, self.pipe = start_writer(cfg)
+        #: Batches sent and not yet answered, oldest first.
+        self.sent: deque[Sent] = deque()
+        self._seq = 0
+
+    def full(self) -> bool:
+        """As many batches are out as the writer may hold (wait for answers first)."""
+        return len(self.sent) >= MAX_SENT
+
+    def send(self, items: list[Item], generation: int, acks: list[tuple[int, int]]) -> None:
+        """Hand one batch of messages to the writer (one transaction, one fsync)."""
+        self._seq += 1
+        try:
+            self.pipe.send(("batch", self._seq, items))
+        except (OSError, ValueError) as exc:
+            raise FieldgateError(f"the collector's store writer is gone: {exc}") from None
+        self.sent.append(Sent(self._seq, generation, acks, len(items)))
+
+    def answers(self, wait: float = 0.0) -> Iterator[tuple[Sent, tuple[Any, ...]]]:
+        """Each answered batch with the writer's reply, in order (waiting up to ``wait`` for
+        the first): ``("done", seq, new, rejected, reasons)`` or ``("failed", seq, kind,
+        text)``."""
+        try:
+            if not self.pipe.poll(wait):
+                return
+            while self.sent and self.pipe.poll():
+                reply = self.pipe.recv()
+                sent = self.sent.popleft()
+                if reply[1] != sent.seq:
+                    raise FieldgateError(
+                        f"the store writer answered batch {reply[1]}, expected {sent.seq}"
+                    )
+                yield sent, reply
+        except (EOFError, OSError) as exc:
+            raise FieldgateError(
+                f"the collector's store writer died (exit status {self.proc.exitcode}): "
+                f"{exc or 'pipe closed'}"
+            ) from None
+
+    def stop(self) -> None:
+        """Ask the writer to finish; kill it if it does not within seconds."""
+        try:
+            self.pipe.send(("stop",))
+        except (OSError, ValueError):
+            log.debug("writer already gone")
+        self.proc.join(5)
+        if self.proc.is_alive():
+            log.warning("the store writer did not stop; terminating it")
+            self.proc.kill()
+            self.proc.join(5)
+        self.pipe.close()

@@ -1,0 +1,289 @@
+"""The collector's MQTT connection: one persistent session to the local broker.
+
+A fixed client id, MQTT 3.1.1 with ``clean_session`` off, subscribed at QoS 1 to
+``<topic_prefix>/+/readings``, with ``manual_ack``: while the collector is down (or paused)
+the broker keeps queuing for it, and a message is acknowledged only when the collector says
+so (after its commit). The link uses paho's external-loop API: the collector's loop calls
+:meth:`MqttLink.pump`, which waits on the broker socket (and one other file, the store
+writer's pipe), reads messages into :attr:`MqttLink.inbox` and writes what is queued.
+
+Each connection has a *generation*: messages read on a connection that has since been lost
+are never acknowledged (their message ids mean nothing on the next connection); the broker
+sends them again and the store's unique key keeps them single.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import ssl
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from fieldgate import store
+from fieldgate.config import Config, MqttConfig
+from fieldgate.errors import ConfigError
+
+log = logging.getLogger("fieldgate.collector")
+
+#: How often paho's housekeeping (keepalive pings) runs.
+MISC_EVERY_SECS = 1.0
+
+Message = tuple[int, int, str, bytes, int]
+"""(mid, qos, topic, payload, received_at epoch ms) of one message read."""
+
+
+def read_password(cfg: Config) -> str | None:
+    """The collector's MQTT password (None without a login); ConfigError when the settings
+    cannot work. Checked before anything starts."""
+    m = cfg.mqtt
+    if m.password_file and not m.username:
+        raise ConfigError(f"{cfg.path}: mqtt.password_file is set but mqtt.username is not")
+    if m.tls_ca_file and not Path(m.tls_ca_file).is_file():
+        raise ConfigError(f"{cfg.path}: mqtt.tls_ca_file: {m.tls_ca_file} does not exist")
+    if m.qos != 1:
+        log.warning(
+            "mqtt.qos is %d; the collector subscribes at QoS 1 (with QoS 2 paho confirms "
+            "receipt before the reading is committed, which a crash could turn into a loss)",
+            m.qos,
+        )
+    return cfg.secret("mqtt.password_file") if m.password_file else None
+
+
+def describe_refusal(reason: ReasonCode | int) -> str:
+    """A broker's reason code in words (``not authorized``)."""
+    text = str(getattr(reason, "getName", lambda: reason)()).strip()
+    return text[:1].lower() + text[1:] if text else f"reason code {reason}"
+
+
+def _no_op(*_args: object) -> None:
+    """A paho socket hook that needs no action (see ``MqttLink._make_client``)."""
+
+
+class MqttLink:
+    """The session's connection state; paho's callbacks run inside :meth:`pump`."""
+
+    def __init__(self, m: MqttConfig, password: str | None, *, on_up: Callable[[], None]) -> None:
+        self.m = m
+        self.broker = f"{m.host}:{m.port}"
+        self.topic = f"{m.topic_prefix}/+/readings"
+        #: Called when the broker accepted the login (the subscription is on its way).
+        self.on_up = on_up
+        #: "down", "connecting" (CONNECT sent, waiting for CONNACK) or "up".
+        self.state = "down"
+        self.connecting_since = 0.0
+        self.refusal: str | None = None
+        self.disconnect_reason: str | None = None
+        self.generation = 0
+        #: Messages read and not yet taken (:meth:`take`), in arrival order.
+        self.inbox: list[Message] = []
+        self.inbox_generation = 0
+        self.inbox_started = 0.0
+        self._next_misc = 0.0
+        self.client = self._make_client(password)
+
+    def _make_client(self, password: str | None) -> mqtt.Client:
+        m = self.m
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=m.client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+            manual_ack=True,
+        )
+        if m.username:
+            client.username_pw_set(m.username, password)
+        if m.tls_ca_file:
+            client.tls_set(ca_certs=m.tls_ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.connect_timeout = 10.0
+        # Our own select loop writes (loop_write): without this hook paho would make one
+        # send call per queued PUBACK the moment it is queued, instead of per batch.
+        client.on_socket_register_write = _no_op
+        return client
+
+    # ---- paho callbacks (run inside loop_read, in the main thread) ---------------------------
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        _userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            words = describe_refusal(reason)
+            if reason.value in (134, 135):  # mosquitto answers a wrong password with 135
+                words = "bad user name or password" + (
+                    " (not authorized)" if reason.value == 135 else ""
+                )
+            self.refusal = f"broker {self.broker} refused the login: {words}"
+            return
+        self.state = "up"
+        self.refusal = None
+        client.subscribe(self.topic, qos=1)
+        log.info(
+            "connected to broker %s as %s (%s session)",
+            self.broker,
+            self.m.client_id,
+            "resumed" if flags.session_present else "new",
+        )
+        self.on_up()
+
+    def _on_subscribe(
+        self,
+        _client: mqtt.Client,
+        _userdata: object,
+        _mid: int,
+        reasons: list[ReasonCode],
+        _props: Properties | None,
+    ) -> None:
+        bad = [r for r in reasons if r.is_failure]
+        if bad:
+            log.error(
+                "broker %s refused the subscription to %s: %s",
+                self.broker,
+                self.topic,
+                describe_refusal(bad[0]),
+            )
+
+    def _on_disconnect(
+        self,
+        _client: mqtt.Client,
+        _userdata: object,
+        _flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        # The loop sees the closed socket and decides what to do; keep the broker's words.
+        if reason.is_failure and self.state == "up":
+            self.disconnect_reason = describe_refusal(reason)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = repr(msg._topic)  # paho keeps the raw bytes only there
+        if not self.inbox:
+            self.inbox_started = time.monotonic()
+            self.inbox_generation = self.generation
+        self.inbox.append((msg.mid, msg.qos, topic, msg.payload, store.now_ms()))
+
+    # ---- connecting and losing -------------------------------------------------------------
+
+    def connect(self) -> str | None:
+        """One connection attempt (TCP + CONNECT); the cause when it failed at once, else
+        None (the CONNACK arrives through :meth:`pump`)."""
+        try:
+            self.client.connect(self.m.host, self.m.port, keepalive=self.m.keepalive_secs)
+        except ssl.SSLError as exc:
+            return f"TLS to broker {self.broker} failed: {exc.reason or exc}"
+        except OSError as exc:
+            cause = exc.strerror or str(exc) or type(exc).__name__
+            return f"cannot reach broker {self.broker}: {cause}"
+        except ValueError as exc:
+            return f"cannot connect to broker {self.broker}: {exc}"
+        self.state = "connecting"
+        self.connecting_since = time.monotonic()
+        self.refusal = None
+        self.disconnect_reason = None
+        return None
+
+    def lost(self) -> None:
+        """The connection is gone: what was read on it is never acknowledged."""
+        if self.state != "down":
+            self.generation += 1
+        self.state = "down"
+
+    def drop(self) -> None:
+        """Say goodbye if the socket still works; paho closes it (or the next connect does)."""
+        if self.client.socket() is not None:
+            try:
+                self.client.disconnect()
+                self.client.loop_write()
+            except Exception:  # a dying socket; nothing to keep
+                log.debug("disconnect of a dead connection", exc_info=True)
+        self.lost()
+
+    def failure_cause(self, rc: mqtt.MQTTErrorCode) -> str:
+        """Why the connection (or the login) failed, in one sentence."""
+        detail = self.disconnect_reason or mqtt.error_string(rc).rstrip(".").lower()
+        if self.refusal:
+            return self.refusal
+        if self.state == "up":
+            return f"lost the connection to broker {self.broker}: {detail}"
+        return f"broker {self.broker} closed the connection during login: {detail}"
+
+    def disconnect(self, deadline: float) -> None:
+        """End the session cleanly (it stays on the broker), writing until ``deadline``."""
+        if self.state != "up":
+            return
+        self.client.disconnect()
+        while self.client.want_write() and time.monotonic() < deadline:
+            if self.client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
+                break
+
+    # ---- traffic ---------------------------------------------------------------------------
+
+    def pump(
+        self, timeout: float, other: Connection, on_other: Callable[[], None], limit: int
+    ) -> tuple[int, mqtt.MQTTErrorCode]:
+        """Wait up to ``timeout`` for the broker socket or ``other`` (then ``on_other()``);
+        read at most ``limit`` messages into the inbox; write what is queued.
+
+        Returns how many messages arrived and paho's result: anything but success means the
+        connection failed (the caller decides what to do).
+        """
+        sock = self.client.socket()
+        if sock is None:
+            return 0, mqtt.MQTT_ERR_NO_CONN
+        wlist = [sock] if self.client.want_write() else []
+        try:
+            readable, writable, _ = select.select([sock, other], wlist, [], timeout)
+        except (OSError, ValueError):
+            return 0, mqtt.MQTT_ERR_CONN_LOST
+        if other in readable:
+            on_other()
+            if self.state == "down":
+                return 0, mqtt.MQTT_ERR_SUCCESS
+        before = len(self.inbox)
+        rc = mqtt.MQTT_ERR_SUCCESS
+        if sock in readable:
+            while len(self.inbox) - before < limit:
+                count = len(self.inbox)
+                rc = self.client.loop_read()
+                if rc != mqtt.MQTT_ERR_SUCCESS or len(self.inbox) == count:
+                    break
+        if rc == mqtt.MQTT_ERR_SUCCESS and (writable or self.client.want_write()):
+            rc = self.client.loop_write()
+        now = time.monotonic()
+        if rc == mqtt.MQTT_ERR_SUCCESS and now >= self._next_misc:
+            self._next_misc = now + MISC_EVERY_SECS
+            rc = self.client.loop_misc()
+        if rc == mqtt.MQTT_ERR_SUCCESS and self.client.socket() is None:
+            rc = mqtt.MQTT_ERR_CONN_LOST
+        return len(self.inbox) - before, rc
+
+    def take(self) -> tuple[list[Message], int]:
+        """The inbox's messages and the generation of the connection they were read on (only
+        the current one's may be acknowledged); the inbox starts empty again."""
+        messages, self.inbox = self.inbox, []
+        return messages, self.inbox_generation
+
+    def ack(self, acks: list[tuple[int, int]]) -> mqtt.MQTTErrorCode:
+        """Acknowledge (mid, qos) pairs in order and write them out."""
+        for mid, qos in acks:
+            self.client.ack(mid, qos)
+        if self.client.want_write():
+            return self.client.loop_write()
+        return mqtt.MQTT_ERR_SUCCESS
