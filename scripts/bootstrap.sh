@@ -46,7 +46,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.fieldgate-stamp 2>/dev/null)" !=
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements-dev.txt
-  .venv/bin/python -m pip install -q -e 'glue[test]'
+  .venv/bin/python -m pip install -q -e 'glue[hub,test]'
   echo "$stamp_src" > .venv/.fieldgate-stamp
 fi
 echo "bootstrap: ready"
