@@ -153,7 +153,7 @@ def publish(
 
 
 def reading_payload(ts_ms: int, **metrics: float) -> str:
-    """A CONTRACT §4 JSON payload."""
+    """A docs/contract.md §4 JSON payload."""
     return json.dumps({"ts": ts_ms, "metrics": metrics})
 
 

@@ -1,4 +1,4 @@
-"""Payload parsing and validation (CONTRACT §4): what is stored, what is rejected and why."""
+"""Payload parsing and validation (docs/contract.md §4): what is stored, what is rejected, why."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A consistent export of the store and the site configuration into a directory (CONTRACT §7).
+"""A consistent export of the store and the site config into a directory (docs/contract.md §7).
 
 Three files land in the target directory, ``<ts>`` being ``YYYYMMDDTHHMMSS+0000`` (UTC)::
 
@@ -21,7 +21,8 @@ How, and why this way:
   timestamp: ``mkdir`` is atomic, so two exports racing for one second cannot both get it,
   and a timestamp whose final names exist already is never used. When the current second
   is taken, the export waits for the next one; the names therefore keep exactly the
-  CONTRACT format, and two exports in the same second get consecutive timestamps.
+  format of docs/contract.md §7, and two exports in the same second get consecutive
+  timestamps.
 - **Space first.** The target must have room for the store and its WAL plus
   ``export.space_margin_percent``.
 - **Least privilege.** When run as root for a store owned by another user (``usb-watch``),
@@ -181,7 +182,7 @@ def reserve_names(
     """Claim a timestamp in ``directory`` by creating its staging directory (atomic).
 
     A second whose staging directory or final files exist is skipped by waiting for the
-    next one, so names never collide and keep the CONTRACT format.
+    next one, so names never collide and keep the format of docs/contract.md §7.
     """
     for _ in range(NAME_ATTEMPTS):
         names = ExportNames(serial, format_ts(now()))

@@ -1,4 +1,4 @@
-"""The export LED: a Linux LED class device (``/sys/class/leds/<name>``) showing CONTRACT §7.
+"""The export LED: a Linux LED class device (``/sys/class/leds/<name>``), docs/contract.md §7.
 
 =================== ======================= =============================================
 state               meaning                 LED

@@ -4,10 +4,10 @@ Every node in ``poll.nodes`` is fetched (HTTP GET) every ``poll.interval_secs`` 
 (the node's ``timeout_secs`` or ``poll.timeout_secs``). Each fetch runs in its own worker
 thread and each node keeps its own schedule, so a dead or slow node never delays the others:
 while a node's request is still out, its next turn is skipped, not queued. Bodies are the
-MQTT payloads of CONTRACT §4 (JSON object or array, or CSV lines for a ``format: csv``
-device), validated by :mod:`fieldgate.readings` and stored in the main thread (one store
-connection, one transaction per node response). Bodies over ``mqtt.max_payload_bytes`` are
-rejected like oversized MQTT messages.
+MQTT payloads of docs/contract.md §4 (JSON object or array, or CSV lines for a
+``format: csv`` device), validated by :mod:`fieldgate.readings` and stored in the main
+thread (one store connection, one transaction per node response). Bodies over
+``mqtt.max_payload_bytes`` are rejected like oversized MQTT messages.
 
 ``--once`` polls every node once and exits: 0 when every node answered with readings,
 otherwise 1 with one line naming each failed node and why.

@@ -1,6 +1,6 @@
 """The local store: one plain SQLite file in WAL mode that the ``sqlite3`` shell can read.
 
-Tables (CONTRACT §5):
+Tables (docs/contract.md §5):
 - ``readings``: one row per (device, ts, metric); ``batch_id`` is NULL until a batch takes it.
 - ``rejected``: every message that could not be stored as readings, with the reason.
 - ``batches``: batch files cut from the readings and their upload state.

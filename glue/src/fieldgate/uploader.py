@@ -1,4 +1,4 @@
-"""``fieldgate upload`` and ``fieldgate register``: store-and-forward to the hub (CONTRACT §6).
+"""``fieldgate upload`` and ``register``: store-and-forward to the hub (docs/contract.md §6).
 
 Each cycle cuts the unbatched readings into batches and sends the pending ones oldest
 first, with the two-step protocol: ``POST /api/v1/batches`` (manifest, Bearer key) →
@@ -78,7 +78,7 @@ def _classify(resp: requests.Response, what: str) -> Exception:
 
 
 class HubClient:
-    """The gateway side of CONTRACT §6 over one ``requests.Session``."""
+    """The gateway side of docs/contract.md §6 over one ``requests.Session``."""
 
     def __init__(self, cfg: Config) -> None:
         if not cfg.upload.url:
