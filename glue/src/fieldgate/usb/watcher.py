@@ -5,9 +5,11 @@ it belongs to (all its partitions, or the drive itself when it has no partition 
 drive at a time, so a drive inserted during an export waits:
 
 1. LED ``in_progress``;
-2. the filesystem is probed and mounted (:mod:`fieldgate.usb.blockdev`);
-3. ``Password.txt`` at the root must equal the export password; a partition without it, or
-   with the wrong one, does not qualify and the next partition is tried;
+2. ``blkid`` names the filesystem; it is mounted ``nosuid,nodev,noexec`` on a private
+   mount point under ``export.mount_dir`` (:mod:`fieldgate.usb.blockdev`);
+3. ``Password.txt`` at the root must equal the export password (read without following
+   symlinks, compared in constant time, never logged); a partition without it, or with
+   the wrong one, does not qualify and the next partition is tried;
 4. on the first qualifying partition: free space, snapshot, config, checksums
    (:func:`fieldgate.export.export_to`, the snapshot in a child process running as the
    store's owner);
