@@ -25,7 +25,7 @@ import logging
 import os
 import signal
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,65 +138,29 @@ def cut_batch(conn: sqlite3.Connection, cfg: Config) -> Batch | None:
     ).fetchall()
     if not rows:
         return None
-    n, last_id = len(rows), rows[-1][0]
-    first_ts = min(r[2] for r in rows)
-    last_ts = max(r[2] for r in rows)
     csv_bytes = batchfile.render_csv([r[1:] for r in rows])
-    del rows
     created_at = store.now_ms()
     batch_id = f"{_next_seq(conn):08d}-{_utc_stamp(created_at)}"
     batch = Batch(
         batch_id=batch_id,
         state="pending",
-        rows=n,
+        rows=len(rows),
         sha256=batchfile.csv_sha256(csv_bytes),
-        first_ts=first_ts,
-        last_ts=last_ts,
+        first_ts=min(r[2] for r in rows),
+        last_ts=max(r[2] for r in rows),
         first_id=start,
-        last_id=last_id,
+        last_id=rows[-1][0],
         mode=cfg.upload.mode,
         type=cfg.upload.type,
         file=batchfile.file_name(cfg.site.serial, batch_id),
         created_at=created_at,
     )
-    first_id = start
+    del rows
     path = pending_dir / batch.file
     write_zip(path, csv_bytes, batch.manifest(cfg.site.serial))
     crash_point("batch_file_written")
     try:
-        with store.transaction(conn):
-            if cfg.upload.delete_reading_on_zip:
-                cur = conn.execute(
-                    "DELETE FROM readings WHERE id BETWEEN ? AND ? AND batch_id IS NULL",
-                    (first_id, last_id),
-                )
-            else:
-                cur = conn.execute(
-                    "UPDATE readings SET batch_id = ? WHERE id BETWEEN ? AND ? "
-                    "AND batch_id IS NULL",
-                    (batch_id, first_id, last_id),
-                )
-            if cur.rowcount != batch.rows:
-                raise _Raced(cur.rowcount, batch.rows)
-            conn.execute(
-                f"INSERT INTO batches ({BATCH_COLUMNS}) "  # noqa: S608 (a constant column list)
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    batch.batch_id,
-                    batch.state,
-                    batch.rows,
-                    batch.sha256,
-                    batch.first_ts,
-                    batch.last_ts,
-                    batch.first_id,
-                    batch.last_id,
-                    batch.mode,
-                    batch.type,
-                    batch.file,
-                    batch.created_at,
-                ),
-            )
-            store.set_meta(conn, "last_batch_seq", str(int(batch_id.split("-", 1)[0])))
+        _record(conn, cfg, batch)
     except _Raced as exc:
         # Another writer changed these readings between our read and our commit (a second
         # uploader, or a restore); drop the file and let the next cut see the new truth.
@@ -207,6 +171,30 @@ def cut_batch(conn: sqlite3.Connection, cfg: Config) -> Batch | None:
         fsutil.unlink_durably(path)
         raise
     return batch
+
+
+def _record(conn: sqlite3.Connection, cfg: Config, batch: Batch) -> None:
+    """In one transaction: the batch's readings get its id (or are deleted, with
+    ``delete_reading_on_zip``) and its row is inserted; _Raced if another writer took some."""
+    with store.transaction(conn):
+        if cfg.upload.delete_reading_on_zip:
+            cur = conn.execute(
+                "DELETE FROM readings WHERE id BETWEEN ? AND ? AND batch_id IS NULL",
+                (batch.first_id, batch.last_id),
+            )
+        else:
+            cur = conn.execute(
+                "UPDATE readings SET batch_id = ? WHERE id BETWEEN ? AND ? AND batch_id IS NULL",
+                (batch.batch_id, batch.first_id, batch.last_id),
+            )
+        if cur.rowcount != batch.rows:
+            raise _Raced(cur.rowcount, batch.rows)
+        conn.execute(
+            f"INSERT INTO batches ({BATCH_COLUMNS}) "  # noqa: S608 (a constant column list)
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            astuple(batch),
+        )
+        store.set_meta(conn, "last_batch_seq", str(int(batch.batch_id.split("-", 1)[0])))
 
 
 class _Raced(Exception):

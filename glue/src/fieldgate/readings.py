@@ -299,6 +299,30 @@ def parse_csv_sample(
     return readings
 
 
+def decode_payload(payload: bytes, max_bytes: int) -> str:
+    """A payload's text: at most ``max_bytes``, valid UTF-8; SampleError says which not."""
+    if len(payload) > max_bytes:
+        raise SampleError(
+            f"payload of {len(payload)} bytes is over mqtt.max_payload_bytes "
+            f"({max_bytes}); first {REJECTED_PAYLOAD_KEEP} bytes kept"
+        )
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SampleError(f"payload is not valid UTF-8 (byte {exc.start})") from None
+
+
+def split_samples(text: str, csv_columns: list[str] | None) -> list[tuple[str, Any]]:
+    """A payload's samples, each with the label its reason gets: ``line n`` (CSV, for a
+    device with ``csv_columns``), ``element i`` (a JSON array), "" (a lone JSON object)."""
+    if csv_columns is not None:
+        return [(f"line {n}", f) for n, f in parse_csv_lines(text, csv_columns)]
+    docs = parse_json_samples(text)
+    if text.lstrip().startswith("["):
+        return [(f"element {i}", d) for i, d in enumerate(docs)]
+    return [("", docs[0])]
+
+
 def parse_payload(
     device_name: str,
     payload: bytes,
@@ -313,29 +337,9 @@ def parse_payload(
     except SampleError as exc:
         return Outcome(device=None, reason=str(exc))
     outcome = Outcome(device=device)
-    if len(payload) > rules.max_payload_bytes:
-        outcome.reason = (
-            f"payload of {len(payload)} bytes is over mqtt.max_payload_bytes "
-            f"({rules.max_payload_bytes}); first {REJECTED_PAYLOAD_KEEP} bytes kept"
-        )
-        return outcome
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        outcome.reason = f"payload is not valid UTF-8 (byte {exc.start})"
-        return outcome
     csv_columns = dev_cfg.csv_columns if dev_cfg is not None and dev_cfg.format == "csv" else None
     try:
-        if csv_columns is not None:
-            samples: list[tuple[str, Any]] = [
-                (f"line {n}", f) for n, f in parse_csv_lines(text, csv_columns)
-            ]
-        else:
-            docs = parse_json_samples(text)
-            if text.lstrip().startswith("["):
-                samples = [(f"element {i}", d) for i, d in enumerate(docs)]
-            else:
-                samples = [("", docs[0])]
+        samples = split_samples(decode_payload(payload, rules.max_payload_bytes), csv_columns)
     except SampleError as exc:
         outcome.reason = str(exc)
         return outcome
