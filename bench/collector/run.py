@@ -77,24 +77,25 @@ def start_broker(work: Path, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
+def session_sub(port: int, client_id: str) -> list[str]:
+    """``mosquitto_sub`` on the persistent QoS 1 session ``client_id`` (MQTT 3.1.1)."""
+    return [
+        "mosquitto_sub",
+        "-p",
+        str(port),
+        "-c",
+        "-i",
+        client_id,
+        "-q",
+        "1",
+        "-t",
+        TOPIC,
+    ]
+
+
 def register_v311_session(port: int, client_id: str) -> None:
     """A persistent MQTT 3.1.1 session subscribed at QoS 1 (the baselines use 3.1.1)."""
-    subprocess.run(
-        [
-            "mosquitto_sub",
-            "-p",
-            str(port),
-            "-c",
-            "-i",
-            client_id,
-            "-q",
-            "1",
-            "-t",
-            TOPIC,
-            "-E",
-        ],
-        check=True,
-    )
+    subprocess.run([*session_sub(port, client_id), "-E"], check=True)
 
 
 def publish_backlog(port: int, n: int) -> float:
@@ -140,19 +141,7 @@ def publish_backlog(port: int, n: int) -> float:
 def drain_mosquitto_sub(port: int, client_id: str, n: int) -> float:
     started = time.monotonic()
     subprocess.run(
-        [
-            "mosquitto_sub",
-            "-p",
-            str(port),
-            "-c",
-            "-i",
-            client_id,
-            "-q",
-            "1",
-            "-t",
-            TOPIC,
-        ]
-        + ["-C", str(n)],
+        [*session_sub(port, client_id), "-C", str(n)],
         stdout=subprocess.DEVNULL,
         check=True,
     )

@@ -143,25 +143,46 @@ def test_sqlite_full_is_recognised(small_fs: Path) -> None:
     assert is_disk_full(err.value)
 
 
-def test_intake_pauses_above_threshold_without_loss_and_resumes(
-    small_fs: Path, mosquitto: Broker, config_file: ConfigFactory, tmp_path: Path
-) -> None:
+def start_collector_on(
+    small_fs: Path,
+    mosquitto: Broker,
+    config_file: ConfigFactory,
+    log: Path,
+    *,
+    stop_at: float,
+    resume_below: float,
+) -> tuple[Path, Path, subprocess.Popen[bytes]]:
+    """(config, store, process) of ``fieldgate collect`` with its store on ``small_fs``,
+    once it runs."""
     config = config_file(
         broker=mosquitto,
         overrides={
             "store": {"path": str(small_fs / "data_store.db")},
             "disk": {
-                "stop_accepting_at_percent": 90,
-                "resume_below_percent": 80,
+                "stop_accepting_at_percent": stop_at,
+                "resume_below_percent": resume_below,
                 "check_interval_secs": 0.2,
             },
         },
     )
     db = small_fs / "data_store.db"
-    log = tmp_path / "collector.log"
     proc = start_fieldgate("collect", config=config, log=log)
     try:
         wait_until(lambda: db.exists() and state_of(db) == "running", what="collector running")
+    except BaseException:
+        stop_process(proc, signal.SIGTERM)
+        raise
+    return config, db, proc
+
+
+def test_intake_pauses_above_threshold_without_loss_and_resumes(
+    small_fs: Path, mosquitto: Broker, config_file: ConfigFactory, tmp_path: Path
+) -> None:
+    log = tmp_path / "collector.log"
+    config, db, proc = start_collector_on(
+        small_fs, mosquitto, config_file, log, stop_at=90, resume_below=80
+    )
+    try:
         publish(mosquitto, stream(100))
         wait_until(lambda: count_rows(db, "readings") == 200)
 
@@ -192,23 +213,12 @@ def test_intake_pauses_above_threshold_without_loss_and_resumes(
 def test_sqlite_full_on_commit_acks_nothing_and_retries_after_space_returns(
     small_fs: Path, mosquitto: Broker, config_file: ConfigFactory, tmp_path: Path
 ) -> None:
-    config = config_file(
-        broker=mosquitto,
-        overrides={
-            "store": {"path": str(small_fs / "data_store.db")},
-            # the guard alone would never stop intake before the disk is full
-            "disk": {
-                "stop_accepting_at_percent": 100,
-                "resume_below_percent": 90,
-                "check_interval_secs": 0.2,
-            },
-        },
-    )
-    db = small_fs / "data_store.db"
     log = tmp_path / "collector.log"
-    proc = start_fieldgate("collect", config=config, log=log)
+    # the guard alone would never stop intake before the disk is full
+    config, db, proc = start_collector_on(
+        small_fs, mosquitto, config_file, log, stop_at=100, resume_below=90
+    )
     try:
-        wait_until(lambda: db.exists() and state_of(db) == "running", what="collector running")
         publish(mosquitto, stream(10))
         wait_until(lambda: count_rows(db, "readings") == 20)
         everything = fill_completely(small_fs)

@@ -314,15 +314,14 @@ def test_expired_upload_url_both_sides(tmp_path: Path, config_file: ConfigFactor
         hub.stop()
 
 
-class CuttingProxy:
-    """A loopback TCP proxy that cuts the first PUT short (a link dropping mid-upload)."""
+class LoopbackServer:
+    """A TCP server on a free loopback port; each accepted connection goes to ``accepted``."""
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.port = free_port()
-        self.cut = 0
-        self.sock = socket.create_server(("127.0.0.1", self.port))
-        self.sock.settimeout(0.2)
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.sock.settimeout(0.1)
+        self.held: list[socket.socket] = []
         self.stopping = False
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -330,10 +329,32 @@ class CuttingProxy:
     def _serve(self) -> None:
         while not self.stopping:
             try:
-                client, _ = self.sock.accept()
+                conn, _ = self.sock.accept()
             except TimeoutError:
                 continue
-            threading.Thread(target=self._pipe_pair, args=(client,), daemon=True).start()
+            self.accepted(conn)
+
+    def accepted(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stopping = True
+        self.thread.join(5)
+        for c in self.held:
+            c.close()
+        self.sock.close()
+
+
+class CuttingProxy(LoopbackServer):
+    """A loopback TCP proxy that cuts the first PUT short (a link dropping mid-upload)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.cut = 0
+        super().__init__()
+
+    def accepted(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._pipe_pair, args=(conn,), daemon=True).start()
 
     def _pipe_pair(self, client: socket.socket) -> None:
         up = socket.create_connection(self.upstream)
@@ -370,11 +391,6 @@ class CuttingProxy:
         except OSError:
             pass
 
-    def close(self) -> None:
-        self.stopping = True
-        self.thread.join(5)
-        self.sock.close()
-
 
 @pytest.fixture
 def cutting_proxy(hub: Hub) -> Iterator[CuttingProxy]:
@@ -400,31 +416,16 @@ def test_body_cut_off_in_transit_is_refused_and_resent(
     assert hub_rows(hub) == set(data)
 
 
-class ConnectionRecorder:
+class ConnectionRecorder(LoopbackServer):
     """A listening socket that records every connection made to it."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.sock.settimeout(0.1)
         self.connections = 0
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _run(self) -> None:
-        while not self.stopping:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            self.connections += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.stopping = True
-        self.thread.join(5)
-        self.sock.close()
+    def accepted(self, conn: socket.socket) -> None:
+        self.connections += 1
+        conn.close()
 
 
 def test_pass_mode_makes_no_network_call(config_file: ConfigFactory) -> None:
@@ -515,32 +516,11 @@ def test_second_uploader_is_refused(config_file: ConfigFactory, tmp_path: Path) 
             first.wait()
 
 
-class BlackHole:
+class BlackHole(LoopbackServer):
     """Accepts connections and never answers (a hub that hangs)."""
 
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.held: list[socket.socket] = []
-        self.sock.settimeout(0.1)
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopping:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            self.held.append(conn)
-
-    def close(self) -> None:
-        self.stopping = True
-        self.thread.join(5)
-        for c in self.held:
-            c.close()
-        self.sock.close()
+    def accepted(self, conn: socket.socket) -> None:
+        self.held.append(conn)
 
 
 def test_sigterm_stops_promptly_with_a_request_in_flight(
