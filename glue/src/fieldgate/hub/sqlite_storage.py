@@ -114,13 +114,6 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _counted(rows: Iterable[Row], seen: list[int]) -> Iterator[Row]:
-    """``rows``, counting them into ``seen[0]`` as they pass."""
-    for row in rows:
-        seen[0] += 1
-        yield row
-
-
 class SqliteHubStorage:
     """:class:`~fieldgate.hub.storage.HubStorage` over one SQLite file."""
 
@@ -249,7 +242,14 @@ class SqliteHubStorage:
         expected_rows: int | None = None,
     ) -> int:
         flag = 1 if test else 0
-        seen = [0]
+        seen = 0
+
+        def counted() -> Iterator[Row]:  # a closure counts a million rows fastest
+            nonlocal seen
+            for row in rows:
+                seen += 1
+                yield row
+
         # serial, batch_id and the flag are the same for every row: binding them as SQL
         # literals (quoted) instead of per-row parameters makes the insert a quarter cheaper
         insert = (
@@ -259,15 +259,14 @@ class SqliteHubStorage:
         with store.transaction(self.conn):
             self._ensure_gateway(serial)
             before = self.conn.total_changes
-            self.conn.executemany(insert, _counted(rows, seen))
+            self.conn.executemany(insert, counted())
             new = self.conn.total_changes - before
-            if expected_rows is not None and seen[0] != expected_rows:
+            if expected_rows is not None and seen != expected_rows:
                 raise IngestError(
-                    f"the manifest announces {expected_rows} readings but readings.csv holds "
-                    f"{seen[0]}"
+                    f"the manifest announces {expected_rows} readings but readings.csv holds {seen}"
                 )
             known = self._record_batch(
-                serial, batch_id, rows=seen[0], new=new, flag=flag, manifest=manifest or {}
+                serial, batch_id, rows=seen, new=new, flag=flag, manifest=manifest or {}
             )
             self.conn.execute(
                 "UPDATE gateways SET rows = rows + ?, test_rows = test_rows + ?, "
