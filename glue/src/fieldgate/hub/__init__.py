@@ -1,5 +1,8 @@
 """The reference hub: the central receiver gateways upload their batches to (docs/contract.md §6).
 
-``app`` is the Flask application, ``storage`` the database behind a small interface,
-``cli`` the ``fieldgate hub`` commands (a gunicorn server, PINs, imports).
+``storage`` is the backend-neutral interface to the hub's database (``sqlite_storage`` the
+SQLite backend, ``backends.open_storage`` the choice); ``app`` the Flask application with its
+blueprints (``uploads``, ``fleet``; ``web`` what views share); ``server`` runs it under
+gunicorn (the ``hub`` extra); ``imports`` is ``fieldgate hub import``. The ``fieldgate hub``
+commands themselves are in :mod:`fieldgate.cli.hub`.
 """
