@@ -12,8 +12,8 @@ SECONDS=0
 stage() { printf '\n==== %s (t=%ss)\n' "$1" "$SECONDS"; }
 
 stage "ruff"
-ruff check glue bench
-ruff format --check glue bench
+ruff check glue bench scripts
+ruff format --check glue bench scripts
 
 stage "ansible lint and syntax"
 bash scripts/lint.sh
