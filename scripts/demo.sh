@@ -85,11 +85,8 @@ all:
           fieldgate_devices:
             - serial: TH-0001
               alias: demo-temp
-          mosquitto_device_accounts:
-            - username: TH-0001
-              password: "$DEVICE"
+              mqtt_password: "$DEVICE"
       vars:
-        mosquitto_collector_password: "$COLLECTOR"
         fieldgate_mqtt_password: "$COLLECTOR"
         fieldgate_export_password: "$EXPORT"
         fieldgate_upload_url: http://$HUB:8080

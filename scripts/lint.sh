@@ -8,6 +8,8 @@
 #      (`fieldgate check-config`)
 #   5. negative checks: a bad inventory fails at validation, before any change, naming the
 #      variable (and the good inventory passes the same validation)
+#   6. generated files are current: the roles' name patterns (scripts/gen_names.py, from
+#      glue/src/fieldgate/names.py)
 # Needs: .venv (scripts/bootstrap.sh), apt-get and dpkg-deb. Leaves nothing behind but the
 # udevadm cache in .bundle/tools.
 set -euo pipefail
@@ -24,6 +26,19 @@ trap '[ -n "${LINT_KEEP:-}" ] || rm -rf "$WORK"' EXIT
 
 step() { printf '\n--- lint: %s\n' "$1"; }
 fail() { printf 'lint: FAILED: %s\n' "$1" >&2; exit 1; }
+
+step "generated files are current (name patterns)"
+python scripts/gen_names.py --check || fail "the roles' name patterns are not generated from glue/src/fieldgate/names.py"
+# The check itself must be able to fail: a copy with a changed pattern is refused.
+GEN="$WORK/gen"
+mkdir -p "$GEN/glue"
+cp -r roles playbooks inventories "$GEN/"
+cp -r glue/src "$GEN/glue/"
+sed -i 's/{0,63}/{0,31}/' "$GEN/glue/src/fieldgate/names.py"
+if python scripts/gen_names.py --root "$GEN" --check 2>"$WORK/gen.err"; then fail "gen_names.py --check accepted a stale pattern"; fi
+grep -q "not current with glue/src/fieldgate/names.py: roles/fieldgate/vars/main/names.yml" "$WORK/gen.err" \
+  || { cat "$WORK/gen.err"; fail "gen_names.py --check failed for another reason than the stale pattern"; }
+echo "ok  generated files are current (a stale pattern is refused)"
 
 step "yamllint"
 yamllint --strict .
@@ -135,7 +150,7 @@ expect_bad() {
   grep -q "Validation of arguments failed\|Action failed" "$WORK/bad-$name.msg" \
     || { cat "$log"; fail "$name: not refused by argument validation or an assertion"; }
   # Nothing ran after the validation plays.
-  if grep -q '^PLAY \[Package sources' "$log"; then
+  if grep -q -E '^PLAY \[(Gateways|Hub)\]' "$log"; then
     cat "$log"; fail "$name: the run went past validation"
   fi
   echo "ok  $name -> $(head -c 300 "$WORK/bad-$name.msg" | tr '\n' ' ' | sed 's/^\[ERROR\]: Task failed: //')"
@@ -186,8 +201,42 @@ shorewall_interfaces:
     name: eth2
 EOF
 
-expect_bad device-without-account "mosquitto_device_accounts" <<'EOF'
-mosquitto_device_accounts: []
+# A device without an MQTT account can no longer be declared: the broker's accounts are
+# derived from fieldgate_devices. What the one declaration can get wrong instead:
+expect_bad device-without-password "mqtt_password" <<'EOF'
+fieldgate_devices:
+  - serial: TH-001
+EOF
+
+expect_bad device-with-empty-password "fieldgate_devices" <<'EOF'
+fieldgate_devices:
+  - serial: TH-001
+    mqtt_password: ""
+EOF
+grep -q "TH-001" "$WORK/bad-device-with-empty-password.msg" || fail "device-with-empty-password: the message does not name the device"
+
+expect_bad device-named-like-collector "fieldgate_mqtt_username" <<'EOF'
+fieldgate_devices:
+  - serial: collector
+    mqtt_password: not-empty
+EOF
+
+# ':' was accepted in serials once; the glue's one name pattern (glue/src/fieldgate/names.py)
+# refuses it now, and the roles check with the same pattern.
+expect_bad serial-with-colon "fieldgate_serial" <<'EOF'
+fieldgate_serial: "GW:0001"
+EOF
+
+expect_bad csv-column-not-a-metric "csv_columns" <<'EOF'
+fieldgate_devices:
+  - serial: FLOW-17
+    format: csv
+    csv_columns: [ts, "flow lpm"]
+    mqtt_password: not-empty
+EOF
+
+expect_bad program-stopwaitsecs-too-short "fieldgate_stopwaitsecs" <<'EOF'
+fieldgate_stopwaitsecs: 5
 EOF
 
 expect_bad unknown-upload-mode "fieldgate_upload_mode" <<'EOF'

@@ -106,9 +106,9 @@ def publish(sensor: Any, address: str, user: str, password: str, topic: str,
 
 
 def device_password(gateway: str, serial: str) -> str:
-    for account in host_vars(gateway)["mosquitto_device_accounts"]:
-        if account["username"] == serial:
-            return account["password"]
+    for device in host_vars(gateway)["fieldgate_devices"]:
+        if device["serial"] == serial:
+            return device["mqtt_password"]
     raise KeyError(f"no MQTT account for {serial} on {gateway}")
 
 
@@ -141,7 +141,7 @@ def send_readings(
     """
     host = get_host(gw)
     cfg = gateway_config(host)
-    device = host_vars(gw)["mosquitto_device_accounts"][-1]["username"]
+    device = host_vars(gw)["fieldgate_devices"][-1]["serial"]
     base = now_ms()
     readings = [{"ts": base + i, "metrics": {"temp_c": 20.5 + i, "rh": 40 + i}} for i in range(n)]
     topic = f"{cfg['mqtt']['topic_prefix']}/{device}/readings"

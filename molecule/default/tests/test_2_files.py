@@ -46,8 +46,8 @@ def known_secrets(host) -> list[str]:
     cfg = gateway_config(host)
     values = [host.file(secret_path(cfg, k)).content_string.strip() for k in SECRET_KEYS]
     name = host.backend.get_hostname()
-    values += [a["password"] for a in host_vars(name).get("mosquitto_device_accounts", [])]
-    values.append(group_vars("gateways")["mosquitto_collector_password"])
+    values += [d["mqtt_password"] for d in host_vars(name).get("fieldgate_devices", [])]
+    values.append(group_vars("gateways")["fieldgate_mqtt_password"])
     return sorted({v for v in values if v})
 
 

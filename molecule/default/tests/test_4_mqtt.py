@@ -29,7 +29,7 @@ def test_anonymous_refused(sensor, net, gw):
 
 @pytest.mark.parametrize("gw", GATEWAYS)
 def test_wrong_password_refused(sensor, net, gw):
-    device = host_vars(gw)["mosquitto_device_accounts"][0]["username"]
+    device = host_vars(gw)["fieldgate_devices"][0]["serial"]
     code = sensor.check_output(
         "fieldgate-probe connect %s 1883 -u %s -P %s",
         net["hosts"][gw]["nets"]["sensor"],
@@ -47,8 +47,8 @@ def test_device_cannot_publish_as_another_device(sensor, net):
     """
     gw = get_host("gw1")
     cfg = gateway_config(gw)
-    accounts = host_vars("gw1")["mosquitto_device_accounts"]
-    me, victim = accounts[0]["username"], accounts[1]["username"]
+    devices = host_vars("gw1")["fieldgate_devices"]
+    me, victim = devices[0]["serial"], devices[1]["serial"]
     prefix = cfg["mqtt"]["topic_prefix"]
     ts = now_ms()
     address = net["hosts"]["gw1"]["nets"]["sensor"]
