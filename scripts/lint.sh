@@ -9,7 +9,8 @@
 #   5. negative checks: a bad inventory fails at validation, before any change, naming the
 #      variable (and the good inventory passes the same validation)
 #   6. generated files are current: the roles' name patterns (scripts/gen_names.py, from
-#      glue/src/fieldgate/names.py)
+#      glue/src/fieldgate/names.py) and the role READMEs (scripts/gen_role_docs.py, from each
+#      role's argument specs and defaults, which must agree)
 # Needs: .venv (scripts/bootstrap.sh), apt-get and dpkg-deb. Leaves nothing behind but the
 # udevadm cache in .bundle/tools.
 set -euo pipefail
@@ -27,18 +28,24 @@ trap '[ -n "${LINT_KEEP:-}" ] || rm -rf "$WORK"' EXIT
 step() { printf '\n--- lint: %s\n' "$1"; }
 fail() { printf 'lint: FAILED: %s\n' "$1" >&2; exit 1; }
 
-step "generated files are current (name patterns)"
+step "generated files are current (name patterns, role READMEs)"
 python scripts/gen_names.py --check || fail "the roles' name patterns are not generated from glue/src/fieldgate/names.py"
-# The check itself must be able to fail: a copy with a changed pattern is refused.
+python scripts/gen_role_docs.py --check || fail "a role README is not generated from its argument specs and defaults"
+# The checks themselves must be able to fail: a copy with a changed pattern and a changed
+# default is refused by both.
 GEN="$WORK/gen"
 mkdir -p "$GEN/glue"
 cp -r roles playbooks inventories "$GEN/"
 cp -r glue/src "$GEN/glue/"
 sed -i 's/{0,63}/{0,31}/' "$GEN/glue/src/fieldgate/names.py"
+sed -i 's/^udev_rules_usb_export_state: present$/udev_rules_usb_export_state: absent/' "$GEN/roles/udev_rules/defaults/main.yml"
 if python scripts/gen_names.py --root "$GEN" --check 2>"$WORK/gen.err"; then fail "gen_names.py --check accepted a stale pattern"; fi
 grep -q "not current with glue/src/fieldgate/names.py: roles/fieldgate/vars/main/names.yml" "$WORK/gen.err" \
   || { cat "$WORK/gen.err"; fail "gen_names.py --check failed for another reason than the stale pattern"; }
-echo "ok  generated files are current (a stale pattern is refused)"
+if python scripts/gen_role_docs.py --root "$GEN" --check 2>"$WORK/gen.err"; then fail "gen_role_docs.py --check accepted a default the specs disagree with"; fi
+grep -q "udev_rules_usb_export_state: the spec's default 'present' differs from defaults/main.yml" "$WORK/gen.err" \
+  || { cat "$WORK/gen.err"; fail "gen_role_docs.py --check failed for another reason than the disagreeing default"; }
+echo "ok  generated files are current (a stale pattern and a disagreeing default are refused)"
 
 step "yamllint"
 yamllint --strict .
