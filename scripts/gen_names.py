@@ -12,13 +12,12 @@ this script writes them into a generated vars file of each role that needs them
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from pathlib import Path
 
-# The repository; --root names another (lint.sh proves the check on a stale copy).
-ROOT = Path(__file__).resolve().parents[1]
+from generated import arguments, sync
+
 SOURCE = "glue/src/fieldgate/names.py"
 # Generated file -> {variable: key of PATTERNS}.
 TARGETS = {
@@ -64,32 +63,10 @@ def render(variables: dict[str, str], patterns: dict[str, str]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only report stale files")
-    parser.add_argument("--root", type=Path, help="the repository (default: this script's)")
-    args = parser.parse_args()
-    root = (args.root or ROOT).resolve()
+    root, check = arguments(__doc__)
     patterns = load_patterns(root)
-    stale = []
-    for rel, variables in TARGETS.items():
-        path = root / rel
-        text = render(variables, patterns)
-        current = path.read_text() if path.exists() else None
-        if current == text:
-            continue
-        stale.append(rel)
-        if not args.check:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"gen_names: wrote {rel}")
-    if args.check and stale:
-        print(
-            f"gen_names: not current with {SOURCE}: {', '.join(stale)} "
-            "(run .venv/bin/python scripts/gen_names.py)",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    files = {rel: render(variables, patterns) for rel, variables in TARGETS.items()}
+    return sync(root, files, check=check, tool="gen_names", source=SOURCE)
 
 
 if __name__ == "__main__":
