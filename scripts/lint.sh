@@ -169,6 +169,17 @@ fieldgate_devices:
 EOF
 grep -q "serial" "$WORK/bad-device-without-serial.msg" || fail "device-without-serial: the message does not name 'serial'"
 
+expect_bad network-ups-without-port "apcupsd_device" <<'EOF'
+apcupsd_upstype: net
+apcupsd_upscable: ether
+apcupsd_device: ups-host.site.example
+EOF
+
+expect_bad network-ups-usb-cable "apcupsd_upscable" <<'EOF'
+apcupsd_upstype: net
+apcupsd_device: ups-host.site.example:3551
+EOF
+
 expect_bad unknown-led-type "fieldgate_led_type" <<'EOF'
 fieldgate_led_type: gpio
 EOF
