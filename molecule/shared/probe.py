@@ -10,14 +10,25 @@ packages from anywhere but the base tree, which has Python. The protocol parts u
   probe.py publish HOST PORT -u U -P P -t TOPIC -m PAYLOAD [-m ...]
                                           publishes each payload with QoS 1, waits for PUBACK;
                                           exit 0 only when every message was acknowledged
+  probe.py stream HOST PORT -u U -P P -t TOPIC --acked FILE [--rate N]
+                                          a sensor that keeps publishing until SIGTERM: reading
+                                          n (1, 2, ...) is {"ts": start_ms + n, "metrics":
+                                          {"seq": n}}, QoS 1, one every 1/N s; each PUBACK
+                                          appends "n epoch_ms" to FILE at once. A reading whose
+                                          PUBACK does not come (broker gone, host off) is not
+                                          sent again; the connection is retried every 0.5 s
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import socket
 import struct
 import sys
+import time
+from pathlib import Path
 
 
 def port_state(host: str, port: int, timeout: float) -> str:
@@ -96,11 +107,67 @@ def mqtt_connect(host: str, port: int, user: str | None, password: str | None,
     return sock, rest[1]
 
 
+def publish_qos1(sock: socket.socket, topic: str, mid: int, payload: bytes) -> bool:
+    """One QoS 1 PUBLISH; True when the broker acknowledged it (MQTT 3.1.1 §3.3, §3.4)."""
+    sock.sendall(_packet(0x32, _str(topic) + struct.pack("!H", mid) + payload))
+    head, rest = _read_packet(sock)
+    return head >> 4 == 4 and struct.unpack("!H", rest[:2])[0] == mid
+
+
+def stream(a: argparse.Namespace) -> int:
+    """Publish numbered readings until SIGTERM, recording each acknowledged one at once."""
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    start_ms = int(time.time() * 1000)
+    counts = {"published": 0, "acked": 0, "not_sent": 0}
+    sock: socket.socket | None = None
+    retry_at = 0.0
+    next_at = time.monotonic()
+    seq = 0
+    with Path(a.acked).open("a", buffering=1) as acked:
+        while not stopping:
+            time.sleep(max(0.0, next_at - time.monotonic()))
+            next_at = max(next_at + 1 / a.rate, time.monotonic() - 1)  # no burst after a stall
+            seq += 1
+            if sock is None and time.monotonic() >= retry_at:
+                try:
+                    sock, code = mqtt_connect(a.host, a.port, a.user, a.password,
+                                              a.client_id, a.timeout)  # fmt: skip
+                    if code != 0:
+                        sock.close()
+                        sock = None
+                except OSError:
+                    sock = None
+                if sock is None:
+                    retry_at = time.monotonic() + 0.5
+            if sock is None:
+                counts["not_sent"] += 1
+                continue
+            payload = json.dumps({"ts": start_ms + seq, "metrics": {"seq": seq}}).encode()
+            counts["published"] += 1
+            try:
+                ok = publish_qos1(sock, a.topic, seq % 65535 + 1, payload)
+            except OSError:  # also ConnectionError and a PUBACK timeout
+                ok = False
+            if ok:
+                counts["acked"] += 1
+                acked.write(f"{seq} {int(time.time() * 1000)}\n")
+            else:
+                sock.close()
+                sock = None
+    if sock is not None:
+        sock.sendall(_packet(0xE0, b""))
+        sock.close()
+    print(json.dumps({"start_ms": start_ms, "last_seq": seq, **counts}))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("port")
-    for sp in (pp, sub.add_parser("connect"), sub.add_parser("publish")):
+    ps = sub.add_parser("stream")
+    for sp in (pp, sub.add_parser("connect"), sub.add_parser("publish"), ps):
         sp.add_argument("host")
         sp.add_argument("port", type=int)
         sp.add_argument("--timeout", type=float, default=3.0)
@@ -108,10 +175,15 @@ def main() -> int:
             sp.add_argument("-u", "--user")
             sp.add_argument("-P", "--password")
             sp.add_argument("-i", "--client-id", default="fieldgate-probe")
-        if sp.prog.endswith("publish"):
+        if sp.prog.endswith(("publish", "stream")):
             sp.add_argument("-t", "--topic", required=True)
+        if sp.prog.endswith("publish"):
             sp.add_argument("-m", "--message", action="append", required=True)
+    ps.add_argument("--acked", required=True, help="file the acknowledged readings go to")
+    ps.add_argument("--rate", type=float, default=20.0, help="readings per second")
     a = p.parse_args()
+    if a.cmd == "stream":
+        return stream(a)
     if a.cmd == "port":
         print(port_state(a.host, a.port, a.timeout))
         return 0
@@ -124,10 +196,7 @@ def main() -> int:
         print(f"connection refused by the broker: CONNACK {code}", file=sys.stderr)
         return 1
     for mid, message in enumerate(a.message, start=1):
-        body = _str(a.topic) + struct.pack("!H", mid) + message.encode()
-        sock.sendall(_packet(0x32, body))  # PUBLISH, QoS 1
-        head, rest = _read_packet(sock)
-        if head >> 4 != 4 or struct.unpack("!H", rest[:2])[0] != mid:
+        if not publish_qos1(sock, a.topic, mid, message.encode()):
             print(f"no PUBACK for message {mid}", file=sys.stderr)
             return 1
     sock.sendall(_packet(0xE0, b""))  # DISCONNECT

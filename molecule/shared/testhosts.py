@@ -23,6 +23,9 @@ Commands (all take --run-dir DIR, the directory holding state.json, keys and ove
   up HOST:NET[,NET] ...         boot hosts (NET is mgmt or sensor), wait for SSH
   down                          stop everything of the run; idempotent, safe after failures
   restart HOST                  power the host off and boot it again (a reboot)
+  wait-off HOST [--timeout S]   wait until the host has powered itself off (e.g. a UPS
+                                shutdown inside it); fails when it is still running after S
+  boot HOST                     boot a host that has powered itself off; refuses a running one
   exec HOST -- CMD ...          run a command inside a host (all its namespaces)
   status                        print state.json
 """
@@ -618,9 +621,41 @@ def cmd_down(run_: Run, keep_dir: bool = False) -> None:
 
 def cmd_restart(run_: Run, name: str) -> None:
     """Reboot one host: power off, boot the same overlay again, re-plumb, wait for SSH."""
+    _host(run_, name)
+    _stop_host(run_, name)
+    _boot(run_, name)
+    _wait_ssh(run_, name)
+
+
+def _running(run_: Run, name: str) -> bool:
+    """True while the host's systemd-nspawn is alive (a halt inside the host ends it)."""
+    h = run_.state["hosts"][name]
+    return bool(h.get("pid")) and _alive(h["pid"]) and _is_ours(h["pid"], h["machine"])
+
+
+def _host(run_: Run, name: str) -> dict:
     if name not in run_.state.get("hosts", {}):
         raise TestHostError(f"no host {name!r} in {run_.dir}")
-    _stop_host(run_, name)
+    return run_.state["hosts"][name]
+
+
+def cmd_wait_off(run_: Run, name: str, timeout: float) -> None:
+    """Wait until the host has powered itself off (its systemd-nspawn has exited)."""
+    _host(run_, name)
+    deadline = time.monotonic() + timeout
+    while _running(run_, name):
+        if time.monotonic() > deadline:
+            raise TestHostError(f"{name} is still running after {timeout:.0f} s")
+        _reap(run_.state["hosts"][name]["pid"])
+        time.sleep(0.1)
+
+
+def cmd_boot(run_: Run, name: str) -> None:
+    """Boot a host that powered itself off: clear what is left of it, boot, wait for SSH."""
+    _host(run_, name)
+    if _running(run_, name):
+        raise TestHostError(f"{name} is running; 'restart' reboots a running host")
+    _stop_host(run_, name)  # nothing left to stop: reaps, clears its cgroups and state
     _boot(run_, name)
     _wait_ssh(run_, name)
 
@@ -639,6 +674,10 @@ def main(argv: list[str] | None = None) -> int:
     p_down.add_argument("--keep-dir", action="store_true")
     p_re = sub.add_parser("restart")
     p_re.add_argument("host")
+    p_wo = sub.add_parser("wait-off")
+    p_wo.add_argument("host")
+    p_wo.add_argument("--timeout", type=float, default=300)
+    sub.add_parser("boot").add_argument("host")
     p_ex = sub.add_parser("exec")
     p_ex.add_argument("host")
     p_ex.add_argument("command", nargs=argparse.REMAINDER)
@@ -662,6 +701,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_down(run_, keep_dir=args.keep_dir)
         elif args.cmd == "restart":
             cmd_restart(run_, args.host)
+        elif args.cmd == "wait-off":
+            cmd_wait_off(run_, args.host, args.timeout)
+        elif args.cmd == "boot":
+            cmd_boot(run_, args.host)
         elif args.cmd == "exec":
             h = run_.state["hosts"][args.host]
             command = args.command[1:] if args.command[:1] == ["--"] else args.command
