@@ -122,8 +122,8 @@ def test_power_cut_end_to_end() -> None:
              lambda: len(stored(gw, db, device["serial"], since_ms)) >= 2 * RATE)  # fmt: skip
 
     # mains fail; gw shuts itself down
+    t_onbatt = time.time()  # before: apcupsd may poll while the command returns
     ups.check_output("fieldgate-ups-standin set onbatt")
-    t_onbatt = time.time()
     hosts_tool("wait-off", "gw", "--timeout", str(WAIT_SECS))
     t_off = time.time()
 
