@@ -151,13 +151,15 @@ def test_power_cut_end_to_end() -> None:
     assert not twice, f"readings stored more than once: {dict(list(twice.items())[:10])}"
     assert not invented, f"readings in the store the sensor never sent: {invented[:10]}"
 
-    # the events were recorded in the store, in order
+    # the events were recorded in the store: powerout, onbattery, then timeout and doshutdown
+    # (apcupsd runs apccontrol for these two at once, so their hooks race)
     power = [
         r["message"]
         for r in sql(gw, db, "SELECT message FROM events WHERE kind = 'power' ORDER BY id")
     ]
-    it = iter(power)
-    assert all(e in it for e in ["powerout", "onbattery", "timeout", "doshutdown"]), power
+    cut = power[len(power) - 1 - power[::-1].index("powerout") :] if "powerout" in power else []
+    assert cut[:2] == ["powerout", "onbattery"], power
+    assert {"timeout", "doshutdown"} <= set(cut[2:]), power
 
     # the shutdown went in this order, and only after apcupsd_timeout seconds on battery
     times = in_order(previous_boot(gw), after=t_onbatt)
