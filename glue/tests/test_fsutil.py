@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -56,10 +57,12 @@ def test_mounts_parse_escapes_and_types(tmp_path: Path) -> None:
         "garbage\n"
     )
     assert fsutil.mounts(info) == [
-        fsutil.Mount("/", "ext4"),
-        fsutil.Mount("/media/usb stick", "fuse.fusefat"),
+        fsutil.Mount("/", "ext4", "/dev/sda1"),
+        fsutil.Mount("/media/usb stick", "fuse.fusefat", "/dev/sdb1"),
     ]
     assert fsutil.mounts(tmp_path / "missing") == []
+    assert not fsutil.is_block_device("/dev/null")
+    assert not fsutil.is_block_device(tmp_path / "missing")
 
 
 def test_filesystem_type_and_mount_points_of_this_machine(tmp_path: Path) -> None:
@@ -88,3 +91,34 @@ def test_disk_usage_and_free_bytes(tmp_path: Path) -> None:
 )
 def test_human_bytes(n: float, units: tuple[str, ...], text: str) -> None:
     assert fsutil.human_bytes(n, units) == text
+
+
+def test_read_from_device_returns_the_file_in_chunks(tmp_path: Path) -> None:
+    data = os.urandom((3 << 20) + 1234)  # not a multiple of the chunk or of a block
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    chunks = [bytes(c) for c in fsutil.read_from_device(path, chunk=1 << 20)]
+    assert [len(c) for c in chunks] == [1 << 20] * 3 + [1234]
+    assert b"".join(chunks) == data
+    with pytest.raises(FileNotFoundError):
+        next(fsutil.read_from_device(tmp_path / "missing.bin"))
+
+
+def test_read_from_device_drops_the_cache_where_direct_io_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem without O_DIRECT: the file is read after dropping its cached pages."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"abc" * 5000)
+    real_open = os.open
+    dropped: list[int] = []
+
+    def no_direct(p: object, flags: int, *args: object) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(p, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    monkeypatch.setattr(fsutil, "drop_cached_pages", dropped.append)
+    assert b"".join(bytes(c) for c in fsutil.read_from_device(path)) == b"abc" * 5000
+    assert len(dropped) == 1

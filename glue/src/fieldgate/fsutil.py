@@ -1,9 +1,24 @@
-"""Filesystem durability and facts: fsync, atomic writes, file hashes, mounts, sizes.
+"""Filesystem durability and facts: fsync, atomic writes, file hashes, reading a file back
+from its device, mounts, sizes.
 
 Every module that must leave a file on disk so that a power cut cannot half-undo it uses
 these helpers, so that "write under a temporary name, fsync, rename, fsync the directory"
 is written once. The facts (mount table, disk use, byte sizes for log lines) are read the
 way ``df`` and ``/proc/self/mountinfo`` give them.
+
+**Reading back from the device.** After ``fsync`` the bytes of a file are still in the
+page cache, so an ordinary read returns what was written, whatever the device holds. Two
+caches can stand between a reader and the device, and :func:`read_from_device` and
+:func:`flush_block_device` bypass both (proven by ``tests/test_usb.py``, which flips a
+byte in the drive image under a mounted filesystem):
+
+- the file's own pages, for a kernel filesystem (ext4, vfat/exFAT by the kernel) and for
+  a FUSE one (exfat-fuse keeps them across opens): the file is read with ``O_DIRECT``
+  (or, where a filesystem refuses it, after ``POSIX_FADV_DONTNEED`` on the file);
+- the block device's pages, for a FUSE driver that reads and writes the device with
+  ordinary ``pread``/``pwrite`` (fusefat, exfat-fuse): ``fdatasync`` and
+  ``POSIX_FADV_DONTNEED`` on the device node, so that the driver's next read comes from
+  the device (needs an open descriptor of the node; no capability, unlike ``BLKFLSBUF``).
 """
 
 from __future__ import annotations
@@ -11,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import mmap
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,12 +155,90 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+#: Bytes per read of :func:`read_from_device` (a multiple of every device's block size).
+READ_BACK_CHUNK = 8 << 20
+
+
+def drop_cached_pages(fd: int) -> None:
+    """Start writing the dirty pages of a file (or block device) out and drop its clean ones.
+
+    Linux's ``POSIX_FADV_DONTNEED`` begins writeback of dirty pages without waiting, then
+    drops the pages that are clean: after an ``fsync`` it empties the file's cache; during
+    a long write it keeps the device busy instead of leaving everything for the final sync.
+    """
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def flush_block_device(fd: int) -> None:
+    """Write a block device's dirty pages out and drop its cached ones (see the module doc).
+
+    For a FUSE filesystem whose driver reads and writes the device node itself: afterwards
+    what the driver wrote is on the device, and its next read comes from the device.
+    """
+    os.fdatasync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def read_from_device(path: str | Path, chunk: int = READ_BACK_CHUNK) -> Iterator[memoryview]:
+    """The bytes of a file as its device returns them, front to back, ``chunk`` at a time.
+
+    Reads with ``O_DIRECT`` into an aligned buffer, or, where the filesystem refuses that,
+    after dropping the file's cached pages. Each view is valid until the next one is asked
+    for. Only the file's own cache is bypassed: a FUSE driver's device needs
+    :func:`flush_block_device` first.
+    """
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT wants
+    direct = True
+    fd = _open_uncached(path, direct)
+    try:
+        offset = 0
+        while True:
+            try:
+                n = os.preadv(fd, [buf], offset)
+            except OSError as exc:
+                # Some filesystems accept O_DIRECT at open and refuse it at read.
+                if exc.errno != errno.EINVAL or not direct or offset:
+                    raise
+                os.close(fd)
+                direct = False
+                fd = _open_uncached(path, direct)
+                continue
+            if n <= 0:
+                return
+            yield memoryview(buf)[:n]
+            offset += n
+    finally:
+        os.close(fd)  # the buffer goes with the last view the caller holds
+
+
+def _open_uncached(path: str | Path, direct: bool) -> int:
+    flags = os.O_RDONLY | os.O_NOFOLLOW
+    if direct:
+        try:
+            return os.open(path, flags | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this filesystem has no direct I/O
+                raise
+    fd = os.open(path, flags)
+    drop_cached_pages(fd)
+    return fd
+
+
+def is_block_device(path: str | Path) -> bool:
+    """Whether ``path`` is a block device node."""
+    try:
+        return stat.S_ISBLK(Path(path).stat().st_mode)
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class Mount:
-    """One line of ``/proc/self/mountinfo``: where, and which filesystem type."""
+    """One line of ``/proc/self/mountinfo``: where, which filesystem type, from what."""
 
     point: str
     fstype: str
+    source: str = ""
 
 
 def _unescape_mount(field: str) -> str:
@@ -163,8 +258,10 @@ def mounts(mountinfo: str | Path = "/proc/self/mountinfo") -> list[Mount]:
         fields = left.split()
         if len(fields) < 5:
             continue
-        fstype = right.split()[0] if right.split() else ""
-        result.append(Mount(_unescape_mount(fields[4]), fstype))
+        tail = right.split()
+        fstype = tail[0] if tail else ""
+        source = _unescape_mount(tail[1]) if len(tail) > 1 else ""
+        result.append(Mount(_unescape_mount(fields[4]), fstype, source))
     return result
 
 
@@ -178,15 +275,21 @@ def is_mounted(point: str | Path) -> bool:
     return str(point) in mount_points()
 
 
-def filesystem_type(path: str | Path) -> str:
-    """The type of the filesystem holding ``path`` (``ext4``, ``fuse.fusefat``; "" unknown)."""
+def mount_of(path: str | Path) -> Mount | None:
+    """The mount holding ``path`` (the innermost one), or None when unknown."""
     target = str(Path(path).resolve())
-    best, kind = "", ""
+    best: Mount | None = None
     for m in mounts():
         inside = target == m.point or target.startswith(m.point.rstrip("/") + "/")
-        if inside and m.fstype and len(m.point) >= len(best):
-            best, kind = m.point, m.fstype
-    return kind
+        if inside and m.fstype and (best is None or len(m.point) >= len(best.point)):
+            best = m
+    return best
+
+
+def filesystem_type(path: str | Path) -> str:
+    """The type of the filesystem holding ``path`` (``ext4``, ``fuse.fusefat``; "" unknown)."""
+    m = mount_of(path)
+    return m.fstype if m else ""
 
 
 def disk_usage_percent(path: str | Path) -> float:
