@@ -169,10 +169,17 @@ def connect(
     return conn
 
 
-def connect_unjournaled(path: str | Path) -> sqlite3.Connection:
+def connect_unjournaled(path: str | Path, *, vfs: str | None = None) -> sqlite3.Connection:
     """A connection to a new file that one writer fills in bulk (a snapshot being taken):
-    no journal, no syncs, exclusive lock. The caller fsyncs the finished file."""
-    conn = sqlite3.connect(str(path), isolation_level=None)
+    no journal, no syncs, exclusive lock. The caller fsyncs the finished file.
+
+    ``vfs``: the SQLite VFS to open it through (by name; default: the default VFS).
+    """
+    if vfs is None:
+        conn = sqlite3.connect(str(path), isolation_level=None)
+    else:
+        uri = f"file:{quote(str(Path(path).resolve()))}?vfs={quote(vfs)}"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
     conn.execute("PRAGMA journal_mode = OFF")
     conn.execute("PRAGMA synchronous = OFF")
     conn.execute("PRAGMA locking_mode = EXCLUSIVE")

@@ -1,0 +1,119 @@
+"""Proof that a file on a drive holds the bytes that were written into it.
+
+:class:`Written` is filled as a file's bytes are handed to ``write`` — by SQLite, seen
+through :mod:`fieldgate.teevfs`, or by a front-to-back copy — with a CRC-32 of every page.
+:func:`check_on_device` then reads the file back from the device
+(:func:`fieldgate.fsutil.read_from_device`, not the page cache), compares every page with
+what was written and returns the SHA-256 of the bytes the device gave back. A page the
+device returns differently, a file of another length, a page that was never written but
+is not zero: each is a :class:`CopyDamaged` naming the first place it differs.
+
+A CRC-32 per page misses a damaged page with odds of 1 in 2^32 (the checksum
+filesystems use the same kind of check); the SHA-256 is then that of the bytes the
+device holds, so ``sha256sum -c`` later checks exactly what was verified here.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import itertools
+import threading
+import zlib
+from pathlib import Path
+
+from fieldgate.errors import FieldgateError
+from fieldgate.fsutil import read_from_device
+
+
+class CopyDamaged(FieldgateError):
+    """The device does not return what was written."""
+
+
+class Written:
+    """A CRC-32 of every page written into one file, its size, and its first page.
+
+    Pages of the file that were never written (holes) must read back as zeros.
+    """
+
+    def __init__(self, page_size: int) -> None:
+        if page_size <= 0:
+            raise ValueError(page_size)
+        self.page_size = page_size
+        self._zero_crc = zlib.crc32(bytes(page_size))
+        self.crcs = array.array("I")
+        self.size = 0
+        #: The bytes last written as the first page (a database's header).
+        self.first_page = b""
+
+    def record(self, offset: int, data: bytes | memoryview) -> None:
+        """Note ``data`` written at ``offset`` (whole pages; a later write of a page wins)."""
+        size = self.page_size
+        if offset % size or len(data) % size:
+            raise ValueError(f"a write of {len(data)} bytes at {offset} is not whole pages")
+        first, count = offset // size, len(data) // size
+        missing = first + count - len(self.crcs)
+        if missing > 0:
+            self.crcs.extend(itertools.repeat(self._zero_crc, missing))
+        view = memoryview(data)
+        crc32, crcs = zlib.crc32, self.crcs
+        for k in range(count):
+            crcs[first + k] = crc32(view[k * size : (k + 1) * size])
+        if offset == 0 and count:
+            self.first_page = bytes(view[:size])
+        self.size = max(self.size, offset + len(data))
+
+    def first_difference(self, offset: int, data: bytes | memoryview) -> int | None:
+        """The number of the first page in ``data`` (read at ``offset``) that differs from
+        what was written, or None."""
+        size = self.page_size
+        view = memoryview(data)
+        first = offset // size
+        crc32, crcs = zlib.crc32, self.crcs
+        for k in range(len(view) // size):
+            page = first + k
+            if page >= len(crcs) or crcs[page] != crc32(view[k * size : (k + 1) * size]):
+                return page
+        if len(view) % size:  # a partial page: the file is longer than what was written
+            return first + len(view) // size
+        return None
+
+
+def check_on_device(path: str | Path, written: Written) -> str:
+    """Read ``path`` back from the device, compare it with ``written``; its SHA-256.
+
+    CopyDamaged names the first page that differs (or the lengths); OSError when the device
+    fails to read. The hash and the comparison of each chunk run side by side.
+    """
+    digest = hashlib.sha256()
+    offset = 0
+    for chunk in read_from_device(path):
+        hasher = threading.Thread(target=digest.update, args=(chunk,), name="readback-sha256")
+        hasher.start()
+        try:
+            page = written.first_difference(offset, chunk)
+        finally:
+            hasher.join()
+        if page is not None:
+            start = page * written.page_size
+            raise CopyDamaged(
+                f"the copy read back from the drive differs from what was written: page "
+                f"{page + 1} (bytes {start}-{start + written.page_size - 1}) of "
+                f"{Path(path).name}"
+            )
+        offset += len(chunk)
+    if offset != written.size:
+        raise CopyDamaged(
+            f"the copy read back from the drive has {offset} bytes, {written.size} were "
+            f"written: {Path(path).name}"
+        )
+    return digest.hexdigest()
+
+
+def check_bytes_on_device(path: str | Path, data: bytes) -> None:
+    """Read a small file back from the device; CopyDamaged unless it holds ``data``."""
+    got = b"".join(bytes(chunk) for chunk in read_from_device(path))
+    if got != data:
+        raise CopyDamaged(
+            f"the file read back from the drive differs from what was written: {Path(path).name}"
+        )

@@ -1,0 +1,115 @@
+"""What an export wrote, observed on the way out and compared with the device:
+fieldgate.teevfs (SQLite's writes) and fieldgate.copycheck (the read-back)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from fieldgate import store, teevfs
+from fieldgate.copycheck import CopyDamaged, Written, check_bytes_on_device, check_on_device
+
+
+def fill(db: Path, rows: int) -> None:
+    conn = store.open_store(db, "GW-TEST")
+    with store.transaction(conn):
+        store.insert_readings(
+            conn,
+            ((f"TH-{i % 7:03d}", 1_700_000_000_000 + i * 1000, "temperature", i * 0.5)
+             for i in range(rows)),
+            source="mqtt",
+        )  # fmt: skip
+    conn.close()
+
+
+def backup(db: Path, dest: Path, vfs: teevfs.TeeVfs | None = None) -> None:
+    """SQLite's online backup of ``db`` into ``dest`` (through ``vfs`` when given)."""
+    src = store.connect(db, readonly=True)
+    dst = store.connect_unjournaled(dest, vfs=vfs.name if vfs else None)
+    try:
+        src.backup(dst, pages=-1)
+    finally:
+        dst.close()
+        src.close()
+
+
+def test_the_tee_sees_every_byte_sqlite_writes_and_changes_none(tmp_path: Path) -> None:
+    assert teevfs.available()
+    db = tmp_path / "store.db"
+    fill(db, 40_000)
+    seen: list[tuple[int, bytes]] = []
+    with teevfs.TeeVfs(lambda offset, data: seen.append((offset, bytes(data)))) as vfs:
+        backup(db, tmp_path / "tee.db", vfs)
+    backup(db, tmp_path / "plain.db")
+    copy = (tmp_path / "tee.db").read_bytes()
+    assert copy == (tmp_path / "plain.db").read_bytes()
+    # The observed writes, replayed in order, make the very same file.
+    replay = bytearray()
+    for offset, data in seen:
+        replay[len(replay) : offset + len(data)] = bytes(max(0, offset + len(data) - len(replay)))
+        replay[offset : offset + len(data)] = data
+    assert bytes(replay) == copy
+    # Consecutive page writes were gathered (SQLite writes one page per call).
+    assert len(seen) < len(copy) // 4096 // 4
+    assert max(len(d) for _, d in seen) == teevfs.GATHER_BYTES
+
+
+def test_a_failing_observer_fails_the_backup_with_its_own_error(tmp_path: Path) -> None:
+    db = tmp_path / "store.db"
+    fill(db, 20_000)
+
+    def observe(offset: int, data: memoryview) -> None:
+        if offset > 100_000:
+            raise ValueError("the observer broke")
+
+    with teevfs.TeeVfs(observe) as vfs, pytest.raises(sqlite3.Error):
+        backup(db, tmp_path / "copy.db", vfs)
+    with pytest.raises(ValueError, match="the observer broke"):
+        vfs.raise_failure()
+
+
+def test_written_compares_pages_and_treats_holes_as_zeros(tmp_path: Path) -> None:
+    written = Written(512)
+    a, b = os.urandom(1024), os.urandom(512)
+    written.record(0, a)
+    written.record(2048, b)  # pages 2 and 3 were never written: zeros
+    assert written.size == 2560
+    assert written.first_page == a[:512]
+    whole = a + bytes(1024) + b
+    assert written.first_difference(0, whole) is None
+    assert written.first_difference(512, whole[512:1536]) is None
+    damaged = bytearray(whole)
+    damaged[1600] ^= 1
+    assert written.first_difference(0, damaged) == 3
+    assert written.first_difference(0, whole + bytes(512)) == 5  # longer than written
+    assert written.first_difference(0, whole + b"x") == 5  # a partial page beyond the end
+    written.record(0, b * 2)  # a later write of a page wins
+    assert written.first_difference(0, b * 2 + bytes(1024) + b) is None
+    with pytest.raises(ValueError, match="not whole pages"):
+        written.record(100, bytes(512))
+
+
+def test_check_on_device_returns_the_hash_or_names_the_damage(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20) + bytes(4096)
+    path = tmp_path / "copy.db"
+    path.write_bytes(data)
+    written = Written(4096)
+    written.record(0, data)
+    assert check_on_device(path, written) == hashlib.sha256(data).hexdigest()
+    with path.open("r+b") as f:
+        f.seek(2 * 4096 + 10)
+        f.write(b"\x00" if data[2 * 4096 + 10] else b"\x01")
+    with pytest.raises(CopyDamaged, match=r"differs .*: page 3 \(bytes 8192-12287\) of copy.db"):
+        check_on_device(path, written)
+    path.write_bytes(data[:-4096])
+    with pytest.raises(CopyDamaged, match=f"has {len(data) - 4096} bytes, {len(data)} were"):
+        check_on_device(path, written)
+    small = tmp_path / "small.yaml"
+    small.write_bytes(b"site: {}\n")
+    check_bytes_on_device(small, b"site: {}\n")
+    with pytest.raises(CopyDamaged, match=r"small\.yaml"):
+        check_bytes_on_device(small, b"site: []\n")
