@@ -9,6 +9,7 @@ released by the finalizer, also when a test fails.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import signal
 import subprocess
@@ -147,6 +148,23 @@ class Drives:
                 for p in root.iterdir()
                 if p.is_file() and p.name != "lost+found"
             }
+
+    # -- damaging what is on a drive
+
+    def flip_byte(self, drive: Drive, needle: bytes, at: int) -> int:
+        """Invert byte ``at`` of the one place where ``needle`` lies in the drive's image.
+
+        The write goes to the image file, which is what the loop device reads: under every
+        cache of the mounted filesystem and of the block device, as a failing drive would
+        change it. Returns the byte's offset in the image.
+        """
+        with drive.image.open("r+b") as f, mmap.mmap(f.fileno(), 0) as image:
+            where = image.find(needle)
+            if where < 0 or image.find(needle, where + 1) >= 0:
+                raise RuntimeError(f"the needle is not in {drive.image.name} exactly once")
+            image[where + at] ^= 0xFF
+            image.flush()
+        return where + at
 
     # -- failing devices
 

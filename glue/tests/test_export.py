@@ -299,15 +299,27 @@ def stored_count(db: Path, device: str) -> int:
         conn.close()
 
 
-def test_quick_check_can_replace_integrity_check(
-    config_file: ConfigFactory, tmp_path: Path
+@pytest.mark.parametrize("verify", [None, "readback", "quick_check", "integrity_check"])
+def test_every_export_is_read_back_and_verify_may_add_a_sqlite_check(
+    config_file: ConfigFactory, tmp_path: Path, verify: str | None
 ) -> None:
-    config = config_file(overrides={"export": {"verify": "quick_check"}})
+    overrides = {"export": {"verify": verify}} if verify else None
+    config = config_file(overrides=overrides)
     fill(store_of(config), 1000)
     r = run_fieldgate("export", "--to", str(tmp_path), config=config)
     assert r.returncode == 0, r.stderr
-    assert "quick_check ok" in r.stderr
-    assert "integrity_check" not in r.stderr
+    assert "read back from the drive and compared with what was written" in r.stderr
+    assert "checksum file written, synced and read back" in r.stderr
+    for pragma in ("quick_check", "integrity_check"):
+        assert (f"{pragma} ok" in r.stderr) == (pragma == verify)
+
+
+def test_an_unknown_verify_setting_is_refused_in_one_line(config_file: ConfigFactory) -> None:
+    config = config_file(overrides={"export": {"verify": "sha256"}})
+    r = run_fieldgate("export", "--to", "/tmp", config=config)
+    assert r.returncode != 0
+    assert r.stderr.startswith("fieldgate: ") and "export.verify" in r.stderr
+    assert r.stderr.count("\n") == 1
 
 
 def test_a_damaged_copy_is_refused(tmp_path: Path) -> None:
@@ -323,7 +335,7 @@ def test_a_damaged_copy_is_refused(tmp_path: Path) -> None:
         f.seek(4096 * 20 + 100)
         f.write(b"\xff" * 400)
     for pragma in ("integrity_check", "quick_check"):
-        with pytest.raises(FieldgateError, match=f"failed {pragma}"):
+        with pytest.raises(FieldgateError, match=f"the snapshot failed {pragma}"):
             integrity_check(copy, pragma)
 
 
@@ -411,3 +423,20 @@ def test_readings_published_during_the_export_reach_the_store(
     conn.close()
     assert during > 0  # the collector kept committing while the snapshot was taken
     assert snap != final
+
+
+def test_backup_raises_what_broke_the_observer(tmp_path: Path) -> None:
+    """A failure inside the write observer comes out of the backup as itself, not as
+    SQLite's "disk I/O error"."""
+    from fieldgate.export import backup
+    from fieldgate.teevfs import TeeVfs
+
+    src = tmp_path / "src.db"
+    fill(src, 20_000)
+
+    def observe(offset: int, data: memoryview) -> None:
+        if offset > 100_000:
+            raise ValueError("the observer broke")
+
+    with TeeVfs(observe) as vfs, pytest.raises(ValueError, match="the observer broke"):
+        backup(src, tmp_path / "copy.db", vfs=vfs)

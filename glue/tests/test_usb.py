@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ from support import (
     wait_until,
 )
 
-from fieldgate import store
+from fieldgate import fsutil, store
 from fieldgate.daemon import StopFlag
 from fieldgate.export import TS_FORMAT
 from fieldgate.led import read_pattern
@@ -191,7 +192,8 @@ def test_export_to_a_drive_with_the_right_password(
         "Password.txt matches",
         "free space ok",
         "snapshot ",
-        "integrity_check ok",
+        "read back from the drive and compared with what was written",
+        "checksum file written, synced and read back",
         "renamed into place",
         "unmounted",
     ):
@@ -537,3 +539,101 @@ def test_store_owner_cannot_reach_the_drive(
         assert set(drives.listing(drive)) == {"Password.txt"}
     finally:
         subprocess.run(["rm", "-rf", str(home)], check=False)
+
+
+def store_page(db: Path, number: int) -> bytes:
+    """Page ``number`` (1-based) of a store file, as SQLite's backup copies it."""
+    with db.open("rb") as f:
+        size = int.from_bytes(f.read(18)[16:18], "big")
+        f.seek((number - 1) * size)
+        return f.read(size)
+
+
+def export_state(config: Path) -> str | None:
+    status = json.loads(run_fieldgate("status", "--json", config=config).stdout)
+    return (status["export"]["state"] or {}).get("value")
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "vfat", "exfat"])
+def test_a_byte_flipped_on_the_drive_before_the_read_back_is_an_error(
+    watch: Watch, drives: Drives, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fstype: str
+) -> None:
+    """The drive changes a byte of the copy after it was written and synced, under every
+    cache: the read-back from the device must see it, and the export fail."""
+    fill_store(watch.store, 30_000)
+    pages = watch.store.stat().st_size // 4096
+    number = pages // 2
+    page = store_page(watch.store, number)
+    drive = drives.make(fstype, files={"Password.txt": PASSWORD})
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    monkeypatch.setenv("FIELDGATE_TEST_PAUSE_AT", "export-readback")
+    monkeypatch.setenv("FIELDGATE_TEST_PAUSE_DIR", str(pause))
+    watch.start()
+    watch.event("add", drive.devname)
+    wait_until((pause / "export-readback.paused").exists, 120, what="copy synced")
+    drives.flip_byte(drive, page, at=1000)
+    (pause / "export-readback.resume").touch()
+    line = watch.result(drive.devname)
+    assert line.startswith(
+        f"{drive.devname}: error: the copy read back from the drive differs from what was "
+        f"written: page {number} "
+    ), watch.text()
+    watch.wait_led("error")
+    assert export_state(watch.config) == "error"
+    watch.event("remove", drive.devname)
+    watch.wait_for(rf"^{drive.devname}: drive removed")
+    assert watch.led_history() == ["normal_operation", "in_progress", "error", "normal_operation"]
+    watch.stop()
+    assert set(drives.listing(drive)) == {"Password.txt"}  # nothing final, no staging left
+
+
+def test_a_copy_written_out_of_order_through_fusefat_is_an_error(
+    watch: Watch, drives: Drives, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fusefat loses a file whose first chunk is written after the second: the export writes
+    the copy that way on purpose, and the read-back must find the damage."""
+    fill_store(watch.store, 60_000)  # several 1 MiB chunks
+    assert watch.store.stat().st_size > 3 << 20
+    drive = drives.make("vfat", size_mb=96, files={"Password.txt": PASSWORD})
+    monkeypatch.setenv("FIELDGATE_TEST_WRITE_ORDER", "swap-first-chunks")
+    watch.start()
+    watch.event("add", drive.devname)
+    line = watch.result(drive.devname)
+    assert "snapshot taken beside the store and copied front to back" in watch.text()
+    assert line.startswith(f"{drive.devname}: error: the copy read back from the drive "), line
+    watch.wait_led("error")
+    assert export_state(watch.config) == "error"
+    watch.stop()
+    assert set(drives.listing(drive)) == {"Password.txt"}
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "vfat", "exfat"])
+def test_read_back_comes_from_the_device_not_a_cache(drives: Drives, fstype: str) -> None:
+    """What proves the read-back: a byte changed in the image under a mounted filesystem is
+    invisible to an ordinary read (a cache answers) and seen by ``read_from_device`` (after
+    ``flush_block_device`` where a FUSE driver reads the device)."""
+    drive = drives.make(fstype)
+    data = b"".join(b"page %06d " % k * 400 + bytes(96) for k in range(256))  # 1 MiB
+    fuse = fstype != "ext4"
+    device = os.open(drive.loop, os.O_RDONLY)
+    try:
+        with drives.mount(drive.loop, fstype) as root:
+            path = root / "copy.bin"
+            with path.open("wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            fsutil.flush_block_device(device)  # the bytes are in the image now
+            assert path.read_bytes() == data  # and in every cache again
+            at = drives.flip_byte(drive, data[40960 : 40960 + 4000], at=7)
+            assert at > 0
+            assert path.read_bytes() == data, "no cache between this read and the device"
+            if fuse:
+                fsutil.flush_block_device(device)
+            back = b"".join(bytes(chunk) for chunk in fsutil.read_from_device(path))
+    finally:
+        os.close(device)
+    assert len(back) == len(data)
+    assert back[40967] == data[40967] ^ 0xFF
+    assert back[:40967] == data[:40967] and back[40968:] == data[40968:]

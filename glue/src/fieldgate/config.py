@@ -156,9 +156,11 @@ class ExportConfig:
     mount_dir: str = "/run/fieldgate/usb-mounts"
     #: Free space demanded on the drive beyond the export's size, in percent.
     space_margin_percent: int = field(default=10, metadata=_range(0, 1000))
-    #: How the copy on the target is checked before it gets its final name:
-    #: ``integrity_check`` (complete, CPU-bound) or ``quick_check`` (structure only, O(N)).
-    verify: Literal["integrity_check", "quick_check"] = "integrity_check"
+    #: How the copy is checked before it gets its final name. Always: read back from the
+    #: drive's device and compared with what SQLite wrote, its header and schema read.
+    #: ``quick_check`` / ``integrity_check`` add that SQLite check of the snapshot (O(N) /
+    #: CPU-bound, while the drive syncs); ``readback`` adds nothing.
+    verify: Literal["readback", "quick_check", "integrity_check"] = "readback"
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,24 @@ How, and why this way:
   step (``backup(pages=-1)``) from a read-only connection: in WAL mode that is one read
   transaction, which never blocks the collector's commits (a stepped backup would restart
   on every commit and never finish under load).
+- **Verified against what SQLite wrote.** SQLite's backup guarantees a consistent
+  snapshot; what can still go wrong is the bytes on the drive (a failing or fake-capacity
+  stick, a FUSE driver's bug). So every write SQLite makes into the copy is observed on
+  its way out (:mod:`fieldgate.teevfs`: a CRC-32 per page, :mod:`fieldgate.copycheck`),
+  the copy is synced, and then read back from the drive's device — not from the page
+  cache (:func:`fieldgate.fsutil.read_from_device`; under a FUSE driver its block device's
+  cache dropped too) — and compared page by page. The SHA-256 in the checksum file is
+  that of the bytes read back. A cheap structural check (header, schema) runs on the
+  copy; ``export.verify: quick_check | integrity_check`` adds that SQLite check of the
+  snapshot while the drive syncs (never a second full pass over the drive).
+- **Drivers that need order.** fusefat corrupts files written out of order, and SQLite
+  writes page 1 last: for it the snapshot is taken beside the store and copied onto the
+  drive front to back (the copy is what is observed then).
 - **Nothing partial under a final name.** Everything is written inside a hidden staging
   directory ``.export-<serial>-<ts>.partial`` on the target itself (same filesystem, so the
-  final step is a rename), fsynced, checked (``PRAGMA integrity_check``), hashed, and only
-  then renamed into place; a failure removes the staging directory (best effort: on a
-  drive that was pulled out nothing can be removed, but nothing carries a final name).
+  final step is a rename), synced, read back, and only then renamed into place; a failure
+  removes the staging directory (best effort: on a drive that was pulled out nothing can
+  be removed, but nothing carries a final name).
 - **Never overwrite, never remove.** The staging directory is the reservation of a
   timestamp: ``mkdir`` is atomic, so two exports racing for one second cannot both get it,
   and a timestamp whose final names exist already is never used. When the current second
@@ -28,7 +41,8 @@ How, and why this way:
 - **Least privilege.** When run as root for a store owned by another user (``usb-watch``),
   the snapshot and every write to the drive run in a forked child that has switched to the
   store file's owner and group; only the final renames run as root (the drive's root
-  directory usually belongs to root).
+  directory usually belongs to root). The block device under a FUSE filesystem is opened
+  before the child drops root, and the child inherits the descriptor.
 """
 
 from __future__ import annotations
@@ -55,19 +69,21 @@ from typing import Any
 
 import yaml
 
-from fieldgate import store
+from fieldgate import store, teevfs
 from fieldgate.config import Config, redacted
+from fieldgate.copycheck import Written, check_bytes_on_device, check_on_device
 from fieldgate.errors import FieldgateError
 from fieldgate.fsutil import (
-    filesystem_type,
+    drop_cached_pages,
+    flush_block_device,
     free_bytes,
     fsync_dir,
-    fsync_file,
     human_bytes,
-    sha256_file,
-    write_all,
+    is_block_device,
+    mount_of,
     write_new,
 )
+from fieldgate.teevfs import TeeVfs
 
 log = logging.getLogger("fieldgate.export")
 
@@ -202,61 +218,208 @@ def reserve_names(
     )
 
 
-#: Filesystems that corrupt files written out of order (seen with fusefat 0.1a).
+#: Filesystems that corrupt files written out of order (seen with fusefat 0.1a: a file
+#: whose first cluster is written after later ones loses its chain).
 SEQUENTIAL_ONLY = frozenset({"fuse.fusefat"})
+#: Start writing the snapshot out to the drive every this many bytes, instead of leaving
+#: it all to the final sync: the drive works while SQLite and the copy go on.
+WRITEBACK_BYTES = 8 << 20
+#: Bytes per write of the front-to-back copy.
+COPY_CHUNK = 1 << 20
+
+#: Test seams (tests only; production never sets them). ``PAUSE_ENV`` names a step at which
+#: the export waits: it creates ``<$PAUSE_DIR_ENV>/<step>.paused`` and goes on once
+#: ``<step>.resume`` exists there (at most ``PAUSE_MAX_SECS``). ``WRITE_ORDER_ENV`` set to
+#: ``swap-first-chunks`` makes the front-to-back copy write its second chunk first.
+PAUSE_ENV = "FIELDGATE_TEST_PAUSE_AT"
+PAUSE_DIR_ENV = "FIELDGATE_TEST_PAUSE_DIR"
+PAUSE_MAX_SECS = 300
+WRITE_ORDER_ENV = "FIELDGATE_TEST_WRITE_ORDER"
 
 
-def snapshot(
-    store_path: Path, dest: Path, *, busy_timeout_ms: int = 30000, sync: bool = True
-) -> int:
-    """Copy the store into the new file ``dest`` in one backup step; returns its size.
+def pause_point(name: str) -> None:
+    """Wait at a named step when ``$FIELDGATE_TEST_PAUSE_AT`` names it (see the seams above).
 
-    The copy is left in rollback-journal mode (header bytes 18/19 set to 1) so that it is
-    a self-contained file a reader can open on read-only media, without ``-wal``/``-shm``.
+    The test does what it needs meanwhile (it damages the drive under the copy between
+    the copy and its read-back); production never sets the variable.
+    """
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    where = Path(os.environ[PAUSE_DIR_ENV])
+    (where / f"{name}.paused").touch()
+    deadline = time.monotonic() + PAUSE_MAX_SECS
+    while not (where / f"{name}.resume").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+class Writeback:
+    """The path from an export's writes to the drive's device.
+
+    ``device_fd``: the drive's block device, when a FUSE driver writes it through the
+    device's page cache (the driver's writes are then flushed, and its reads made to
+    come from the device, through that descriptor; see :mod:`fieldgate.fsutil`).
+    """
+
+    def __init__(self, path: Path, device_fd: int | None = None) -> None:
+        self.path = path
+        self.device_fd = device_fd
+        self._fd: int | None = None
+        self._started = 0
+
+    def written(self, end: int) -> None:
+        """The file is written up to ``end``: start writing it out every WRITEBACK_BYTES."""
+        if end - self._started < WRITEBACK_BYTES:
+            return
+        self._started = end
+        drop_cached_pages(self.device_fd if self.device_fd is not None else self.fd())
+
+    def fd(self) -> int:
+        """A descriptor of the file, for syncs and header writes."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
+        return self._fd
+
+    def sync(self) -> None:
+        """fsync the file (a FUSE driver passes it on, or not: the device is synced later)."""
+        os.fsync(self.fd())
+
+    def flush_device(self) -> None:
+        """After the last write: what a FUSE driver wrote is on the device, and the next
+        reads through the driver come from the device."""
+        if self.device_fd is not None:
+            flush_block_device(self.device_fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def page_size_of(store_path: Path, busy_timeout_ms: int = 30000) -> int:
+    """The page size of a database."""
+    conn = store.connect(store_path, busy_timeout_ms=busy_timeout_ms, readonly=True)
+    try:
+        return int(conn.execute("PRAGMA page_size").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def backup(
+    store_path: Path, dest: Path, *, busy_timeout_ms: int = 30000, vfs: TeeVfs | None = None
+) -> None:
+    """Copy the store into the new file ``dest`` in one step of SQLite's online backup.
+
+    One read transaction on a read-only connection: in WAL mode it never blocks the
+    collector's commits (a stepped backup would restart on every commit and never finish
+    under load). With ``vfs``, ``dest`` is written through it (every write observed).
     """
     src = store.connect(store_path, busy_timeout_ms=busy_timeout_ms, readonly=True)
     try:
         src.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")  # fewer copies reading the store
-        dst = store.connect_unjournaled(dest)
+        dst = store.connect_unjournaled(dest, vfs=vfs.name if vfs else None)
         try:
             src.backup(dst, pages=-1)
         finally:
             dst.close()
+    except sqlite3.Error:
+        if vfs is not None:
+            vfs.raise_failure()  # what made SQLite fail, if it was the observer
+        raise
     finally:
         src.close()
+    if vfs is not None:
+        vfs.raise_failure()
+
+
+def rollback_journal_header(page: bytes) -> bytes:
+    """A database's first page marked for rollback-journal mode (bytes 18/19 set to 1), so
+    that the copy is one self-contained file a reader opens on read-only media."""
+    if page[18:20] != b"\x02\x02":
+        return page
+    return page[:18] + b"\x01\x01" + page[20:]
+
+
+def snapshot(store_path: Path, dest: Path, *, busy_timeout_ms: int = 30000) -> int:
+    """A complete snapshot of the store in the new file ``dest`` (rollback-journal mode, not
+    synced); returns its size."""
+    backup(store_path, dest, busy_timeout_ms=busy_timeout_ms)
     fd = os.open(dest, os.O_RDWR)
     try:
-        if os.pread(fd, 2, 18) == b"\x02\x02":
-            os.pwrite(fd, b"\x01\x01", 18)
-        if sync:
-            os.fsync(fd)
+        first = os.pread(fd, 100, 0)
+        os.pwrite(fd, rollback_journal_header(first), 0)
         return os.fstat(fd).st_size
     finally:
         os.close(fd)
 
 
-def copy_sequential(src: Path, dest: Path, chunk: int = 1 << 20) -> str:
-    """Copy ``src`` to the new file ``dest`` front to back, fsync it; returns the SHA-256."""
-    h = hashlib.sha256()
+def snapshot_onto(
+    store_path: Path, dest: Path, writeback: Writeback, *, busy_timeout_ms: int = 30000
+) -> Written:
+    """SQLite's backup straight into ``dest`` on the drive, every write it makes observed
+    (:mod:`fieldgate.teevfs`) and the drive kept busy; the header set to rollback-journal
+    mode. Returns what was written."""
+    written = Written(page_size_of(store_path, busy_timeout_ms))
+
+    def observe(offset: int, data: memoryview) -> None:
+        written.record(offset, data)
+        writeback.written(offset + len(data))
+
+    with TeeVfs(observe) as vfs:
+        backup(store_path, dest, busy_timeout_ms=busy_timeout_ms, vfs=vfs)
+    first = rollback_journal_header(written.first_page)
+    if first != written.first_page:
+        write_at(writeback.fd(), first, 0)
+        written.record(0, first)
+    return written
+
+
+def write_at(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write every byte of ``data`` at ``offset``."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def copy_front_to_back(src: Path, dest: Path, writeback: Writeback, page_size: int) -> Written:
+    """Copy ``src`` into the new file ``dest`` in order, front to back; what was written.
+
+    For drivers that cannot take SQLite's write pattern (fusefat). The test seam
+    ``WRITE_ORDER_ENV`` writes the second chunk before the first, to prove that the
+    damage such a driver then does is found.
+    """
+    written = Written(page_size)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
         with src.open("rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-                write_all(fd, block)
+            chunks = iter(lambda: f.read(COPY_CHUNK), b"")
+            if os.environ.get(WRITE_ORDER_ENV) == "swap-first-chunks":
+                head = [b for _, b in zip(range(2), chunks, strict=False)]
+                order = [(COPY_CHUNK, head[1]), (0, head[0])] if len(head) == 2 else []
+                for offset, block in order:
+                    written.record(offset, block)
+                    write_at(fd, block, offset)
+                offset = COPY_CHUNK * len(order)
+            else:
+                offset = 0
+            for block in chunks:
+                written.record(offset, block)
+                write_at(fd, block, offset)
+                offset += len(block)
+                writeback.written(offset)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return h.hexdigest()
+    return written
 
 
 VERIFY_PRAGMAS = ("integrity_check", "quick_check")
 
 
 def integrity_check(db: Path, pragma: str = "integrity_check") -> None:
-    """``PRAGMA integrity_check`` (or ``quick_check``) on a finished copy.
+    """``PRAGMA integrity_check`` (or ``quick_check``) on a finished snapshot.
 
-    FieldgateError naming the first problems when the copy is damaged.
+    FieldgateError naming the first problems when the snapshot is damaged.
     """
     if pragma not in VERIFY_PRAGMAS:
         raise ValueError(pragma)
@@ -268,48 +431,73 @@ def integrity_check(db: Path, pragma: str = "integrity_check") -> None:
     except sqlite3.DatabaseError as exc:
         if "I/O" in str(exc):  # the drive failed, the copy may be fine: say so
             raise
-        raise FieldgateError(f"the copy on the target failed {pragma}: {exc}") from None
+        raise FieldgateError(f"the snapshot failed {pragma}: {exc}") from None
     finally:
         conn.close()
     if rows != ["ok"]:
         first = " ".join(" ".join(rows).split())
-        raise FieldgateError(f"the copy on the target failed {pragma}: {first[:200]}")
+        raise FieldgateError(f"the snapshot failed {pragma}: {first[:200]}")
 
 
-def verify_and_hash(db: Path, pragma: str = "integrity_check", *, fsync: bool = False) -> str:
-    """Check the copy and hash it, side by side (and fsync it meanwhile when asked).
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
-    The check and the hash read the very bytes the fsync writes out (the file's pages in
-    the kernel); the caller renames the file only after all three succeeded.
-    """
-    digest: list[str] = []
+
+def check_header(written: Written) -> None:
+    """The cheap structural check of a copy: its header says SQLite, rollback-journal mode,
+    the page size written, and as many pages as were written. FieldgateError otherwise."""
+    page = written.first_page
+    size = int.from_bytes(page[16:18], "big") if len(page) >= 100 else 0
+    if size == 1:
+        size = 65536
+    problem = None
+    if page[:16] != SQLITE_MAGIC:
+        problem = "no SQLite header"
+    elif size != written.page_size:
+        problem = f"page size {size} in the header, {written.page_size} written"
+    elif page[18:20] != b"\x01\x01":
+        problem = "not in rollback-journal mode"
+    elif int.from_bytes(page[28:32], "big") * size != written.size:
+        problem = f"{int.from_bytes(page[28:32], 'big')} pages in the header, {written.size} bytes"
+    if problem:
+        raise FieldgateError(f"the snapshot is not a whole database: {problem}")
+
+
+def check_schema(db: Path) -> int:
+    """Open the copy as SQLite would and read its schema (a few pages); its table count."""
+    conn = store.connect(db, immutable=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0])
+    except sqlite3.DatabaseError as exc:
+        if "I/O" in str(exc):
+            raise
+        raise FieldgateError(f"the copy on the drive cannot be opened by SQLite: {exc}") from None
+    finally:
+        conn.close()
+
+
+def side_by_side(main: Callable[[], None], *others: Callable[[], None]) -> None:
+    """Run ``others`` in threads while ``main`` runs here; raise the first failure."""
     failure: list[BaseException] = []
 
-    def hash_it() -> None:
-        try:
-            digest.append(sha256_file(db))
-        except BaseException as exc:
-            failure.append(exc)
+    def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                failure.append(exc)
 
-    def sync_it() -> None:
-        try:
-            fsync_file(db)
-        except BaseException as exc:
-            failure.append(exc)
+        return run
 
-    workers = [threading.Thread(target=hash_it, name="export-sha256")]
-    if fsync:
-        workers.append(threading.Thread(target=sync_it, name="export-fsync"))
+    workers = [threading.Thread(target=guarded(fn), name="export-side") for fn in others]
     for w in workers:
         w.start()
     try:
-        integrity_check(db, pragma)
+        main()
     finally:
         for w in workers:
             w.join()
     if failure:
         raise failure[0]
-    return digest[0]
 
 
 def config_text(cfg: Config, ts: str) -> str:
@@ -328,12 +516,19 @@ def stage_export(
     note: Note = _no_note,
     *,
     sequential: bool = False,
+    device_fd: int | None = None,
 ) -> dict:
-    """Write, fsync, check and hash the three files inside ``staging`` (``.partial`` names).
+    """Write, sync and verify the three files inside ``staging`` (``.partial`` names).
 
-    ``sequential``: the target filesystem cannot take SQLite's write pattern (fusefat
-    corrupts files written out of order), so the snapshot is taken next to the store and
-    copied onto the target front to back.
+    1. The snapshot: SQLite's backup straight onto the drive, each write observed
+       (``sequential``: taken beside the store and copied front to back, for drivers that
+       corrupt files written out of order); ``export.verify`` may add a PRAGMA check of
+       the snapshot, run while the drive syncs.
+    2. The site config; then the drive's device is flushed (``device_fd``: see
+       :class:`Writeback`).
+    3. Both files read back from the device and compared with what was written; the
+       SHA-256 is that of the bytes read back; the header and schema checked.
+    4. The checksum file, synced and read back the same way.
     """
     if not os.access(staging, os.W_OK | os.X_OK):
         raise FieldgateError(
@@ -343,40 +538,67 @@ def stage_export(
     db_tmp = staging / (names.db + PARTIAL)
     store_path = Path(cfg.store.path)
     timeout = cfg.store.busy_timeout_ms
-    pragma = cfg.export.verify
-    started = time.monotonic()
-    if sequential:
-        local = store_path.with_name(f".{names.db}{PARTIAL}")
-        try:
-            size = snapshot(store_path, local, busy_timeout_ms=timeout, sync=False)
-            db_sha = copy_sequential(local, db_tmp)
-        finally:
-            local.unlink(missing_ok=True)
-        note(
-            f"snapshot copied front to back and synced: {human_bytes(size)} "
-            f"in {time.monotonic() - started:.2f} s"
-        )
+    pragma = cfg.export.verify if cfg.export.verify in VERIFY_PRAGMAS else None
+    checked = f", {pragma} ok" if pragma else ""
+    writeback = Writeback(db_tmp, device_fd)
+    try:
         started = time.monotonic()
-        integrity_check(db_tmp, pragma)
-        note(f"{pragma} ok in {time.monotonic() - started:.2f} s, sha256 {db_sha}")
-    else:
-        size = snapshot(store_path, db_tmp, busy_timeout_ms=timeout, sync=False)
-        note(f"snapshot written: {human_bytes(size)} in {time.monotonic() - started:.2f} s")
+        if sequential:
+            local = store_path.with_name(f".{names.db}{PARTIAL}")
+            try:
+                snapshot(store_path, local, busy_timeout_ms=timeout)
+                result: list[Written] = []
+                side_by_side(
+                    lambda: result.append(
+                        copy_front_to_back(
+                            local, db_tmp, writeback, page_size_of(store_path, timeout)
+                        )
+                    ),
+                    *([lambda: integrity_check(local, pragma)] if pragma else []),
+                )
+                written = result[0]
+            finally:
+                local.unlink(missing_ok=True)
+            note(
+                f"snapshot taken beside the store and copied front to back, synced{checked}: "
+                f"{human_bytes(written.size)} in {time.monotonic() - started:.2f} s"
+            )
+        else:
+            written = snapshot_onto(store_path, db_tmp, writeback, busy_timeout_ms=timeout)
+            note(
+                f"snapshot written: {human_bytes(written.size)} "
+                f"in {time.monotonic() - started:.2f} s"
+            )
+            started = time.monotonic()
+            side_by_side(
+                writeback.sync, *([lambda: integrity_check(db_tmp, pragma)] if pragma else [])
+            )
+            note(f"snapshot synced{checked} in {time.monotonic() - started:.2f} s")
+        check_header(written)
+        cfg_tmp = staging / (names.config + PARTIAL)
+        data = config_text(cfg, names.ts).encode()
+        write_new(cfg_tmp, data)
+        writeback.flush_device()
+        pause_point("export-readback")
         started = time.monotonic()
-        db_sha = verify_and_hash(db_tmp, pragma, fsync=True)
+        db_sha = check_on_device(db_tmp, written)
+        check_bytes_on_device(cfg_tmp, data)
+        tables = check_schema(db_tmp)
         note(
-            f"snapshot synced, {pragma} ok and sha256 {db_sha}, side by side "
-            f"in {time.monotonic() - started:.2f} s"
+            f"snapshot and site config read back from the drive and compared with what was "
+            f"written ({tables} tables) in {time.monotonic() - started:.2f} s; sha256 {db_sha}"
         )
-    cfg_tmp = staging / (names.config + PARTIAL)
-    data = config_text(cfg, names.ts).encode()
-    write_new(cfg_tmp, data)
-    cfg_sha = hashlib.sha256(data).hexdigest()
-    sums = f"{db_sha}  {names.db}\n{cfg_sha}  {names.config}\n".encode()
-    write_new(staging / (names.checksum + PARTIAL), sums)
-    fsync_dir(staging)
-    note("site config (secrets removed) and checksum file written and synced")
-    return {"db_bytes": size, "db_sha256": db_sha, "config_sha256": cfg_sha}
+        cfg_sha = hashlib.sha256(data).hexdigest()
+        sums = f"{db_sha}  {names.db}\n{cfg_sha}  {names.config}\n".encode()
+        sums_tmp = staging / (names.checksum + PARTIAL)
+        write_new(sums_tmp, sums)
+        fsync_dir(staging)
+        writeback.flush_device()
+        check_bytes_on_device(sums_tmp, sums)
+        note("checksum file written, synced and read back")
+    finally:
+        writeback.close()
+    return {"db_bytes": written.size, "db_sha256": db_sha, "config_sha256": cfg_sha}
 
 
 def publish(staging: Path, directory: Path, names: ExportNames) -> None:
@@ -545,12 +767,15 @@ def export_to(
     note: Note = _no_note,
     isolate: bool | None = None,
     stop: Any = None,
+    device: str | None = None,
 ) -> ExportResult:
     """Export the store and site configuration into ``directory`` (see the module doc).
 
     ``isolate`` runs the snapshot in a forked child (default: only when root exports a
-    store that belongs to another user, and then as that user). Raises FieldgateError with
-    one sentence naming the cause; nothing is left under a final name on failure.
+    store that belongs to another user, and then as that user). ``device``: the block
+    device under ``directory``, for a FUSE filesystem (default: the mount's source when it
+    is one); opened here, before the child drops root. Raises FieldgateError with one
+    sentence naming the cause; nothing is left under a final name on failure.
     """
     directory = Path(directory)
     store_path = Path(cfg.store.path)
@@ -562,7 +787,9 @@ def export_to(
     drop = os.geteuid() == 0 and uid != 0
     if isolate is None:
         isolate = drop
-    sequential = filesystem_type(directory) in SEQUENTIAL_ONLY
+    mount = mount_of(directory)
+    fstype = mount.fstype if mount else ""
+    sequential = fstype in SEQUENTIAL_ONLY or not teevfs.available()
     if sequential:
         local_need = export_size(store_path) + SMALL_FILES_BYTES
         if free_bytes(store_path.parent) < local_need:
@@ -570,28 +797,35 @@ def export_to(
                 f"the target needs a front-to-back copy, but {store_path.parent} lacks "
                 f"{human_bytes(local_need)} for the temporary snapshot"
             )
+    device_fd = None
+    if fstype.startswith("fuse"):
+        device_fd = open_device(device or (mount.source if mount else ""), fstype, note)
     names = reserve_names(directory, cfg.site.serial)
     staging = directory / names.staging
     note(f"writing export {names.ts} into {directory}")
+
+    def stage() -> dict:
+        return stage_export(cfg, staging, names, note, sequential=sequential, device_fd=device_fd)
+
     try:
         if drop:
             _hand_over(staging, uid, gid)
             note(f"snapshot runs as uid {uid} gid {gid} (the store's owner)")
         if isolate:
             info = run_isolated(
-                lambda: stage_export(cfg, staging, names, note, sequential=sequential),
-                uid=uid if drop else None,
-                gid=gid if drop else None,
-                stop=stop,
+                stage, uid=uid if drop else None, gid=gid if drop else None, stop=stop
             )
         else:
-            info = stage_export(cfg, staging, names, note, sequential=sequential)
+            info = stage()
         publish(staging, directory, names)
     except BaseException as exc:
         discard(staging, note)
         if isinstance(exc, FieldgateError | OSError | sqlite3.Error):
             raise FieldgateError(describe_failure(exc, directory)) from None
         raise
+    finally:
+        if device_fd is not None:
+            os.close(device_fd)
     note("files renamed into place: " + ", ".join(names.finals))
     return ExportResult(
         directory=directory,
@@ -600,6 +834,22 @@ def export_to(
         db_sha256=info["db_sha256"],
         config_sha256=info["config_sha256"],
     )
+
+
+def open_device(node: str, fstype: str, note: Note = _no_note) -> int | None:
+    """A descriptor of the block device under a FUSE filesystem, or None (noted) when it is
+    unknown or cannot be opened: the read-back then cannot bypass the device's cache."""
+    if node and is_block_device(node):
+        try:
+            return os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            note(
+                f"cannot open {node} under {fstype} ({exc.strerror}): the read-back may come "
+                "from its cache"
+            )
+            return None
+    note(f"the block device under {fstype} is unknown: the read-back may come from its cache")
+    return None
 
 
 def _hand_over(staging: Path, uid: int, gid: int) -> None:

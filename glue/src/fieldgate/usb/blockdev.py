@@ -117,9 +117,11 @@ def mount_partition(devname: str, fstype: str, mount_dir: Path, owner: tuple[int
         elif fstype == "vfat":
             m.driver = "fusefat"
             # -f keeps fusefat in the foreground as our child: after umount we wait for it
-            # to exit, which is when it has written everything to the device.
+            # to exit, which is when it has written everything to the device. fsname puts
+            # the device in the mount table, as for the other filesystems.
+            opts = f"rw+,fsname={node},subtype=fusefat,{fuse_opts}"
             m.fuse = subprocess.Popen(
-                ["fusefat", "-f", "-o", f"rw+,{fuse_opts}", node, str(point)],
+                ["fusefat", "-f", "-o", opts, node, str(point)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

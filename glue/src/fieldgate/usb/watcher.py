@@ -253,7 +253,12 @@ def export_partition(
         if os.statvfs(m.point).f_flag & os.ST_RDONLY:
             raise FieldgateError("the filesystem is read-only (write-protected drive?)")
         result = export_to(
-            cfg, m.point, note=lambda text: note(f"{part}: {text}"), isolate=True, stop=abort
+            cfg,
+            m.point,
+            note=lambda text: note(f"{part}: {text}"),
+            isolate=True,
+            stop=abort,
+            device=m.node,
         )
         outcome = result.names.db
     finally:
