@@ -32,6 +32,7 @@ import re
 import shutil
 import stat
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -182,33 +183,43 @@ def flush_block_device(fd: int) -> None:
 def read_from_device(path: str | Path, chunk: int = READ_BACK_CHUNK) -> Iterator[memoryview]:
     """The bytes of a file as its device returns them, front to back, ``chunk`` at a time.
 
-    Reads with ``O_DIRECT`` into an aligned buffer, or, where the filesystem refuses that,
-    after dropping the file's cached pages. Each view is valid until the next one is asked
-    for. Only the file's own cache is bypassed: a FUSE driver's device needs
-    :func:`flush_block_device` first.
+    Reads with ``O_DIRECT`` into aligned buffers, or, where the filesystem refuses that,
+    after dropping the file's cached pages. The next chunk is read while the caller looks
+    at the current one; each view is valid until the next one is asked for. Only the
+    file's own cache is bypassed: a FUSE driver's device needs :func:`flush_block_device`
+    first.
     """
-    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT wants
-    direct = True
-    fd = _open_uncached(path, direct)
+    buffers = (mmap.mmap(-1, chunk), mmap.mmap(-1, chunk))  # page-aligned, as O_DIRECT wants
+    fd, n = _first_read(path, buffers[0])
     try:
-        offset = 0
-        while True:
-            try:
-                n = os.preadv(fd, [buf], offset)
-            except OSError as exc:
-                # Some filesystems accept O_DIRECT at open and refuse it at read.
-                if exc.errno != errno.EINVAL or not direct or offset:
-                    raise
-                os.close(fd)
-                direct = False
-                fd = _open_uncached(path, direct)
-                continue
-            if n <= 0:
-                return
-            yield memoryview(buf)[:n]
-            offset += n
+        with ThreadPoolExecutor(1, thread_name_prefix="read-back") as reader:
+            offset, turn = 0, 0
+            while n > 0:
+                ahead = reader.submit(os.preadv, fd, [buffers[1 - turn]], offset + n)
+                try:
+                    yield memoryview(buffers[turn])[:n]
+                finally:
+                    offset, turn, n = offset + n, 1 - turn, ahead.result()
     finally:
-        os.close(fd)  # the buffer goes with the last view the caller holds
+        os.close(fd)  # the buffers go with the last view the caller holds
+
+
+def _first_read(path: str | Path, buffer: mmap.mmap) -> tuple[int, int]:
+    """Open ``path`` to read past the page cache and read its first chunk: (fd, bytes)."""
+    fd = _open_uncached(path, direct=True)
+    try:
+        return fd, os.preadv(fd, [buffer], 0)
+    except OSError as exc:
+        os.close(fd)
+        # Some filesystems accept O_DIRECT at open and refuse it at read.
+        if exc.errno != errno.EINVAL:
+            raise
+    fd = _open_uncached(path, direct=False)
+    try:
+        return fd, os.preadv(fd, [buffer], 0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _open_uncached(path: str | Path, direct: bool) -> int:

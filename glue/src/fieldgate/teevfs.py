@@ -34,9 +34,10 @@ SQLITE_OK = 0
 SQLITE_IOERR = 10
 SQLITE_FULL = 13
 SQLITE_OPEN_MAIN_DB = 0x00000100
-#: The largest write the VFS gathers from consecutive page writes (the unix VFS writes at
-#: most 128 KiB - 1 per call: it masks the length to 17 bits).
-GATHER_BYTES = 64 << 10
+#: The largest write the VFS gathers from consecutive page writes: the unix VFS writes at
+#: most 128 KiB - 1 per call (it masks the length to 17 bits), and FUSE drivers take
+#: 128 KiB per request.
+GATHER_BYTES = 124 << 10
 
 Observer = Callable[[int, memoryview], None]
 
