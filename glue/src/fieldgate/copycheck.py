@@ -18,8 +18,8 @@ from __future__ import annotations
 import array
 import hashlib
 import itertools
-import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fieldgate.errors import FieldgateError
@@ -87,21 +87,23 @@ def check_on_device(path: str | Path, written: Written) -> str:
     """
     digest = hashlib.sha256()
     offset = 0
-    for chunk in read_from_device(path):
-        hasher = threading.Thread(target=digest.update, args=(chunk,), name="readback-sha256")
-        hasher.start()
-        try:
-            page = written.first_difference(offset, chunk)
-        finally:
-            hasher.join()
-        if page is not None:
-            start = page * written.page_size
-            raise CopyDamaged(
-                f"the copy read back from the drive differs from what was written: page "
-                f"{page + 1} (bytes {start}-{start + written.page_size - 1}) of "
-                f"{Path(path).name}"
-            )
-        offset += len(chunk)
+    page: int | None = None
+    with ThreadPoolExecutor(1, thread_name_prefix="read-back-sha256") as hasher:
+        for chunk in read_from_device(path):
+            hashed = hasher.submit(digest.update, chunk)
+            try:
+                page = written.first_difference(offset, chunk)
+            finally:
+                hashed.result()
+            if page is not None:
+                break
+            offset += len(chunk)
+    if page is not None:
+        start = page * written.page_size
+        raise CopyDamaged(
+            f"the copy read back from the drive differs from what was written: page "
+            f"{page + 1} (bytes {start}-{start + written.page_size - 1}) of {Path(path).name}"
+        )
     if offset != written.size:
         raise CopyDamaged(
             f"the copy read back from the drive has {offset} bytes, {written.size} were "
