@@ -304,37 +304,25 @@ class TeeVfs:
         except BaseException as exc:
             return self._failed(exc)
 
-    def _read(self, file: int, data: int, amount: int, offset: int) -> int:
+    def _after_flush(self, file: int, call: Callable[[_Open], int]) -> int:
+        """Write out what is gathered, then make the original call."""
         try:
             f, rc = self._flushed(file)
-            return rc if rc != SQLITE_OK else f.read(file, data, amount, offset)
+            return rc if rc != SQLITE_OK else call(f)
         except BaseException as exc:
             return self._failed(exc)
+
+    def _read(self, file: int, data: int, amount: int, offset: int) -> int:
+        return self._after_flush(file, lambda f: f.read(file, data, amount, offset))
 
     def _truncate(self, file: int, size: int) -> int:
-        try:
-            f, rc = self._flushed(file)
-            return rc if rc != SQLITE_OK else f.truncate(file, size)
-        except BaseException as exc:
-            return self._failed(exc)
+        return self._after_flush(file, lambda f: f.truncate(file, size))
 
     def _sync(self, file: int, flags: int) -> int:
-        try:
-            f, rc = self._flushed(file)
-            return rc if rc != SQLITE_OK else f.sync(file, flags)
-        except BaseException as exc:
-            return self._failed(exc)
+        return self._after_flush(file, lambda f: f.sync(file, flags))
 
     def _file_size(self, file: int, size: int) -> int:
-        try:
-            f, rc = self._flushed(file)
-            return rc if rc != SQLITE_OK else f.file_size(file, size)
-        except BaseException as exc:
-            return self._failed(exc)
+        return self._after_flush(file, lambda f: f.file_size(file, size))
 
     def _file_control(self, file: int, op: int, arg: int) -> int:
-        try:
-            f, rc = self._flushed(file)
-            return rc if rc != SQLITE_OK else f.file_control(file, op, arg)
-        except BaseException as exc:
-            return self._failed(exc)
+        return self._after_flush(file, lambda f: f.file_control(file, op, arg))
