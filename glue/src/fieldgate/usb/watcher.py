@@ -10,9 +10,9 @@ drive at a time, so a drive inserted during an export waits:
 3. ``Password.txt`` at the root must equal the export password (read without following
    symlinks, compared in constant time, never logged); a partition without it, or with
    the wrong one, does not qualify and the next partition is tried;
-4. on the first qualifying partition: free space, snapshot, config, checksums
-   (:func:`fieldgate.export.export_to`, the snapshot in a child process running as the
-   store's owner);
+4. on the first qualifying partition: free space, snapshot, config, read-back from the
+   drive's device, checksums (:func:`fieldgate.export.export_to`, the snapshot in a child
+   process running as the store's owner, given the partition's device for FUSE drivers);
 5. sync, unmount, LED ``success``; any failure: LED ``error`` and the cause in the log.
 
 ``success`` and ``error`` hold until the drive's remove event, then ``normal_operation``.
