@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything fieldgate's demo and tests need on a fresh Debian 12 machine (run as root):
-# Debian packages (Mosquitto, SQLite shell, test-host and drive-image tools) and a virtualenv
+# Debian packages (Mosquitto, SQLite shell, test-host and drive-image tools, socat for the
+# Modbus RTU tests' pseudo-terminal pairs) and a virtualenv
 # .venv with the pinned Python tooling and the glue installed editable. Safe to run again:
 # it only installs what is missing.
 set -euo pipefail
@@ -12,6 +13,7 @@ APT_PACKAGES=(
   debootstrap systemd-container iproute2 iptables openssh-client rsync
   fusefat exfat-fuse dosfstools exfatprogs e2fsprogs util-linux bindfs
   dpkg-dev xz-utils ca-certificates
+  socat
 )
 
 if [ "$(id -u)" != 0 ]; then
