@@ -18,7 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from fieldgate.errors import ConfigError
-from fieldgate.names import NAME_RE
+from fieldgate.modbus.registers import map_problems
+from fieldgate.names import METRIC_RE, NAME_RE
 
 DEFAULT_CONFIG_PATH = "/etc/fieldgate/fieldgate.yaml"
 CONFIG_ENV = "FIELDGATE_CONFIG"
@@ -114,13 +115,91 @@ class PollNode:
     timeout_secs: float | None = field(default=None, metadata=_range(0.1, 600))
 
 
+# --- Modbus (poll.modbus, CONTRACT §10; checks in fieldgate.modbus.registers, docs/modbus.md)
+
+
+@dataclass(frozen=True)
+class ModbusRegister:
+    """One value of a Modbus device's register map: ``raw * scale + offset``."""
+
+    metric: str = field(metadata={"pattern": METRIC_RE})
+    #: 0-based protocol address (register 30001 of a manual is input address 0).
+    address: int = field(metadata=_range(0, 65535))
+    table: Literal["holding", "input", "coil", "discrete"]
+    #: Required for holding and input registers; coils and discrete inputs are bool.
+    type: (
+        Literal[
+            "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64", "bool"
+        ]
+        | None
+    ) = None
+    word_order: Literal["big", "little"] = "big"
+    scale: float = 1.0
+    offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModbusDevice:
+    """A Modbus TCP (``host``) or RTU (``serial``) device polled for its register map."""
+
+    device: str = field(metadata={"pattern": NAME_RE})
+    registers: list[ModbusRegister]
+    host: str | None = field(
+        default=None, metadata={"pattern": re.compile(r"^[A-Za-z0-9.:%][A-Za-z0-9.:%-]{0,252}$")}
+    )
+    port: int | None = field(default=None, metadata=_range(1, 65535))
+    serial: str | None = field(default=None, metadata={"pattern": re.compile(r"^/\S+$")})
+    baudrate: int | None = field(default=None, metadata=_range(300, 4_000_000))
+    parity: Literal["N", "E", "O"] | None = None
+    stopbits: int | None = field(default=None, metadata=_range(1, 2))
+    bytesize: int | None = None
+    #: The unit (slave) id: 1-247 on a serial line; 0-255 over TCP (often 1 or 255).
+    unit: int = field(default=1, metadata=_range(0, 255))
+    #: Default: poll.interval_secs and poll.timeout_secs.
+    interval_secs: float | None = field(default=None, metadata=_range(0.1, 86400))
+    timeout_secs: float | None = field(default=None, metadata=_range(0.05, 600))
+    #: A failing device is retried at its interval, doubled per failure up to this.
+    retry_max_secs: float = field(default=300, metadata=_range(0.1, 86400))
+    #: Unused addresses one read may bridge between two entries (0: contiguous runs only).
+    max_gap: int = field(default=10, metadata=_range(0, 2000))
+    max_read_registers: int = field(default=125, metadata=_range(1, 125))
+    max_read_bits: int = field(default=2000, metadata=_range(1, 2000))
+
+    @property
+    def tcp(self) -> bool:
+        return self.host is not None
+
+    @property
+    def port_or_default(self) -> int:
+        return 502 if self.port is None else self.port
+
+    @property
+    def line(self) -> tuple[int, str, int, int]:
+        """(baudrate, parity, stopbits, bytesize) of a serial line; the Modbus serial line
+        specification's defaults are 19200 baud, even parity, 1 stop bit, 8 data bits."""
+        return (
+            19200 if self.baudrate is None else self.baudrate,
+            self.parity or "E",
+            1 if self.stopbits is None else self.stopbits,
+            8 if self.bytesize is None else self.bytesize,
+        )
+
+    @property
+    def bus(self) -> str:
+        """``tcp HOST:PORT`` or ``rtu /dev/…``: devices on one bus are polled one at a time."""
+        if self.host is not None:
+            return f"tcp {self.host}:{self.port_or_default}"
+        return f"rtu {self.serial}"
+
+
 @dataclass(frozen=True)
 class PollConfig:
-    """HTTP polling of nodes that cannot publish."""
+    """Polling of HTTP nodes that cannot publish and of Modbus devices."""
 
     interval_secs: float = field(default=60, metadata=_range(1, 86400))
     timeout_secs: float = field(default=5, metadata=_range(0.1, 600))
     nodes: list[PollNode] = field(default_factory=list)
+    modbus: list[ModbusDevice] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -259,6 +338,7 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
     cfg = _build(Config, data, "", path)
     cfg = _replace_internal(cfg, path=path, raw=data)
     _check_devices(cfg)
+    _check_modbus(cfg)
     return cfg
 
 
@@ -295,6 +375,70 @@ def _check_devices(cfg: Config) -> None:
         raise ConfigError(
             f"{cfg.path}: disk.resume_below_percent: must not exceed disk.stop_accepting_at_percent"
         )
+
+
+def _check_modbus(cfg: Config) -> None:
+    """What the schema cannot say about ``poll.modbus``: one line naming the first mistake."""
+    first_of: dict[str, int] = {}  # canonical device -> index
+    on_bus: dict[tuple[str, int], int] = {}  # (bus, unit) -> index
+    line_of: dict[str, tuple[int, tuple[int, str, int, int]]] = {}  # serial port -> index, line
+    for i, dev in enumerate(cfg.poll.modbus):
+        where = f"{cfg.path}: poll.modbus[{i}]"
+        serial = cfg.devices.resolve(dev.device)
+        if serial is None and not cfg.devices.allow_unknown:
+            raise ConfigError(f"{where}.device: {dev.device!r} is not in devices.list")
+        serial = serial or dev.device
+        if serial in first_of:
+            raise ConfigError(
+                f"{where}.device: {dev.device!r} is already polled by "
+                f"poll.modbus[{first_of[serial]}]"
+            )
+        first_of[serial] = i
+        if (dev.host is None) == (dev.serial is None):
+            raise ConfigError(
+                f"{where}: give either host (Modbus TCP) or serial (Modbus RTU)"
+                + (", not both" if dev.host is not None else "")
+            )
+        if dev.host is not None:
+            for key in ("baudrate", "parity", "stopbits", "bytesize"):
+                if getattr(dev, key) is not None:
+                    raise ConfigError(f"{where}.{key}: only for Modbus RTU (serial), not host")
+        else:
+            if dev.port is not None:
+                raise ConfigError(f"{where}.port: only for Modbus TCP (host), not serial")
+            if dev.bytesize not in (None, 8):
+                raise ConfigError(
+                    f"{where}.bytesize: Modbus RTU frames need 8 data bits, got {dev.bytesize}"
+                )
+            if not 1 <= dev.unit <= 247:
+                raise ConfigError(
+                    f"{where}.unit: a Modbus RTU unit is 1 to 247 (0 is broadcast), got {dev.unit}"
+                )
+            assert dev.serial is not None
+            if dev.serial in line_of and line_of[dev.serial][1] != dev.line:
+                j, line = line_of[dev.serial]
+                raise ConfigError(
+                    f"{where}: serial line {_line_text(dev.line)} differs from "
+                    f"{_line_text(line)} of poll.modbus[{j}] on the same port {dev.serial}"
+                )
+            line_of.setdefault(dev.serial, (i, dev.line))
+        if (dev.bus, dev.unit) in on_bus:
+            raise ConfigError(
+                f"{where}.unit: unit {dev.unit} on {dev.bus} is already "
+                f"poll.modbus[{on_bus[dev.bus, dev.unit]}]"
+            )
+        on_bus[dev.bus, dev.unit] = i
+        for key, problem in map_problems(
+            dev.registers,
+            max_read_registers=dev.max_read_registers,
+            max_read_bits=dev.max_read_bits,
+        ):
+            raise ConfigError(f"{where}.{key}: {problem}")
+
+
+def _line_text(line: tuple[int, str, int, int]) -> str:
+    baudrate, parity, stopbits, bytesize = line
+    return f"{baudrate} {bytesize}{parity}{stopbits}"
 
 
 def _describe(value: Any) -> str:

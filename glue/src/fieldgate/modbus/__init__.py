@@ -1,0 +1,9 @@
+"""Modbus TCP and RTU polling (``poll.modbus``, CONTRACT §10); see docs/modbus.md.
+
+- :mod:`fieldgate.modbus.registers`: value types, widths, what fits which table, map checks
+  and decoding (pure; the configuration imports it, so it must not import pymodbus);
+- :mod:`fieldgate.modbus.plan`: coalescing a register map into few read requests (pure);
+- :mod:`fieldgate.modbus.client`: one pymodbus client per bus, failures classified;
+- :mod:`fieldgate.modbus.poller`: one thread per bus, schedules, backoff, the store;
+- :mod:`fieldgate.modbus.report`: the per-device facts ``fieldgate status`` shows.
+"""
