@@ -1,0 +1,226 @@
+"""One pymodbus sync client per bus; every failure becomes a :class:`ReadError` with a kind.
+
+A *bus* is what requests must take turns on: one TCP endpoint (host:port, which may be a
+gateway to several units) or one serial port (an RS-485 line of several units). The poller
+gives each bus one thread and one :class:`BusClient`, so requests on a bus never overlap.
+
+pymodbus (3.16) is used with ``retries=0``: the poller decides about retries (backoff). Its
+sync clients log connection failures and swallow the cause, so :class:`_Tcp` and :class:`_Rtu`
+open the connection themselves (as pymodbus does) and keep the cause for the error message.
+After any failure the connection is closed, so a late answer can never be taken for the next
+one. Kinds of failure: ``connect`` (refused, unreachable, no such serial port), ``timeout``
+(no answer), ``crc`` (an RTU answer with a bad checksum: pymodbus drops such frames and waits,
+so they surface as a timeout with bytes received), ``io`` (a garbled or short answer),
+``exception`` (the device answered with a Modbus exception code).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+
+import serial
+from pymodbus.client import ModbusSerialClient, ModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException
+from pymodbus.framer import FramerRTU
+
+from fieldgate.config import ModbusDevice
+from fieldgate.modbus.plan import Read
+
+KINDS = ("timeout", "connect", "crc", "io", "exception")
+
+#: Modbus Application Protocol V1.1b3 §7.
+EXCEPTION_NAMES = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "server device failure",
+    5: "acknowledge",
+    6: "server device busy",
+    8: "memory parity error",
+    10: "gateway path unavailable",
+    11: "gateway target device failed to respond",
+}
+
+# pymodbus logs every failure at ERROR and every frame at DEBUG; the poller reports failures
+# itself, once, with their cause. Its logger is quiet unless fieldgate runs at DEBUG.
+_PYMODBUS_LOG = logging.getLogger("pymodbus")
+
+
+def quiet_pymodbus() -> None:
+    """Keep pymodbus's own log lines out of fieldgate's log unless the level is DEBUG."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        _PYMODBUS_LOG.setLevel(logging.CRITICAL)
+
+
+class ReadError(Exception):
+    """A read that gave no values; ``kind`` is one of :data:`KINDS`, the text says why."""
+
+    def __init__(self, kind: str, text: str) -> None:
+        super().__init__(text)
+        self.kind = kind
+
+
+class _Tcp(ModbusTcpClient):
+    """pymodbus's TCP client, keeping the reason a connection failed."""
+
+    connect_error = ""
+
+    def connect(self) -> bool:
+        if self.socket:
+            return True
+        try:
+            self.socket = socket.create_connection(
+                (self.comm_params.host, self.comm_params.port),
+                timeout=self.comm_params.timeout_connect,
+            )
+        except TimeoutError:
+            self.connect_error = "timed out"
+        except OSError as exc:
+            self.connect_error = exc.strerror or str(exc)
+        return self.socket is not None
+
+
+class _Rtu(ModbusSerialClient):
+    """pymodbus's serial client, keeping the reason the port could not be opened."""
+
+    connect_error = ""
+
+    def connect(self) -> bool:
+        if self.socket:
+            return True
+        p = self.comm_params
+        try:
+            # as ModbusSerialClient.connect: exclusive, so a second poller cannot share the line
+            self.socket = serial.serial_for_url(
+                p.host,
+                timeout=p.timeout_connect,
+                write_timeout=p.timeout_connect,
+                bytesize=p.bytesize,
+                stopbits=p.stopbits,
+                baudrate=p.baudrate,
+                parity=p.parity,
+                exclusive=True,
+            )
+            self.socket.inter_byte_timeout = self.inter_byte_timeout
+        except Exception as exc:  # pyserial lets termios.error through (a pty refuses parity)
+            self.connect_error = _serial_cause(exc)
+            self.socket = None
+        return self.socket is not None
+
+
+def _serial_cause(exc: Exception) -> str:
+    """``No such file or directory`` rather than pyserial's message that repeats the path."""
+    code = getattr(exc, "errno", None)
+    if code is None and exc.args and isinstance(exc.args[0], int):
+        code = exc.args[0]  # termios.error(22, 'Invalid argument')
+    if not code:
+        return str(exc)
+    text = os.strerror(code)
+    if code == errno.EACCES:
+        text += " (the user polling needs read and write access: group dialout)"
+    return text
+
+
+class BusClient:
+    """Reads from the units of one bus, one request at a time (the caller's thread)."""
+
+    def __init__(self, dev: ModbusDevice, port: str | None = None) -> None:
+        """``dev`` is any device of the bus; ``port`` the serial port's resolved path."""
+        self.requests = 0
+        self._received = b""
+        self._last_io = 0.0
+        if dev.host is not None:
+            self.name = f"{dev.host}:{dev.port_or_default}"
+            self.rtu = False
+            self.gap = 0.0
+            self.client: _Tcp | _Rtu = _Tcp(
+                dev.host, port=dev.port_or_default, retries=0, trace_packet=self._trace
+            )
+        else:
+            baudrate, parity, stopbits, bytesize = dev.line
+            self.name = port or str(dev.serial)
+            self.rtu = True
+            # Modbus over serial line V1.02 §2.5.1.1: 3.5 character times of silence between
+            # frames (11 bits a character), 1.75 ms above 19200 baud.
+            self.gap = 3.5 * 11 / baudrate if baudrate <= 19200 else 0.00175
+            self.client = _Rtu(
+                self.name,
+                baudrate=baudrate,
+                parity=parity,
+                stopbits=stopbits,
+                bytesize=bytesize,
+                retries=0,
+                trace_packet=self._trace,
+            )
+
+    def _trace(self, sending: bool, data: bytes) -> bytes:
+        if not sending:
+            self._received = data  # pymodbus passes the whole answer buffer so far
+        return data
+
+    def read(self, unit: int, read: Read, timeout: float) -> Sequence[int] | Sequence[bool]:
+        """The words (or bits) of one planned read; ReadError on any failure."""
+        what = read.describe()
+        # the sync clients read their timeout from comm_params for every connect and receive
+        self.client.comm_params.timeout_connect = timeout
+        if not self.client.connect():
+            cause = self.client.connect_error or "failed"
+            verb = "open" if self.rtu else "connect to"
+            raise ReadError("connect", f"cannot {verb} {self.name}: {cause}")
+        if self.gap:
+            silent = self._last_io + self.gap - time.monotonic()
+            if silent > 0:
+                time.sleep(silent)
+        self._received = b""
+        self.requests += 1
+        call = {
+            "coil": self.client.read_coils,
+            "discrete": self.client.read_discrete_inputs,
+            "holding": self.client.read_holding_registers,
+            "input": self.client.read_input_registers,
+        }[read.table]
+        try:
+            response = call(read.start, count=read.count, device_id=unit)
+        except ModbusException as exc:
+            self.close()
+            raise self._no_answer(exc, what, timeout) from None
+        except OSError as exc:
+            self.close()
+            raise ReadError(
+                "connect", f"{self.name}: {exc.strerror or exc} reading {what}"
+            ) from None
+        finally:
+            self._last_io = time.monotonic()
+        if response.isError():
+            code = getattr(response, "exception_code", 0)
+            name = EXCEPTION_NAMES.get(code, "unknown exception")
+            raise ReadError("exception", f"Modbus exception {code} ({name}) reading {what}")
+        values = response.bits if read.table in ("coil", "discrete") else response.registers
+        if len(values) < read.count:
+            self.close()
+            raise ReadError("io", f"short answer reading {what}: {len(values)} of {read.count}")
+        return values[: read.count]
+
+    def _no_answer(self, exc: ModbusException, what: str, timeout: float) -> ReadError:
+        got = self._received
+        if isinstance(exc, ConnectionException):  # closed by the peer, or a failed send
+            return ReadError("connect", f"{self.name} closed the connection reading {what}")
+        if not got:
+            return ReadError("timeout", f"no answer within {timeout:g} s reading {what}")
+        if self.rtu and len(got) >= 4:
+            crc = int.from_bytes(got[-2:], "big")
+            if not FramerRTU.check_CRC(got[:-2], crc):
+                return ReadError(
+                    "crc", f"CRC error in the answer reading {what} ({len(got)} bytes)"
+                )
+        return ReadError(
+            "io", f"garbled answer reading {what} ({len(got)} bytes: {got[:16].hex()})"
+        )
+
+    def close(self) -> None:
+        self.client.close()
