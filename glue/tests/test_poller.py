@@ -203,6 +203,7 @@ def test_no_nodes_is_a_config_error(config_file: ConfigFactory) -> None:
     config = config_file()
     r = run_fieldgate("poll", "--once", config=config)
     assert r.returncode == 2, r
-    assert (
-        r.stderr == f"fieldgate: error: {config}: poll.nodes is empty: there is nothing to poll\n"
+    assert r.stderr == (
+        f"fieldgate: error: {config}: poll.nodes and poll.modbus are empty: "
+        "there is nothing to poll\n"
     )

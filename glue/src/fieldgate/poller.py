@@ -1,4 +1,6 @@
-"""``fieldgate poll [--once]``: readings from HTTP nodes that cannot publish to the broker.
+"""``fieldgate poll [--once]``: readings from HTTP nodes that cannot publish to the broker,
+and from Modbus devices (:mod:`fieldgate.modbus.poller`, run beside the nodes by
+:func:`serve` and :func:`poll_once`).
 
 Every node in ``poll.nodes`` is fetched (HTTP GET) every ``poll.interval_secs`` with a timeout
 (the node's ``timeout_secs`` or ``poll.timeout_secs``). Each fetch runs in its own worker
@@ -9,8 +11,8 @@ MQTT payloads of docs/contract.md §4 (JSON object or array, or CSV lines for a
 thread (one store connection, one transaction per node response). Bodies over
 ``mqtt.max_payload_bytes`` are rejected like oversized MQTT messages.
 
-``--once`` polls every node once and exits: 0 when every node answered with readings,
-otherwise 1 with one line naming each failed node and why.
+``--once`` polls every node and Modbus device once and exits: 0 when every one answered with
+readings, otherwise 1 with one line naming each failed node and device and why.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import requests
 
@@ -29,6 +33,9 @@ from fieldgate.daemon import StopFlag
 from fieldgate.errors import ConfigError
 from fieldgate.readings import Received, Rules, parse_payload, store_outcomes
 from fieldgate.retry import root_cause
+
+if TYPE_CHECKING:
+    from fieldgate.modbus.poller import DeviceResult, ModbusPoller
 
 log = logging.getLogger("fieldgate.poller")
 
@@ -204,3 +211,60 @@ class Poller:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _pollers(cfg: Config) -> tuple[Poller | None, ModbusPoller | None]:
+    """The HTTP nodes' poller and the Modbus devices' (pymodbus is imported only for them)."""
+    if not cfg.poll.nodes and not cfg.poll.modbus:
+        raise ConfigError(
+            f"{cfg.path}: poll.nodes and poll.modbus are empty: there is nothing to poll"
+        )
+    modbus = None
+    if cfg.poll.modbus:
+        from fieldgate.modbus.poller import ModbusPoller
+
+        modbus = ModbusPoller(cfg)
+    return (Poller(cfg) if cfg.poll.nodes else None), modbus
+
+
+def poll_once(cfg: Config) -> tuple[list[NodeResult], list[DeviceResult]]:
+    """Poll every HTTP node and every Modbus device once, side by side; store every answer."""
+    nodes, modbus = _pollers(cfg)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="modbus") as beside:
+            devices = beside.submit(modbus.once) if modbus else None
+            results = nodes.once() if nodes else []
+            return results, devices.result() if devices else []
+    finally:
+        if nodes:
+            nodes.close()
+
+
+def serve(cfg: Config, stop: StopFlag) -> None:
+    """Poll the HTTP nodes here and the Modbus devices in a second thread until ``stop``;
+    should either fail, both stop and the error is raised."""
+    nodes, modbus = _pollers(cfg)
+    try:
+        if nodes is None:
+            assert modbus is not None
+            modbus.run(stop)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="modbus") as beside:
+            running = beside.submit(_until_failure, modbus, stop) if modbus else None
+            try:
+                nodes.run(stop)
+            finally:
+                stop.set()  # also when the nodes' loop failed: the Modbus thread ends
+            if running:
+                running.result()  # a Modbus poller that failed fails the command
+    finally:
+        if nodes:
+            nodes.close()
+
+
+def _until_failure(modbus: ModbusPoller, stop: StopFlag) -> None:
+    """Run the Modbus poller; should it fail, stop the HTTP nodes too (the error is raised)."""
+    try:
+        modbus.run(stop)
+    finally:
+        stop.set()

@@ -14,6 +14,7 @@ from typing import Any
 from fieldgate import store
 from fieldgate.config import Config
 from fieldgate.fsutil import disk_usage_percent
+from fieldgate.modbus.report import modbus_status, render_modbus
 
 
 def _iso(ms: int | None) -> str | None:
@@ -96,6 +97,7 @@ def _from_store(conn: sqlite3.Connection, cfg: Config) -> dict[str, Any]:
             "heartbeat": fact("collector.heartbeat"),
         },
         "poller": {"state": fact("poller.state")},
+        "modbus": modbus_status(cfg, state, fact),
         "batches": {
             "pending": pending,
             "uploaded": batch_rows.get("uploaded", (0, None))[0],
@@ -151,6 +153,7 @@ def render_text(s: dict[str, Any]) -> str:
     lines.append(f"collector       {_fact_text(s['collector']['state'], 'never ran')}")
     if s["poller"]["state"]:
         lines.append(f"poller          {_fact_text(s['poller']['state'])}")
+    lines.extend(render_modbus(s.get("modbus")))
     b = s["batches"]
     age = "" if b["oldest_pending"] is None else f", oldest from {b['oldest_pending']}"
     lines.append(f"batches         {b['pending']} pending{age}, {b['uploaded']} uploaded")

@@ -68,8 +68,14 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "poll",
         "daemons:poll",
-        "Poll the configured HTTP nodes into the store (long-running).",
-        (arg("--once", action="store_true", help="poll every node once and exit"),),
+        "Poll the configured HTTP nodes and Modbus devices into the store (long-running).",
+        (
+            arg(
+                "--once",
+                action="store_true",
+                help="poll every node and Modbus device once and exit",
+            ),
+        ),
     ),
     Command(
         "status",

@@ -25,24 +25,25 @@ def collect(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def poll(cfg: Config, args: argparse.Namespace) -> int:
-    """``fieldgate poll [--once]``; ``--once`` fails naming every node that failed."""
-    from fieldgate.poller import Poller
+    """``fieldgate poll [--once]``; ``--once`` fails naming every node and device that failed."""
+    from fieldgate import poller
 
-    poller = Poller(cfg)
-    try:
-        if args.once:
-            results = poller.once()
-            failed = [r for r in results if not r.ok]
-            if failed:
-                names = "; ".join(f"{r.node} ({r.detail})" for r in failed)
-                raise FieldgateError(
-                    f"poll failed for {len(failed)} of {len(results)} nodes: {names}"
-                )
-            return 0
-        poller.run(StopFlag().install())
+    if not args.once:
+        poller.serve(cfg, StopFlag().install())
         return 0
-    finally:
-        poller.close()
+    nodes, devices = poller.poll_once(cfg)
+    bad_nodes = [r for r in nodes if not r.ok]
+    bad_devices = [r for r in devices if not r.ok]
+    if bad_nodes or bad_devices:
+        counts = []
+        if nodes:
+            counts.append(f"{len(bad_nodes)} of {len(nodes)} nodes")
+        if devices:
+            counts.append(f"{len(bad_devices)} of {len(devices)} Modbus devices")
+        names = [f"{r.node} ({r.detail})" for r in bad_nodes]
+        names += [f"{r.device} ({r.detail})" for r in bad_devices]
+        raise FieldgateError(f"poll failed for {' and '.join(counts)}: {'; '.join(names)}")
+    return 0
 
 
 def upload(cfg: Config, args: argparse.Namespace) -> int:

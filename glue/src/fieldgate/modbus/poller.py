@@ -1,0 +1,474 @@
+"""Modbus devices polled on their own schedules: one thread per bus, one store writer.
+
+- A *bus* (one TCP host:port, or one serial port by its resolved path) gets one thread and one
+  connection; its devices take turns, one request at a time (RS-485 is half-duplex and many
+  TCP gateways serve one request at a time). Different buses never wait for each other, so a
+  slow or dead device delays only the devices behind the same bus.
+- Each device is polled every ``interval_secs`` on a fixed grid (a late poll does not shift
+  the ones after it; slots missed while the bus was busy are skipped and counted as late).
+  A poll reads the device's coalesced plan (:mod:`fieldgate.modbus.plan`); its readings are
+  stamped with the poll's start (epoch ms) and stored with source ``modbus:<device>``.
+- A device that does not answer (timeout, refused connection, missing serial port, CRC error,
+  garbled answer) stops that poll at the first failed read and is retried with backoff: its
+  interval, doubled per consecutive failure, up to ``retry_max_secs``. A device that answers
+  with a Modbus exception code is alive: the other reads of the poll go on, the poll counts as
+  failed, and the schedule stays. The first success resets the backoff.
+- A value that decodes to NaN or infinity is not stored: the other values are, and the poll
+  leaves one ``rejected`` row naming each bad value with its raw words.
+- The bus threads hand each poll to the thread that runs :meth:`ModbusPoller.run` (or
+  :meth:`ModbusPoller.once`), which owns the store connection: one transaction per poll holds
+  its readings, any ``rejected`` row and the device's facts for ``fieldgate status``
+  (``poller.modbus.<device>``, JSON; see :mod:`fieldgate.modbus.report`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fieldgate import store
+from fieldgate.config import Config, ModbusDevice
+from fieldgate.daemon import StopFlag
+from fieldgate.errors import ConfigError
+from fieldgate.modbus.client import BusClient, ReadError, quiet_pymodbus
+from fieldgate.modbus.plan import Read, Span, plan_reads
+from fieldgate.modbus.registers import Decoder, describe_words
+from fieldgate.modbus.report import STATE_KEY, device_key
+from fieldgate.retry import Backoff
+
+log = logging.getLogger("fieldgate.modbus")
+
+#: How long a stop waits for polls in flight before the store is closed.
+STOP_GRACE_SECS = 3.0
+#: At most this many bad values are spelled out in one rejection reason.
+MAX_REASONS = 5
+
+
+@dataclass(frozen=True)
+class Target:
+    """A configured device, resolved: its canonical name, schedule and read plan."""
+
+    cfg: ModbusDevice
+    device: str
+    bus: str
+    interval: float
+    timeout: float
+    reads: tuple[Read, ...]
+    decoders: tuple[Decoder, ...]
+
+    @property
+    def source(self) -> str:
+        return f"modbus:{self.device}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.cfg.bus} unit {self.cfg.unit}"
+
+
+def build_targets(cfg: Config) -> list[Target]:
+    """The devices of ``poll.modbus`` with their plans (the configuration is already valid)."""
+    targets = []
+    for dev in cfg.poll.modbus:
+        decoders = tuple(Decoder.of(r) for r in dev.registers)
+        reads = plan_reads(
+            [Span(d.table, d.address, d.width) for d in decoders],
+            max_gap=dev.max_gap,
+            max_read_registers=dev.max_read_registers,
+            max_read_bits=dev.max_read_bits,
+        )
+        # two names of one serial port (a /dev/serial/by-id link and its tty) are one bus
+        bus = dev.bus if dev.serial is None else f"rtu {os.path.realpath(dev.serial)}"
+        targets.append(
+            Target(
+                cfg=dev,
+                device=cfg.devices.resolve(dev.device) or dev.device,
+                bus=bus,
+                interval=dev.interval_secs or cfg.poll.interval_secs,
+                timeout=dev.timeout_secs or cfg.poll.timeout_secs,
+                reads=tuple(reads),
+                decoders=decoders,
+            )
+        )
+    return targets
+
+
+def group_buses(targets: Sequence[Target], path: str) -> dict[str, list[Target]]:
+    """Targets by bus; ConfigError when two names of one serial port disagree on the line."""
+    buses: dict[str, list[Target]] = {}
+    for t in targets:
+        on_bus = buses.setdefault(t.bus, [])
+        for other in on_bus:
+            if t.cfg.serial is not None and other.cfg.line != t.cfg.line:
+                raise ConfigError(
+                    f"{path}: poll.modbus: {t.device} ({t.cfg.serial}) and {other.device} "
+                    f"({other.cfg.serial}) are the same serial port with different line settings"
+                )
+            if other.cfg.unit == t.cfg.unit:
+                raise ConfigError(
+                    f"{path}: poll.modbus: {t.device} and {other.device} are both unit "
+                    f"{t.cfg.unit} on {t.bus}"
+                )
+        on_bus.append(t)
+    return buses
+
+
+@dataclass
+class Polled:
+    """One poll of one device as a bus thread saw it."""
+
+    target: Target
+    ts: int  # the poll time: epoch ms when it started
+    finished_at: int = 0
+    readings: list[store.Reading] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)  # one text per non-finite value
+    bad_raw: dict[str, str] = field(default_factory=dict)  # metric -> raw words
+    error: str | None = None
+    kind: str | None = None
+    errors: int = 0  # failed reads in this poll
+    requests: int = 0
+    late: int = 0  # slots of this device skipped after this poll: it or its bus overran
+    retry_in: float | None = None  # seconds to the next attempt after a failure
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and (bool(self.readings) or not self.bad)
+
+
+def poll_device(client: BusClient, t: Target) -> Polled:
+    """Read a device's plan once and decode it; never raises for a device's failure."""
+    polled = Polled(t, store.now_ms())
+    for read in t.reads:
+        before = client.requests
+        try:
+            words = client.read(t.cfg.unit, read, t.timeout)
+        except ReadError as exc:
+            polled.requests += client.requests - before
+            polled.errors += 1
+            if polled.error is None:
+                polled.error, polled.kind = str(exc), exc.kind
+            if exc.kind != "exception":
+                break  # not answering: the rest of this poll would only wait as long again
+            continue
+        polled.requests += client.requests - before
+        for i in read.members:
+            d = t.decoders[i]
+            part = words[d.address - read.start : d.address - read.start + d.width]
+            value = d.value(part)
+            if math.isfinite(value):
+                polled.readings.append((t.device, polled.ts, d.metric, value))
+            else:
+                raw = describe_words(part)
+                shown = "NaN" if math.isnan(value) else str(value)
+                polled.bad.append(f"{d.metric} ({d.type} {d.table} {d.address}): {shown} ({raw})")
+                polled.bad_raw[d.metric] = raw
+    if polled.errors > 1 and polled.error is not None:
+        polled.error += f" (and {polled.errors - 1} more failed reads)"
+    polled.finished_at = store.now_ms()
+    return polled
+
+
+class Bus:
+    """The thread that polls the devices of one bus in turn."""
+
+    def __init__(
+        self,
+        name: str,
+        targets: list[Target],
+        results: queue.Queue[Polled],
+        stop: threading.Event | StopFlag,
+    ) -> None:
+        self.name = name
+        self.targets = targets
+        self.results = results
+        self.stop = stop
+        port = name.removeprefix("rtu ") if name.startswith("rtu ") else None
+        self.client = BusClient(targets[0].cfg, port)
+        self.thread: threading.Thread | None = None
+
+    def start(self, *, once: bool) -> None:
+        target = self._once if once else self._run
+        self.thread = threading.Thread(target=target, name=f"modbus {self.name}", daemon=True)
+        self.thread.start()
+
+    def _once(self) -> None:
+        try:
+            for t in self.targets:
+                self.results.put(poll_device(self.client, t))
+        finally:
+            self.client.close()
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        due = {t.device: start for t in self.targets}
+        backoff = {
+            t.device: Backoff(t.interval, max(t.interval, t.cfg.retry_max_secs))
+            for t in self.targets
+        }
+        try:
+            while not self.stop.is_set():
+                t = min(self.targets, key=lambda x: due[x.device])
+                wait = due[t.device] - time.monotonic()
+                if wait > 0:
+                    self.stop.wait(wait)
+                    continue
+                slot = due[t.device]
+                polled = poll_device(self.client, t)
+                now = time.monotonic()
+                if polled.kind is None or polled.kind == "exception":
+                    backoff[t.device].reset()
+                    nxt = slot + t.interval
+                    if nxt <= now:  # the bus was busy: skip the missed slots, keep the grid
+                        polled.late = math.ceil((now - nxt) / t.interval)
+                        nxt += polled.late * t.interval
+                else:
+                    polled.retry_in = backoff[t.device].next()
+                    nxt = now + polled.retry_in
+                due[t.device] = nxt
+                self.results.put(polled)
+        finally:
+            self.client.close()
+
+
+@dataclass
+class DeviceResult:
+    """How one poll of a device ended, after storage (``poll --once`` reports these)."""
+
+    device: str
+    ok: bool
+    detail: str
+    new_readings: int = 0
+
+
+@dataclass
+class _Stats:
+    """What ``fieldgate status`` shows of a device: counters since this poller started, and
+    the last success and error (kept across restarts)."""
+
+    since: int
+    where: str
+    polls: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    by_kind: Counter[str] = field(default_factory=Counter)
+    requests: int = 0
+    readings: int = 0
+    rejected_values: int = 0
+    late: int = 0
+    last_poll: int | None = None
+    last_success: int | None = None
+    last_error: str | None = None
+    last_error_at: int | None = None
+    next_attempt: int | None = None
+    last_reason: str | None = None  # of the last rejection, for the log only
+
+    def fact(self) -> str:
+        return json.dumps(
+            {
+                "where": self.where,
+                "since": self.since,
+                "polls": self.polls,
+                "failures": self.failures,
+                "consecutive_failures": self.consecutive_failures,
+                "failures_by_kind": dict(sorted(self.by_kind.items())),
+                "requests": self.requests,
+                "readings": self.readings,
+                "rejected_values": self.rejected_values,
+                "late": self.late,
+                "last_poll": self.last_poll,
+                "last_success": self.last_success,
+                "last_error": self.last_error,
+                "last_error_at": self.last_error_at,
+                "next_attempt": self.next_attempt,
+            },
+            sort_keys=True,
+        )
+
+
+class ModbusPoller:
+    """The Modbus devices, their buses and the store; :meth:`run` and :meth:`once` drive it.
+
+    The store connection belongs to the thread that calls :meth:`run` or :meth:`once`.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        if not cfg.poll.modbus:
+            raise ConfigError(f"{cfg.path}: poll.modbus is empty: there is nothing to poll")
+        self.cfg = cfg
+        self.targets = build_targets(cfg)
+        self.buses = group_buses(self.targets, cfg.path)
+        quiet_pymodbus()
+        # Create or migrate the store now, so that a bad store fails the command at start.
+        conn = self._connect()
+        try:
+            known = store.get_state(conn)
+        finally:
+            conn.close()
+        now = store.now_ms()
+        self.stats = {t.device: _Stats(since=now, where=t.where) for t in self.targets}
+        for t in self.targets:
+            self._restore(self.stats[t.device], known.get(device_key(t.device)))
+        self.results: queue.Queue[Polled] = queue.Queue()
+
+    def _connect(self) -> sqlite3.Connection:
+        return store.open_store(
+            self.cfg.store.path,
+            self.cfg.site.serial,
+            busy_timeout_ms=self.cfg.store.busy_timeout_ms,
+        )
+
+    @staticmethod
+    def _restore(stats: _Stats, fact: tuple[str, int] | None) -> None:
+        if fact is None:
+            return
+        try:
+            old = json.loads(fact[0])
+        except ValueError:
+            return
+        if isinstance(old, dict):
+            stats.last_success = old.get("last_success")
+            stats.last_error = old.get("last_error")
+            stats.last_error_at = old.get("last_error_at")
+
+    def once(self) -> list[DeviceResult]:
+        """Poll every device once (the buses concurrently) and store every poll."""
+        stop = threading.Event()
+        for name, targets in self.buses.items():
+            Bus(name, targets, self.results, stop).start(once=True)
+        conn = self._connect()
+        try:
+            results = {}
+            for _ in self.targets:
+                polled = self.results.get()
+                results[polled.target.device] = self.store_polled(conn, polled)
+            self.publish(conn, "last --once run")
+        finally:
+            conn.close()
+        return [results[t.device] for t in self.targets]
+
+    def run(self, stop: threading.Event | StopFlag) -> None:
+        """Poll every device on its schedule until ``stop`` is set."""
+        buses = [Bus(name, targets, self.results, stop) for name, targets in self.buses.items()]
+        log.info("polling %d Modbus devices on %d buses", len(self.targets), len(self.buses))
+        conn = self._connect()
+        try:
+            self.publish(conn, "running")
+            for bus in buses:
+                bus.start(once=False)
+            while not stop.is_set():
+                try:
+                    polled = self.results.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                self.store_polled(conn, polled)
+                self.publish(conn, "running")
+            deadline = time.monotonic() + STOP_GRACE_SECS
+            for bus in buses:
+                assert bus.thread is not None
+                bus.thread.join(max(0.0, deadline - time.monotonic()))
+            while True:  # what finished during the stop is stored too
+                try:
+                    self.store_polled(conn, self.results.get_nowait())
+                except queue.Empty:
+                    break
+            with store.transaction(conn):
+                store.set_state(conn, STATE_KEY, "stopped")
+        finally:
+            conn.close()
+
+    def store_polled(self, conn: sqlite3.Connection, polled: Polled) -> DeviceResult:
+        """Store one poll's readings (and any rejection) with the device's facts; one commit."""
+        t = polled.target
+        s = self.stats[t.device]
+        was_failing = s.consecutive_failures
+        previous_error, previous_reason = s.last_error, s.last_reason
+        s.polls += 1
+        s.requests += polled.requests
+        s.late += polled.late
+        s.last_poll = polled.ts
+        s.rejected_values += len(polled.bad)
+        reason = None
+        if polled.bad:
+            shown = "; ".join(polled.bad[:MAX_REASONS])
+            more = len(polled.bad) - MAX_REASONS
+            tail = f"; and {more} more" if more > 0 else ""
+            stored = f", the other {len(polled.readings)} stored" if polled.readings else ""
+            total = len(polled.bad) + len(polled.readings)
+            reason = f"{len(polled.bad)} of {total} values not finite{stored}: {shown}{tail}"
+        if polled.ok:
+            s.consecutive_failures = 0
+            s.last_success = polled.finished_at
+            s.next_attempt = None
+        else:
+            s.failures += 1
+            s.consecutive_failures += 1
+            s.by_kind[polled.kind or "rejected"] += 1
+            s.last_error = polled.error or f"rejected: {reason}"
+            s.last_error_at = polled.finished_at
+            s.next_attempt = (
+                None
+                if polled.retry_in is None
+                else polled.finished_at + int(polled.retry_in * 1000)
+            )
+        with store.transaction(conn):
+            new = store.insert_readings(
+                conn, polled.readings, source=t.source, received_at=polled.finished_at
+            )
+            if reason is not None:
+                store.insert_rejected(
+                    conn,
+                    source=t.source,
+                    topic=t.where,
+                    payload=json.dumps({"ts": polled.ts, "raw": polled.bad_raw}, sort_keys=True),
+                    reason=reason,
+                    received_at=polled.finished_at,
+                )
+            s.readings += new
+            store.set_state(conn, device_key(t.device), s.fact())
+        if polled.ok:
+            detail = f"{len(polled.readings)} readings in {polled.requests} requests"
+            level = logging.INFO if s.polls == 1 else logging.DEBUG
+            if reason is not None:
+                detail += f", partly rejected: {reason}"
+                if reason != previous_reason:
+                    level = logging.WARNING
+            if was_failing:
+                detail += f" (answering again after {was_failing} failed polls)"
+                level = max(level, logging.INFO)
+        else:
+            detail = polled.error or f"rejected: {reason}"
+            if polled.readings:
+                detail += f"; {len(polled.readings)} readings stored"
+            n = s.consecutive_failures
+            # every change, then 1, 2, 4, 8 … failures in a row: a device that stays broken
+            # does not fill the log (status always has the latest)
+            if n == 1 or s.last_error != previous_error or n & (n - 1) == 0:
+                level = logging.WARNING
+            else:
+                level = logging.DEBUG
+            if n > 1:
+                detail += f" ({n} failed polls in a row)"
+        s.last_reason = reason
+        retry = "" if polled.retry_in is None else f"; next try in {polled.retry_in:g} s"
+        log.log(level, "modbus %s (%s): %s%s", t.device, t.where, detail, retry)
+        return DeviceResult(t.device, polled.ok, detail, new)
+
+    def publish(self, conn: sqlite3.Connection, prefix: str) -> None:
+        """The one-line summary ``fieldgate status`` shows for Modbus."""
+        failing = [(d, s) for d, s in self.stats.items() if s.consecutive_failures and s.polls]
+        polled = sum(1 for s in self.stats.values() if s.polls)
+        summary = f"{polled - len(failing)} ok, {len(failing)} failing"
+        if polled < len(self.stats):
+            summary += f", {len(self.stats) - polled} not polled yet"
+        if failing:
+            summary += " (" + "; ".join(f"{d}: {s.last_error}" for d, s in failing) + ")"
+        with store.transaction(conn):
+            store.set_state(conn, STATE_KEY, f"{prefix}: {summary}")
