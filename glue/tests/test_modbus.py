@@ -488,3 +488,61 @@ def test_http_nodes_and_modbus_devices_in_one_once_run(
         f"MB-2 (cannot connect to 127.0.0.1:{closed}: Connection refused)"
     )
     assert [(d, m, v) for d, _, m, v, _ in rows(db_of(config))] == [("MB-1", "x", 42.0)]
+
+
+def test_units_behind_one_tcp_gateway_share_one_connection(
+    config_file: ConfigFactory, sim: Simulator
+) -> None:
+    units = []
+    for unit in (1, 2, 3):
+        mem = Memory()
+        mem.put("holding", 0, words("uint16", unit * 11))
+        units.append(mem.device(unit))
+    port = free_port()
+    sim.tcp(port, units)
+    reg = [{"metric": "x", "address": 0, "table": "holding", "type": "uint16"}]
+    config = modbus_config(
+        config_file,
+        [
+            {"device": f"U-{u}", "host": "127.0.0.1", "port": port, "unit": u, "registers": reg}
+            for u in (1, 2, 3)
+        ],
+    )
+    r = run_fieldgate("poll", "--once", config=config)
+    assert r.returncode == 0, r
+    assert [(d, v) for d, _, _, v, _ in rows(db_of(config))] == [
+        ("U-1", 11.0),
+        ("U-2", 22.0),
+        ("U-3", 33.0),
+    ]
+
+
+def test_sigterm_stops_within_10_seconds_while_a_device_hangs(
+    config_file: ConfigFactory, sim: Simulator, tmp_path: Path
+) -> None:
+    mem = Memory()
+    mem.put("holding", 0, [1])
+    port = free_port()
+    sim.tcp(port, [mem.device(1, action=never_answer)])
+    config = modbus_config(
+        config_file,
+        [
+            {
+                "device": "HANG-1",
+                "host": "127.0.0.1",
+                "port": port,
+                "timeout_secs": 300,
+                "registers": [{"metric": "x", "address": 0, "table": "holding", "type": "uint16"}],
+            }
+        ],
+    )
+    proc = start_fieldgate("poll", config=config, log=tmp_path / "poll.log")
+    wait_until(lambda: sim.requests >= 1, what="the hanging request")
+    started = time.monotonic()
+    rc = stop_process(proc, signal.SIGTERM, timeout=10)
+    assert rc == 0, (tmp_path / "poll.log").read_text()
+    assert time.monotonic() - started < 10
+    conn = sqlite3.connect(str(db_of(config)))
+    state = conn.execute("SELECT value FROM state WHERE key = 'poller.modbus.state'").fetchone()
+    conn.close()
+    assert state == ("stopped",)
