@@ -238,6 +238,8 @@ def poll_once(cfg: Config) -> tuple[list[NodeResult], list[DeviceResult]]:
     finally:
         if nodes:
             nodes.close()
+        if modbus:
+            modbus.close()
 
 
 def serve(cfg: Config, stop: StopFlag) -> None:

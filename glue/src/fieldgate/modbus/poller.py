@@ -51,6 +51,8 @@ log = logging.getLogger("fieldgate.modbus")
 STOP_GRACE_SECS = 3.0
 #: At most this many bad values are spelled out in one rejection reason.
 MAX_REASONS = 5
+#: At most this many polls share one store transaction.
+MAX_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -74,17 +76,21 @@ class Target:
         return f"{self.cfg.bus} unit {self.cfg.unit}"
 
 
-def build_targets(cfg: Config) -> list[Target]:
-    """The devices of ``poll.modbus`` with their plans (the configuration is already valid)."""
+def build_targets(cfg: Config, *, coalesce: bool = True) -> list[Target]:
+    """The devices of ``poll.modbus`` with their plans (the configuration is already valid);
+    ``coalesce=False`` reads every value with a request of its own (the benchmark's baseline)."""
     targets = []
     for dev in cfg.poll.modbus:
         decoders = tuple(Decoder.of(r) for r in dev.registers)
-        reads = plan_reads(
-            [Span(d.table, d.address, d.width) for d in decoders],
-            max_gap=dev.max_gap,
-            max_read_registers=dev.max_read_registers,
-            max_read_bits=dev.max_read_bits,
-        )
+        if coalesce:
+            reads = plan_reads(
+                [Span(d.table, d.address, d.width) for d in decoders],
+                max_gap=dev.max_gap,
+                max_read_registers=dev.max_read_registers,
+                max_read_bits=dev.max_read_bits,
+            )
+        else:
+            reads = [Read(d.table, d.address, d.width, (i,)) for i, d in enumerate(decoders)]
         # two names of one serial port (a /dev/serial/by-id link and its tty) are one bus
         bus = dev.bus if dev.serial is None else f"rtu {os.path.realpath(dev.serial)}"
         targets.append(
@@ -179,32 +185,25 @@ def poll_device(client: BusClient, t: Target) -> Polled:
 class Bus:
     """The thread that polls the devices of one bus in turn."""
 
-    def __init__(
-        self,
-        name: str,
-        targets: list[Target],
-        results: queue.Queue[Polled],
-        stop: threading.Event | StopFlag,
-    ) -> None:
+    def __init__(self, name: str, targets: list[Target], results: queue.Queue[Polled]) -> None:
         self.name = name
         self.targets = targets
         self.results = results
-        self.stop = stop
+        self.stop: threading.Event | StopFlag = threading.Event()
         port = name.removeprefix("rtu ") if name.startswith("rtu ") else None
         self.client = BusClient(targets[0].cfg, port)
         self.thread: threading.Thread | None = None
 
-    def start(self, *, once: bool) -> None:
+    def start(self, stop: threading.Event | StopFlag, *, once: bool) -> None:
+        """Poll in a new thread: each device once, or on its schedule until ``stop``."""
+        self.stop = stop
         target = self._once if once else self._run
         self.thread = threading.Thread(target=target, name=f"modbus {self.name}", daemon=True)
         self.thread.start()
 
     def _once(self) -> None:
-        try:
-            for t in self.targets:
-                self.results.put(poll_device(self.client, t))
-        finally:
-            self.client.close()
+        for t in self.targets:  # the connection stays open for the next round
+            self.results.put(poll_device(self.client, t))
 
     def _run(self) -> None:
         start = time.monotonic()
@@ -299,11 +298,11 @@ class ModbusPoller:
     The store connection belongs to the thread that calls :meth:`run` or :meth:`once`.
     """
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, coalesce: bool = True) -> None:
         if not cfg.poll.modbus:
             raise ConfigError(f"{cfg.path}: poll.modbus is empty: there is nothing to poll")
         self.cfg = cfg
-        self.targets = build_targets(cfg)
+        self.targets = build_targets(cfg, coalesce=coalesce)
         self.buses = group_buses(self.targets, cfg.path)
         quiet_pymodbus()
         # Create or migrate the store now, so that a bad store fails the command at start.
@@ -317,6 +316,8 @@ class ModbusPoller:
         for t in self.targets:
             self._restore(self.stats[t.device], known.get(device_key(t.device)))
         self.results: queue.Queue[Polled] = queue.Queue()
+        #: One worker per bus, kept across :meth:`once` calls (their connections too).
+        self.bus_workers = [Bus(name, ts, self.results) for name, ts in self.buses.items()]
 
     def _connect(self) -> sqlite3.Connection:
         return store.open_store(
@@ -341,53 +342,101 @@ class ModbusPoller:
     def once(self) -> list[DeviceResult]:
         """Poll every device once (the buses concurrently) and store every poll."""
         stop = threading.Event()
-        for name, targets in self.buses.items():
-            Bus(name, targets, self.results, stop).start(once=True)
+        for bus in self.bus_workers:
+            bus.start(stop, once=True)
         conn = self._connect()
         try:
-            results = {}
-            for _ in self.targets:
-                polled = self.results.get()
-                results[polled.target.device] = self.store_polled(conn, polled)
-            self.publish(conn, "last --once run")
+            results: dict[str, DeviceResult] = {}
+            while len(results) < len(self.targets):
+                batch = self._take(self.results.get())
+                for r in self.store_polls(conn, batch, "last --once run"):
+                    results[r.device] = r
         finally:
             conn.close()
         return [results[t.device] for t in self.targets]
 
     def run(self, stop: threading.Event | StopFlag) -> None:
         """Poll every device on its schedule until ``stop`` is set."""
-        buses = [Bus(name, targets, self.results, stop) for name, targets in self.buses.items()]
         log.info("polling %d Modbus devices on %d buses", len(self.targets), len(self.buses))
         conn = self._connect()
         try:
-            self.publish(conn, "running")
-            for bus in buses:
-                bus.start(once=False)
+            with store.transaction(conn):
+                store.set_state(conn, STATE_KEY, f"running: {self.summary()}")
+            for bus in self.bus_workers:
+                bus.start(stop, once=False)
             while not stop.is_set():
                 try:
-                    polled = self.results.get(timeout=0.5)
+                    first = self.results.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                self.store_polled(conn, polled)
-                self.publish(conn, "running")
+                self.store_polls(conn, self._take(first), "running")
             deadline = time.monotonic() + STOP_GRACE_SECS
-            for bus in buses:
+            for bus in self.bus_workers:
                 assert bus.thread is not None
                 bus.thread.join(max(0.0, deadline - time.monotonic()))
-            while True:  # what finished during the stop is stored too
-                try:
-                    self.store_polled(conn, self.results.get_nowait())
-                except queue.Empty:
-                    break
+            batch = self._take(None)  # what finished during the stop is stored too
+            if batch:
+                self.store_polls(conn, batch, "stopping")
             with store.transaction(conn):
                 store.set_state(conn, STATE_KEY, "stopped")
         finally:
             conn.close()
 
-    def store_polled(self, conn: sqlite3.Connection, polled: Polled) -> DeviceResult:
-        """Store one poll's readings (and any rejection) with the device's facts; one commit."""
-        t = polled.target
-        s = self.stats[t.device]
+    def close(self) -> None:
+        """Close the buses' connections (after :meth:`once`; :meth:`run` closes its own)."""
+        for bus in self.bus_workers:
+            bus.client.close()
+
+    def _take(self, first: Polled | None) -> list[Polled]:
+        """``first`` and every poll already waiting: stored together, one commit for all."""
+        batch = [] if first is None else [first]
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(self.results.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def store_polls(
+        self, conn: sqlite3.Connection, polls: list[Polled], prefix: str
+    ) -> list[DeviceResult]:
+        """Store polls: their readings, any rejection, the devices' facts and the summary, in
+        one transaction (devices on one interval finish together: one fsync serves them all)."""
+        accounted = [(p, *self._account(p)) for p in polls]
+        news = []
+        with store.transaction(conn):
+            for polled, reason, _, _ in accounted:
+                t = polled.target
+                s = self.stats[t.device]
+                new = store.insert_readings(
+                    conn, polled.readings, source=t.source, received_at=polled.finished_at
+                )
+                if reason is not None:
+                    store.insert_rejected(
+                        conn,
+                        source=t.source,
+                        topic=t.where,
+                        payload=json.dumps(
+                            {"ts": polled.ts, "raw": polled.bad_raw}, sort_keys=True
+                        ),
+                        reason=reason,
+                        received_at=polled.finished_at,
+                    )
+                s.readings += new
+                news.append(new)
+                store.set_state(conn, device_key(t.device), s.fact())
+            store.set_state(conn, STATE_KEY, f"{prefix}: {self.summary()}")
+        results = []
+        for (polled, _, level, detail), new in zip(accounted, news, strict=True):
+            t = polled.target
+            retry = "" if polled.retry_in is None else f"; next try in {polled.retry_in:g} s"
+            log.log(level, "modbus %s (%s): %s%s", t.device, t.where, detail, retry)
+            results.append(DeviceResult(t.device, polled.ok, detail, new))
+        return results
+
+    def _account(self, polled: Polled) -> tuple[str | None, int, str]:
+        """Count a poll in its device's facts: (rejection reason, log level, log detail)."""
+        s = self.stats[polled.target.device]
         was_failing = s.consecutive_failures
         previous_error, previous_reason = s.last_error, s.last_reason
         s.polls += 1
@@ -403,37 +452,11 @@ class ModbusPoller:
             stored = f", the other {len(polled.readings)} stored" if polled.readings else ""
             total = len(polled.bad) + len(polled.readings)
             reason = f"{len(polled.bad)} of {total} values not finite{stored}: {shown}{tail}"
+        s.last_reason = reason
         if polled.ok:
             s.consecutive_failures = 0
             s.last_success = polled.finished_at
             s.next_attempt = None
-        else:
-            s.failures += 1
-            s.consecutive_failures += 1
-            s.by_kind[polled.kind or "rejected"] += 1
-            s.last_error = polled.error or f"rejected: {reason}"
-            s.last_error_at = polled.finished_at
-            s.next_attempt = (
-                None
-                if polled.retry_in is None
-                else polled.finished_at + int(polled.retry_in * 1000)
-            )
-        with store.transaction(conn):
-            new = store.insert_readings(
-                conn, polled.readings, source=t.source, received_at=polled.finished_at
-            )
-            if reason is not None:
-                store.insert_rejected(
-                    conn,
-                    source=t.source,
-                    topic=t.where,
-                    payload=json.dumps({"ts": polled.ts, "raw": polled.bad_raw}, sort_keys=True),
-                    reason=reason,
-                    received_at=polled.finished_at,
-                )
-            s.readings += new
-            store.set_state(conn, device_key(t.device), s.fact())
-        if polled.ok:
             detail = f"{len(polled.readings)} readings in {polled.requests} requests"
             level = logging.INFO if s.polls == 1 else logging.DEBUG
             if reason is not None:
@@ -443,26 +466,29 @@ class ModbusPoller:
             if was_failing:
                 detail += f" (answering again after {was_failing} failed polls)"
                 level = max(level, logging.INFO)
-        else:
-            detail = polled.error or f"rejected: {reason}"
-            if polled.readings:
-                detail += f"; {len(polled.readings)} readings stored"
-            n = s.consecutive_failures
-            # every change, then 1, 2, 4, 8 … failures in a row: a device that stays broken
-            # does not fill the log (status always has the latest)
-            if n == 1 or s.last_error != previous_error or n & (n - 1) == 0:
-                level = logging.WARNING
-            else:
-                level = logging.DEBUG
-            if n > 1:
-                detail += f" ({n} failed polls in a row)"
-        s.last_reason = reason
-        retry = "" if polled.retry_in is None else f"; next try in {polled.retry_in:g} s"
-        log.log(level, "modbus %s (%s): %s%s", t.device, t.where, detail, retry)
-        return DeviceResult(t.device, polled.ok, detail, new)
+            return reason, level, detail
+        s.failures += 1
+        s.consecutive_failures += 1
+        s.by_kind[polled.kind or "rejected"] += 1
+        s.last_error = polled.error or f"rejected: {reason}"
+        s.last_error_at = polled.finished_at
+        s.next_attempt = (
+            None if polled.retry_in is None else polled.finished_at + int(polled.retry_in * 1000)
+        )
+        detail = s.last_error
+        if polled.readings:
+            detail += f"; {len(polled.readings)} readings stored"
+        n = s.consecutive_failures
+        # every change, then 1, 2, 4, 8 … failures in a row: a device that stays broken does
+        # not fill the log (status always has the latest)
+        changed = n == 1 or s.last_error != previous_error
+        level = logging.WARNING if changed or n & (n - 1) == 0 else logging.DEBUG
+        if n > 1:
+            detail += f" ({n} failed polls in a row)"
+        return reason, level, detail
 
-    def publish(self, conn: sqlite3.Connection, prefix: str) -> None:
-        """The one-line summary ``fieldgate status`` shows for Modbus."""
+    def summary(self) -> str:
+        """``2 ok, 1 failing (MTR-3: …)``: the line ``fieldgate status`` shows for Modbus."""
         failing = [(d, s) for d, s in self.stats.items() if s.consecutive_failures and s.polls]
         polled = sum(1 for s in self.stats.values() if s.polls)
         summary = f"{polled - len(failing)} ok, {len(failing)} failing"
@@ -470,5 +496,4 @@ class ModbusPoller:
             summary += f", {len(self.stats) - polled} not polled yet"
         if failing:
             summary += " (" + "; ".join(f"{d}: {s.last_error}" for d, s in failing) + ")"
-        with store.transaction(conn):
-            store.set_state(conn, STATE_KEY, f"{prefix}: {summary}")
+        return summary
