@@ -305,12 +305,16 @@ def test_once_names_each_failed_device(config_file: ConfigFactory, sim: Simulato
         assert d["state"] == "failing" and d["failures_by_kind"] == {kind: 1}, d
         assert d["last_success"] is None and d["last_error_at"] is not None
     text = run_fieldgate("status", config=config).stdout
-    assert "modbus          last --once run: 1 ok, 4 failing" in text
-    assert (
-        f"  OK-1     ok             tcp 127.0.0.1:{ports['healthy']} unit 1; last success" in text
-    )
-    assert "  HANG-1   FAILING        tcp 127.0.0.1:" in text
-    assert "no answer within 1 s reading holding 0-1" in text
+    assert "modbus          last --once run: 1 ok, 4 failing (HANG-1: no answer" in text
+    lines = text.splitlines()
+    ok = lines.index(f"  OK-1     ok       tcp 127.0.0.1:{ports['healthy']} unit 1")
+    assert lines[ok + 1].startswith("    1 polls, 0 failed, 1 requests, 1 readings since ")
+    assert lines[ok + 2].startswith("    last success 20")
+    hang = lines.index(f"  HANG-1   FAILING  tcp 127.0.0.1:{ports['hang']} unit 1")
+    assert lines[hang + 1].startswith("    1 polls, 1 failed (timeout 1), 1 requests, 0 readings")
+    assert lines[hang + 2] == "    last success never"
+    assert lines[hang + 3].startswith("    last error   20")
+    assert lines[hang + 3].endswith(": no answer within 1 s reading holding 0-1")
 
 
 def test_a_healthy_device_keeps_its_interval_beside_failing_ones(

@@ -357,7 +357,13 @@ class ModbusPoller:
 
     def run(self, stop: threading.Event | StopFlag) -> None:
         """Poll every device on its schedule until ``stop`` is set."""
-        log.info("polling %d Modbus devices on %d buses", len(self.targets), len(self.buses))
+        log.info(
+            "polling %d Modbus device%s on %d bus%s",
+            len(self.targets),
+            "" if len(self.targets) == 1 else "s",
+            len(self.buses),
+            "" if len(self.buses) == 1 else "es",
+        )
         conn = self._connect()
         try:
             with store.transaction(conn):

@@ -84,21 +84,23 @@ def render_modbus(m: dict[str, Any] | None) -> list[str]:
     width = max(len(d["device"]) for d in m["devices"])
     for d in m["devices"]:
         shown = "FAILING" if d["state"] == "failing" else d["state"]
-        text = f"  {d['device']:<{width}}  {shown:<14} {d['where']}"
+        lines.append(f"  {d['device']:<{width}}  {shown:<7}  {d['where']}")
         if d["polls"]:
             kinds = ", ".join(f"{k} {n}" for k, n in d["failures_by_kind"].items())
-            text += (
-                f"; last success {d['last_success'] or 'never'}; {d['polls']} polls, "
-                f"{d['failures']} failed{f' ({kinds})' if kinds else ''}, "
-                f"{d['requests']} requests, {d['readings']} readings"
+            text = (
+                f"    {d['polls']} polls, {d['failures']} failed"
+                f"{f' ({kinds})' if kinds else ''}, {d['requests']} requests, "
+                f"{d['readings']} readings"
             )
             if d["rejected_values"]:
                 text += f", {d['rejected_values']} values rejected"
             if d["late"]:
-                text += f", {d['late']} late"
-        lines.append(text)
-        if d["last_error"] and (d["state"] == "failing" or d["polls"]):
-            lines.append(f"    last error {d['last_error_at']}: {d['last_error']}")
+                text += f", {d['late']} polls late"
+            lines.append(f"{text} since {d['since']}")
+        if d["polls"] or d["last_success"]:
+            lines.append(f"    last success {d['last_success'] or 'never'}")
+        if d["last_error"]:
+            lines.append(f"    last error   {d['last_error_at']}: {d['last_error']}")
         if d["state"] == "failing" and d["next_attempt"]:
-            lines.append(f"    next try   {d['next_attempt']}")
+            lines.append(f"    next try     {d['next_attempt']}")
     return lines
