@@ -25,6 +25,7 @@ from typing import Any
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
+from support import stop_process
 
 SOCAT = shutil.which("socat") or "/usr/bin/socat"
 
@@ -206,9 +207,4 @@ def pty_pair(directory: Path) -> Iterator[tuple[str, str]]:
             time.sleep(0.02)
         yield str(a), str(b)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, signal.SIGTERM, timeout=10)
