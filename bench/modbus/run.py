@@ -5,21 +5,27 @@ Starts 50 pymodbus TCP servers on loopback in a second process (one asyncio loop
 a meter-like map of 60 values: 20 float32 input registers, 20 int16 and 10 uint32 holding
 registers with a reserved hole of 10 registers, 10 coils). Then, in one run:
 
-- a round of the fieldgate Modbus poller (``ModbusPoller.once``: 50 buses side by side, the
-  coalesced plan, decoding, one store transaction per device), ``--rounds`` times;
-- the same round with every value read by its own request (the same poller, client,
-  decoding and store; only the plan differs), as many times;
+- rounds of the fieldgate Modbus poller (``ModbusPoller.once``, what ``fieldgate poll
+  --once`` does: 50 buses side by side, the plan, decoding, the store), coalesced and with
+  every value read by its own request (the same poller, client, decoding and store; only
+  the plan differs), alternating, ``--rounds`` of each; the wall time of a round and of its
+  reads alone (first poll's start to last poll's end);
+- the same two plans in the running poller (``ModbusPoller.run``, the loop of ``fieldgate
+  poll``, all devices due on one 2 s tick): tick to the commit of the round's last poll;
 - ``fieldgate poll`` (the CLI, a process of its own) at ``interval_secs: 10`` for
   ``--cpu-secs`` (default 60) after its first round: its CPU time (user + system, from
   /proc) as a share of one core.
 
-Prints wall time and requests per round (medians) and the ratio (target: coalesced >= 10x
-faster), the CPU share (target <= 5 %), checks every round stored 3,000 readings, and exits 1
-when a target is missed. No timing here is asserted by the test suite.
+Prints the medians and ratios (target: the coalesced round >= 10x faster), the CPU share
+(target <= 5 %), checks every round stored 3,000 readings, and exits 1 when a target is
+missed. ``--latency-ms`` delays every answer of the simulated devices, as a real device's
+turnaround would (default 0: loopback and the simulator's own cost only). No timing here is
+asserted by the test suite.
 
 Run from the repository root:
 
     .venv/bin/python bench/modbus/run.py [--devices 50] [--rounds 5] [--cpu-secs 60]
+                                         [--latency-ms 0]
 """
 
 from __future__ import annotations
@@ -88,8 +94,9 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def serve(ports: list[int]) -> None:
-    """The simulated devices (``--serve``): one pymodbus TCP server per port, one loop."""
+def serve(ports: list[int], latency_ms: float) -> None:
+    """The simulated devices (``--serve``): one pymodbus TCP server per port, one loop; each
+    answer delayed by ``latency_ms`` (a real device's turnaround) without blocking the loop."""
     from pymodbus.server import ModbusTcpServer
     from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -102,6 +109,9 @@ def serve(ports: list[int]) -> None:
 
     coils = [bool(v) for v in flat("coil")]
 
+    async def turnaround(*_args: Any) -> None:
+        await asyncio.sleep(latency_ms / 1000)
+
     async def main() -> None:
         for port in ports:
             device = SimDevice(
@@ -112,6 +122,7 @@ def serve(ports: list[int]) -> None:
                     [SimData(0, values=flat("holding"), datatype=DataType.REGISTERS)],
                     [SimData(0, values=flat("input"), datatype=DataType.REGISTERS)],
                 ),
+                action=turnaround if latency_ms else None,
             )
             server = ModbusTcpServer(device, address=("127.0.0.1", port))
             await server.serve_forever(background=True)
@@ -121,9 +132,16 @@ def serve(ports: list[int]) -> None:
     asyncio.run(main())
 
 
-def start_servers(ports: list[int]) -> subprocess.Popen[str]:
+def start_servers(ports: list[int], latency_ms: float) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", *map(str, ports)],
+        [
+            sys.executable,
+            __file__,
+            "--latency-ms",
+            str(latency_ms),
+            "--serve",
+            *map(str, ports),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -171,6 +189,64 @@ def one_round(poller: Any) -> tuple[float, float, int, int]:
     requests = sum(s.requests for s in stats) - before
     time.sleep(0.01)  # the next round gets its own poll time
     return wall, read, requests, sum(r.new_readings for r in results)
+
+
+def daemon_rounds(config: Path, *, coalesce: bool, n: int) -> list[float]:
+    """Seconds of ``n`` steady-state rounds of the running poller (``ModbusPoller.run``, the
+    loop of ``fieldgate poll``; every device due on the same 2 s tick): from the tick (the
+    earliest poll time of the round) to the commit that stored the round's last poll. The
+    first round (connections being opened) is not counted."""
+    import threading
+
+    from fieldgate.config import load_config
+    from fieldgate.modbus.poller import ModbusPoller
+
+    cfg = load_config(str(config))
+    data = yaml.safe_load(config.read_text())
+    for dev in data["poll"]["modbus"]:
+        dev["interval_secs"] = 2
+    daemon_config = config.with_name(f"daemon-{coalesce}.yaml")
+    daemon_config.write_text(yaml.safe_dump(data))
+    poller = ModbusPoller(load_config(str(daemon_config)), coalesce=coalesce)
+    devices = len(cfg.poll.modbus)
+    commits: list[tuple[float, int]] = []  # (wall time after a commit, polls it stored)
+    store_polls = poller.store_polls
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        results = store_polls(*args, **kwargs)
+        commits.append((time.time(), len(results)))
+        return results
+
+    poller.store_polls = timed  # type: ignore[method-assign]
+    stop = threading.Event()
+    thread = threading.Thread(target=poller.run, args=(stop,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 2 * (n + 1) + 30
+        while sum(c for _, c in commits) < devices * (n + 1):
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise SystemExit("bench: the running poller did not finish its rounds")
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(30)
+    since = min(st.since for st in poller.stats.values())
+    conn = sqlite3.connect(cfg.store.path)
+    polls: dict[str, list[int]] = {}
+    for device, ts in conn.execute(
+        "SELECT DISTINCT device, ts FROM readings WHERE ts >= ? ORDER BY ts", (since,)
+    ):
+        polls.setdefault(device, []).append(ts)
+    conn.close()
+    ticks = [min(p[k] for p in polls.values()) / 1000 for k in range(n + 1)]
+    ends, stored = [], 0
+    for at, count_ in commits:
+        stored += count_
+        if stored >= devices * (len(ends) + 1):
+            ends.append(at)
+    return [
+        end - tick for tick, end in zip(ticks[1 : n + 1], ends[1 : n + 1], strict=True)
+    ]
 
 
 def cpu_ticks(pid: int) -> int:
@@ -226,10 +302,17 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cpu-secs", type=float, default=60.0)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="delay every answer of the simulated devices (a real device's turnaround; "
+        "default 0: loopback only)",
+    )
     ap.add_argument("--serve", nargs="+", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve)
+        serve(args.serve, args.latency_ms)
         return 0
 
     from fieldgate.config import load_config
@@ -238,7 +321,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="fieldgate-bench-modbus-"))
     ports = free_ports(args.devices)
-    servers = start_servers(ports)
+    servers = start_servers(ports, args.latency_ms)
     try:
         config = write_config(work, ports, interval=10)
         coalesced = ModbusPoller(load_config(str(config)))
@@ -250,8 +333,10 @@ def main() -> int:
             c_rounds.append(one_round(coalesced))
             s_rounds.append(one_round(single))
         n = args.devices
+        latency = f", answers delayed {args.latency_ms:g} ms" if args.latency_ms else ""
         print(
-            f"{n} devices x 60 registers on loopback; median of {args.rounds} rounds each"
+            f"{n} devices x 60 registers on loopback{latency}; "
+            f"median of {args.rounds} rounds each"
         )
         print(
             "                       round (read + store)   reads only   requests  readings"
@@ -270,6 +355,17 @@ def main() -> int:
             print(
                 f"  rounds (ms), {label}: "
                 + " ".join(f"{r[0] * 1000:.0f}" for r in runs)
+            )
+        c_daemon = daemon_rounds(config, coalesce=True, n=args.rounds)
+        s_daemon = daemon_rounds(config, coalesce=False, n=args.rounds)
+        print(
+            f"fieldgate poll's own rounds (running, 2 s interval): coalesced "
+            f"{statistics.median(c_daemon) * 1000:.1f} ms, one request per value "
+            f"{statistics.median(s_daemon) * 1000:.1f} ms"
+        )
+        for label, walls in (("coalesced", c_daemon), ("single", s_daemon)):
+            print(
+                f"  rounds (ms), {label}: " + " ".join(f"{w * 1000:.0f}" for w in walls)
             )
         c_wall = statistics.median(r[0] for r in c_rounds)
         s_wall = statistics.median(r[0] for r in s_rounds)

@@ -193,10 +193,15 @@ class Bus:
         port = name.removeprefix("rtu ") if name.startswith("rtu ") else None
         self.client = BusClient(targets[0].cfg, port)
         self.thread: threading.Thread | None = None
+        self.origin = 0.0
 
-    def start(self, stop: threading.Event | StopFlag, *, once: bool) -> None:
-        """Poll in a new thread: each device once, or on its schedule until ``stop``."""
+    def start(
+        self, stop: threading.Event | StopFlag, *, once: bool, origin: float | None = None
+    ) -> None:
+        """Poll in a new thread: each device once, or on its schedule until ``stop``, the
+        schedules starting at ``origin`` (monotonic; default now)."""
         self.stop = stop
+        self.origin = time.monotonic() if origin is None else origin
         target = self._once if once else self._run
         self.thread = threading.Thread(target=target, name=f"modbus {self.name}", daemon=True)
         self.thread.start()
@@ -206,8 +211,7 @@ class Bus:
             self.results.put(poll_device(self.client, t))
 
     def _run(self) -> None:
-        start = time.monotonic()
-        due = {t.device: start for t in self.targets}
+        due = {t.device: self.origin for t in self.targets}
         backoff = {
             t.device: Backoff(t.interval, max(t.interval, t.cfg.retry_max_secs))
             for t in self.targets
@@ -368,8 +372,11 @@ class ModbusPoller:
         try:
             with store.transaction(conn):
                 store.set_state(conn, STATE_KEY, f"running: {self.summary()}")
+            # one origin for every bus: devices of one interval are due together, their polls
+            # finish together and share a commit
+            origin = time.monotonic()
             for bus in self.bus_workers:
-                bus.start(stop, once=False)
+                bus.start(stop, once=False, origin=origin)
             while not stop.is_set():
                 try:
                     first = self.results.get(timeout=0.5)
