@@ -3,6 +3,7 @@ RTU server at the far end of a socat pty pair; failing devices beside healthy on
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -35,6 +36,11 @@ from support import (
     stop_process,
     wait_until,
 )
+
+from fieldgate.config import load_config
+from fieldgate.modbus.client import BusClient
+from fieldgate.modbus.plan import Read
+from fieldgate.modbus.poller import build_targets, poll_device
 
 TYPES = ["int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"]
 SAMPLE = {
@@ -550,3 +556,35 @@ def test_sigterm_stops_within_10_seconds_while_a_device_hangs(
     state = conn.execute("SELECT value FROM state WHERE key = 'poller.modbus.state'").fetchone()
     conn.close()
     assert state == ("stopped",)
+
+
+def test_an_unexpected_error_is_a_failed_poll_not_a_dead_bus(
+    config_file: ConfigFactory, sim: Simulator
+) -> None:
+    mem = Memory()
+    mem.put("holding", 0, words("uint32", 5))
+    port = free_port()
+    sim.tcp(port, [mem.device(1)])
+    config = modbus_config(
+        config_file,
+        [
+            {
+                "device": "MB-1",
+                "host": "127.0.0.1",
+                "port": port,
+                "registers": [{"metric": "x", "address": 0, "table": "holding", "type": "uint32"}],
+            }
+        ],
+    )
+    (target,) = build_targets(load_config(str(config)))
+    client = BusClient(target.cfg)
+    try:
+        # a plan that reads one register for a two-register value: decoding cannot work
+        broken = dataclasses.replace(target, reads=(Read("holding", 0, 1, (0,)),))
+        polled = poll_device(client, broken)
+        assert (polled.kind, polled.readings) == ("io", [])
+        assert polled.error is not None and polled.error.startswith("internal error: ")
+        # the bus goes on: the next poll with the real plan works
+        assert poll_device(client, target).readings[0][2:] == ("x", 5.0)
+    finally:
+        client.close()

@@ -194,13 +194,17 @@ class BusClient:
             raise ReadError(
                 "connect", f"{self.name}: {exc.strerror or exc} reading {what}"
             ) from None
+        except Exception as exc:  # whatever else an odd answer makes pymodbus raise
+            self.close()
+            raise ReadError("io", f"unusable answer reading {what}: {exc!r}") from None
         finally:
             self._last_io = time.monotonic()
         if response.isError():
             code = getattr(response, "exception_code", 0)
             name = EXCEPTION_NAMES.get(code, "unknown exception")
             raise ReadError("exception", f"Modbus exception {code} ({name}) reading {what}")
-        values = response.bits if read.table in ("coil", "discrete") else response.registers
+        field = "bits" if read.table in ("coil", "discrete") else "registers"
+        values = getattr(response, field, None) or []
         if len(values) < read.count:
             self.close()
             raise ReadError("io", f"short answer reading {what}: {len(values)} of {read.count}")

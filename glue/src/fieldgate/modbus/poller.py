@@ -150,7 +150,18 @@ class Polled:
 
 
 def poll_device(client: BusClient, t: Target) -> Polled:
-    """Read a device's plan once and decode it; never raises for a device's failure."""
+    """Read a device's plan once and decode it; never raises (a bug becomes a failed poll, so
+    a bus thread never dies and ``--once`` never waits for a poll that will not come)."""
+    try:
+        return _poll_device(client, t)
+    except Exception as exc:
+        log.exception("modbus %s: unexpected error while polling", t.device)
+        client.close()
+        now = store.now_ms()
+        return Polled(t, now, now, error=f"internal error: {exc!r}", kind="io", errors=1)
+
+
+def _poll_device(client: BusClient, t: Target) -> Polled:
     polled = Polled(t, store.now_ms())
     for read in t.reads:
         before = client.requests
