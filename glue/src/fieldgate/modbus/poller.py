@@ -16,9 +16,11 @@
 - A value that decodes to NaN or infinity is not stored: the other values are, and the poll
   leaves one ``rejected`` row naming each bad value with its raw words.
 - The bus threads hand each poll to the thread that runs :meth:`ModbusPoller.run` (or
-  :meth:`ModbusPoller.once`), which owns the store connection: one transaction per poll holds
-  its readings, any ``rejected`` row and the device's facts for ``fieldgate status``
-  (``poller.modbus.<device>``, JSON; see :mod:`fieldgate.modbus.report`).
+  :meth:`ModbusPoller.once`), which owns the store connection. The polls waiting there are
+  stored in one transaction: their readings, any ``rejected`` rows, the devices' facts for
+  ``fieldgate status`` (``poller.modbus.device.<device>``, JSON) and the summary
+  (``poller.modbus.state``; see :mod:`fieldgate.modbus.report`). Every bus's schedule starts
+  at one origin, so the devices of one interval finish together and share one commit.
 """
 
 from __future__ import annotations
