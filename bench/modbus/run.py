@@ -16,7 +16,8 @@ registers with a reserved hole of 10 registers, 10 coils). Then, in one run:
   ``--cpu-secs`` (default 60) after its first round: its CPU time (user + system, from
   /proc) as a share of one core.
 
-Prints the medians and ratios (target: the coalesced round >= 10x faster), the CPU share
+Prints the medians and ratios (target: the running poller's coalesced round >= 10x faster
+than its round with one request per value; the ``--once`` ratios are printed too), the CPU share
 (target <= 5 %), checks every round stored 3,000 readings, and exits 1 when a target is
 missed. ``--latency-ms`` delays every answer of the simulated devices, as a real device's
 turnaround would (default 0: loopback and the simulator's own cost only). No timing here is
@@ -375,12 +376,17 @@ def main() -> int:
         read_ratio = statistics.median(r[1] for r in s_rounds) / statistics.median(
             r[1] for r in c_rounds
         )
-        ratio = s_wall / c_wall
+        once_ratio = s_wall / c_wall
+        ratio = statistics.median(s_daemon) / statistics.median(c_daemon)
         share, cpu_readings, log_bytes = measure_cpu(work, ports, args.cpu_secs)
         expected = 60 * n
         round_text = (
-            f"round: coalesced {ratio:.1f}x faster than one request per value "
-            f"(target >= 10x; the reads alone {read_ratio:.1f}x)"
+            f"round of the running poller: coalesced {ratio:.1f}x faster than one request "
+            "per value (target >= 10x)"
+        )
+        print(
+            f"info  --once round: coalesced {once_ratio:.1f}x faster (its reads alone "
+            f"{read_ratio:.1f}x; each --once round also starts {len(ports)} bus threads)"
         )
         cpu_text = (
             f"fieldgate poll at a 10 s interval: {share:.2f} % of one core over "
