@@ -455,6 +455,15 @@ class ModbusPoller:
         results = []
         for (polled, _, level, detail), new in zip(accounted, news, strict=True):
             t = polled.target
+            if new < len(polled.readings):  # the unique key kept the first: say so
+                log.warning(
+                    "modbus %s: %d of %d readings were already stored with the same time %d "
+                    "(did the clock step back?)",
+                    t.device,
+                    len(polled.readings) - new,
+                    len(polled.readings),
+                    polled.ts,
+                )
             retry = "" if polled.retry_in is None else f"; next try in {polled.retry_in:g} s"
             log.log(level, "modbus %s (%s): %s%s", t.device, t.where, detail, retry)
             results.append(DeviceResult(t.device, polled.ok, detail, new))
