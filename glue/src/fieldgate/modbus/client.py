@@ -30,6 +30,7 @@ from pymodbus.framer import FramerRTU
 
 from fieldgate.config import ModbusDevice
 from fieldgate.modbus.plan import Read
+from fieldgate.retry import root_cause
 
 KINDS = ("timeout", "connect", "crc", "io", "exception")
 
@@ -81,7 +82,7 @@ class _Tcp(ModbusTcpClient):
         except TimeoutError:
             self.connect_error = "timed out"
         except OSError as exc:
-            self.connect_error = exc.strerror or str(exc)
+            self.connect_error = root_cause(exc)
         return self.socket is not None
 
 
@@ -119,7 +120,7 @@ def _serial_cause(exc: Exception) -> str:
     if code is None and exc.args and isinstance(exc.args[0], int):
         code = exc.args[0]  # termios.error(22, 'Invalid argument')
     if not code:
-        return str(exc)
+        return root_cause(exc)
     text = os.strerror(code)
     if code == errno.EACCES:
         text += " (the user polling needs read and write access: group dialout)"
@@ -191,9 +192,7 @@ class BusClient:
             raise self._no_answer(exc, what, timeout) from None
         except OSError as exc:
             self.close()
-            raise ReadError(
-                "connect", f"{self.name}: {exc.strerror or exc} reading {what}"
-            ) from None
+            raise ReadError("connect", f"{self.name}: {root_cause(exc)} reading {what}") from None
         except Exception as exc:  # whatever else an odd answer makes pymodbus raise
             self.close()
             raise ReadError("io", f"unusable answer reading {what}: {exc!r}") from None
