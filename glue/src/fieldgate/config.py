@@ -115,7 +115,8 @@ class PollNode:
     timeout_secs: float | None = field(default=None, metadata=_range(0.1, 600))
 
 
-# --- Modbus (poll.modbus, CONTRACT §10; checks in fieldgate.modbus.registers, docs/modbus.md)
+# --- Modbus (poll.modbus, docs/contract.md §10; the map checks are in
+# fieldgate.modbus.registers; docs/modbus.md)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Modbus TCP and RTU polling (``poll.modbus``, CONTRACT §10); see docs/modbus.md.
+"""Modbus TCP and RTU polling (``poll.modbus``, docs/contract.md §10); see docs/modbus.md.
 
 - :mod:`fieldgate.modbus.registers`: value types, widths, what fits which table, map checks
   and decoding (pure; the configuration imports it, so it must not import pymodbus);
