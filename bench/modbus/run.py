@@ -11,7 +11,8 @@ registers with a reserved hole of 10 registers, 10 coils). Then, in one run:
   the plan differs), alternating, ``--rounds`` of each; the wall time of a round and of its
   reads alone (first poll's start to last poll's end);
 - the same two plans in the running poller (``ModbusPoller.run``, the loop of ``fieldgate
-  poll``, all devices due on one 2 s tick): tick to the commit of the round's last poll;
+  poll``): both run at once on the same devices and store, every device due every 4 s, their
+  ticks 2 s apart, so their rounds alternate; tick to the commit of the round's last poll;
 - ``fieldgate poll`` (the CLI, a process of its own) at ``interval_secs: 10`` for
   ``--cpu-secs`` (default 60) after its first round: its CPU time (user + system, from
   /proc) as a share of one core.
@@ -192,62 +193,70 @@ def one_round(poller: Any) -> tuple[float, float, int, int]:
     return wall, read, requests, sum(r.new_readings for r in results)
 
 
-def daemon_rounds(config: Path, *, coalesce: bool, n: int) -> list[float]:
+def daemon_rounds(config: Path, n: int) -> dict[bool, list[float]]:
     """Seconds of ``n`` steady-state rounds of the running poller (``ModbusPoller.run``, the
-    loop of ``fieldgate poll``; every device due on the same 2 s tick): from the tick (the
-    earliest poll time of the round) to the commit that stored the round's last poll. The
-    first round (connections being opened) is not counted."""
+    loop of ``fieldgate poll``), coalesced and one request per value, interleaved: both
+    pollers run at once on the same devices and store, every device due every 4 s, the second
+    poller's ticks 2 s after the first's, so their rounds alternate and never overlap. A round
+    is from its tick (the scheduled time) to the commit that stored its last poll. The first
+    round of each (connections being opened) is not counted."""
     import threading
 
     from fieldgate.config import load_config
     from fieldgate.modbus.poller import ModbusPoller
 
-    cfg = load_config(str(config))
     data = yaml.safe_load(config.read_text())
     for dev in data["poll"]["modbus"]:
-        dev["interval_secs"] = 2
-    daemon_config = config.with_name(f"daemon-{coalesce}.yaml")
+        dev["interval_secs"] = 4
+    daemon_config = config.with_name("daemon.yaml")
     daemon_config.write_text(yaml.safe_dump(data))
-    poller = ModbusPoller(load_config(str(daemon_config)), coalesce=coalesce)
-    devices = len(cfg.poll.modbus)
-    commits: list[tuple[float, int]] = []  # (wall time after a commit, polls it stored)
-    store_polls = poller.store_polls
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        results = store_polls(*args, **kwargs)
-        commits.append((time.time(), len(results)))
-        return results
-
-    poller.store_polls = timed  # type: ignore[method-assign]
+    devices = len(data["poll"]["modbus"])
     stop = threading.Event()
-    thread = threading.Thread(target=poller.run, args=(stop,))
-    thread.start()
+    runs = []
+    for coalesce in (True, False):
+        poller = ModbusPoller(load_config(str(daemon_config)), coalesce=coalesce)
+        commits: list[
+            tuple[float, int]
+        ] = []  # (monotonic time after a commit, polls stored)
+        store_round = poller.store_round
+
+        def timed(
+            *args: Any, _store: Any = store_round, _commits: Any = commits
+        ) -> Any:
+            results = _store(*args)
+            _commits.append((time.monotonic(), len(results)))
+            return results
+
+        poller.store_round = timed  # type: ignore[method-assign]
+        thread = threading.Thread(target=poller.run, args=(stop,))
+        thread.start()
+        runs.append((coalesce, poller, commits, thread))
+        if coalesce:
+            time.sleep(2)
     try:
-        deadline = time.monotonic() + 2 * (n + 1) + 30
-        while sum(c for _, c in commits) < devices * (n + 1):
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise SystemExit("bench: the running poller did not finish its rounds")
+        deadline = time.monotonic() + 4 * (n + 1) + 30
+        while any(
+            sum(c for _, c in commits) < devices * (n + 1) for _, _, commits, _ in runs
+        ):
+            if time.monotonic() > deadline or not all(r[3].is_alive() for r in runs):
+                raise SystemExit(
+                    "bench: the running pollers did not finish their rounds"
+                )
             time.sleep(0.05)
     finally:
         stop.set()
-        thread.join(30)
-    since = min(st.since for st in poller.stats.values())
-    conn = sqlite3.connect(cfg.store.path)
-    polls: dict[str, list[int]] = {}
-    for device, ts in conn.execute(
-        "SELECT DISTINCT device, ts FROM readings WHERE ts >= ? ORDER BY ts", (since,)
-    ):
-        polls.setdefault(device, []).append(ts)
-    conn.close()
-    ticks = [min(p[k] for p in polls.values()) / 1000 for k in range(n + 1)]
-    ends, stored = [], 0
-    for at, count_ in commits:
-        stored += count_
-        if stored >= devices * (len(ends) + 1):
-            ends.append(at)
-    return [
-        end - tick for tick, end in zip(ticks[1 : n + 1], ends[1 : n + 1], strict=True)
-    ]
+        for *_, thread in runs:
+            thread.join(30)
+    out = {}
+    for coalesce, poller, commits, _ in runs:
+        origin = poller.bus_workers[0].origin
+        ends, stored = [], 0
+        for at, count_ in commits:
+            stored += count_
+            if stored >= devices * (len(ends) + 1):
+                ends.append(at)
+        out[coalesce] = [ends[k] - (origin + 4 * k) for k in range(1, n + 1)]
+    return out
 
 
 def cpu_ticks(pid: int) -> int:
@@ -357,10 +366,10 @@ def main() -> int:
                 f"  rounds (ms), {label}: "
                 + " ".join(f"{r[0] * 1000:.0f}" for r in runs)
             )
-        c_daemon = daemon_rounds(config, coalesce=True, n=args.rounds)
-        s_daemon = daemon_rounds(config, coalesce=False, n=args.rounds)
+        daemon = daemon_rounds(config, n=args.rounds)
+        c_daemon, s_daemon = daemon[True], daemon[False]
         print(
-            f"fieldgate poll's own rounds (running, 2 s interval): coalesced "
+            f"fieldgate poll's own rounds (running, interleaved): coalesced "
             f"{statistics.median(c_daemon) * 1000:.1f} ms, one request per value "
             f"{statistics.median(s_daemon) * 1000:.1f} ms"
         )

@@ -1,8 +1,9 @@
 """Which devices share a bus (and so take turns): units behind one TCP endpoint, and every
-name of one serial port."""
+name of one serial port; when the buses' round is complete (one commit stores it)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from fieldgate.config import parse_config
 from fieldgate.errors import ConfigError
-from fieldgate.modbus.poller import build_targets, group_buses
+from fieldgate.modbus.poller import Handoff, Polled, build_targets, group_buses
 
 REG = [{"metric": "x", "address": 0, "table": "holding", "type": "uint16"}]
 
@@ -73,3 +74,18 @@ def test_two_names_of_one_port_must_agree(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="are the same serial port with different line settings"):
         group_buses(build_targets(cfg), cfg.path)
+
+
+def test_a_round_is_complete_when_no_bus_polls_or_is_due() -> None:
+    (target,) = build_targets(config({"device": "A", "host": "10.0.0.1"}))
+    handoff = Handoff(2)
+    now = time.monotonic()
+    first, second, third = Polled(target, 1), Polled(target, 2), Polled(target, 3)
+    handoff.put(first, "a", now + 10)
+    assert handoff.take(0) == ([first], False)  # bus b has not reported yet
+    handoff.put(second, "b", now + 10)
+    assert handoff.take(0) == ([second], True)  # both idle until their next turn
+    handoff.polling("a")
+    assert handoff.take(0) == ([], False)  # a polls again
+    handoff.put(third, "a", now - 1)  # a's next device is due already: it polls on
+    assert handoff.take(0) == ([third], False)

@@ -12,7 +12,7 @@ import pytest
 from pymodbus.client import ModbusTcpClient
 
 from fieldgate.modbus.plan import Read, Span, plan_reads
-from fieldgate.modbus.registers import TYPES, WIDTH, Decoder, describe_words
+from fieldgate.modbus.registers import TYPES, WIDTH, Decoder, describe_words, pack_registers
 
 
 def spans(table: str, *pairs: tuple[int, int]) -> list[Span]:
@@ -189,6 +189,18 @@ def test_decoding_hand_made_words(
     assert d.width == WIDTH[type_] == len(words)
     assert d.raw(words) == expected
     assert d.value(words) == float(expected)
+
+
+@pytest.mark.parametrize(("type_", "order", "words", "expected"), VECTORS)
+def test_decoding_inside_a_longer_read(
+    type_: str, order: str, words: list[int], expected: float
+) -> None:
+    # the poller packs a read's registers once and decodes each value at its place in it
+    around = [0xDEAD, 0xBEEF, 0x1234]
+    data = pack_registers([*around, *words, *around])
+    d = Decoder.of(Reg("m", 3, "holding", type_, order, scale=2.0, offset=1.0))
+    assert d.raw_at(data, 3) == expected
+    assert d.value_at(data, 3) == float(expected) * 2.0 + 1.0
 
 
 def test_bits_decode_to_0_and_1() -> None:

@@ -16,11 +16,13 @@
 - A value that decodes to NaN or infinity is not stored: the other values are, and the poll
   leaves one ``rejected`` row naming each bad value with its raw words.
 - The bus threads hand each poll to the thread that runs :meth:`ModbusPoller.run` (or
-  :meth:`ModbusPoller.once`), which owns the store connection. The polls waiting there are
-  stored in one transaction: their readings, any ``rejected`` rows, the devices' facts for
-  ``fieldgate status`` (``poller.modbus.device.<device>``, JSON) and the summary
-  (``poller.modbus.state``; see :mod:`fieldgate.modbus.report`). Every bus's schedule starts
-  at one origin, so the devices of one interval finish together and share one commit.
+  :meth:`ModbusPoller.once`), which owns the store connection (:class:`Handoff`). A round's
+  polls are stored in one transaction, each as it arrives while the other buses are still
+  reading: their readings, any ``rejected`` rows, then the devices' facts for ``fieldgate
+  status`` (``poller.modbus.device.<device>``, JSON) and the summary (``poller.modbus.state``;
+  see :mod:`fieldgate.modbus.report`). Every bus's schedule starts at one origin, so the
+  devices of one interval are due together; the commit comes when no bus is polling or due
+  any more, or :data:`ROUND_HOLD_SECS` after the round's first poll: one fsync a round.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import json
 import logging
 import math
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -43,7 +44,7 @@ from fieldgate.daemon import StopFlag
 from fieldgate.errors import ConfigError
 from fieldgate.modbus.client import BusClient, ReadError, quiet_pymodbus
 from fieldgate.modbus.plan import Read, Span, plan_reads
-from fieldgate.modbus.registers import Decoder, describe_words
+from fieldgate.modbus.registers import BIT_TABLES, Decoder, describe_words, pack_registers
 from fieldgate.modbus.report import STATE_KEY, device_key
 from fieldgate.retry import Backoff
 
@@ -55,6 +56,9 @@ STOP_GRACE_SECS = 3.0
 MAX_REASONS = 5
 #: At most this many polls share one store transaction.
 MAX_BATCH = 500
+#: A round's polls are stored in one transaction, committed when the round is complete or
+#: this long after its first poll arrived (the write lock is held at most this long).
+ROUND_HOLD_SECS = 0.25
 
 
 @dataclass(frozen=True)
@@ -178,14 +182,16 @@ def _poll_device(client: BusClient, t: Target) -> Polled:
                 break  # not answering: the rest of this poll would only wait as long again
             continue
         polled.requests += client.requests - before
+        bits = read.table in BIT_TABLES
+        data = b"" if bits else pack_registers(words)
         for i in read.members:
             d = t.decoders[i]
-            part = words[d.address - read.start : d.address - read.start + d.width]
-            value = d.value(part)
+            at = d.address - read.start
+            value = d.value(words[at : at + 1]) if bits else d.value_at(data, at)
             if math.isfinite(value):
                 polled.readings.append((t.device, polled.ts, d.metric, value))
             else:
-                raw = describe_words(part)
+                raw = describe_words(words[at : at + d.width])
                 shown = "NaN" if math.isnan(value) else str(value)
                 polled.bad.append(f"{d.metric} ({d.type} {d.table} {d.address}): {shown} ({raw})")
                 polled.bad_raw[d.metric] = raw
@@ -195,13 +201,51 @@ def _poll_device(client: BusClient, t: Target) -> Polled:
     return polled
 
 
+class Handoff:
+    """Polls handed from the bus threads to the thread that stores them, and whether a round is
+    complete: no poll waiting, no bus polling and none due (so one commit can store it all)."""
+
+    def __init__(self, buses: int) -> None:
+        self.buses = buses
+        self._cond = threading.Condition()
+        self._polls: list[Polled] = []
+        #: bus -> when (monotonic) it polls next; a bus that is polling has no entry
+        self._next: dict[str, float] = {}
+
+    def polling(self, bus: str) -> None:
+        with self._cond:
+            self._next.pop(bus, None)
+
+    def put(self, polled: Polled, bus: str, next_poll: float | None) -> None:
+        """Hand over a poll; ``next_poll``: when the bus polls next (None: at once)."""
+        with self._cond:
+            self._polls.append(polled)
+            if next_poll is not None:
+                self._next[bus] = next_poll
+            self._cond.notify()
+
+    def take(self, timeout: float, limit: int = MAX_BATCH) -> tuple[list[Polled], bool]:
+        """The polls waiting (after waiting up to ``timeout`` for one) and whether the round
+        is complete with them."""
+        with self._cond:
+            if not self._polls:
+                self._cond.wait(timeout)
+            polls, self._polls = self._polls[:limit], self._polls[limit:]
+            return polls, self._complete()
+
+    def _complete(self) -> bool:
+        if self._polls or len(self._next) < self.buses:
+            return False
+        return min(self._next.values(), default=math.inf) > time.monotonic()
+
+
 class Bus:
     """The thread that polls the devices of one bus in turn."""
 
-    def __init__(self, name: str, targets: list[Target], results: queue.Queue[Polled]) -> None:
+    def __init__(self, name: str, targets: list[Target], handoff: Handoff) -> None:
         self.name = name
         self.targets = targets
-        self.results = results
+        self.handoff = handoff
         self.stop: threading.Event | StopFlag = threading.Event()
         port = name.removeprefix("rtu ") if name.startswith("rtu ") else None
         self.client = BusClient(targets[0].cfg, port)
@@ -215,13 +259,15 @@ class Bus:
         schedules starting at ``origin`` (monotonic; default now)."""
         self.stop = stop
         self.origin = time.monotonic() if origin is None else origin
+        self.handoff.polling(self.name)
         target = self._once if once else self._run
         self.thread = threading.Thread(target=target, name=f"modbus {self.name}", daemon=True)
         self.thread.start()
 
     def _once(self) -> None:
-        for t in self.targets:  # the connection stays open for the next round
-            self.results.put(poll_device(self.client, t))
+        for i, t in enumerate(self.targets, 1):  # the connection stays open for the next round
+            last = i == len(self.targets)
+            self.handoff.put(poll_device(self.client, t), self.name, math.inf if last else None)
 
     def _run(self) -> None:
         due = {t.device: self.origin for t in self.targets}
@@ -236,6 +282,7 @@ class Bus:
                 if wait > 0:
                     self.stop.wait(wait)
                     continue
+                self.handoff.polling(self.name)
                 slot = due[t.device]
                 polled = poll_device(self.client, t)
                 now = time.monotonic()
@@ -249,7 +296,7 @@ class Bus:
                     polled.retry_in = backoff[t.device].next()
                     nxt = now + polled.retry_in
                 due[t.device] = nxt
-                self.results.put(polled)
+                self.handoff.put(polled, self.name, min(due.values()))
         finally:
             self.client.close()
 
@@ -332,9 +379,9 @@ class ModbusPoller:
         self.stats = {t.device: _Stats(since=now, where=t.where) for t in self.targets}
         for t in self.targets:
             self._restore(self.stats[t.device], known.get(device_key(t.device)))
-        self.results: queue.Queue[Polled] = queue.Queue()
+        self.handoff = Handoff(len(self.buses))
         #: One worker per bus, kept across :meth:`once` calls (their connections too).
-        self.bus_workers = [Bus(name, ts, self.results) for name, ts in self.buses.items()]
+        self.bus_workers = [Bus(name, ts, self.handoff) for name, ts in self.buses.items()]
 
     def _connect(self) -> sqlite3.Connection:
         return store.open_store(
@@ -365,9 +412,10 @@ class ModbusPoller:
         try:
             results: dict[str, DeviceResult] = {}
             while len(results) < len(self.targets):
-                batch = self._take(self.results.get())
-                for r in self.store_polls(conn, batch, "last --once run"):
-                    results[r.device] = r
+                polls, complete = self.handoff.take(0.5)
+                if polls:
+                    for r in self.store_round(conn, polls, complete, "last --once run"):
+                        results[r.device] = r
         finally:
             conn.close()
         return [results[t.device] for t in self.targets]
@@ -391,18 +439,16 @@ class ModbusPoller:
             for bus in self.bus_workers:
                 bus.start(stop, once=False, origin=origin)
             while not stop.is_set():
-                try:
-                    first = self.results.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                self.store_polls(conn, self._take(first), "running")
+                polls, complete = self.handoff.take(0.5)
+                if polls:
+                    self.store_round(conn, polls, complete, "running")
             deadline = time.monotonic() + STOP_GRACE_SECS
             for bus in self.bus_workers:
                 assert bus.thread is not None
                 bus.thread.join(max(0.0, deadline - time.monotonic()))
-            batch = self._take(None)  # what finished during the stop is stored too
-            if batch:
-                self.store_polls(conn, batch, "stopping")
+            polls, _ = self.handoff.take(0)  # what finished during the stop is stored too
+            if polls:
+                self.store_round(conn, polls, True, "stopping")
             with store.transaction(conn):
                 store.set_state(conn, STATE_KEY, "stopped")
         finally:
@@ -413,47 +459,29 @@ class ModbusPoller:
         for bus in self.bus_workers:
             bus.client.close()
 
-    def _take(self, first: Polled | None) -> list[Polled]:
-        """``first`` and every poll already waiting: stored together, one commit for all."""
-        batch = [] if first is None else [first]
-        while len(batch) < MAX_BATCH:
-            try:
-                batch.append(self.results.get_nowait())
-            except queue.Empty:
-                break
-        return batch
-
-    def store_polls(
-        self, conn: sqlite3.Connection, polls: list[Polled], prefix: str
+    def store_round(
+        self, conn: sqlite3.Connection, polls: list[Polled], complete: bool, prefix: str
     ) -> list[DeviceResult]:
-        """Store polls: their readings, any rejection, the devices' facts and the summary, in
-        one transaction (devices on one interval finish together: one fsync serves them all)."""
-        accounted = [(p, *self._account(p)) for p in polls]
-        news = []
+        """Store ``polls`` and the rest of their round in one transaction: each poll's readings
+        and any rejection as it arrives (while the other buses are still reading), then the
+        devices' facts and the summary, and one commit when the round is ``complete`` (no bus
+        polling or due) or :data:`ROUND_HOLD_SECS` after the first poll (a slow device's poll
+        then gets a commit of its own)."""
+        deadline = time.monotonic() + ROUND_HOLD_SECS
+        stored: list[tuple[Polled, int, str, int]] = []
         with store.transaction(conn):
-            for polled, reason, _, _ in accounted:
-                t = polled.target
-                s = self.stats[t.device]
-                new = store.insert_readings(
-                    conn, polled.readings, source=t.source, received_at=polled.finished_at
-                )
-                if reason is not None:
-                    store.insert_rejected(
-                        conn,
-                        source=t.source,
-                        topic=t.where,
-                        payload=json.dumps(
-                            {"ts": polled.ts, "raw": polled.bad_raw}, sort_keys=True
-                        ),
-                        reason=reason,
-                        received_at=polled.finished_at,
-                    )
-                s.readings += new
-                news.append(new)
-                store.set_state(conn, device_key(t.device), s.fact())
+            while True:
+                for polled in polls:
+                    stored.append((polled, *self._store_poll(conn, polled)))
+                remaining = deadline - time.monotonic()
+                if complete or remaining <= 0 or len(stored) >= MAX_BATCH:
+                    break
+                polls, complete = self.handoff.take(remaining, MAX_BATCH - len(stored))
+            for device in dict.fromkeys(p.target.device for p, _, _, _ in stored):
+                store.set_state(conn, device_key(device), self.stats[device].fact())
             store.set_state(conn, STATE_KEY, f"{prefix}: {self.summary()}")
         results = []
-        for (polled, _, level, detail), new in zip(accounted, news, strict=True):
+        for polled, level, detail, new in stored:
             t = polled.target
             if new < len(polled.readings):  # the unique key kept the first: say so
                 log.warning(
@@ -468,6 +496,26 @@ class ModbusPoller:
             log.log(level, "modbus %s (%s): %s%s", t.device, t.where, detail, retry)
             results.append(DeviceResult(t.device, polled.ok, detail, new))
         return results
+
+    def _store_poll(self, conn: sqlite3.Connection, polled: Polled) -> tuple[int, str, int]:
+        """Count a poll and write its readings and any rejection (inside the round's
+        transaction): (log level, log detail, new readings)."""
+        reason, level, detail = self._account(polled)
+        t = polled.target
+        new = store.insert_readings(
+            conn, polled.readings, source=t.source, received_at=polled.finished_at
+        )
+        if reason is not None:
+            store.insert_rejected(
+                conn,
+                source=t.source,
+                topic=t.where,
+                payload=json.dumps({"ts": polled.ts, "raw": polled.bad_raw}, sort_keys=True),
+                reason=reason,
+                received_at=polled.finished_at,
+            )
+        self.stats[t.device].readings += new
+        return level, detail, new
 
     def _account(self, polled: Polled) -> tuple[str | None, int, str]:
         """Count a poll in its device's facts: (rejection reason, log level, log detail)."""

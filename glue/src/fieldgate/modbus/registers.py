@@ -192,16 +192,33 @@ class Decoder:
 
     def raw(self, words: Sequence[int] | Sequence[bool]) -> int | float:
         """The unscaled value of this entry's words (or bit), as the device sent them."""
-        if self.type == "bool":
+        if self.table in BIT_TABLES:
             return 1 if words[0] else 0
-        regs = list(words)
-        if self.little:
-            regs.reverse()
-        return _STRUCT[self.type].unpack(_WORDS[self.width].pack(*regs))[0]
+        return self.raw_at(pack_registers(words), 0)
 
     def value(self, words: Sequence[int] | Sequence[bool]) -> float:
         """The reading: ``raw * scale + offset``; may be NaN or infinite (the caller checks)."""
         return float(self.raw(words)) * self.scale + self.offset
+
+    def raw_at(self, data: bytes, index: int) -> int | float:
+        """The unscaled value of this entry when its first register is register ``index`` of
+        ``data`` (the registers of one read as :func:`pack_registers` gives them)."""
+        if self.type == "bool":
+            return 1 if _WORDS[1].unpack_from(data, 2 * index)[0] else 0
+        if self.little:
+            regs = _WORDS[self.width].unpack_from(data, 2 * index)[::-1]
+            return _STRUCT[self.type].unpack(_WORDS[self.width].pack(*regs))[0]
+        return _STRUCT[self.type].unpack_from(data, 2 * index)[0]
+
+    def value_at(self, data: bytes, index: int) -> float:
+        """:meth:`value` of the entry at register ``index`` of one read's ``data``."""
+        return float(self.raw_at(data, index)) * self.scale + self.offset
+
+
+def pack_registers(words: Sequence[int] | Sequence[bool]) -> bytes:
+    """The registers of an answer as the device sent them: 2 bytes each, big-endian. A poll
+    packs each read once and decodes every value of it from there (:meth:`Decoder.value_at`)."""
+    return struct.pack(f">{len(words)}H", *words)
 
 
 def describe_words(words: Sequence[int] | Sequence[bool]) -> str:
