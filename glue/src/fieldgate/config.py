@@ -7,6 +7,7 @@ that names the key and the file (``ConfigError``, exit status 2).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import types
@@ -458,12 +459,18 @@ def _describe(value: Any) -> str:
     return f"{kind} {shown}"
 
 
+@functools.cache
+def _schema(cls: type) -> tuple[dict[str, Any], list[Any]]:
+    """A section's field types and its public fields, worked out once per class (a Modbus
+    map of thousands of registers builds thousands of ``ModbusRegister``)."""
+    return typing.get_type_hints(cls), [f for f in fields(cls) if not f.metadata.get("internal")]
+
+
 def _build(cls: type, data: Any, where: str, path: str) -> Any:
     label = where or "top level"
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: {label}: expected a mapping, got {_describe(data)}")
-    hints = typing.get_type_hints(cls)
-    public = [f for f in fields(cls) if not f.metadata.get("internal")]
+    hints, public = _schema(cls)
     known = {f.name for f in public}
     for key in data:
         if key not in known:
