@@ -265,4 +265,100 @@ expect_bad hub-port-out-of-range "hub_port" <<'EOF'
 hub_port: 0
 EOF
 
+# Modbus devices: a good map passes the same validation; the mistakes are refused naming the
+# variable, whether the argument specs, an assertion or the glue's own check (run on the
+# control node against the configuration rendered from the inventory) finds them.
+MODBUS_DEVICES='fieldgate_devices:
+  - serial: SDM630-0042
+    alias: main-meter
+  - serial: TH-001
+    mqtt_password: not-empty'
+cat > "$WORK/good-modbus.yml" <<EOF
+$MODBUS_DEVICES
+fieldgate_modbus_devices:
+  - device: main-meter
+    host: 192.0.2.20
+    registers:
+      - {metric: voltage_l1, address: 0, table: input, type: float32}
+      - {metric: relay, address: 3, table: coil}
+  - device: TH-001
+    serial: /dev/ttyUSB0
+    baudrate: 9600
+    parity: N
+    registers:
+      - {metric: temperature, address: 0, table: holding, type: int16, scale: 0.1}
+EOF
+ansible-playbook -i "$INV" playbooks/site.yml --tags validate -e "@$WORK/good-modbus.yml" >"$WORK/good-modbus.log" 2>&1 \
+  || { cat "$WORK/good-modbus.log"; fail "a good Modbus inventory did not pass validation"; }
+echo "ok  a good Modbus inventory passes validation"
+
+expect_bad modbus-type-does-not-fit-table "fieldgate_modbus_devices[0].registers[1].type" <<EOF
+$MODBUS_DEVICES
+fieldgate_modbus_devices:
+  - device: main-meter
+    host: 192.0.2.20
+    registers:
+      - {metric: voltage_l1, address: 0, table: input, type: float32}
+      - {metric: relay, address: 3, table: coil, type: int16}
+EOF
+
+expect_bad modbus-unknown-device "fieldgate_modbus_devices[1].device" <<EOF
+$MODBUS_DEVICES
+fieldgate_modbus_devices:
+  - device: main-meter
+    host: 192.0.2.20
+    registers:
+      - {metric: power, address: 0, table: input, type: float32}
+  - device: INV-9
+    host: 192.0.2.21
+    registers:
+      - {metric: power, address: 0, table: input, type: float32}
+EOF
+
+expect_bad modbus-address-out-of-range "fieldgate_modbus_devices[0].registers[0].address" <<EOF
+$MODBUS_DEVICES
+fieldgate_modbus_devices:
+  - device: main-meter
+    host: 192.0.2.20
+    registers:
+      - {metric: energy, address: 65534, table: input, type: float64}
+EOF
+
+expect_bad modbus-unknown-table "table" <<EOF
+$MODBUS_DEVICES
+fieldgate_modbus_devices:
+  - device: main-meter
+    host: 192.0.2.20
+    registers:
+      - {metric: power, address: 0, table: holdings, type: float32}
+EOF
+grep -q "fieldgate_modbus_devices" "$WORK/bad-modbus-unknown-table.msg" \
+  || fail "modbus-unknown-table: the message does not name fieldgate_modbus_devices"
+
+expect_bad modbus-tcp-and-rtu "fieldgate_modbus_devices[0]" <<EOF
+$MODBUS_DEVICES
+fieldgate_modbus_devices:
+  - device: main-meter
+    host: 192.0.2.20
+    serial: /dev/ttyUSB0
+    registers:
+      - {metric: power, address: 0, table: input, type: float32}
+EOF
+
+expect_bad modbus-firewall-zone-unknown "fieldgate_modbus_devices[0]" <<EOF
+$MODBUS_DEVICES
+fieldgate_modbus_devices:
+  - device: main-meter
+    host: 192.0.2.20
+    firewall_zone: dmz
+    registers:
+      - {metric: power, address: 0, table: input, type: float32}
+EOF
+
+expect_bad outbound-zone-policy-unknown-zone "shorewall_outbound_zone_policies" <<'EOF'
+shorewall_outbound_zone_policies:
+  - zone: dmz
+    policy: REJECT
+EOF
+
 printf '\nlint: all checks passed\n'
