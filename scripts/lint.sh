@@ -128,7 +128,7 @@ cat > "$WORK/render.yml" <<EOF
     - name: Render the configuration
       ansible.builtin.template:
         src: $ROOT/roles/fieldgate/templates/etc/fieldgate/fieldgate.yaml.j2
-        dest: "$WORK/{{ inventory_hostname }}.yaml"
+        dest: "{{ render_dir | default('$WORK') }}/{{ inventory_hostname }}.yaml"
         mode: "0640"
 EOF
 ansible-playbook -i inventories/example "$WORK/render.yml" >"$WORK/render.log" 2>&1 \
@@ -291,6 +291,27 @@ EOF
 ansible-playbook -i "$INV" playbooks/site.yml --tags validate -e "@$WORK/good-modbus.yml" >"$WORK/good-modbus.log" 2>&1 \
   || { cat "$WORK/good-modbus.log"; fail "a good Modbus inventory did not pass validation"; }
 echo "ok  a good Modbus inventory passes validation"
+# docs/modbus.md's worked example: its inventory passes validation and renders exactly the
+# poll.modbus of its glue configuration.
+doc_block() {  # the fenced block after a marker in docs/modbus.md
+  awk -v m="$1" 'index($0, m) {on=1; next} on && /^```/ {if (inside) exit; inside=1; next} inside' docs/modbus.md
+}
+doc_block "<!-- inventory: sdm630" > "$WORK/doc-inventory.yml"
+doc_block "<!-- example: sdm630" > "$WORK/doc-config.yml"
+ansible-playbook -i "$INV" playbooks/site.yml --tags validate -e "@$WORK/doc-inventory.yml" >"$WORK/doc-inventory.log" 2>&1 \
+  || { cat "$WORK/doc-inventory.log"; fail "the inventory of docs/modbus.md did not pass validation"; }
+mkdir -p "$WORK/doc-render"
+ansible-playbook -i inventories/example "$WORK/render.yml" --limit gw-north -e "@$WORK/doc-inventory.yml" \
+  -e "render_dir=$WORK/doc-render" >"$WORK/doc-render.log" 2>&1 \
+  || { cat "$WORK/doc-render.log"; fail "rendering the inventory of docs/modbus.md"; }
+python - "$WORK/doc-render/gw-north.yaml" "$WORK/doc-config.yml" <<'PY' || fail "docs/modbus.md: its inventory does not render its configuration"
+import sys, yaml
+rendered, documented = (yaml.safe_load(open(p)) for p in sys.argv[1:])
+if rendered["poll"]["modbus"] != documented["poll"]["modbus"]:
+    sys.exit(f"rendered {rendered['poll']['modbus']}\ndocumented {documented['poll']['modbus']}")
+PY
+fieldgate --config "$WORK/doc-render/gw-north.yaml" check-config >/dev/null || fail "the glue refused the docs' rendered configuration"
+echo "ok  docs/modbus.md's inventory passes validation and renders its poll.modbus"
 
 expect_bad modbus-type-does-not-fit-table "fieldgate_modbus_devices[0].registers[1].type" <<EOF
 $MODBUS_DEVICES
