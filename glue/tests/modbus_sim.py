@@ -102,6 +102,12 @@ async def device_failure(*_args: Any) -> ExcCodes:
     return ExcCodes.DEVICE_FAILURE
 
 
+async def no_input_registers(function_code: int, *_args: Any) -> ExcCodes | None:
+    """A SimDevice action for a unit that answers reads of input registers (function code 4)
+    with exception 2 (illegal data address) and every other request normally."""
+    return ExcCodes.ILLEGAL_ADDRESS if function_code == 4 else None
+
+
 def corrupt_crc(sending: bool, data: bytes) -> bytes:
     """A server trace_packet that flips the last CRC byte of every answer."""
     if sending and data:

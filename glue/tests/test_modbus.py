@@ -23,6 +23,7 @@ from modbus_sim import (
     corrupt_crc,
     device_failure,
     never_answer,
+    no_input_registers,
     pty_pair,
     simulator,
     words,
@@ -327,6 +328,24 @@ def test_a_healthy_device_keeps_its_interval_beside_failing_ones(
     config_file: ConfigFactory, sim: Simulator, tmp_path: Path
 ) -> None:
     devices, _ = failing_devices(sim)
+    # a fifth device answers its holding registers and refuses its input registers (exception
+    # 2): answering in part, it keeps its schedule
+    partial, partial_port = Memory(), free_port()
+    partial.put("holding", 0, words("uint16", 7))
+    partial.put("input", 0, words("uint16", 8))
+    sim.tcp(partial_port, [partial.device(1, action=no_input_registers)])
+    devices.append(
+        {
+            "device": "PART-1",
+            "host": "127.0.0.1",
+            "port": partial_port,
+            "interval_secs": 0.5,
+            "registers": [
+                {"metric": "good", "address": 0, "table": "holding", "type": "uint16"},
+                {"metric": "refused", "address": 0, "table": "input", "type": "uint16"},
+            ],
+        }
+    )
     dead_http = free_port()
     config = modbus_config(
         config_file,
@@ -367,9 +386,15 @@ def test_a_healthy_device_keeps_its_interval_beside_failing_ones(
     ok_polls = by_device["OK-1"]["polls"]
     assert by_device["DEAD-1"]["polls"] < ok_polls / 2, by_device
     assert by_device["HANG-1"]["polls"] < ok_polls / 2, by_device
-    # a device answering with an exception code is alive: it keeps its schedule
-    assert by_device["EXC-1"]["polls"] >= ok_polls / 2, by_device
-    assert count_rows(db, "readings", "device != 'OK-1'") == 0
+    # an exception code for every read is backed off too; one for some reads is not
+    assert by_device["EXC-1"]["polls"] < ok_polls / 2, by_device
+    part = by_device["PART-1"]
+    assert part["state"] == "failing" and set(part["failures_by_kind"]) == {"exception"}, part
+    assert part["polls"] >= ok_polls / 2 and part["next_attempt"] is None, part
+    assert part["last_error"] == "Modbus exception 2 (illegal data address) reading input 0"
+    good = [(m, v) for _, _, m, v, _ in rows(db, "device = 'PART-1'")]
+    assert good and set(good) == {("good", 7.0)}, good
+    assert count_rows(db, "readings", "device NOT IN ('OK-1', 'PART-1')") == 0
     conn = sqlite3.connect(str(db))
     state = dict(conn.execute("SELECT key, value FROM state").fetchall())
     conn.close()

@@ -10,9 +10,12 @@
   stamped with the poll's start (epoch ms) and stored with source ``modbus:<device>``.
 - A device that does not answer (timeout, refused connection, missing serial port, CRC error,
   garbled answer) stops that poll at the first failed read and is retried with backoff: its
-  interval, doubled per consecutive failure, up to ``retry_max_secs``. A device that answers
-  with a Modbus exception code is alive: the other reads of the poll go on, the poll counts as
-  failed, and the schedule stays. The first success resets the backoff.
+  interval, doubled per consecutive failure, up to ``retry_max_secs``. A Modbus exception code
+  ends only its own read: the other reads of the poll go on and the poll counts as failed. If
+  some read of the poll was answered with values the device keeps its schedule; if every read
+  got an exception (a unit in fault, a TCP gateway whose serial device is silent: codes 10
+  and 11) it is retried with backoff like one that does not answer. A poll with values resets
+  the backoff.
 - A value that decodes to NaN or infinity is not stored: the other values are, and the poll
   leaves one ``rejected`` row naming each bad value with its raw words.
 - The bus threads hand each poll to the thread that runs :meth:`ModbusPoller.run` (or
@@ -146,6 +149,7 @@ class Polled:
     error: str | None = None
     kind: str | None = None
     errors: int = 0  # failed reads in this poll
+    answered: int = 0  # reads of this poll answered with values
     requests: int = 0
     late: int = 0  # slots of this device skipped after this poll: it or its bus overran
     retry_in: float | None = None  # seconds to the next attempt after a failure
@@ -153,6 +157,12 @@ class Polled:
     @property
     def ok(self) -> bool:
         return self.error is None and (bool(self.readings) or not self.bad)
+
+    @property
+    def backs_off(self) -> bool:
+        """Whether the next attempt waits for the backoff: no read of this poll was answered
+        with values (no answer at all, or an exception code for every read)."""
+        return self.kind is not None and not self.answered
 
 
 def poll_device(client: BusClient, t: Target) -> Polled:
@@ -182,6 +192,7 @@ def _poll_device(client: BusClient, t: Target) -> Polled:
                 break  # not answering: the rest of this poll would only wait as long again
             continue
         polled.requests += client.requests - before
+        polled.answered += 1
         bits = read.table in BIT_TABLES
         data = b"" if bits else pack_registers(words)
         for i in read.members:
@@ -286,7 +297,7 @@ class Bus:
                 slot = due[t.device]
                 polled = poll_device(self.client, t)
                 now = time.monotonic()
-                if polled.kind is None or polled.kind == "exception":
+                if not polled.backs_off:
                     backoff[t.device].reset()
                     nxt = slot + t.interval
                     if nxt <= now:  # the bus was busy: skip the missed slots, keep the grid
