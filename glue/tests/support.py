@@ -267,14 +267,21 @@ class Result:
 
 
 def run_fieldgate(
-    *args: str, config: Path | None = None, timeout: float = 120, env: dict[str, str] | None = None
+    *args: str,
+    config: Path | None = None,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
 ) -> Result:
-    """Run the real ``fieldgate`` console script and capture its output."""
+    """Run the real ``fieldgate`` console script (``stdin`` on its standard input) and capture
+    its output."""
     full_env = {**os.environ, **(env or {})}
     if config is not None:
         full_env["FIELDGATE_CONFIG"] = str(config)
     p = subprocess.run(
         [FIELDGATE, *args],
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -485,6 +485,56 @@ def test_register_writes_a_private_key_file_and_a_used_pin_is_refused(
     assert list(key_file.parent.glob(".*tmp")) == []
 
 
+def test_register_reads_the_pin_from_standard_input_or_a_file(
+    hub: Hub, config_file: ConfigFactory, tmp_path: Path
+) -> None:
+    config = gateway_config(config_file, hub.url)
+    key_file = Path(load_config(str(config)).upload.key_file)
+    key_file.unlink()
+    r = run_fieldgate("register", "--pin-file", "-", config=config, stdin=hub.pin(SERIAL) + "\n")
+    assert r.returncode == 0, r.stderr
+    first = key_file.read_text().strip()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    # from a file: registering again replaces the key
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(hub.pin(SERIAL))
+    r = run_fieldgate("register", "--pin-file", str(pin_file), config=config)
+    assert r.returncode == 0, r.stderr
+    assert key_file.read_text().strip() not in ("", first)
+
+
+@pytest.mark.parametrize(
+    ("stdin", "says"),
+    [
+        ("", "no PIN in standard input"),
+        (" \n", "no PIN in standard input"),
+        ("7" * 2000, "standard input holds more than 1024 bytes: not a PIN"),
+    ],
+)
+def test_register_refuses_what_is_not_a_pin_in_one_line(
+    config_file: ConfigFactory, stdin: str, says: str
+) -> None:
+    config = gateway_config(config_file, f"http://127.0.0.1:{free_port()}")
+    r = run_fieldgate("register", "--pin-file", "-", config=config, stdin=stdin)
+    assert r.returncode == 1
+    line = one_line_error(r.stderr)
+    assert says in line
+    assert "7777" not in line  # nothing of what was read is echoed
+
+
+def test_register_pin_options_exclude_each_other(config_file: ConfigFactory) -> None:
+    config = gateway_config(config_file, f"http://127.0.0.1:{free_port()}")
+    r = run_fieldgate("register", "--pin-file", "/nonexistent/pin", config=config)
+    assert r.returncode == 1
+    assert "--pin-file: /nonexistent/pin does not exist" in one_line_error(r.stderr)
+    r = run_fieldgate("register", "--pin", "1", "--pin-file", "-", config=config, stdin="2")
+    assert r.returncode == 2
+    assert "not allowed with argument" in r.stderr
+    r = run_fieldgate("register", config=config)
+    assert r.returncode == 2
+    assert "one of the arguments --pin --pin-file is required" in r.stderr
+
+
 def test_unreachable_hub_is_one_line(config_file: ConfigFactory) -> None:
     config = gateway_config(config_file, f"http://127.0.0.1:{free_port()}")
     r = run_fieldgate("register", "--pin", "12345-67890", config=config)

@@ -93,7 +93,19 @@ COMMANDS: tuple[Command, ...] = (
         "register",
         "commands:register",
         "Obtain this gateway's key from the hub with a one-time PIN; write the key file.",
-        (arg("--pin", required=True, help="the PIN printed by 'fieldgate hub pin'"),),
+        (
+            OneOf(
+                (
+                    arg("--pin", help="the PIN printed by 'fieldgate hub pin' (typed by hand)"),
+                    arg(
+                        "--pin-file",
+                        metavar="F",
+                        help="read the PIN from file F ('-': standard input), so that it "
+                        "never shows in the process list",
+                    ),
+                )
+            ),
+        ),
     ),
     Command(
         "export",

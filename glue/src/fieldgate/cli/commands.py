@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from fieldgate import store
 from fieldgate.config import Config
+from fieldgate.errors import FieldgateError
 from fieldgate.export import export_to_dir
 from fieldgate.exportdb import inspect_export
 from fieldgate.fsutil import human_bytes
@@ -34,11 +36,44 @@ def status(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+#: A PIN read from a file or standard input is at most this long (anything longer is not
+#: a PIN, and is refused before it is read whole).
+PIN_MAX_BYTES = 1024
+
+
+def read_pin(source: str) -> str:
+    """The PIN in file ``source`` (``-``: standard input), stripped; never echoed in errors."""
+    where = "standard input" if source == "-" else source
+    try:
+        if source == "-":
+            data = sys.stdin.buffer.read(PIN_MAX_BYTES + 1)
+        else:
+            with Path(source).open("rb") as f:
+                data = f.read(PIN_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise FieldgateError(f"--pin-file: {where} does not exist") from None
+    except OSError as exc:
+        raise FieldgateError(f"--pin-file: cannot read {where}: {exc.strerror}") from None
+    if len(data) > PIN_MAX_BYTES:
+        raise FieldgateError(
+            f"--pin-file: {where} holds more than {PIN_MAX_BYTES} bytes: not a PIN"
+        )
+    try:
+        pin = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise FieldgateError(f"--pin-file: {where} is not text: not a PIN") from None
+    if not pin:
+        raise FieldgateError(f"--pin-file: no PIN in {where}")
+    return pin
+
+
 def register(cfg: Config, args: argparse.Namespace) -> int:
-    """``fieldgate register --pin PIN``: exchange a one-time PIN for this gateway's key."""
+    """``fieldgate register (--pin PIN | --pin-file F)``: exchange a one-time PIN for this
+    gateway's key (``--pin-file -`` reads it from standard input, out of the process list)."""
     from fieldgate.uploader import register as register_with_hub  # requests: only here
 
-    path = register_with_hub(cfg, args.pin)
+    pin = args.pin if args.pin is not None else read_pin(args.pin_file)
+    path = register_with_hub(cfg, pin)
     print(f"registered {cfg.site.serial} with {cfg.upload.url}; key written to {path} (0600)")
     return 0
 
