@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from fieldgate.errors import ConfigError
+from fieldgate.journal import JOURNAL_SOCKET
 from fieldgate.modbus.registers import map_problems
 from fieldgate.names import METRIC_RE, NAME_RE
 
@@ -262,9 +263,14 @@ class DiskConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    """Logging to stderr, which supervisor captures."""
+    """Logging to stderr, which supervisor captures, and optionally to the systemd journal."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Send every log line to the journal as well, as ``fieldgate-<command>``
+    #: (``journalctl -t fieldgate-collect``).
+    journal: bool = False
+    #: journald's native socket (another one for a journal namespace).
+    journal_socket: str = JOURNAL_SOCKET
 
 
 @dataclass(frozen=True)

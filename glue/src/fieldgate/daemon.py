@@ -1,4 +1,5 @@
-"""What every long-running command shares: logging that supervisor captures, clean stop."""
+"""What every long-running command shares: logging that supervisor captures (and, when
+configured, the journal), clean stop."""
 
 from __future__ import annotations
 
@@ -8,17 +9,24 @@ import sys
 import threading
 from types import FrameType
 
+from fieldgate.journal import JOURNAL_SOCKET, JournalHandler
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """Log lines to stderr (supervisor captures and rotates them)."""
+def setup_logging(
+    level: str = "INFO", *, journal: str | None = None, journal_socket: str = JOURNAL_SOCKET
+) -> None:
+    """Log lines to stderr (supervisor captures and rotates them) and, with ``journal`` (a
+    SYSLOG_IDENTIFIER such as ``fieldgate-collect``), to the systemd journal as well."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)
+    if journal:
+        root.addHandler(JournalHandler(journal, journal_socket))
     root.setLevel(level)
     # paho and urllib3 are chatty at DEBUG; keep them at WARNING unless asked.
     for noisy in ("urllib3", "paho"):

@@ -303,7 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fieldgate.config import load_config
 
             cfg = load_config(args.config)
-            setup_logging(cfg.log.level)
+            setup_logging(
+                cfg.log.level,
+                journal=f"fieldgate-{name.replace(' ', '-')}" if cfg.log.journal else None,
+                journal_socket=cfg.log.journal_socket,
+            )
             return int(_resolve(cmd.target)(cfg, args) or 0)
         setup_logging("INFO")
         return int(_resolve(cmd.target)(args) or 0)
