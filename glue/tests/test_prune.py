@@ -56,9 +56,15 @@ def test_prune_deletes_only_uploaded_readings_older_than_retention(
     assert left == {pending.batch_id: 500, "-": 200}
     assert not any(p.exists() for p in uploaded)
     assert (Path(cfg.upload.pending_dir) / pending.file).exists()
-    assert conn.execute("SELECT COUNT(*) FROM batches WHERE state = 'uploaded'").fetchone()[0] == 3
+    # the rows of the pruned batches go too; the pending one stays
+    assert dict(conn.execute("SELECT state, COUNT(*) FROM batches GROUP BY state")) == {
+        "pending": 1
+    }
     # running again frees nothing more
     assert prune.prune(conn, cfg, now_ms=store.now_ms() + 31 * DAY).readings == 0
+    # the batch sequence lives on: no batch id is ever used twice
+    (later,) = batches.cut_all(conn, cfg)
+    assert later.batch_id.startswith("00000005-")
     conn.close()
     assert hub.readings("GW-TEST") == 3000  # the hub keeps everything
 
@@ -71,6 +77,119 @@ def test_pass_mode_batches_are_never_pruned(config_file: ConfigFactory) -> None:
     conn = store.open_store(cfg.store.path, cfg.site.serial)
     assert prune.prune(conn, cfg, now_ms=store.now_ms() + 400 * DAY).readings == 0
     assert conn.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == 100
+    conn.close()
+
+
+def test_a_batch_passed_after_a_switch_to_pass_mode_is_never_pruned(
+    config_file: ConfigFactory,
+) -> None:
+    # cut for the hub (LIVE), then the gateway is switched to PASS before it was sent
+    live = config_file(overrides={"store": {"retention_days": 1}})
+    cfg = load_config(str(live))
+    fill(cfg, 100)
+    conn = store.open_store(cfg.store.path, cfg.site.serial)
+    (batch,) = batches.cut_all(conn, cfg)
+    conn.close()
+    passed = config_file(
+        name="pass.yaml", overrides={"store": {"retention_days": 1}, "upload": {"mode": "PASS"}}
+    )
+    assert run_fieldgate("upload", "--once", config=passed).returncode == 0
+    conn = store.open_store(cfg.store.path, cfg.site.serial)
+    state = conn.execute("SELECT state, mode FROM batches WHERE batch_id = ?", (batch.batch_id,))
+    assert state.fetchone() == ("uploaded", "PASS")
+    assert prune.prune(conn, cfg, now_ms=store.now_ms() + 400 * DAY).readings == 0
+    assert conn.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == 100
+    assert (Path(cfg.upload.uploaded_dir) / batch.file).exists()
+    conn.close()
+
+
+def test_test_mode_batches_are_pruned_once_the_hub_has_them(
+    hub: Hub, config_file: ConfigFactory
+) -> None:
+    config = config_file(
+        overrides={"store": {"retention_days": 1}, "upload": {"url": hub.url, "mode": "TEST"}}
+    )
+    cfg = load_config(str(config))
+    hub.register(config)
+    fill(cfg, 100)
+    assert run_fieldgate("upload", "--once", config=config).returncode == 0
+    conn = store.open_store(cfg.store.path, cfg.site.serial)
+    assert prune.prune(conn, cfg, now_ms=store.now_ms() + 2 * DAY).readings == 100
+    conn.close()
+    assert hub.query("SELECT COUNT(*), SUM(test) FROM readings") == [(100, 100)]
+
+
+def test_with_delete_reading_on_zip_the_files_go_only_once_the_hub_has_them(
+    hub: Hub, config_file: ConfigFactory
+) -> None:
+    """The batch file is the only copy: kept while pending, deleted after the retention
+    once the hub stored it, never in PASS mode."""
+    config = config_file(
+        overrides={
+            "store": {"retention_days": 1},
+            "upload": {"url": hub.url, "batch_max_rows": 50, "delete_reading_on_zip": True},
+        }
+    )
+    cfg = load_config(str(config))
+    hub.register(config)
+    fill(cfg, 100)
+    assert run_fieldgate("upload", "--once", config=config).returncode == 0
+    fill(cfg, 30, start=1000)
+    conn = store.open_store(cfg.store.path, cfg.site.serial)
+    (pending,) = batches.cut_all(conn, cfg)
+    assert conn.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == 0
+    uploaded = sorted(Path(cfg.upload.uploaded_dir).glob("*.zip"))
+    assert len(uploaded) == 2
+    r = prune.prune(conn, cfg, now_ms=store.now_ms() + 2 * DAY)
+    assert (r.readings, r.batches, r.files) == (0, 2, 2)
+    assert list(Path(cfg.upload.uploaded_dir).glob("*.zip")) == []
+    assert (Path(cfg.upload.pending_dir) / pending.file).exists()
+    conn.close()
+    assert hub.readings("GW-TEST") == 100
+
+    passing = config_file(
+        name="pass.yaml",
+        overrides={
+            "store": {"retention_days": 1},
+            "upload": {"mode": "PASS", "delete_reading_on_zip": True},
+        },
+    )
+    assert run_fieldgate("upload", "--once", config=passing).returncode == 0
+    conn = store.open_store(cfg.store.path, cfg.site.serial)
+    r = prune.prune(conn, cfg, now_ms=store.now_ms() + 400 * DAY)
+    assert (r.readings, r.batches, r.files) == (0, 0, 0)
+    assert [p.name for p in Path(cfg.upload.uploaded_dir).glob("*.zip")] == [pending.file]
+    conn.close()
+
+
+def test_old_rejected_messages_and_events_go_newer_ones_stay(config_file: ConfigFactory) -> None:
+    config = config_file(overrides={"store": {"retention_days": 10}})
+    cfg = load_config(str(config))
+    conn = store.open_store(cfg.store.path, cfg.site.serial)
+    now = store.now_ms()
+    with store.transaction(conn):
+        for age_days in (30, 11, 9, 0):
+            store.insert_rejected(
+                conn,
+                source="mqtt",
+                topic="fieldgate/x/readings",
+                payload=b"{",
+                reason=f"bad JSON ({age_days} days old)",
+                received_at=now - age_days * DAY,
+            )
+            conn.execute(
+                "INSERT INTO events (at, kind, message) VALUES (?, 'test', ?)",
+                (now - age_days * DAY, f"{age_days} days old"),
+            )
+    r = prune.prune(conn, cfg, now_ms=now)
+    assert (r.rejected, r.events) == (2, 2)
+    assert [row[0] for row in conn.execute("SELECT reason FROM rejected ORDER BY id")] == [
+        "bad JSON (9 days old)",
+        "bad JSON (0 days old)",
+    ]
+    kinds = [row[0] for row in conn.execute("SELECT message FROM events ORDER BY id")]
+    assert kinds[:2] == ["9 days old", "0 days old"]
+    assert kinds[2].startswith("pruned 0 readings of 0 batches")
     conn.close()
 
 

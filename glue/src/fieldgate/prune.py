@@ -1,15 +1,25 @@
-"""``fieldgate prune``: delete readings the hub has had for longer than the retention.
+"""``fieldgate prune``: keep a gateway's disk use bounded without losing a reading.
 
-Only readings of batches in state ``uploaded`` that were sent to a hub (not PASS mode)
-and uploaded more than ``store.retention_days`` ago are deleted; unbatched readings,
-pending batches and PASS batches are never touched. The uploaded batch files of those
-batches are deleted from ``upload.uploaded_dir`` too. The ``batches`` rows stay (they are
-small and record what was sent).
+What goes, for a cutoff of now - ``store.retention_days``:
 
-SQLite does not shrink the file on DELETE: the freed pages go on the free list and new
-readings reuse them. The report says how much is free inside the file (``freelist_count``
-times ``page_size``); it does not VACUUM, which would need a second copy of the store on a disk
-that may be nearly full and would block the collector while it runs.
+- the readings of batches the hub stored (state ``uploaded``, not PASS mode) more than the
+  retention ago, their batch files (in ``upload.uploaded_dir``, or in ``pending_dir`` where
+  a crash left one after the mark) and then their ``batches`` rows: the hub has them, and
+  the batch sequence lives in ``meta``, so no id is ever reused;
+- ``rejected`` messages received and ``events`` recorded before the cutoff.
+
+What never goes: unbatched readings, pending or lost batches, and the readings and files of
+batches passed in PASS mode (no hub has them; a batch cut in LIVE or TEST mode and passed
+after a switch to PASS is recorded as PASS when it is passed). With ``delete_reading_on_zip``
+the batch file is a batch's only copy until the hub stored it: it is deleted only on the
+same terms.
+
+One transaction per batch (and per chunk of old rows), so the collector is never blocked
+for long. SQLite does not shrink the file on DELETE: the freed pages go on the free list and
+new readings reuse them, so a store pruned daily stops growing once it holds a retention's
+worth of readings. The report says how much is free inside the file (``freelist_count``
+times ``page_size``); prune does not VACUUM, which would need a second copy of the store on
+a disk that may be nearly full and would block the collector while it runs.
 """
 
 from __future__ import annotations
@@ -28,6 +38,9 @@ log = logging.getLogger("fieldgate.prune")
 
 DAY_MS = 86_400_000
 
+#: Old ``rejected``/``events`` rows are deleted this many at a time (one transaction each).
+CHUNK_ROWS = 5000
+
 
 @dataclass(frozen=True)
 class PruneResult:
@@ -36,6 +49,8 @@ class PruneResult:
     files: int
     cutoff_ms: int
     free_bytes: int
+    rejected: int = 0
+    events: int = 0
 
 
 def free_bytes(conn: sqlite3.Connection) -> int:
@@ -46,8 +61,7 @@ def free_bytes(conn: sqlite3.Connection) -> int:
 
 
 def prune(conn: sqlite3.Connection, cfg: Config, *, now_ms: int | None = None) -> PruneResult:
-    """Delete readings of batches uploaded before now - retention; one transaction per batch
-    so the collector is never blocked for long."""
+    """Delete what the hub has had for longer than the retention, and old diagnostics."""
     now = store.now_ms() if now_ms is None else now_ms
     cutoff = now - cfg.store.retention_days * DAY_MS
     old = conn.execute(
@@ -56,30 +70,53 @@ def prune(conn: sqlite3.Connection, cfg: Config, *, now_ms: int | None = None) -
         (cutoff,),
     ).fetchall()
     deleted = 0
-    touched = 0
     files = 0
-    uploaded_dir = Path(cfg.upload.uploaded_dir)
+    dirs = (Path(cfg.upload.uploaded_dir), Path(cfg.upload.pending_dir))
     for batch_id, file in old:
+        # the file first: a crash before the rows go leaves a row whose file is gone (the
+        # next prune finishes it), never a file nobody would delete
+        for directory in dirs if file else ():
+            with contextlib.suppress(FileNotFoundError):
+                (directory / file).unlink()
+                files += 1
         with store.transaction(conn):
-            n = conn.execute(
+            deleted += conn.execute(
                 "DELETE FROM readings WHERE batch_id = ? AND batch_id IN "
-                "(SELECT batch_id FROM batches WHERE batch_id = ? AND state = 'uploaded')",
+                "(SELECT batch_id FROM batches WHERE batch_id = ? AND state = 'uploaded' "
+                "AND mode != 'PASS')",
                 (batch_id, batch_id),
             ).rowcount
-        if n:
-            deleted += n
-            touched += 1
-        if file:
-            with contextlib.suppress(FileNotFoundError):
-                (uploaded_dir / file).unlink()
-                files += 1
-    if deleted:
+            conn.execute(
+                "DELETE FROM batches WHERE batch_id = ? AND state = 'uploaded' AND mode != 'PASS'",
+                (batch_id,),
+            )
+    rejected = _delete_older(conn, "rejected", "received_at", cutoff)
+    events = _delete_older(conn, "events", "at", cutoff)
+    if old or rejected or events:
         with store.transaction(conn):
             store.add_event(
-                conn, "prune", f"pruned {deleted} readings uploaded before {day_text(cutoff)}"
+                conn,
+                "prune",
+                f"pruned {deleted} readings of {len(old)} batches uploaded before "
+                f"{day_text(cutoff)}, {rejected} rejected messages and {events} events",
             )
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    return PruneResult(deleted, touched, files, cutoff, free_bytes(conn))
+    return PruneResult(deleted, len(old), files, cutoff, free_bytes(conn), rejected, events)
+
+
+def _delete_older(conn: sqlite3.Connection, table: str, column: str, cutoff: int) -> int:
+    """Delete the rows of ``table`` with ``column`` before ``cutoff``, a chunk at a time."""
+    total = 0
+    while True:
+        with store.transaction(conn):
+            n = conn.execute(
+                f"DELETE FROM {table} WHERE id IN "  # noqa: S608 (constant names)
+                f"(SELECT id FROM {table} WHERE {column} < ? ORDER BY id LIMIT ?)",
+                (cutoff, CHUNK_ROWS),
+            ).rowcount
+        total += n
+        if n < CHUNK_ROWS:
+            return total
 
 
 def day_text(ms: int) -> str:

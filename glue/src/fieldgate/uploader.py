@@ -202,12 +202,16 @@ class Uploader:
         self.mark_uploaded(batch)
 
     def mark_uploaded(self, batch: Batch) -> None:
+        """Mark a batch the hub stored; in PASS mode, one passed without sending, recorded as
+        PASS whatever mode it was cut in (prune deletes only readings a hub stored)."""
         now = store.now_ms()
+        passed = self.client is None
         with store.transaction(self.conn):
             self.conn.execute(
                 "UPDATE batches SET state = 'uploaded', uploaded_at = ?, last_error = NULL, "
-                "attempts = attempts + 1 WHERE batch_id = ?",
-                (now, batch.batch_id),
+                "attempts = attempts + 1, mode = CASE WHEN ? THEN 'PASS' ELSE mode END "
+                "WHERE batch_id = ?",
+                (now, passed, batch.batch_id),
             )
             verb = "passed (PASS mode, not sent)" if self.cfg.upload.mode == "PASS" else "uploaded"
             store.set_state(self.conn, "upload.last_success", f"batch {batch.batch_id} {verb}")

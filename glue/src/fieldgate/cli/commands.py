@@ -121,9 +121,14 @@ def prune(cfg: Config, args: argparse.Namespace) -> int:
     """``fieldgate prune``: one line saying what was deleted and what is free."""
     r = prune_store(cfg)
     files = f", {r.files} uploaded batch files deleted" if r.files else ""
+    older = (
+        f", {r.rejected} rejected messages and {r.events} events older than that"
+        if r.rejected or r.events
+        else ""
+    )
     print(
         f"pruned {r.readings} readings uploaded before {day_text(r.cutoff_ms)} "
-        f"(retention {cfg.store.retention_days} days) from {r.batches} batches{files}; "
+        f"(retention {cfg.store.retention_days} days) from {r.batches} batches{files}{older}; "
         f"{human_bytes(r.free_bytes, PRUNE_SIZE_UNITS)} free in the store file for new readings"
     )
     return 0
