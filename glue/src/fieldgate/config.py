@@ -232,6 +232,9 @@ class ExportConfig:
     #: A Linux LED class device directory; null for a gateway without an LED.
     led_path: str | None = "/sys/class/leds/gpo1"
     log_file: str = "/var/log/fieldgate/usb_exporter.log"
+    #: ``log_file`` is rotated at this size (0: never), keeping ``log_backups`` older files.
+    log_max_bytes: int = field(default=10 * 1024 * 1024, metadata=_range(0, None))
+    log_backups: int = field(default=5, metadata=_range(0, 1000))
     #: Where ``usb-event`` records device events for ``usb-watch``.
     spool_dir: str = "/run/fieldgate/usb-events"
     #: Private mount points for drives being exported to.

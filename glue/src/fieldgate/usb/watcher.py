@@ -27,6 +27,7 @@ import logging
 import os
 import subprocess
 from collections.abc import Callable
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import TextIO
 
@@ -60,17 +61,25 @@ POLL_SECS = 0.2
 
 
 class ExportLog:
-    """``export.log_file``: one timestamped line per step (and the same on stderr)."""
+    """``export.log_file``: one timestamped line per step (and the same on stderr), rotated
+    at ``max_bytes`` keeping ``backups`` older files (``usb_exporter.log.1`` ...), so it
+    stays bounded on a gateway that runs for years. usb-watch is its only writer."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, max_bytes: int = 0, backups: int = 0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        self._file: TextIO = self.path.open("a", encoding="utf-8")
+        self._file = RotatingFileHandler(
+            self.path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+        )
 
     def line(self, text: str) -> None:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self._file.write(f"{stamp} {text}\n")
-        self._file.flush()
+        record = logging.makeLogRecord({"msg": f"{stamp} {text}"})
+        if self._file.shouldRollover(record):
+            self._file.doRollover()
+        stream: TextIO = self._file.stream
+        stream.write(f"{record.msg}\n")
+        stream.flush()
         log.info("%s", text)
 
     def close(self) -> None:
@@ -111,7 +120,7 @@ class Watcher:
         self.stop = stop
         self.sys_block = sys_block
         self.mount_dir = Path(cfg.export.mount_dir)
-        self.log = ExportLog(cfg.export.log_file)
+        self.log = ExportLog(cfg.export.log_file, cfg.export.log_max_bytes, cfg.export.log_backups)
         self.led = ledmod.Led(
             cfg.export.led_path, publish=lambda state: publish_state(cfg, state), note=self.log.line
         )
