@@ -382,4 +382,8 @@ shorewall_outbound_zone_policies:
     policy: REJECT
 EOF
 
+expect_bad hub-host-not-in-inventory "fieldgate_hub_host" <<'EOF'
+fieldgate_hub_host: hub-elsewhere
+EOF
+
 printf '\nlint: all checks passed\n'
