@@ -47,6 +47,7 @@ def known_secrets(host) -> list[str]:
     values = [host.file(secret_path(cfg, k)).content_string.strip() for k in SECRET_KEYS]
     name = host.backend.get_hostname()
     values += [d.get("mqtt_password") for d in host_vars(name).get("fieldgate_devices", [])]
+    values.append(host_vars(name).get("mosquitto_bridge", {}).get("remote_password", ""))
     values.append(group_vars("gateways")["fieldgate_mqtt_password"])
     return sorted({v for v in values if v})
 
