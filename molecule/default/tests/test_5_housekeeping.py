@@ -28,6 +28,11 @@ def test_prune_runs_as_the_service_user_and_says_what_it_did(host):
     )
     assert "pruned 0 readings uploaded before" in said
     assert "(retention 90 days)" in said
+    # the same lines under the unit's name
+    by_unit = host.check_output(
+        f"journalctl -u fieldgate-prune.service --since @{since} --no-pager -o cat"
+    )
+    assert "pruned 0 readings uploaded before" in by_unit
 
 
 def test_logs_are_bounded(host):
@@ -47,6 +52,12 @@ def test_journal_switch(gw):
     seen = host.run(f"journalctl -t fieldgate-collect --no-pager -o cat | grep -c -F '{COLLECTOR_STARTED}'")
     if host_vars(gw).get("fieldgate_log_journal"):
         assert int(seen.stdout.strip() or 0) >= 1, "the collector's start line is not in the journal"
+        # journald files the programs under the unit that runs them (supervisor.service)
+        by_unit = host.run(
+            "journalctl -u supervisor.service -t fieldgate-collect --no-pager -o cat"
+            f" | grep -c -F '{COLLECTOR_STARTED}'"
+        )
+        assert int(by_unit.stdout.strip() or 0) >= 1, "not found with journalctl -u supervisor"
         # and supervisor's file still has it
         log = host.file("/var/log/fieldgate/fieldgate-collect.supervisor.log").content_string
         assert COLLECTOR_STARTED in log
