@@ -134,6 +134,8 @@ def test_a_store_at_steady_state_stops_growing(
             days.append(footprint(cfg))
     finally:
         assert stop_process(collector, signal.SIGTERM) == 0
+    for day, d in enumerate(days):  # the figures (pytest -s shows them)
+        print(f"day {day:2d}: {d}")
 
     # every reading reached the hub once; the gateway deleted only what the hub had
     assert hub.readings("GW-TEST") == DAYS * rows_per_day
