@@ -342,6 +342,35 @@ def count_rows(db: Path, table: str, where: str = "1") -> int:
         conn.close()
 
 
+def batch_of_each_reading(conn: Any) -> list[str | None]:
+    """For each stored reading in id order, the batch whose id range holds it (None for
+    none; several ranges holding one reading would show joined with commas)."""
+    return [
+        b
+        for (b,) in conn.execute(
+            "SELECT (SELECT group_concat(b.batch_id) FROM batches b "
+            "WHERE r.id BETWEEN b.first_id AND b.last_id) FROM readings r ORDER BY r.id"
+        )
+    ]
+
+
+def record_batch(conn: Any, batch_id: str, state: str = "uploaded") -> int:
+    """Make every unbatched reading one batch's, as a cut (and an upload) would: a
+    ``batches`` row over their id range. Commits; how many readings it took."""
+    from fieldgate import membership
+
+    first, last, n = conn.execute(
+        f"SELECT MIN(id), MAX(id), COUNT(*) FROM readings WHERE {membership.UNBATCHED}"  # noqa: S608
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO batches (batch_id, state, rows, sha256, first_id, last_id, mode, type, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?, 'LIVE', 'readings', 0)",
+        (batch_id, state, n, "0" * 64, first, last),
+    )
+    conn.commit()
+    return int(n)
+
+
 @dataclass
 class Hub:
     """A real ``fieldgate hub serve`` (gunicorn) on a free loopback port, its own database.

@@ -8,11 +8,12 @@ import hashlib
 import io
 import signal
 import sqlite3
+from collections import Counter
 from pathlib import Path
 
-from support import ConfigFactory, run_fieldgate
+from support import ConfigFactory, batch_of_each_reading, run_fieldgate
 
-from fieldgate import batches, batchfile, store
+from fieldgate import batches, batchfile, membership, store
 from fieldgate.config import Config, load_config
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -65,8 +66,7 @@ def test_batches_hold_oldest_readings_with_manifest(config_file: ConfigFactory) 
     assert (manifest["first_ts"], manifest["last_ts"]) == (T0, T0 + 49_000)
     assert (manifest["mode"], manifest["type"]) == ("PASS", "climate")
     # every reading belongs to exactly one batch, the one whose file holds it
-    per_batch = dict(conn.execute("SELECT batch_id, COUNT(*) FROM readings GROUP BY batch_id"))
-    assert per_batch == {b.batch_id: b.rows for b in cut}
+    assert batch_of_each_reading(conn) == [b.batch_id for b in cut for _ in range(b.rows)]
     assert batches.cut_batch(conn, cfg) is None
     # newer readings go into the next batch only
     fill(cfg, readings(5, start=500))
@@ -157,9 +157,7 @@ def test_killed_while_writing_a_batch_file_leaves_no_half_batch(
     assert [p.name for p in pending.glob(".tmp-*")] != []
     conn = open_conn(cfg)
     assert conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0] == 0
-    assert (
-        conn.execute("SELECT COUNT(*) FROM readings WHERE batch_id IS NULL").fetchone()[0] == 2500
-    )
+    assert membership.count_unbatched(conn) == 2500
     conn.close()
     r = run_fieldgate("upload", "--once", config=config)
     assert r.returncode == 0, r.stderr
@@ -197,9 +195,9 @@ def test_killed_between_file_and_commit_leaves_an_orphan_that_is_removed(
 
 def _assert_all_batched_once(cfg: Config, n: int) -> None:
     conn = open_conn(cfg)
-    assert conn.execute("SELECT COUNT(*) FROM readings WHERE batch_id IS NULL").fetchone()[0] == 0
+    assert membership.count_unbatched(conn) == 0
     per_batch = dict(conn.execute("SELECT batch_id, rows FROM batches"))
-    counted = dict(conn.execute("SELECT batch_id, COUNT(*) FROM readings GROUP BY batch_id"))
+    counted = Counter(batch_of_each_reading(conn))
     assert per_batch == counted
     assert sum(per_batch.values()) == n
     files = sorted(Path(cfg.upload.uploaded_dir).glob("*.zip"))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 from pathlib import Path
 
-from support import ConfigFactory, Hub, run_fieldgate
+from support import ConfigFactory, Hub, batch_of_each_reading, run_fieldgate
 
-from fieldgate import batches, prune, store
+from fieldgate import batches, membership, prune, store
 from fieldgate.config import Config, load_config
 
 T0 = 1_767_225_600_000
@@ -52,8 +53,9 @@ def test_prune_deletes_only_uploaded_readings_older_than_retention(
     r = prune.prune(conn, cfg, now_ms=store.now_ms() + 31 * DAY)
     assert (r.readings, r.batches, r.files) == (3000, 3, 3)
     assert r.free_bytes > 0
-    left = dict(conn.execute("SELECT COALESCE(batch_id, '-'), COUNT(*) FROM readings GROUP BY 1"))
-    assert left == {pending.batch_id: 500, "-": 200}
+    left = Counter(batch_of_each_reading(conn))
+    assert left == {pending.batch_id: 500, None: 200}
+    assert membership.count_unbatched(conn) == 200
     assert not any(p.exists() for p in uploaded)
     assert (Path(cfg.upload.pending_dir) / pending.file).exists()
     # the rows of the pruned batches go too; the pending one stays

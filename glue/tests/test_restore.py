@@ -7,9 +7,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from support import count_rows, run_fieldgate
+from support import count_rows, record_batch, run_fieldgate
 
 from fieldgate import store
+from fieldgate.membership import UNBATCHED
 
 T0 = 1_760_000_000_000
 
@@ -50,7 +51,7 @@ def fingerprint(db: Path) -> tuple[int, int, str | None]:
     conn = sqlite3.connect(str(db))
     try:
         n = conn.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
-        unb = conn.execute("SELECT COUNT(*) FROM readings WHERE batch_id IS NULL").fetchone()[0]
+        unb = conn.execute(f"SELECT COUNT(*) FROM readings WHERE {UNBATCHED}").fetchone()[0]  # noqa: S608
         site = conn.execute("SELECT value FROM meta WHERE key='site_serial'").fetchone()
         return (n, unb, site[0] if site else None)
     finally:
@@ -118,8 +119,7 @@ def test_bad_input_is_refused_and_nothing_changes(
         "restore", str(make_export(tmp_path / "own", "GW-NEW", 50)), "--merge", config=cfg
     )
     conn = sqlite3.connect(str(db))
-    conn.execute("UPDATE readings SET batch_id = 'b1'")
-    conn.commit()
+    assert record_batch(conn, "b1") == 50
     conn.close()
     before = fingerprint(db)
     export = make_export(tmp_path / "drive", "GW-OLD", 2000, checksum=(damage == "checksum"))
@@ -177,7 +177,7 @@ def test_restore_as_site_refuses_to_mix_sites(config_file, tmp_path: Path) -> No
     conn = store.open_store(db, "GW-A")
     with store.transaction(conn):
         store.insert_readings(conn, [("TH-001", T0, "t", 1.0)], source="mqtt")
-    conn.execute("UPDATE readings SET batch_id = 'x'")
+    record_batch(conn, "x")
     conn.close()
     export = make_export(tmp_path / "drive", "GW-OLD", 10)
     cfg_new = config_file(serial="GW-B", name="b.yaml")

@@ -7,6 +7,7 @@ from pathlib import Path
 from support import Hub, count_rows, run_fieldgate
 
 from fieldgate import store
+from fieldgate.membership import UNBATCHED
 
 T0 = 1_760_000_000_000
 N = 1200
@@ -50,7 +51,7 @@ def test_export_restore_upload_exactly_once(config_file, tmp_path: Path, hub: Hu
     r = run_fieldgate("restore", str(export), "--as-site", "GW-B", config=cfg_b)
     assert r.returncode == 0, r
     assert f"{N} new" in r.stdout and "checksum verified" in r.stdout
-    assert count_rows(db_b, "readings", "batch_id IS NULL") == N
+    assert count_rows(db_b, "readings", UNBATCHED) == N
 
     hub.register(cfg_b)
     r = run_fieldgate("upload", "--once", config=cfg_b)

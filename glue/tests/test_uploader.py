@@ -20,6 +20,7 @@ import pytest
 from support import (
     ConfigFactory,
     Hub,
+    batch_of_each_reading,
     free_port,
     run_fieldgate,
     start_fieldgate,
@@ -29,6 +30,7 @@ from support import (
 
 from fieldgate import batches, batchfile, store
 from fieldgate.config import Config, load_config
+from fieldgate.membership import OF_BATCH
 from fieldgate.uploader import HubClient, Transient
 
 SERIAL = "GW-TEST"
@@ -190,7 +192,8 @@ def test_hub_down_then_back_everything_arrives_in_order(
     for batch_id in arrived:
         at_gw = set(
             conn.execute(
-                "SELECT device, ts, metric, value FROM readings WHERE batch_id = ?", (batch_id,)
+                f"SELECT device, ts, metric, value FROM readings WHERE {OF_BATCH}",  # noqa: S608
+                (batch_id, batch_id),
             )
         )
         at_hub = set(
@@ -199,8 +202,9 @@ def test_hub_down_then_back_everything_arrives_in_order(
             )
         )
         assert at_gw == at_hub
-    order = [row for (row,) in conn.execute("SELECT batch_id FROM readings ORDER BY id")]
+    order = batch_of_each_reading(conn)
     conn.close()
+    assert None not in order
     assert order == sorted(order)  # oldest readings in the oldest batches
     assert hub_rows(hub) == set(sent)
 

@@ -3,13 +3,16 @@
 A batch is ``<serial>-<batch_id>.zip`` in ``upload.pending_dir`` (the format is
 :mod:`fieldgate.batchfile`, docs/contract.md §6). Cutting one is crash-safe in this order:
 
-1. read the oldest unbatched readings (by id, at most ``upload.batch_max_rows``);
+1. read the oldest unbatched readings (ids above the watermark, at most
+   ``upload.batch_max_rows``; :mod:`fieldgate.membership`);
 2. write the zip to a hidden temporary name, fsync it, rename it atomically, fsync the dir;
-3. in ONE transaction: mark those readings with the batch id (or delete them when
-   ``delete_reading_on_zip``) and insert the ``batches`` row.
+3. in ONE transaction: insert the ``batches`` row with the readings' id range, which is
+   what makes them this batch's (no write per reading), after deleting them when
+   ``delete_reading_on_zip``.
 
 A crash before 3 commits leaves at most a file without a row (an orphan, deleted by
-:func:`recover` at the next start; its readings are still unbatched and are cut again).
+:func:`recover` at the next start; the watermark did not move, so its readings are still
+unbatched and are cut again).
 A crash after leaves a complete batch. A row whose file went missing is regenerated from
 its readings (same CSV, same sha256), which is why the readings are only deleted once the
 file is durably on disk.
@@ -26,10 +29,11 @@ import os
 import signal
 import sqlite3
 from dataclasses import astuple, dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from fieldgate import batchfile, fsutil, store
+from fieldgate import batchfile, fsutil, membership, store
 from fieldgate.config import Config
 from fieldgate.errors import FieldgateError
 
@@ -126,44 +130,37 @@ def _utc_stamp(ms: int) -> str:
 def cut_batch(conn: sqlite3.Connection, cfg: Config) -> Batch | None:
     """Cut the oldest unbatched readings into one batch; None when there is nothing to cut."""
     pending_dir, _ = ensure_dirs(cfg)
-    start = conn.execute("SELECT MIN(id) FROM readings WHERE batch_id IS NULL").fetchone()[0]
-    if start is None:
-        return None
-    # The unbatched readings are (almost always) the tail of the table: scanning it in rowid
-    # order is about twice as fast as walking the partial index row by row.
-    rows = conn.execute(
-        "SELECT id, device, ts, metric, value FROM readings NOT INDEXED "
-        "WHERE id >= ? AND batch_id IS NULL ORDER BY id LIMIT ?",
-        (start, cfg.upload.batch_max_rows),
-    ).fetchall()
+    above = membership.watermark(conn)
+    rows = membership.unbatched(conn, above, cfg.upload.batch_max_rows)
     if not rows:
         return None
     csv_bytes = batchfile.render_csv([r[1:] for r in rows])
     created_at = store.now_ms()
     batch_id = f"{_next_seq(conn):08d}-{_utc_stamp(created_at)}"
+    stamps = list(map(itemgetter(2), rows))
     batch = Batch(
         batch_id=batch_id,
         state="pending",
         rows=len(rows),
         sha256=batchfile.csv_sha256(csv_bytes),
-        first_ts=min(r[2] for r in rows),
-        last_ts=max(r[2] for r in rows),
-        first_id=start,
+        first_ts=min(stamps),
+        last_ts=max(stamps),
+        first_id=rows[0][0],
         last_id=rows[-1][0],
         mode=cfg.upload.mode,
         type=cfg.upload.type,
         file=batchfile.file_name(cfg.site.serial, batch_id),
         created_at=created_at,
     )
-    del rows
+    del rows, stamps
     path = pending_dir / batch.file
     write_zip(path, csv_bytes, batch.manifest(cfg.site.serial))
     crash_point("batch_file_written")
     try:
-        _record(conn, cfg, batch)
+        _record(conn, cfg, batch, above)
     except _Raced as exc:
-        # Another writer changed these readings between our read and our commit (a second
-        # uploader, or a restore); drop the file and let the next cut see the new truth.
+        # Another cutter recorded a batch between our read and our commit (a second
+        # uploader); drop the file and let the next cut see the new truth.
         fsutil.unlink_durably(path)
         log.warning("batch %s discarded: %s; cutting again", batch_id, exc)
         return cut_batch(conn, cfg)
@@ -173,22 +170,18 @@ def cut_batch(conn: sqlite3.Connection, cfg: Config) -> Batch | None:
     return batch
 
 
-def _record(conn: sqlite3.Connection, cfg: Config, batch: Batch) -> None:
-    """In one transaction: the batch's readings get its id (or are deleted, with
-    ``delete_reading_on_zip``) and its row is inserted; _Raced if another writer took some."""
+def _record(conn: sqlite3.Connection, cfg: Config, batch: Batch, above: int) -> None:
+    """In one transaction: insert the batch's row, which makes its id range its readings
+    (:mod:`fieldgate.membership`), and delete them with ``delete_reading_on_zip``; _Raced
+    if another cut moved the watermark from ``above`` since the readings were read."""
     with store.transaction(conn):
+        now = membership.watermark(conn)
+        if now != above:
+            raise _Raced(f"another batch took the readings up to id {now}")
         if cfg.upload.delete_reading_on_zip:
-            cur = conn.execute(
-                "DELETE FROM readings WHERE id BETWEEN ? AND ? AND batch_id IS NULL",
-                (batch.first_id, batch.last_id),
-            )
-        else:
-            cur = conn.execute(
-                "UPDATE readings SET batch_id = ? WHERE id BETWEEN ? AND ? AND batch_id IS NULL",
-                (batch.batch_id, batch.first_id, batch.last_id),
-            )
-        if cur.rowcount != batch.rows:
-            raise _Raced(cur.rowcount, batch.rows)
+            gone = membership.delete_readings_of(conn, batch.first_id, batch.last_id)
+            if gone != batch.rows:
+                raise _Raced(f"{gone} of its {batch.rows} readings were still there at commit")
         conn.execute(
             f"INSERT INTO batches ({BATCH_COLUMNS}) "  # noqa: S608 (a constant column list)
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -198,8 +191,7 @@ def _record(conn: sqlite3.Connection, cfg: Config, batch: Batch) -> None:
 
 
 class _Raced(Exception):
-    def __init__(self, got: int, want: int) -> None:
-        super().__init__(f"{got} of its {want} readings were still unbatched at commit")
+    pass
 
 
 def cut_all(conn: sqlite3.Connection, cfg: Config, limit: int | None = None) -> list[Batch]:
@@ -249,10 +241,7 @@ def regenerate(conn: sqlite3.Connection, cfg: Config, batch: Batch) -> bool:
     not (the readings were changed behind our back), the row is updated to the new truth.
     """
     pending_dir, _ = ensure_dirs(cfg)
-    rows = conn.execute(
-        "SELECT device, ts, metric, value FROM readings WHERE batch_id = ? ORDER BY id",
-        (batch.batch_id,),
-    ).fetchall()
+    rows = membership.readings_of(conn, batch.first_id, batch.last_id)
     if len(rows) != batch.rows:
         return False
     csv_bytes = batchfile.render_csv(rows)

@@ -31,7 +31,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from fieldgate import store
+from fieldgate import membership, store
 from fieldgate.config import Config
 
 log = logging.getLogger("fieldgate.prune")
@@ -65,14 +65,14 @@ def prune(conn: sqlite3.Connection, cfg: Config, *, now_ms: int | None = None) -
     now = store.now_ms() if now_ms is None else now_ms
     cutoff = now - cfg.store.retention_days * DAY_MS
     old = conn.execute(
-        "SELECT batch_id, file FROM batches WHERE state = 'uploaded' AND mode != 'PASS' "
-        "AND uploaded_at < ? ORDER BY batch_id",
+        "SELECT batch_id, file, first_id, last_id FROM batches WHERE state = 'uploaded' "
+        "AND mode != 'PASS' AND uploaded_at < ? ORDER BY batch_id",
         (cutoff,),
     ).fetchall()
     deleted = 0
     files = 0
     dirs = (Path(cfg.upload.uploaded_dir), Path(cfg.upload.pending_dir))
-    for batch_id, file in old:
+    for batch_id, file, first_id, last_id in old:
         # the file first: a crash before the rows go leaves a row whose file is gone (the
         # next prune finishes it), never a file nobody would delete
         for directory in dirs if file else ():
@@ -80,16 +80,12 @@ def prune(conn: sqlite3.Connection, cfg: Config, *, now_ms: int | None = None) -
                 (directory / file).unlink()
                 files += 1
         with store.transaction(conn):
-            deleted += conn.execute(
-                "DELETE FROM readings WHERE batch_id = ? AND batch_id IN "
-                "(SELECT batch_id FROM batches WHERE batch_id = ? AND state = 'uploaded' "
-                "AND mode != 'PASS')",
-                (batch_id, batch_id),
-            ).rowcount
-            conn.execute(
+            # the row and the readings of its id range go together (fieldgate.membership)
+            if conn.execute(
                 "DELETE FROM batches WHERE batch_id = ? AND state = 'uploaded' AND mode != 'PASS'",
                 (batch_id,),
-            )
+            ).rowcount:
+                deleted += membership.delete_readings_of(conn, first_id, last_id)
     rejected = _delete_older(conn, "rejected", "received_at", cutoff)
     events = _delete_older(conn, "events", "at", cutoff)
     if old or rejected or events:

@@ -14,7 +14,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from fieldgate import store
+from fieldgate import membership, store
 from fieldgate.config import Config
 from fieldgate.errors import FieldgateError
 from fieldgate.exportdb import ExportInfo, inspect_export, readable_copy
@@ -31,7 +31,7 @@ class RestoreResult:
 
 
 def _unuploaded(conn: sqlite3.Connection) -> int:
-    unbatched = conn.execute("SELECT COUNT(*) FROM readings WHERE batch_id IS NULL").fetchone()[0]
+    unbatched = membership.count_unbatched(conn)
     pending = conn.execute(
         "SELECT COALESCE(SUM(rows), 0) FROM batches WHERE state != 'uploaded'"
     ).fetchone()[0]

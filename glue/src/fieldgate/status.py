@@ -11,7 +11,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from fieldgate import store
+from fieldgate import membership, store
 from fieldgate.config import Config
 from fieldgate.fsutil import disk_usage_percent
 from fieldgate.modbus.report import modbus_status, render_modbus
@@ -53,7 +53,7 @@ def _from_store(conn: sqlite3.Connection, cfg: Config) -> dict[str, Any]:
     version = store.schema_version(conn)
     q = conn.execute
     readings = q("SELECT COUNT(*) FROM readings").fetchone()[0]
-    backlog = q("SELECT COUNT(*) FROM readings WHERE batch_id IS NULL").fetchone()[0]
+    backlog = membership.count_unbatched(conn)
     rejected = q("SELECT COUNT(*) FROM rejected").fetchone()[0]
     reasons = [
         {"reason": r, "count": n}

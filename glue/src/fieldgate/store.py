@@ -1,7 +1,8 @@
 """The local store: one plain SQLite file in WAL mode that the ``sqlite3`` shell can read.
 
 Tables (docs/contract.md §5):
-- ``readings``: one row per (device, ts, metric); ``batch_id`` is NULL until a batch takes it.
+- ``readings``: one row per (device, ts, metric); a batch holds an id range of them
+  (:mod:`fieldgate.membership`).
 - ``rejected``: every message that could not be stored as readings, with the reason.
 - ``batches``: batch files cut from the readings and their upload state.
 - ``meta``: ``site_serial``, ``schema_version`` and other facts about the store.
@@ -83,6 +84,45 @@ MIGRATIONS: dict[int, str] = {
         kind    TEXT    NOT NULL,
         message TEXT    NOT NULL
     );
+    """,
+    # Batch membership by id range (fieldgate.membership): readings lose their per-row
+    # batch_id and get AUTOINCREMENT ids, never reused. The readings of each batch take
+    # consecutive new ids in cutting order (batch ids sort so), the unbatched ones follow;
+    # each batch's first_id/last_id become its new range (an empty one when its readings
+    # are gone). A reading naming no recorded batch counts as unbatched (sent again; the
+    # hub keeps it once).
+    2: """
+    CREATE TABLE readings_v2 (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: see membership
+        device      TEXT    NOT NULL,
+        ts          INTEGER NOT NULL,            -- UTC epoch milliseconds
+        metric      TEXT    NOT NULL,
+        value       REAL    NOT NULL,
+        received_at INTEGER NOT NULL,            -- UTC epoch milliseconds
+        source      TEXT    NOT NULL,            -- mqtt, poll:<node>, restore:<file>
+        UNIQUE (device, ts, metric)
+    );
+    UPDATE batches SET first_id = r.upto - r.n + 1, last_id = r.upto
+    FROM (
+        SELECT batch_id, n, SUM(n) OVER (ORDER BY batch_id) AS upto
+        FROM (
+            SELECT b.batch_id, COUNT(r.id) AS n
+            FROM batches b LEFT JOIN readings r ON r.batch_id = b.batch_id
+            GROUP BY b.batch_id
+        )
+    ) AS r
+    WHERE r.batch_id = batches.batch_id;
+    INSERT INTO readings_v2 (device, ts, metric, value, received_at, source)
+    SELECT r.device, r.ts, r.metric, r.value, r.received_at, r.source
+    FROM readings r JOIN batches b ON b.batch_id = r.batch_id
+    ORDER BY r.batch_id, r.id;
+    INSERT INTO readings_v2 (device, ts, metric, value, received_at, source)
+    SELECT device, ts, metric, value, received_at, source FROM readings r
+    WHERE NOT EXISTS (SELECT 1 FROM batches b WHERE b.batch_id = r.batch_id)
+    ORDER BY id;
+    DROP TABLE readings;
+    ALTER TABLE readings_v2 RENAME TO readings;
+    CREATE INDEX batches_last_id ON batches (last_id);
     """,
 }
 

@@ -1,0 +1,77 @@
+"""Which readings a batch holds: an id range in ``batches``, not a mark on every reading.
+
+Reading ids come from ``AUTOINCREMENT``: they grow in insertion order and are never reused,
+even after prune or ``delete_reading_on_zip`` removed the highest ones. A batch takes the
+oldest unbatched readings by id, so the ranges of successive batches follow each other and:
+
+- batch B holds the readings with ``B.first_id <= id <= B.last_id`` (an empty range, first
+  past last, for a batch whose readings were gone when the store was migrated);
+- a reading is unbatched exactly when its id is above the *watermark*, the highest
+  ``last_id`` in ``batches`` (0 before the first batch).
+
+Cutting a batch is therefore one ``INSERT`` into ``batches`` whatever its size, and the
+backlog is a range count on the primary key. Any new reading (collector, poller, restore,
+merge) gets an id above every id ever used, so it is unbatched until a cut takes it, and a
+cut committed against a watermark another cut moved is refused (:func:`fieldgate.batches.cut_batch`
+cuts again). A batch row only goes with its readings (prune deletes both in one
+transaction), so the watermark never uncovers a reading that was already sent; were a
+row deleted by hand, its readings would count as unbatched and be sent again, which the
+hub's unique key absorbs.
+
+The same conditions in SQL, for the ``sqlite3`` shell and for tests, are :data:`UNBATCHED`
+and :data:`OF_BATCH`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+#: ``WHERE`` condition on ``readings`` of an unbatched reading.
+UNBATCHED = "id > (SELECT COALESCE(MAX(last_id), 0) FROM batches)"
+#: ``WHERE`` condition on ``readings`` of the readings of the batch bound as ``?``.
+OF_BATCH = (
+    "id BETWEEN (SELECT first_id FROM batches WHERE batch_id = ?) "
+    "AND (SELECT last_id FROM batches WHERE batch_id = ?)"
+)
+
+
+def watermark(conn: sqlite3.Connection) -> int:
+    """The highest reading id any batch took (0 before the first batch)."""
+    return int(conn.execute("SELECT COALESCE(MAX(last_id), 0) FROM batches").fetchone()[0])
+
+
+def count_unbatched(conn: sqlite3.Connection) -> int:
+    """How many readings wait for a batch."""
+    return int(
+        conn.execute(f"SELECT COUNT(*) FROM readings WHERE {UNBATCHED}").fetchone()[0]  # noqa: S608
+    )
+
+
+def unbatched(conn: sqlite3.Connection, above: int, limit: int) -> list[Any]:
+    """``(id, device, ts, metric, value)`` of the oldest ``limit`` readings with an id above
+    ``above`` (a :func:`watermark`), in id order."""
+    return conn.execute(
+        "SELECT id, device, ts, metric, value FROM readings WHERE id > ? ORDER BY id LIMIT ?",
+        (above, limit),
+    ).fetchall()
+
+
+def readings_of(conn: sqlite3.Connection, first_id: int | None, last_id: int | None) -> list[Any]:
+    """``(device, ts, metric, value)`` of the batch with that id range, in id order."""
+    if first_id is None or last_id is None:
+        return []
+    return conn.execute(
+        "SELECT device, ts, metric, value FROM readings WHERE id BETWEEN ? AND ? ORDER BY id",
+        (first_id, last_id),
+    ).fetchall()
+
+
+def delete_readings_of(conn: sqlite3.Connection, first_id: int | None, last_id: int | None) -> int:
+    """Delete the readings of the batch with that id range (inside the caller's
+    transaction); how many there were."""
+    if first_id is None or last_id is None:
+        return 0
+    return conn.execute(
+        "DELETE FROM readings WHERE id BETWEEN ? AND ?", (first_id, last_id)
+    ).rowcount
