@@ -199,19 +199,20 @@ def test_a_cut_raced_by_another_cut_is_refused_and_cut_again(config_file: Config
     other = store.open_store(cfg.store.path, cfg.site.serial)
     insert(conn, readings(80))
     above = membership.watermark(conn)
-    rows = membership.unbatched(conn, above, 50)
+    span = membership.next_span(conn, above, 50)
+    assert span is not None
     # another uploader's cut commits first
     theirs = batches.cut_batch(other, cfg)
     assert theirs is not None and (theirs.first_id, theirs.last_id) == (1, 50)
     late = batches.Batch(
         batch_id="00000099-20260101T000000Z",
         state="pending",
-        rows=len(rows),
+        rows=50,
         sha256="0" * 64,
-        first_ts=None,
-        last_ts=None,
-        first_id=rows[0][0],
-        last_id=rows[-1][0],
+        first_ts=span.first_ts,
+        last_ts=span.last_ts,
+        first_id=span.first_id,
+        last_id=span.last_id,
         mode="LIVE",
         type="readings",
         file="x.zip",

@@ -29,7 +29,6 @@ import os
 import signal
 import sqlite3
 from dataclasses import astuple, dataclass
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -131,28 +130,29 @@ def cut_batch(conn: sqlite3.Connection, cfg: Config) -> Batch | None:
     """Cut the oldest unbatched readings into one batch; None when there is nothing to cut."""
     pending_dir, _ = ensure_dirs(cfg)
     above = membership.watermark(conn)
-    rows = membership.unbatched(conn, above, cfg.upload.batch_max_rows)
-    if not rows:
+    span = membership.next_span(conn, above, cfg.upload.batch_max_rows)
+    if span is None:
         return None
-    csv_bytes = batchfile.render_csv([r[1:] for r in rows])
+    # the same read as regenerate(): a regenerated file is this one, byte for byte
+    rows = membership.readings_of(conn, span.first_id, span.last_id)
+    csv_bytes = batchfile.render_csv(rows)
     created_at = store.now_ms()
     batch_id = f"{_next_seq(conn):08d}-{_utc_stamp(created_at)}"
-    stamps = list(map(itemgetter(2), rows))
     batch = Batch(
         batch_id=batch_id,
         state="pending",
         rows=len(rows),
         sha256=batchfile.csv_sha256(csv_bytes),
-        first_ts=min(stamps),
-        last_ts=max(stamps),
-        first_id=rows[0][0],
-        last_id=rows[-1][0],
+        first_ts=span.first_ts,
+        last_ts=span.last_ts,
+        first_id=span.first_id,
+        last_id=span.last_id,
         mode=cfg.upload.mode,
         type=cfg.upload.type,
         file=batchfile.file_name(cfg.site.serial, batch_id),
         created_at=created_at,
     )
-    del rows, stamps
+    del rows
     path = pending_dir / batch.file
     write_zip(path, csv_bytes, batch.manifest(cfg.site.serial))
     crash_point("batch_file_written")

@@ -25,7 +25,7 @@ and :data:`OF_BATCH`.
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from typing import Any, NamedTuple
 
 #: ``WHERE`` condition on ``readings`` of an unbatched reading.
 UNBATCHED = "id > (SELECT COALESCE(MAX(last_id), 0) FROM batches)"
@@ -34,6 +34,15 @@ OF_BATCH = (
     "id BETWEEN (SELECT first_id FROM batches WHERE batch_id = ?) "
     "AND (SELECT last_id FROM batches WHERE batch_id = ?)"
 )
+
+
+class Span(NamedTuple):
+    """Readings' ids and timestamps, first to last."""
+
+    first_id: int
+    last_id: int
+    first_ts: int
+    last_ts: int
 
 
 def watermark(conn: sqlite3.Connection) -> int:
@@ -48,13 +57,16 @@ def count_unbatched(conn: sqlite3.Connection) -> int:
     )
 
 
-def unbatched(conn: sqlite3.Connection, above: int, limit: int) -> list[Any]:
-    """``(id, device, ts, metric, value)`` of the oldest ``limit`` readings with an id above
-    ``above`` (a :func:`watermark`), in id order."""
-    return conn.execute(
-        "SELECT id, device, ts, metric, value FROM readings WHERE id > ? ORDER BY id LIMIT ?",
+def next_span(conn: sqlite3.Connection, above: int, limit: int) -> Span | None:
+    """The id and ts span of the oldest ``limit`` readings with an id above ``above`` (a
+    :func:`watermark`); None when there are none. The readings are :func:`readings_of`
+    the span's ids."""
+    row = conn.execute(
+        "SELECT MIN(id), MAX(id), MIN(ts), MAX(ts) FROM "
+        "(SELECT id, ts FROM readings WHERE id > ? ORDER BY id LIMIT ?)",
         (above, limit),
-    ).fetchall()
+    ).fetchone()
+    return None if row[0] is None else Span(*row)
 
 
 def readings_of(conn: sqlite3.Connection, first_id: int | None, last_id: int | None) -> list[Any]:
