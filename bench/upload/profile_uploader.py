@@ -23,7 +23,7 @@ from typing import Any
 
 #: Steps worth naming in the summary: (label, file suffix, function name).
 STEPS = (
-    ("cut: read readings", "batches.py", "cut_batch"),
+    ("cut, all of it", "batches.py", "cut_batch"),
     ("cut: render CSV", "batchfile.py", "render_csv"),
     ("cut: zip + fsync", "batches.py", "write_zip"),
     ("cut: record (transaction)", "batches.py", "_record"),
