@@ -12,11 +12,13 @@ oldest unbatched readings by id, so the ranges of successive batches follow each
 Cutting a batch is therefore one ``INSERT`` into ``batches`` whatever its size, and the
 backlog is a range count on the primary key. Any new reading (collector, poller, restore,
 merge) gets an id above every id ever used, so it is unbatched until a cut takes it, and a
-cut committed against a watermark another cut moved is refused (:func:`fieldgate.batches.cut_batch`
-cuts again). A batch row only goes with its readings (prune deletes both in one
-transaction), so the watermark never uncovers a reading that was already sent; were a
-row deleted by hand, its readings would count as unbatched and be sent again, which the
-hub's unique key absorbs.
+cut committed against a watermark another cut moved is refused
+(:func:`fieldgate.batches.cut_batch` cuts again).
+
+The rule for code that deletes ``batches`` rows: delete the readings of their ranges in the
+same transaction (unless they are gone already). Then a falling watermark never uncovers a
+reading that was sent; a row deleted by hand without its readings would make them count
+as unbatched and be sent again, which the hub's unique key absorbs.
 
 The same conditions in SQL, for the ``sqlite3`` shell and for tests, are :data:`UNBATCHED`
 and :data:`OF_BATCH`.
