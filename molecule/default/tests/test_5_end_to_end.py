@@ -15,5 +15,5 @@ def test_readings_reach_the_hub_exactly_once(sensor, hub, net, gw):
     assert count(sent["host"], sent["db"], sent["where"]) == 10
     # The gateway knows they went up: each lies in the id range of a batch (docs/store.md).
     in_no_batch = " AND NOT EXISTS (SELECT 1 FROM batches b"
-    in_no_batch += " WHERE id BETWEEN b.first_id AND b.last_id)"
+    in_no_batch += " WHERE readings.id BETWEEN b.first_id AND b.last_id)"
     assert count(sent["host"], sent["db"], sent["where"] + in_no_batch) == 0
