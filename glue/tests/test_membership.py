@@ -14,7 +14,7 @@ from pathlib import Path
 
 from support import ConfigFactory, Hub, batch_of_each_reading, run_fieldgate
 
-from fieldgate import batches, batchfile, membership, store
+from fieldgate import batches, batchfile, membership, prune, store
 from fieldgate.config import Config, load_config
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -230,6 +230,30 @@ def test_a_cut_raced_by_another_cut_is_refused_and_cut_again(config_file: Config
     assert mine is not None and (mine.first_id, mine.last_id, mine.rows) == (51, 80, 30)
     assert batch_of_each_reading(conn) == [theirs.batch_id] * 50 + [mine.batch_id] * 30
     other.close()
+    conn.close()
+
+
+def test_prune_of_the_newest_batches_lowers_the_watermark_and_loses_nothing(
+    config_file: ConfigFactory,
+) -> None:
+    cfg = make_cfg(config_file, batch_max_rows=40)
+    conn = store.open_store(cfg.store.path, cfg.site.serial)
+    insert(conn, readings(100))
+    cut = batches.cut_all(conn, cfg)
+    with store.transaction(conn):
+        conn.execute("UPDATE batches SET state = 'uploaded', uploaded_at = ?", (T0,))
+    insert(conn, readings(10, start=1000))  # arrive while prune runs: unbatched
+    r = prune.prune(conn, cfg, now_ms=T0 + (cfg.store.retention_days + 1) * prune.DAY_MS)
+    assert (r.readings, r.batches) == (100, len(cut))
+    # every batch row went with its readings: the watermark falls to 0, and exactly the
+    # readings that arrived since are unbatched
+    assert membership.watermark(conn) == 0
+    assert membership.count_unbatched(conn) == 10
+    insert(conn, readings(5, start=2000))
+    (nxt,) = batches.cut_all(conn, cfg)
+    assert (nxt.rows, nxt.first_id, nxt.last_id) == (15, 101, 115)
+    data, _ = batchfile.read_zip(Path(cfg.upload.pending_dir) / nxt.file)
+    assert data == batchfile.render_csv(readings(10, start=1000) + readings(5, start=2000))
     conn.close()
 
 
