@@ -148,7 +148,11 @@ def test_a_store_at_steady_state_stops_growing(
     # bytes their values compress to) stay where they are, day after day
     settled = days[2 * RETENTION_DAYS - 1 :]
     assert len({(d.readings, d.batches, d.rejected, d.events) for d in settled}) == 1, days
-    assert max(d.store_bytes for d in settled) == settled[0].store_bytes, days
+    # the readings' B-trees (deleted at the old end, appended at the new one) take one more
+    # retention to settle: with batch membership by id range they allocate their last page
+    # on day 7 (in a 30-day run the file then stays at that size from day 7 to day 29)
+    filled = days[3 * RETENTION_DAYS - 1 :]
+    assert max(d.store_bytes for d in filled) == filled[0].store_bytes, days
     assert max(d.uploaded_dir_bytes for d in settled) <= settled[0].uploaded_dir_bytes * 1.01
 
 
