@@ -10,6 +10,10 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc
   mosquitto mosquitto-clients sqlite3
+  # headers `fieldgate broker-conf` builds the broker's arrival-stamp plugin with
+  mosquitto-dev libmosquitto-dev
+  # a stopped clock for the broker in the stamp tests (LD_PRELOAD)
+  libfaketime
   debootstrap systemd-container iproute2 iptables openssh-client rsync
   fusefat exfat-fuse dosfstools exfatprogs e2fsprogs util-linux bindfs
   dpkg-dev xz-utils ca-certificates

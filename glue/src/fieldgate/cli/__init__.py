@@ -177,6 +177,18 @@ COMMANDS: tuple[Command, ...] = (
         "Validate the configuration file and exit (0 when valid).",
     ),
     Command(
+        "broker-conf",
+        "broker:broker_conf",
+        "Print the Mosquitto configuration lines the gateway's broker needs (the arrival-stamp "
+        "plugin), building the plugin if no prebuilt one is found.",
+        (
+            arg("--plugin", metavar="FILE", help="a prebuilt plugin to use as is"),
+            arg("--cache-dir", metavar="DIR", help="where to build it if need be"),
+            arg("--cc", metavar="CC", help="build with this (cross) compiler"),
+        ),
+        config=False,
+    ),
+    Command(
         "hub serve",
         "hub:serve",
         "Serve the upload API over HTTP.",
