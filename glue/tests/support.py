@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +50,35 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
+@cache
+def broker_conf() -> str:
+    """What ``fieldgate broker-conf`` prints (CONTRACT §9): every test broker adds it.
+
+    Built once per test run into the default cache directory (``$FIELDGATE_CACHE_DIR``).
+    """
+    p = subprocess.run(
+        [FIELDGATE, "broker-conf"], capture_output=True, text=True, check=False, timeout=120
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"fieldgate broker-conf failed: {p.stderr.strip()}")
+    return p.stdout
+
+
 @dataclass
 class Broker:
-    """A real Mosquitto on a free loopback port with a password file and persistence."""
+    """A real Mosquitto on a free loopback port with a password file and persistence.
+
+    ``stamp`` (default) loads what ``fieldgate broker-conf`` prints, as gateways do; ``env``
+    is added to mosquitto's environment.
+    """
 
     workdir: Path
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
     proc: subprocess.Popen[bytes] | None = None
     extra_conf: str = ""
+    stamp: bool = True
+    env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +106,7 @@ class Broker:
             "log_type error\nlog_type warning\nlog_type notice\n"
             # as root, mosquitto would drop to user mosquitto, who cannot read pytest's tmp
             + ("user root\n" if os.geteuid() == 0 else "")
+            + (broker_conf() if self.stamp else "")
             + self.extra_conf
         )
         return conf
@@ -92,7 +114,10 @@ class Broker:
     def start(self) -> None:
         conf = self.write_conf()
         self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            [MOSQUITTO, "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **self.env},
         )
         try:
             wait_for_port(self.host, self.port)
