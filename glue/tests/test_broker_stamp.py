@@ -492,3 +492,62 @@ def test_the_plugin_line_loads_through_auth_plugin_too(tmp_path: Path) -> None:
     finally:
         broker.stop()
     assert msg.stamp is not None
+
+
+def _utf8(text: str) -> bytes:
+    raw = text.encode()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def _packet(header: int, body: bytes) -> bytes:
+    assert len(body) < 128
+    return bytes([header, len(body)]) + body
+
+
+def _read(sock: socket.socket, header: int) -> bytes:
+    data = sock.recv(4)
+    assert data[0] == header, data
+    return data
+
+
+def test_device_retransmission_qos1_is_a_new_message_qos2_keeps_its_stamp(
+    tmp_path: Path,
+) -> None:
+    """What the broker can and cannot tell: a device resending a QoS 1 PUBLISH (DUP, same
+    packet id) makes a second message with its own stamp; a QoS 2 resend before PUBREL is
+    the same message and keeps the stamp of its first arrival."""
+    broker = Broker(tmp_path / "broker", env=frozen_clock(tmp_path / "clock"))
+    broker.start()
+    try:
+        sub = Session(broker, "retransmit-sub").connect()
+        with socket.create_connection((broker.host, broker.port), timeout=10) as dev:
+            connect = (
+                _utf8("MQTT")
+                + bytes([4, 0xC2, 0, 60])
+                + _utf8("raw-device")
+                + _utf8(SENSOR_USER)
+                + _utf8(SENSOR_PASSWORD)
+            )
+            dev.sendall(_packet(0x10, connect))
+            assert _read(dev, 0x20)[3] == 0, "CONNACK refused"
+            q1 = _utf8("fg/a/readings") + (1).to_bytes(2, "big") + b"q1"
+            dev.sendall(_packet(0x32, q1))  # stamp T
+            _read(dev, 0x40)
+            dev.sendall(_packet(0x32 | 0x08, q1))  # PUBACK lost, say: resent, T+1
+            _read(dev, 0x40)
+            q2 = _utf8("fg/a/readings") + (2).to_bytes(2, "big") + b"q2"
+            dev.sendall(_packet(0x34, q2))  # T+2
+            _read(dev, 0x50)
+            dev.sendall(_packet(0x34 | 0x08, q2))  # PUBREC lost: resent (T+3, dropped)
+            _read(dev, 0x50)
+            dev.sendall(_packet(0x62, (2).to_bytes(2, "big")))
+            _read(dev, 0x70)
+        publish(broker, [("fg/a/readings", "next")])  # T+4
+        got = sub.wait_for(4)
+        time.sleep(0.3)  # nothing more comes
+        sub.disconnect()
+    finally:
+        broker.stop()
+    assert [m.payload for m in got] == [b"q1", b"q1", b"q2", b"next"]
+    t = FROZEN_MS
+    assert [m.stamp for m in got] == [t, t + 1, t + 2, t + 4]
