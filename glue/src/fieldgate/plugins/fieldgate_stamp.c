@@ -41,7 +41,6 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -92,6 +91,28 @@ static uint64_t topic_hash(const char *topic)
 		h *= 1099511628211ULL;
 	}
 	return h;
+}
+
+/* Decimal digits of v into buf (at least 21 bytes). snprintf would cost ~870 instructions a
+ * message (callgrind), more than the rest of the stamping together. */
+static void format_ms(char *buf, int64_t v)
+{
+	char tmp[24];
+	int n = 0;
+	uint64_t u;
+
+	if(v < 0){
+		*buf++ = '-';
+		u = (uint64_t)0 - (uint64_t)v;
+	}else{
+		u = (uint64_t)v;
+	}
+	do{
+		tmp[n++] = (char)('0' + u % 10);
+		u /= 10;
+	}while(u);
+	while(n) *buf++ = tmp[--n];
+	*buf = '\0';
 }
 
 /* Copy one property onto *dst. Mosquitto 2.0 keeps only these on a stored PUBLISH (payload
@@ -228,7 +249,7 @@ static int on_message(int event, void *event_data, void *userdata)
 				ed->topic, stamp - now);
 	}
 
-	snprintf(value, sizeof(value), "%" PRId64, stamp);
+	format_ms(value, stamp);
 	rc = mosquitto_property_add_string_pair(&ed->properties, MQTT_PROP_USER_PROPERTY, FG_PROPERTY, value);
 	if(rc){
 		/* Only out of memory: refused (not acknowledged), so the publisher sends it again. */
