@@ -12,8 +12,8 @@ APT_PACKAGES=(
   mosquitto mosquitto-clients sqlite3
   # headers `fieldgate broker-conf` builds the broker's arrival-stamp plugin with
   mosquitto-dev libmosquitto-dev
-  # a stopped clock for the broker in the stamp tests (LD_PRELOAD)
-  libfaketime
+  # a stopped clock for the broker in the stamp tests (LD_PRELOAD); bench/broker's callgrind part
+  libfaketime valgrind
   debootstrap systemd-container iproute2 iptables openssh-client rsync
   fusefat exfat-fuse dosfstools exfatprogs e2fsprogs util-linux bindfs
   dpkg-dev xz-utils ca-certificates

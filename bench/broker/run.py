@@ -11,6 +11,10 @@ Prints, as medians over ``--rounds``: the publish rate and the broker's CPU per 
 the plugin against without it, and each drain (v3.1.1/v5, with/without the plugin) against the
 v3.1.1 drain without the plugin.
 
+Part ``instr``: the broker's instructions per message under callgrind (repeatable whatever
+else the machine does), with and without the plugin: ``--instr-messages`` (default 20,000)
+QoS 1 messages queued for an offline v5 session and drained, minus a run without messages.
+
 Part ``loss`` (issue 15, item 3): how many acknowledged QoS 1 messages a SIGKILLed broker loses
 while the collector is away, and what each autosave setting costs:
 
@@ -27,7 +31,7 @@ Settings: ``periodic`` = ``autosave_on_changes false`` + ``autosave_interval 1``
 
 Run from the repository root:
 
-    .venv/bin/python bench/broker/run.py [--part stamp|loss|all] [--messages N] [--rounds R]
+    .venv/bin/python bench/broker/run.py [--part stamp|instr|loss|all] [--messages N] [--rounds R]
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ class Broker:
     plugin: str = ""
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    wrapper: list[str] = field(default_factory=list)  # e.g. valgrind and its options
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +114,7 @@ class Broker:
             + self.plugin
         )
         self.proc = subprocess.Popen(
-            ["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL
+            [*self.wrapper, "mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -382,9 +387,57 @@ def part_loss(
     )
 
 
+def callgrind_total(out: Path) -> int:
+    """The instruction count (Ir) a callgrind output file sums up."""
+    for line in out.read_text().splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise SystemExit(f"bench: no totals in {out}")
+
+
+def part_instructions(work: Path, n: int) -> None:
+    """Broker instructions per message (callgrind: repeatable on a loaded machine)."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit(
+            "bench: --part instr needs valgrind (apt-get install valgrind)"
+        )
+    lines = plugin_lines()
+    print(
+        f"== instructions: broker under callgrind, {n} QoS 1 messages queued and drained (v5)"
+    )
+    per: dict[str, float] = {}
+    for plugin in ("off", "on"):
+        totals = []
+        for m in (0, n):  # the difference leaves out start-up and sessions
+            d = work / f"instr-{plugin}-{m}"
+            out = d / "callgrind.out"
+            b = Broker(
+                d,
+                "quiet",
+                lines if plugin == "on" else "",
+                wrapper=[valgrind, "--tool=callgrind", f"--callgrind-out-file={out}"],
+            )
+            b.start()
+            register(b.port, "drain-v5", mqtt.MQTTv5)
+            if m:
+                publish(b.port, m)
+                d5 = drain(b.port, "drain-v5", mqtt.MQTTv5, m)
+                if d5.stamped != (m if plugin == "on" else 0):
+                    raise SystemExit(f"bench: {d5.stamped} of {m} stamped")
+            b.stop()
+            totals.append(callgrind_total(out))
+        per[plugin] = (totals[1] - totals[0]) / n
+        print(f"plugin {plugin:3}: {per[plugin]:8.0f} broker instructions per message")
+    extra = per["on"] - per["off"]
+    print(
+        f"broker instructions, plugin / none = {per['on'] / per['off']:.3f}x (+{extra:.0f})"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["stamp", "loss", "all"], default="all")
+    ap.add_argument("--part", choices=["stamp", "instr", "loss", "all"], default="all")
     ap.add_argument("--messages", type=int, default=100_000, help="stamp: backlog size")
     ap.add_argument("--rounds", type=int, default=2, help="stamp: rounds (medians)")
     ap.add_argument("--rate", type=float, default=500, help="loss: paced publish rate")
@@ -394,12 +447,17 @@ def main() -> int:
     ap.add_argument(
         "--backlog", type=int, default=50_000, help="cost: existing backlog"
     )
+    ap.add_argument(
+        "--instr-messages", type=int, default=20_000, help="instr: messages"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fieldgate-bench-broker-"))
     try:
         if args.part in ("stamp", "all"):
             part_stamp(work, args.messages, args.rounds)
+        if args.part in ("instr", "all"):
+            part_instructions(work, args.instr_messages)
         if args.part in ("loss", "all"):
             part_loss(work, args.rate, args.secs, args.trials, args.flood, args.backlog)
     finally:
