@@ -450,6 +450,56 @@ def test_redelivery_with_dup_carries_the_same_stamp(mosquitto: Broker) -> None:
     assert len(set(s)) == 30 and strictly_increasing(s)
 
 
+def test_a_v5_collector_takes_over_the_v311_session_and_its_backlog(mosquitto: Broker) -> None:
+    """Upgrading a gateway: the MQTT 3.1.1 collector's session (same client id) and what the
+    broker queued for it carry over to the v5 collector, stamps included."""
+    v3 = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="upgrade-sub", clean_session=False)
+    v3.username_pw_set(COLLECTOR_USER, COLLECTOR_PASSWORD)
+    subscribed = threading.Event()
+    v3.on_subscribe = lambda *_a: subscribed.set()
+    v3.connect(mosquitto.host, mosquitto.port)
+    v3.subscribe("fg/#", qos=1)
+    v3.loop_start()
+    assert subscribed.wait(10)
+    v3.disconnect()
+    v3.loop_stop()
+    publish(mosquitto, [("fg/a/readings", str(i)) for i in range(10)])
+    sub = Session(mosquitto, "upgrade-sub").connect()
+    got = sub.wait_for(10)
+    sub.disconnect()
+    assert sub.session_present
+    assert [m.payload for m in got] == [str(i).encode() for i in range(10)]
+    assert strictly_increasing(stamps(got, "fg/a/readings"))
+
+
+def test_paho_defaults_would_lose_the_backlog(mosquitto: Broker) -> None:
+    """Why session_properties() and clean_start=False: with paho's defaults the broker drops
+    the queue (no Session Expiry Interval), or the first connection cleans it."""
+    for client_id, connect_kwargs in (
+        ("no-expiry", {"clean_start": False}),
+        ("first-only", {"properties": session_properties()}),
+    ):
+        for _round in range(2):
+            c = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+            )
+            c.username_pw_set(COLLECTOR_USER, COLLECTOR_PASSWORD)
+            seen: list[bytes] = []
+            subscribed = threading.Event()
+            c.on_subscribe = lambda *_a, ev=subscribed: ev.set()
+            c.on_message = lambda _c, _u, m, into=seen: into.append(m.payload)
+            c.connect(mosquitto.host, mosquitto.port, **connect_kwargs)  # type: ignore[arg-type]
+            c.subscribe(f"fg/{client_id}/readings", qos=1)
+            c.loop_start()
+            assert subscribed.wait(10)
+            time.sleep(0.3)
+            c.disconnect()
+            c.loop_stop()
+            if _round == 0:
+                publish(mosquitto, [(f"fg/{client_id}/readings", "queued?")])
+        assert seen == [], f"{client_id}: the backlog survived after all"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stop", "sigkill"])
 def test_stamps_survive_a_broker_restart(mosquitto: Broker, sig: signal.Signals) -> None:
     Session(mosquitto, "restart-sub").connect().disconnect()  # offline, persistent
