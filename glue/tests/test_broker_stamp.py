@@ -10,6 +10,8 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -58,6 +60,20 @@ def frozen_clock(spec_file: Path, spec: str = FROZEN) -> dict[str, str]:
         "FAKETIME_DONT_FAKE_MONOTONIC": "1",
         "TZ": "UTC",
     }
+
+
+@contextmanager
+def running(broker: Broker) -> Iterator[Broker]:
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def frozen_broker(tmp_path: Path, extra_conf: str = "") -> Broker:
+    """A test broker whose wall clock stands at FROZEN (stepped through tmp_path/clock)."""
+    return Broker(tmp_path / "broker", env=frozen_clock(tmp_path / "clock"), extra_conf=extra_conf)
 
 
 @dataclass
@@ -152,6 +168,15 @@ def publish_v5(broker: Broker, messages: list[tuple[str, bytes, Properties | Non
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def receive(broker: Broker, client_id: str, messages: list[tuple[str, str]]) -> list[Received]:
+    """Publish (QoS 1, MQTT 3.1.1) to a v5 session and return what it received."""
+    sub = Session(broker, client_id).connect()
+    publish(broker, messages)
+    got = sub.wait_for(len(messages))
+    sub.disconnect()
+    return got
 
 
 def stamps(received: list[Received], topic: str) -> list[int]:
@@ -335,15 +360,9 @@ def test_every_message_is_stamped_at_arrival_and_nothing_else_changes(mosquitto:
 def test_same_millisecond_messages_get_distinct_increasing_stamps_per_topic(
     tmp_path: Path,
 ) -> None:
-    broker = Broker(tmp_path / "broker", env=frozen_clock(tmp_path / "clock"))
-    broker.start()
-    try:
-        sub = Session(broker, "frozen-sub").connect()
-        publish(broker, [(f"fg/{d}/readings", f"{d}{i}") for i in range(5) for d in "ab"])
-        got = sub.wait_for(10)
-        sub.disconnect()
-    finally:
-        broker.stop()
+    with running(frozen_broker(tmp_path)) as broker:
+        msgs = [(f"fg/{d}/readings", f"{d}{i}") for i in range(5) for d in "ab"]
+        got = receive(broker, "frozen-sub", msgs)
     # the clock stands still: each topic counts up from it on its own
     want = [FROZEN_MS + i for i in range(5)]
     assert stamps(got, "fg/a/readings") == want
@@ -352,17 +371,9 @@ def test_same_millisecond_messages_get_distinct_increasing_stamps_per_topic(
 
 def test_past_the_table_bound_topics_share_a_counter_and_stay_increasing(tmp_path: Path) -> None:
     # one slot: the smallest table; every topic shares one counter
-    broker = Broker(
-        tmp_path / "broker", env=frozen_clock(tmp_path / "clock"), extra_conf="plugin_opt_slots 1\n"
-    )
-    broker.start()
-    try:
-        sub = Session(broker, "shared-sub").connect()
-        publish(broker, [(f"fg/{d}/readings", f"{d}{i}") for i in range(5) for d in "abc"])
-        got = sub.wait_for(15)
-        sub.disconnect()
-    finally:
-        broker.stop()
+    with running(frozen_broker(tmp_path, "plugin_opt_slots 1\n")) as broker:
+        msgs = [(f"fg/{d}/readings", f"{d}{i}") for i in range(5) for d in "abc"]
+        got = receive(broker, "shared-sub", msgs)
     assert [m.stamp for m in got] == [FROZEN_MS + i for i in range(15)]
     for d in "abc":
         assert strictly_increasing(stamps(got, f"fg/{d}/readings"))
@@ -370,9 +381,7 @@ def test_past_the_table_bound_topics_share_a_counter_and_stay_increasing(tmp_pat
 
 def test_a_clock_stepped_back_does_not_repeat_stamps(tmp_path: Path) -> None:
     clock = tmp_path / "clock"
-    broker = Broker(tmp_path / "broker", env=frozen_clock(clock))
-    broker.start()
-    try:
+    with running(frozen_broker(tmp_path)) as broker:
         sub = Session(broker, "step-sub").connect()
         publish(broker, [("fg/a/readings", "1"), ("fg/a/readings", "2")])
         sub.wait_for(2)
@@ -383,8 +392,6 @@ def test_a_clock_stepped_back_does_not_repeat_stamps(tmp_path: Path) -> None:
         publish(broker, [("fg/a/readings", "5")])
         got = sub.wait_for(5)
         sub.disconnect()
-    finally:
-        broker.stop()
     t = FROZEN_MS
     assert [m.stamp for m in got] == [t, t + 1, t + 2, t + 3, t + 10_000]
 
@@ -532,15 +539,8 @@ def test_bad_plugin_options_stop_the_broker_with_one_line(tmp_path: Path) -> Non
 def test_the_plugin_line_loads_through_auth_plugin_too(tmp_path: Path) -> None:
     """Mosquitto 2.0 reads ``plugin`` and ``auth_plugin`` alike (src/conf.c)."""
     lines = run_fieldgate("broker-conf").stdout.replace("\nplugin ", "\nauth_plugin ")
-    broker = Broker(tmp_path / "broker", stamp=False, extra_conf=lines)
-    broker.start()
-    try:
-        sub = Session(broker, "auth-plugin-sub").connect()
-        publish(broker, [("fg/a/readings", "x")])
-        (msg,) = sub.wait_for(1)
-        sub.disconnect()
-    finally:
-        broker.stop()
+    with running(Broker(tmp_path / "broker", stamp=False, extra_conf=lines)) as broker:
+        (msg,) = receive(broker, "auth-plugin-sub", [("fg/a/readings", "x")])
     assert msg.stamp is not None
 
 
@@ -566,9 +566,7 @@ def test_device_retransmission_qos1_is_a_new_message_qos2_keeps_its_stamp(
     """What the broker can and cannot tell: a device resending a QoS 1 PUBLISH (DUP, same
     packet id) makes a second message with its own stamp; a QoS 2 resend before PUBREL is
     the same message and keeps the stamp of its first arrival."""
-    broker = Broker(tmp_path / "broker", env=frozen_clock(tmp_path / "clock"))
-    broker.start()
-    try:
+    with running(frozen_broker(tmp_path)) as broker:
         sub = Session(broker, "retransmit-sub").connect()
         with socket.create_connection((broker.host, broker.port), timeout=10) as dev:
             connect = (
@@ -596,8 +594,6 @@ def test_device_retransmission_qos1_is_a_new_message_qos2_keeps_its_stamp(
         got = sub.wait_for(4)
         time.sleep(0.3)  # nothing more comes
         sub.disconnect()
-    finally:
-        broker.stop()
     assert [m.payload for m in got] == [b"q1", b"q1", b"q2", b"next"]
     t = FROZEN_MS
     assert [m.stamp for m in got] == [t, t + 1, t + 2, t + 4]
