@@ -1,0 +1,326 @@
+"""What every device format shares: the decoded result, the value rules, flattening, times.
+
+A decoder turns one payload (text) into :class:`Decoded`: samples, each with its metric values
+and, where the payload carries one, its own time; plus how many values were not readings
+(skipped and counted: strings, nulls, arrays). It does not look at devices, time bounds or
+metric name shapes: :mod:`fieldgate.readings` validates decoded samples the same way for
+every format.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+#: How many skipped value names a reason spells out.
+SKIPPED_SHOWN = 5
+
+#: Epoch units and how many of each make a millisecond (as a divisor or a factor).
+TS_UNITS: dict[str, tuple[int, int]] = {
+    "s": (1, 1000),
+    "ms": (1, 1),
+    "us": (1000, 1),
+    "ns": (1_000_000, 1),
+}
+
+#: A decimal number as devices write it in text (no ``_``, ``inf``, ``nan`` or hex: what
+#: Python's ``float()`` would also take is deliberately narrower here).
+NUMBER_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
+
+#: Strings that are readings: switch states and booleans as devices write them.
+BOOLEAN_WORDS = {"on": 1.0, "off": 0.0, "true": 1.0, "false": 0.0}
+
+#: ISO 8601 / RFC 3339 date-time, the zone optional (then it is the input's ``timezone``).
+DATETIME_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:[.,](\d+))?"
+    r"\s*([Zz]|[+-]\d{2}:?\d{2})?$"
+)
+
+
+class SampleError(ValueError):
+    """One sample (or the whole payload) cannot be read; the text says why."""
+
+
+@dataclass(slots=True)
+class Sample:
+    """One sample of a message: its values, its own time if it has one, its device if the
+    payload names it (a CSV ``device`` column), and ``label`` for reasons (``line 2``)."""
+
+    values: list[tuple[str, float]]
+    ts: int | None = None
+    label: str = ""
+    device: str | None = None
+    #: Why this sample cannot be stored (set instead of values).
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Decoded:
+    """What a decoder read from one payload."""
+
+    samples: list[Sample] = field(default_factory=list)
+    #: Values that are not readings (strings, nulls, arrays): skipped and counted.
+    skipped: int = 0
+    #: The first few skipped values, ``name: value``, for the reason of a message that
+    #: yields no reading.
+    skipped_shown: list[str] = field(default_factory=list)
+
+    def skip(self, name: str, value: Any) -> None:
+        self.skipped += 1
+        if len(self.skipped_shown) < SKIPPED_SHOWN:
+            self.skipped_shown.append(f"{name}: {shown(value)}")
+
+
+def shown(value: Any, limit: int = 30) -> str:
+    """A value as JSON text, cut for a reason."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def number(value: Any) -> float | None:
+    """A JSON value as a reading, or None when it is not one (then it is skipped).
+
+    Numbers (finite), ``true``/``false`` and the strings ON/OFF/true/false (any case) are
+    readings; every other string, null and array is not.
+    """
+    if value is True:
+        return 1.0
+    if value is False:
+        return 0.0
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, int):
+        try:
+            result = float(value)
+        except OverflowError:
+            return None
+        return result
+    if isinstance(value, str):
+        return BOOLEAN_WORDS.get(value.strip().lower())
+    return None
+
+
+def text_number(text: str) -> float | None:
+    """A field of a text payload (CSV, ``value``) as a reading, or None (skipped)."""
+    t = text.strip()
+    if NUMBER_RE.match(t):
+        result = float(t)
+        return result if math.isfinite(result) else None
+    return BOOLEAN_WORDS.get(t.lower())
+
+
+def flatten(obj: dict[str, Any], prefix: str, into: Decoded) -> list[tuple[str, float]]:
+    """The readings of a JSON object: nested objects joined with ``.``; every value that
+    is not a reading is counted in ``into``."""
+    values: list[tuple[str, float]] = []
+    _flatten(obj, prefix, values, into)
+    return values
+
+
+def _flatten(obj: dict[str, Any], prefix: str, out: list[tuple[str, float]], d: Decoded) -> None:
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _flatten(value, f"{name}.", out, d)
+            continue
+        v = number(value)
+        if v is None:
+            d.skip(name, value)
+        else:
+            out.append((name, v))
+
+
+def join(prefix: str | None, name: str) -> str:
+    """A metric name under the ``{metric}`` topic level, if the template has one."""
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _reject_constant(token: str) -> float:
+    raise SampleError(f"{token} is not allowed in JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def load_json(text: str) -> Any:
+    """A JSON document; SampleError ``bad JSON: …`` (NaN and Infinity are not JSON)."""
+    try:
+        return _DECODER.decode(text)
+    except SampleError as exc:
+        raise SampleError(f"bad JSON: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise SampleError(f"bad JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise SampleError("bad JSON: nested too deeply") from None
+
+
+def kind(value: Any) -> str:
+    """What a JSON value is, in words."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "a number")
+
+
+# ---- times -------------------------------------------------------------------------------
+
+
+def zone(name: str) -> dt.tzinfo:
+    """The time zone of an input (``UTC`` needs no tz database); ValueError if unknown."""
+    if name == "UTC":
+        return dt.UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r}") from None
+
+
+def epoch_ms(value: Any, unit: str, what: str) -> int:
+    """An epoch number in ``unit`` (s, ms, us, ns) as integer milliseconds (fractions of a
+    millisecond are cut)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SampleError(f"{what}: expected epoch {unit} or a date-time, got {kind(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SampleError(f"{what}: {value} is not a time")
+    div, mul = TS_UNITS[unit]
+    if isinstance(value, int):
+        return value * mul if div == 1 else value // div
+    return math.floor(value * mul / div)
+
+
+def epoch_text_ms(text: str, unit: str, what: str) -> int:
+    """An epoch number written as text (``1767225600``, ``1680962879.62``)."""
+    t = text.strip()
+    if re.fullmatch(r"[+-]?\d+", t):
+        return epoch_ms(int(t), unit, what)
+    if NUMBER_RE.match(t):
+        return epoch_ms(float(t), unit, what)
+    raise SampleError(f"{what}: {shown(text)} is neither epoch {unit} nor a date-time")
+
+
+#: Parsed date-time texts per zone: devices repeat them (Tasmota: once a second at most).
+_TIME_CACHE: dict[tuple[str, dt.tzinfo], int] = {}
+
+
+def datetime_ms(text: str, tz: dt.tzinfo, what: str) -> int:
+    """An ISO 8601 date-time as UTC epoch ms; without a zone it is read in ``tz``."""
+    key = (text, tz)
+    got = _TIME_CACHE.get(key)
+    if got is not None:
+        return got
+    m = DATETIME_RE.match(text.strip())
+    if not m:
+        raise SampleError(f"{what}: {shown(text)} is not a date-time (ISO 8601)")
+    year, month, day, hour, minute, second, frac, zone_text = m.groups()
+    try:
+        if zone_text is None:
+            tzinfo = tz
+        elif zone_text in ("Z", "z"):
+            tzinfo = dt.UTC
+        else:
+            digits = zone_text[1:].replace(":", "")
+            sign = 1 if zone_text[0] == "+" else -1
+            offset = dt.timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+            tzinfo = dt.timezone(sign * offset)
+        when = dt.datetime(
+            int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=tzinfo
+        )
+    except ValueError as exc:
+        raise SampleError(f"{what}: {shown(text)} is not a valid date-time: {exc}") from None
+    result = int(when.timestamp()) * 1000 + int((frac or "0")[:3].ljust(3, "0"))
+    if len(_TIME_CACHE) >= 4096:
+        _TIME_CACHE.clear()
+    _TIME_CACHE[key] = result
+    return result
+
+
+def time_ms(value: Any, unit: str, tz: dt.tzinfo, what: str) -> int:
+    """A payload's time: an epoch number in ``unit``, or a date-time text."""
+    if isinstance(value, str):
+        t = value.strip()
+        if NUMBER_RE.match(t):
+            return epoch_text_ms(t, unit, what)
+        return datetime_ms(t, tz, what)
+    if value is None:
+        raise SampleError(f"{what}: missing")
+    return epoch_ms(value, unit, what)
+
+
+def path_get(doc: Any, path: str) -> Any:
+    """The value at a dotted path (``data.ts``); KeyError if it is not there."""
+    node = doc
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(path)
+        node = node[part]
+    return node
+
+
+def objects(doc: Any, what: str) -> Iterator[tuple[str, Any]]:
+    """The samples of a JSON payload that holds an object or an array of them, each with
+    its label (``element i`` in an array, "" for a lone object)."""
+    if isinstance(doc, dict):
+        yield "", doc
+    elif isinstance(doc, list):
+        if not doc:
+            raise SampleError("empty JSON array: no readings")
+        for i, item in enumerate(doc):
+            yield f"element {i}", item
+    else:
+        raise SampleError(f"expected {what}, got {kind(doc)}")
+
+
+def object_sample(
+    obj: dict[str, Any],
+    *,
+    ts_key: str | None,
+    ts_unit: str,
+    opts: Any,
+    metric: str | None,
+    into: Decoded,
+    label: str = "",
+) -> Sample:
+    """A flat JSON object as one sample: every key a metric (flattened), except ``ts_key``,
+    which, when present, is the sample's own time (unless the input ignores payload times).
+    """
+    ts = None
+    skip: frozenset[str] = frozenset()
+    if ts_key is not None and ts_key in obj:
+        skip = frozenset((ts_key,))
+        if opts.payload_time:
+            try:
+                ts = time_ms(obj[ts_key], ts_unit, opts.tz, ts_key)
+            except SampleError as exc:
+                return Sample([], label=label, error=str(exc))
+    values: list[tuple[str, float]] = []
+    _flatten_skipping(obj, f"{metric}." if metric else "", values, into, skip)
+    return Sample(values, ts=ts, label=label)
+
+
+def _flatten_skipping(
+    obj: dict[str, Any],
+    prefix: str,
+    out: list[tuple[str, float]],
+    d: Decoded,
+    skip: frozenset[str],
+) -> None:
+    for key, value in obj.items():
+        if key in skip:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _flatten(value, f"{name}.", out, d)
+            continue
+        v = number(value)
+        if v is None:
+            d.skip(name, value)
+        else:
+            out.append((name, v))
