@@ -15,6 +15,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -22,6 +23,7 @@ from fieldgate.errors import ConfigError
 from fieldgate.journal import JOURNAL_SOCKET
 from fieldgate.modbus.registers import map_problems
 from fieldgate.names import METRIC_RE, NAME_RE
+from fieldgate.topics import Template, overlap, parse_template
 
 DEFAULT_CONFIG_PATH = "/etc/fieldgate/fieldgate.yaml"
 CONFIG_ENV = "FIELDGATE_CONFIG"
@@ -48,6 +50,63 @@ class StoreConfig:
     busy_timeout_ms: int = field(default=30000, metadata=_range(100, 600000))
 
 
+# ---- Device formats (docs/inputs.md, docs/contract.md §9) ---------------------------------
+
+#: Every payload format an input or poll node may name (fieldgate.formats decodes them).
+Format = Literal[
+    "fieldgate", "csv", "value", "json", "tasmota", "zigbee2mqtt", "shelly", "influx", "thingsboard"
+]
+TsUnit = Literal["s", "ms", "us", "ns"]
+
+
+@dataclass(frozen=True)
+class CsvOptions:
+    """``csv:`` of an input or poll node with ``format: csv``."""
+
+    #: One role per column: ``ts``, ``device``, ``-`` (not read) or a metric name.
+    columns: list[str]
+    delimiter: str = ","
+    ts_unit: TsUnit = "ms"
+    #: The first line of every payload names the columns: skipped.
+    header: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class FormatOptions:
+    """How a payload is read: what ``mqtt.inputs[]`` and ``poll.nodes[]`` share."""
+
+    format: Format = "fieldgate"
+    #: Metric name globs: only matching readings are kept (``include``), matching ones are
+    #: left out (``exclude``).
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    #: Zone of the payload's times that carry none (IANA name, e.g. Europe/Berlin).
+    timezone: str = "UTC"
+    #: ``payload``: the payload's own time where it has one; ``arrival``: always the
+    #: broker's arrival stamp (for devices whose clock cannot be trusted).
+    ts_from: Literal["payload", "arrival"] = "payload"
+    csv: CsvOptions | None = None
+    #: ``format: json``: where the time and the metrics are (dotted paths), the time's unit.
+    ts_path: str | None = None
+    metrics_path: str | None = None
+    ts_unit: TsUnit | None = None
+    #: ``format: influx``: the unit of line protocol timestamps (default ns).
+    influx_precision: Literal["ns", "us", "ms", "s"] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttInput(FormatOptions):
+    """One subscription beside the native topic: a topic template and how to read it."""
+
+    topic: str
+    #: The device of a topic that names none (serial or alias).
+    device: str | None = field(default=None, metadata={"pattern": NAME_RE})
+
+    @property
+    def template(self) -> Template:
+        return parse_template(self.topic)
+
+
 @dataclass(frozen=True)
 class MqttConfig:
     """The local broker the collector subscribes to."""
@@ -65,6 +124,13 @@ class MqttConfig:
     commit_max_messages: int = field(default=1000, metadata=_range(1, 100000))
     commit_max_ms: int = field(default=200, metadata=_range(1, 60000))
     reconnect_max_secs: int = field(default=60, metadata=_range(1, 3600))
+    #: Device topics and formats beside ``<topic_prefix>/<device>/readings`` (docs/inputs.md).
+    inputs: list[MqttInput] = field(default_factory=list)
+
+    @property
+    def native_topic(self) -> str:
+        """The template of the native topic (docs/contract.md §4)."""
+        return f"{self.topic_prefix}/{{device}}/readings"
 
 
 @dataclass(frozen=True)
@@ -106,9 +172,9 @@ class DevicesConfig:
         return None
 
 
-@dataclass(frozen=True)
-class PollNode:
-    """An HTTP node polled for readings (JSON payloads as on MQTT)."""
+@dataclass(frozen=True, kw_only=True)
+class PollNode(FormatOptions):
+    """An HTTP node polled for readings, its body read like an input's payload."""
 
     name: str = field(metadata={"pattern": NAME_RE})
     url: str = field(metadata={"pattern": re.compile(r"^https?://\S+$")})
@@ -350,6 +416,7 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
     cfg = _replace_internal(cfg, path=path, raw=data)
     _check_devices(cfg)
     _check_modbus(cfg)
+    _check_inputs(cfg)
     return cfg
 
 
@@ -450,6 +517,143 @@ def _check_modbus(cfg: Config) -> None:
 def _line_text(line: tuple[int, str, int, int]) -> str:
     baudrate, parity, stopbits, bytesize = line
     return f"{baudrate} {bytesize}{parity}{stopbits}"
+
+
+def _fail(cfg: Config, key: str, text: str) -> ConfigError:
+    return ConfigError(f"{cfg.path}: {key}: {text}")
+
+
+def _check_inputs(cfg: Config) -> None:
+    """``mqtt.inputs`` and the format options of ``poll.nodes`` (docs/inputs.md)."""
+    native = parse_template(cfg.mqtt.native_topic)
+    taken: list[tuple[str, Template]] = [("the native topic", native)]
+    for i, inp in enumerate(cfg.mqtt.inputs):
+        key = f"mqtt.inputs[{i}]"
+        try:
+            t = parse_template(inp.topic)
+        except ValueError as exc:
+            raise _fail(cfg, f"{key}.topic", f"{inp.topic!r}: {exc}") from None
+        _check_format(cfg, key, inp)
+        if inp.format == "value" and t.metric_at is None:
+            raise _fail(
+                cfg, f"{key}.topic", "format value needs a {metric} level naming the reading"
+            )
+        if inp.format == "fieldgate" and t.metric_at is not None:
+            raise _fail(cfg, f"{key}.topic", "fieldgate payloads name their metrics: no {metric}")
+        column = inp.csv is not None and "device" in inp.csv.columns
+        if inp.device is not None and (t.device_at is not None or column):
+            where = "a {device} level" if t.device_at is not None else "the csv device column"
+            raise _fail(cfg, f"{key}.device", f"the device is already named by {where}")
+        if inp.device is None and t.device_at is None and not column:
+            raise _fail(
+                cfg,
+                f"{key}.topic",
+                f"{inp.topic!r} names no device: add a {{device}} level or set {key}.device",
+            )
+        unknown = inp.device is not None and cfg.devices.resolve(inp.device) is None
+        if unknown and not cfg.devices.allow_unknown:
+            raise _fail(cfg, f"{key}.device", f"{inp.device!r} is not in devices.list")
+        for other_key, other in taken:
+            example = overlap(t, other)
+            if example is not None:
+                raise _fail(
+                    cfg,
+                    f"{key}.topic",
+                    f"{inp.topic!r} overlaps {other_key} ({other.text!r}): a message on "
+                    f"{example!r} would match both",
+                )
+        taken.append((f"{key}.topic", t))
+    for i, node in enumerate(cfg.poll.nodes):
+        key = f"poll.nodes[{i}]"
+        _check_format(cfg, key, node)
+        if node.format == "value":
+            raise _fail(cfg, f"{key}.format", "value names its metric by a topic level: use json")
+
+
+def _check_format(cfg: Config, key: str, o: FormatOptions) -> None:
+    """The options of one input or poll node fit its format."""
+    if o.format == "csv":
+        if o.csv is None:
+            raise _fail(cfg, f"{key}.csv", "required for format csv (csv.columns names the fields)")
+        _check_csv(cfg, f"{key}.csv", o.csv)
+    elif o.csv is not None:
+        raise _fail(cfg, f"{key}.csv", f"only for format csv (this is {o.format})")
+    if o.format != "json":
+        for name in ("ts_path", "metrics_path", "ts_unit"):
+            if getattr(o, name) is not None:
+                hint = " (csv: csv.ts_unit)" if name == "ts_unit" and o.format == "csv" else ""
+                raise _fail(cfg, f"{key}.{name}", f"only for format json{hint}")
+    for name in ("ts_path", "metrics_path"):
+        path = getattr(o, name)
+        if path is not None and (not path or "" in path.split(".")):
+            raise _fail(cfg, f"{key}.{name}", f"{path!r} is not a dotted path (a.b.c)")
+    if o.influx_precision is not None and o.format != "influx":
+        raise _fail(cfg, f"{key}.influx_precision", "only for format influx")
+    if o.format == "fieldgate":
+        for name, default in (("include", []), ("exclude", []), ("timezone", "UTC")):
+            if getattr(o, name) != default:
+                raise _fail(cfg, f"{key}.{name}", "not for format fieldgate (docs/contract.md §4)")
+        if o.ts_from != "payload":
+            raise _fail(cfg, f"{key}.ts_from", "not for format fieldgate (its payloads carry ts)")
+    for name in ("include", "exclude"):
+        for j, glob in enumerate(getattr(o, name)):
+            problem = glob_problem(glob)
+            if problem:
+                raise _fail(cfg, f"{key}.{name}[{j}]", f"{glob!r}: {problem}")
+    if o.timezone != "UTC":
+        try:
+            ZoneInfo(o.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise _fail(
+                cfg,
+                f"{key}.timezone",
+                f"unknown time zone {o.timezone!r} (an IANA name such as Europe/Berlin)",
+            ) from None
+
+
+def _check_csv(cfg: Config, key: str, c: CsvOptions) -> None:
+    if len(c.delimiter) != 1 or c.delimiter in '"\r\n':
+        raise _fail(
+            cfg, f"{key}.delimiter", f"{c.delimiter!r}: one character, not a quote or newline"
+        )
+    if not c.columns:
+        raise _fail(cfg, f"{key}.columns", "empty: name every column (- for one not read)")
+    seen: set[str] = set()
+    for i, col in enumerate(c.columns):
+        if col not in ("-", "ts", "device") and not METRIC_RE.match(col):
+            raise _fail(
+                cfg,
+                f"{key}.columns[{i}]",
+                f"{col!r} is not ts, device, - or a metric name (letters, digits, _ . : % -)",
+            )
+        if col != "-" and col in seen:
+            raise _fail(cfg, f"{key}.columns[{i}]", f"{col!r} appears twice")
+        seen.add(col)
+    if not seen - {"-", "ts", "device"}:
+        raise _fail(cfg, f"{key}.columns", "no metric column: nothing to read")
+
+
+#: Characters a metric-name glob may hold: a metric name's, and fnmatch's * ? [ ] !
+_GLOB_RE = re.compile(r"^[A-Za-z0-9_.:%*?!\[\]-]+$")
+
+
+def glob_problem(glob: str) -> str | None:
+    """Why an include/exclude glob can never match a metric name, or None."""
+    if not glob:
+        return "empty"
+    if not _GLOB_RE.match(glob):
+        return "can never match a metric name (letters, digits, _ . : % - and * ? [ ])"
+    depth = 0
+    for ch in glob:
+        if ch == "[":
+            if depth:
+                return "'[' inside [...]"
+            depth = 1
+        elif ch == "]" and depth:
+            depth = 0
+    if depth:
+        return "'[' is never closed"
+    return None
 
 
 def _describe(value: Any) -> str:
