@@ -16,12 +16,14 @@ import json
 import math
 import re
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fieldgate import store
 from fieldgate.config import Config, DeviceConfig, DevicesConfig
+from fieldgate.formats.common import Decoded, SampleError, load_json
+from fieldgate.formats.common import kind as _json_kind
 from fieldgate.names import ALLOWED, METRIC_RE, NAME_RE
 
 #: RFC 3339 date-time (a time zone offset is required; ``t``/``z`` and a space allowed).
@@ -42,10 +44,6 @@ INSERT_READING_SQL = (
 MAX_REASONS = 5
 
 
-class SampleError(ValueError):
-    """One sample (object, array element, CSV line) cannot be stored; the text says why."""
-
-
 @dataclass(slots=True)
 class Outcome:
     """What one message yields: readings to store and, if anything was bad, one reason."""
@@ -55,6 +53,10 @@ class Outcome:
     reason: str | None = None
     samples: int = 0
     bad_samples: int = 0
+    #: Values that are not readings (device formats: strings, nulls, arrays), counted.
+    skipped: int = 0
+    #: Some reading took the message's arrival time (the payload had no time for it).
+    stamped: bool = False
 
     @property
     def wholly_rejected(self) -> bool:
@@ -223,30 +225,9 @@ def parse_sample(obj: Any, device: str, devices: DevicesConfig, now_ms: int) -> 
     ]
 
 
-def _json_kind(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "a number")
-
-
-def _reject_constant(token: str) -> float:
-    raise SampleError(f"{token} is not allowed in JSON")
-
-
-#: One decoder for every payload (building one per message is measurable at 10k msgs/s).
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-
-
 def parse_json_samples(text: str) -> list[Any]:
     """The samples of a JSON payload: the object itself, or the elements of an array."""
-    try:
-        doc = _DECODER.decode(text)
-    except SampleError as exc:
-        raise SampleError(f"bad JSON: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise SampleError(f"bad JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise SampleError("bad JSON: nested too deeply") from None
+    doc = load_json(text)
     if isinstance(doc, list):
         if not doc:
             raise SampleError("empty JSON array: no readings")
@@ -297,6 +278,133 @@ def parse_csv_sample(
             raise SampleError(f"metrics.{name}: {text} is not a finite number")
         readings.append((device, ts, check_metric_name(name), value))
     return readings
+
+
+def check_ts(ts: int, devices: DevicesConfig, now_ms: int) -> int:
+    """A time (UTC epoch ms) within ``devices.min_ts_secs`` and ``devices.max_future_secs``."""
+    lo = devices.min_ts_secs * 1000
+    hi = now_ms + devices.max_future_secs * 1000
+    if lo <= ts <= hi:
+        return ts
+    return parse_ts(ts, devices, now_ms)  # raises with the reason
+
+
+def decoded_outcome(
+    decoded: Decoded,
+    device_name: str | None,
+    devices: DevicesConfig,
+    *,
+    stamp: int,
+    now_ms: int,
+    keep: Callable[[str], bool] | None = None,
+) -> Outcome:
+    """Validate what a device format decoded (docs/inputs.md): the same rules as the native
+    format, per reading.
+
+    ``device_name`` is the topic's ``{device}`` (or the input's ``device``); a sample's own
+    ``device`` (a CSV column) must name the same device when both are given. A sample
+    without its own time takes ``stamp``, the broker's arrival stamp. ``keep`` is the
+    input's include/exclude filter. A sample that cannot be stored, a bad metric name, a
+    value that is not finite or a second value for the same key in one message is a
+    problem: the rest is stored and the message also goes to ``rejected`` with the
+    reasons. A message that yields no reading is rejected with the reason.
+    """
+    serial: str | None = None
+    if device_name is not None:
+        try:
+            serial, _ = resolve_device(devices, device_name)
+        except SampleError as exc:
+            return Outcome(device=None, reason=str(exc), skipped=decoded.skipped)
+    outcome = Outcome(device=serial, skipped=decoded.skipped)
+    problems: list[str] = []
+    bad_samples = 0
+    excluded = 0
+    seen: dict[tuple[str, int, str], tuple[float, str]] = {}
+    for sample in decoded.samples:
+        where = f"{sample.label}: " if sample.label else ""
+        if sample.error is not None:
+            problems.append(f"{where}{sample.error}")
+            bad_samples += 1
+            continue
+        try:
+            device = _sample_device(sample.device, serial, device_name, devices)
+            if sample.ts is None:
+                ts = stamp
+                outcome.stamped = True
+            else:
+                ts = check_ts(sample.ts, devices, now_ms)
+        except SampleError as exc:
+            problems.append(f"{where}{exc}")
+            bad_samples += 1
+            continue
+        outcome.device = device
+        for name, value in sample.values:
+            if keep is not None and not keep(name):
+                excluded += 1
+                continue
+            try:
+                check_metric_name(name)
+                if not math.isfinite(value):
+                    raise SampleError(f"{name}: {value} is not a finite number")
+            except SampleError as exc:
+                problems.append(f"{where}{exc}")
+                continue
+            key = (device, ts, name)
+            first = seen.get(key)
+            if first is None:
+                seen[key] = (value, where)
+                outcome.readings.append((device, ts, name, value))
+            elif first[0] != value:
+                again = f" (also in {first[1].rstrip(': ')})" if first[1] else ""
+                shared = ", the message's arrival time" if sample.ts is None else ""
+                problems.append(f"{where}{name}: a second value for the same time{shared}{again}")
+    outcome.samples = len(decoded.samples)
+    outcome.bad_samples = bad_samples
+    if problems:
+        outcome.reason = _summarise_decoded(problems, bad_samples, outcome)
+    elif not outcome.readings:
+        outcome.reason = _no_reading(decoded, excluded)
+    return outcome
+
+
+def _sample_device(
+    named: str | None, serial: str | None, topic_name: str | None, devices: DevicesConfig
+) -> str:
+    """The serial of a sample's device: the topic's, or its own (a CSV ``device`` column),
+    which must then agree with the topic's."""
+    if named is None:
+        if serial is None:
+            raise SampleError("no device: the topic names none and the sample neither")
+        return serial
+    if not named:
+        raise SampleError("device: empty field")
+    own, _ = resolve_device(devices, named)
+    if serial is not None and own != serial:
+        raise SampleError(f"device {named!r} is not the topic's device {topic_name!r}")
+    return own
+
+
+def _summarise_decoded(problems: list[str], bad_samples: int, outcome: Outcome) -> str:
+    shown = "; ".join(problems[:MAX_REASONS])
+    more = f"; and {len(problems) - MAX_REASONS} more" if len(problems) > MAX_REASONS else ""
+    if outcome.samples > 1 and bad_samples == len(problems):
+        return _summarise(problems, outcome.samples)
+    if outcome.readings:
+        return f"{len(outcome.readings)} readings stored, rejected: {shown}{more}"
+    return f"{shown}{more}"
+
+
+def _no_reading(decoded: Decoded, excluded: int) -> str:
+    parts = []
+    if decoded.skipped:
+        what = ", ".join(decoded.skipped_shown)
+        more = ", ..." if decoded.skipped > len(decoded.skipped_shown) else ""
+        parts.append(f"{decoded.skipped} values are not numbers ({what}{more})")
+    if excluded:
+        parts.append(f"{excluded} left out by include/exclude")
+    if not decoded.samples and not parts:
+        parts.append("the payload holds no values")
+    return "no reading: " + "; ".join(parts) if parts else "no reading: no values"
 
 
 def decode_payload(payload: bytes, max_bytes: int) -> str:
@@ -402,16 +510,13 @@ class Received:
     payload: bytes
     received_at: int
     outcome: Outcome
+    #: The input the message came through (its topic template), for per-input counts.
+    input: str = ""
 
 
-def store_outcomes(conn: sqlite3.Connection, items: Iterable[Received], *, source: str) -> int:
-    """Insert the readings and rejections of many messages (call inside one transaction).
-
-    Returns how many readings were new.
-    """
-    items = list(items)
+def _insert_readings(conn: sqlite3.Connection, items: list[Received], source: str) -> int:
     before = conn.total_changes
-    # One statement for the readings of every message: far cheaper than one per message.
+    # One statement for the readings of many messages: far cheaper than one per message.
     conn.executemany(
         INSERT_READING_SQL,
         (
@@ -420,7 +525,33 @@ def store_outcomes(conn: sqlite3.Connection, items: Iterable[Received], *, sourc
             for d, ts, m, v in item.outcome.readings
         ),
     )
-    new = conn.total_changes - before
+    return conn.total_changes - before
+
+
+def store_outcomes(
+    conn: sqlite3.Connection,
+    items: Iterable[Received],
+    *,
+    source: str,
+    new_by_input: dict[str, int] | None = None,
+) -> int:
+    """Insert the readings and rejections of many messages (call inside one transaction).
+
+    Returns how many readings were new; with ``new_by_input``, also adds each input's new
+    readings there (one statement per input of the batch).
+    """
+    items = list(items)
+    if new_by_input is None:
+        new = _insert_readings(conn, items, source)
+    else:
+        groups: dict[str, list[Received]] = {}
+        for item in items:
+            groups.setdefault(item.input, []).append(item)
+        new = 0
+        for key, group in groups.items():
+            got = _insert_readings(conn, group, source)
+            new_by_input[key] = new_by_input.get(key, 0) + got
+            new += got
     for item in items:
         if item.outcome.reason is not None:
             store.insert_rejected(
