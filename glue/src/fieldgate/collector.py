@@ -6,17 +6,20 @@ How:
   the broker keeps queuing for it (the broker needs ``max_queued_messages`` high or 0, see
   docs/collecting.md).
 - ``manual_ack``: a message is acknowledged only after the readings it carries (or its
-  ``rejected`` row) are committed, in arrival order (MQTT 3.1.1 §4.6). A crash before the ack
-  means the broker sends it again; the store's unique key makes that harmless.
+  ``rejected`` row) are committed, in arrival order (MQTT 5 §4.6). A crash before the ack
+  means the broker sends it again; the store's unique key makes that harmless, also for
+  readings without a time of their own: they take the broker's arrival stamp (``fg-ts``),
+  which a redelivery carries unchanged (docs/arrival-stamp.md).
+- Every input (the native topic and ``mqtt.inputs``, :mod:`fieldgate.inputs`) is one
+  subscription of the same session; the store writer matches each message to its input.
 - Group commit: messages are collected into one transaction (one fsync) until
   ``mqtt.commit_max_messages`` are held, ``mqtt.commit_max_ms`` have passed, or the stream
   pauses; then the whole batch is handed to the store writer (:mod:`fieldgate.writer`, a
-  child process) and acknowledged once it reports the commit. The broker sends at most its
-  ``max_inflight_messages`` before it sees acks, so that setting bounds a batch (20 by
-  default: set it to at least ``commit_max_messages`` on the broker). At most
+  child process) and acknowledged once it reports the commit. The broker sends at most
+  the client's Receive Maximum before it sees acks, so that bounds a batch. At most
   ``commit_max_messages`` messages are read from the socket before a commit, so memory stays
-  bounded whatever the broker sends. (MQTT 5 would let the client set this window itself,
-  but paho's per-message property decoding costs a quarter of the collector's time.)
+  bounded whatever the broker sends. The collector's CONNECT sets that window (Receive
+  Maximum) to twice ``commit_max_messages``.
 - One thread: the network I/O (paho's external-loop API) and the writer's answers run in
   the main loop, which also watches the stop flag (SIGTERM), the disk guard and the
   heartbeat.
@@ -34,6 +37,7 @@ from fieldgate import store
 from fieldgate.config import Config
 from fieldgate.daemon import StopFlag
 from fieldgate.diskguard import DiskGuard
+from fieldgate.inputs import InputTable
 from fieldgate.mqttlink import MqttLink, read_password
 from fieldgate.retry import Backoff
 from fieldgate.writer import Sent, WriterChannel
@@ -47,6 +51,8 @@ CONNACK_TIMEOUT_SECS = 15.0
 #: Time allowed to commit, acknowledge and disconnect on SIGTERM (docs/contract.md §3: the
 #: whole stop within 10 s).
 STOP_GRACE_SECS = 5.0
+#: The store's state key listing the session's subscriptions, one per line.
+SUBSCRIPTIONS_KEY = "collector.subscriptions"
 
 
 class StateBoard:
@@ -113,12 +119,35 @@ class Collector:
         self.board = StateBoard(self.conn)
         self.guard = DiskGuard.for_store(cfg)
         self.backoff = Backoff(1.0, cfg.mqtt.reconnect_max_secs)
-        self.link = MqttLink(cfg.mqtt, password, on_up=self._connected)
+        self.link = MqttLink(
+            cfg.mqtt,
+            password,
+            topics=InputTable(cfg).filters,
+            stale=self._subscribed_before(),
+            on_up=self._connected,
+            on_subscribed=self._subscribed,
+        )
         self.pause_reason: str | None = None
         self.retry_at = 0.0
         self.stats = {"messages": 0, "readings": 0, "rejected": 0, "commits": 0}
 
     # ---- the connection ----------------------------------------------------------------------
+
+    def _subscribed_before(self) -> list[str]:
+        """The subscriptions recorded by the last run (the session keeps them)."""
+        value = store.get_state(self.conn).get(SUBSCRIPTIONS_KEY, ("", 0))[0]
+        return [t for t in value.split("\n") if t]
+
+    def _subscribed(self) -> None:
+        """Record the session's subscriptions, so a filter dropped from the configuration is
+        unsubscribed at the next start."""
+        try:
+            with store.transaction(self.conn):
+                store.set_state(self.conn, SUBSCRIPTIONS_KEY, "\n".join(self.link.topics))
+            self.link.stale = []
+        except sqlite3.Error as exc:
+            store.rollback_quietly(self.conn)
+            log.warning("cannot record the subscriptions in the store: %s", exc)
 
     def _connected(self) -> None:
         self.backoff.reset()
@@ -167,10 +196,10 @@ class Collector:
         if not self.link.inbox:
             return
         messages, generation = self.link.take()
-        acks = [(mid, qos) for mid, qos, _, _, _ in messages]
+        acks = [(mid, qos) for mid, qos, _, _, _, _ in messages]
         if generation != self.link.generation:
             acks = []  # from a dead connection: never acked
-        self.writer.send([(t, p, at) for _, _, t, p, at in messages], generation, acks)
+        self.writer.send([(t, p, at, st) for _, _, t, p, at, st in messages], generation, acks)
 
     def _replies(self, wait: float = 0.0) -> None:
         """Take the writer's answers; ack committed batches, pause on a failed one."""
@@ -257,7 +286,7 @@ class Collector:
         """Collect until the stop flag is set; returns the exit status."""
         log.info(
             "collecting %s from broker %s into %s",
-            self.link.topic,
+            ", ".join(self.link.topics),
             self.link.broker,
             self.cfg.store.path,
         )

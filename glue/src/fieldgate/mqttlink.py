@@ -1,11 +1,16 @@
 """The collector's MQTT connection: one persistent session to the local broker.
 
-A fixed client id, MQTT 3.1.1 with ``clean_session`` off, subscribed at QoS 1 to
-``<topic_prefix>/+/readings``, with ``manual_ack``: while the collector is down (or paused)
-the broker keeps queuing for it, and a message is acknowledged only when the collector says
-so (after its commit). The link uses paho's external-loop API: the collector's loop calls
-:meth:`MqttLink.pump`, which waits on the broker socket (and one other file, the store
-writer's pipe), reads messages into :attr:`MqttLink.inbox` and writes what is queued.
+A fixed client id, MQTT v5 with ``clean_start`` off and a session that never expires (what
+MQTT 3.1.1's clean session off means; it takes over a 3.1.1 session of the same id with its
+backlog), subscribed at QoS 1 to the native topic and every input's filter, with
+``manual_ack``: while the collector is down (or paused) the broker keeps queuing for it, and
+a message is acknowledged only when the collector says so (after its commit). MQTT v5
+because the broker's arrival stamp (``fg-ts``, docs/arrival-stamp.md) is a v5 user
+property; the CONNECT also sets Receive Maximum, the number of messages the broker may send
+before it sees acknowledgements, to twice ``mqtt.commit_max_messages``. The link uses paho's
+external-loop API: the collector's loop calls :meth:`MqttLink.pump`, which waits on the
+broker socket (and one other file, the store writer's pipe), reads messages into
+:attr:`MqttLink.inbox` and writes what is queued.
 
 Each connection has a *generation*: messages read on a connection that has since been lost
 are never acknowledged (their message ids mean nothing on the next connection); the broker
@@ -29,14 +34,19 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fieldgate import store
 from fieldgate.config import Config, MqttConfig
 from fieldgate.errors import ConfigError
+from fieldgate.stamp import arrival_ms, session_properties
 
 log = logging.getLogger("fieldgate.collector")
 
 #: How often paho's housekeeping (keepalive pings) runs.
 MISC_EVERY_SECS = 1.0
 
-Message = tuple[int, int, str, bytes, int]
-"""(mid, qos, topic, payload, received_at epoch ms) of one message read."""
+Message = tuple[int, int, str, bytes, int, int | None]
+"""(mid, qos, topic, payload, received_at epoch ms, the broker's arrival stamp or None) of
+one message read."""
+
+#: The largest Receive Maximum MQTT v5 allows.
+RECEIVE_MAXIMUM_LIMIT = 65535
 
 
 def read_password(cfg: Config) -> str | None:
@@ -69,12 +79,26 @@ def _no_op(*_args: object) -> None:
 class MqttLink:
     """The session's connection state; paho's callbacks run inside :meth:`pump`."""
 
-    def __init__(self, m: MqttConfig, password: str | None, *, on_up: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        m: MqttConfig,
+        password: str | None,
+        *,
+        topics: list[str],
+        on_up: Callable[[], None],
+        stale: list[str] | None = None,
+        on_subscribed: Callable[[], None] | None = None,
+    ) -> None:
         self.m = m
         self.broker = f"{m.host}:{m.port}"
-        self.topic = f"{m.topic_prefix}/+/readings"
+        #: The subscriptions: the native topic's filter and every input's.
+        self.topics = topics
+        #: Filters the session may still hold from an earlier configuration: unsubscribed.
+        self.stale = [t for t in stale or [] if t not in topics]
         #: Called when the broker accepted the login (the subscription is on its way).
         self.on_up = on_up
+        #: Called when the broker granted every subscription.
+        self.on_subscribed = on_subscribed
         #: "down", "connecting" (CONNECT sent, waiting for CONNACK) or "up".
         self.state = "down"
         self.connecting_since = 0.0
@@ -93,8 +117,7 @@ class MqttLink:
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=m.client_id,
-            clean_session=False,
-            protocol=mqtt.MQTTv311,
+            protocol=mqtt.MQTTv5,
             manual_ack=True,
         )
         if m.username:
@@ -131,7 +154,10 @@ class MqttLink:
             return
         self.state = "up"
         self.refusal = None
-        client.subscribe(self.topic, qos=1)
+        if self.stale:
+            client.unsubscribe(self.stale)
+            log.info("unsubscribed from %s (no longer configured)", ", ".join(self.stale))
+        client.subscribe([(t, 1) for t in self.topics])
         log.info(
             "connected to broker %s as %s (%s session)",
             self.broker,
@@ -148,14 +174,16 @@ class MqttLink:
         reasons: list[ReasonCode],
         _props: Properties | None,
     ) -> None:
-        bad = [r for r in reasons if r.is_failure]
-        if bad:
+        refused = [(t, r) for t, r in zip(self.topics, reasons, strict=False) if r.is_failure]
+        for topic, reason in refused:
             log.error(
                 "broker %s refused the subscription to %s: %s",
                 self.broker,
-                self.topic,
-                describe_refusal(bad[0]),
+                topic,
+                describe_refusal(reason),
             )
+        if not refused and len(reasons) == len(self.topics) and self.on_subscribed:
+            self.on_subscribed()
 
     def _on_disconnect(
         self,
@@ -177,7 +205,9 @@ class MqttLink:
         if not self.inbox:
             self.inbox_started = time.monotonic()
             self.inbox_generation = self.generation
-        self.inbox.append((msg.mid, msg.qos, topic, msg.payload, store.now_ms()))
+        self.inbox.append(
+            (msg.mid, msg.qos, topic, msg.payload, store.now_ms(), arrival_ms(msg.properties))
+        )
 
     # ---- connecting and losing -------------------------------------------------------------
 
@@ -185,7 +215,13 @@ class MqttLink:
         """One connection attempt (TCP + CONNECT); the cause when it failed at once, else
         None (the CONNACK arrives through :meth:`pump`)."""
         try:
-            self.client.connect(self.m.host, self.m.port, keepalive=self.m.keepalive_secs)
+            self.client.connect(
+                self.m.host,
+                self.m.port,
+                keepalive=self.m.keepalive_secs,
+                clean_start=False,
+                properties=self._connect_properties(),
+            )
         except ssl.SSLError as exc:
             return f"TLS to broker {self.broker} failed: {exc.reason or exc}"
         except OSError as exc:
@@ -198,6 +234,13 @@ class MqttLink:
         self.refusal = None
         self.disconnect_reason = None
         return None
+
+    def _connect_properties(self) -> Properties:
+        """A session that never expires (docs/arrival-stamp.md), and the broker's window of
+        unacknowledged messages: two commits' worth."""
+        props = session_properties()
+        props.ReceiveMaximum = min(RECEIVE_MAXIMUM_LIMIT, max(20, 2 * self.m.commit_max_messages))
+        return props
 
     def lost(self) -> None:
         """The connection is gone: what was read on it is never acknowledged."""

@@ -8,7 +8,8 @@ writer validates and commits batch k, on the other core.
 
 Protocol over a :mod:`multiprocessing` pipe (batches are answered strictly in order):
 
-- parent -> writer: ``("batch", seq, [(topic, payload, received_at), ...])``, ``("stop",)``
+- parent -> writer: ``("batch", seq, [(topic, payload, received_at, stamp), ...])``
+  (``stamp``: the broker's arrival stamp ``fg-ts``, or None), ``("stop",)``
 - writer -> parent: ``("ready",)`` or ``("error", text)`` once at start, then for every batch
   ``("done", seq, new_readings, rejected, [(topic, reason), ...])`` or
   ``("failed", seq, "full" | "error", text)`` (nothing of that batch is committed).
@@ -34,7 +35,8 @@ from fieldgate import store
 from fieldgate.config import Config
 from fieldgate.diskguard import is_disk_full
 from fieldgate.errors import FieldgateError
-from fieldgate.readings import Outcome, Received, Rules, parse_message, store_outcomes
+from fieldgate.inputs import Counters, InputCounts, InputTable, read_message
+from fieldgate.readings import Outcome, Received, Rules, store_outcomes
 
 log = logging.getLogger("fieldgate.collector.writer")
 
@@ -45,32 +47,102 @@ REASONS_BACK = 3
 #: Batches handed to the writer and not yet answered, at most.
 MAX_SENT = 4
 
-Item = tuple[str, bytes, int]
-"""(topic, payload, received_at epoch ms) of one message."""
+Item = tuple[str, bytes, int, int | None]
+"""(topic, payload, received_at epoch ms, the broker's arrival stamp or None) of a message."""
+
+#: Logged once per writer when readings need a stamp the broker did not give.
+UNSTAMPED_WARNING = (
+    "messages arrive without the broker's arrival stamp (fg-ts): readings without a time "
+    "of their own get the collector's receive time instead, so a backlog drained late "
+    "carries the drain time and a message redelivered after a crash may be stored twice; "
+    "load the stamp plugin in the broker (the lines 'fieldgate broker-conf' prints, "
+    "docs/arrival-stamp.md)"
+)
+#: Topics whose last stand-in stamp is remembered (strictly increasing per topic).
+FALLBACK_TOPICS_MAX = 100_000
 
 
-def _parse(topic: str, payload: bytes, rules: Rules, at: int) -> Outcome:
-    """parse_message, and a rejection instead of a crash should it ever raise (a message
-    that crashed the writer would be sent again after every restart)."""
-    try:
-        return parse_message(topic, payload, rules, now_ms=at)
-    except Exception as exc:
-        log.exception("unexpected error while validating a message on %s", topic)
-        return Outcome(device=None, reason=f"internal error while validating: {exc!r}")
+class MessageReader:
+    """Reads the messages of batches: input, decoding, validation, time, counters."""
+
+    def __init__(self, cfg: Config, state: dict[str, tuple[str, int]]) -> None:
+        self.rules = Rules.from_config(cfg)
+        self.table = InputTable(cfg)
+        self.counters = Counters.from_state(state)
+        self._fallback: dict[str, int] = {}
+        self._warned = False
+
+    def stand_in(self, topic: str, received_at: int) -> int:
+        """The collector's receive time as a stamp: like the broker's, strictly increasing
+        per topic, so two messages of one topic in one millisecond stay two readings."""
+        last = self._fallback.get(topic)
+        stamp = received_at if last is None or received_at > last else last + 1
+        if len(self._fallback) >= FALLBACK_TOPICS_MAX:
+            self._fallback.clear()
+        self._fallback[topic] = stamp
+        return stamp
+
+    def read(self, topic: str, payload: bytes, at: int, stamp: int | None) -> Received:
+        """One message as readings and/or a rejection; never raises (a message that
+        crashed the writer would be sent again after every restart)."""
+        try:
+            found = self.table.match(topic)
+            if found is None:
+                reason = f"topic {topic!r} matches no input (mqtt.inputs, the native topic)"
+                return Received(topic, payload, at, Outcome(device=None, reason=reason))
+            inp, device, metric = found
+            used = stamp if stamp is not None else self.stand_in(topic, at)
+            outcome = read_message(inp, device, metric, payload, self.rules, stamp=used, now_ms=at)
+            if stamp is None and outcome.stamped and not self._warned:
+                self._warned = True
+                log.warning("%s", UNSTAMPED_WARNING)
+            return Received(topic, payload, at, outcome, inp.key)
+        except Exception as exc:
+            log.exception("unexpected error while validating a message on %s", topic)
+            reason = f"internal error while validating: {exc!r}"
+            return Received(topic, payload, at, Outcome(device=None, reason=reason))
+
+    def count(
+        self, received: list[Received], stamps: list[int | None], new: dict[str, int]
+    ) -> dict[str, InputCounts]:
+        """Add a batch to the per-input counters; returns the previous values of those
+        touched (to undo should the commit fail)."""
+        before: dict[str, InputCounts] = {}
+        for r, stamp in zip(received, stamps, strict=True):
+            if not r.input:
+                continue
+            c = self.counters.get(r.input)
+            if r.input not in before:
+                before[r.input] = InputCounts(**c.__dict__)
+            c.messages += 1
+            c.skipped += r.outcome.skipped
+            if r.outcome.reason is not None:
+                c.rejected += 1
+            if stamp is None and r.outcome.stamped:
+                c.unstamped += 1
+        for key, n in new.items():
+            if key:
+                self.counters.get(key).readings += n
+        return before
 
 
-def commit_batch(conn: sqlite3.Connection, rules: Rules, items: list[Item]) -> tuple[Any, ...]:
+def commit_batch(
+    conn: sqlite3.Connection, reader: MessageReader, items: list[Item]
+) -> tuple[Any, ...]:
     """Validate and store one batch in one transaction; the reply for the collector."""
-    received = [
-        Received(topic, payload, at, _parse(topic, payload, rules, at))
-        for topic, payload, at in items
-    ]
+    received = [reader.read(topic, payload, at, stamp) for topic, payload, at, stamp in items]
+    new_by_input: dict[str, int] = {}
+    before: dict[str, InputCounts] = {}
     try:
         conn.execute("BEGIN IMMEDIATE")
-        new = store_outcomes(conn, received, source=SOURCE)
+        new = store_outcomes(conn, received, source=SOURCE, new_by_input=new_by_input)
+        before = reader.count(received, [item[3] for item in items], new_by_input)
+        for key, value in reader.counters.changed():
+            store.set_state(conn, key, value)
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         store.rollback_quietly(conn)
+        reader.counters.by_input.update(before)
         return ("full" if is_disk_full(exc) else "error", str(exc))
     bad = [(r.topic, r.outcome.reason) for r in received if r.outcome.reason is not None]
     return ("done", new, len(bad), bad[:REASONS_BACK])
@@ -97,7 +169,7 @@ def writer_main(cfg: Config, pipe: Connection, parent_end: Connection | None = N
     except FieldgateError as exc:
         pipe.send(("error", str(exc)))
         return
-    rules = Rules.from_config(cfg)
+    reader = MessageReader(cfg, store.get_state(conn))
     pipe.send(("ready",))
     next_heartbeat = 0.0
     try:
@@ -109,7 +181,7 @@ def writer_main(cfg: Config, pipe: Connection, parent_end: Connection | None = N
             if msg[0] == "stop":
                 return
             _, seq, items = msg
-            result = commit_batch(conn, rules, items)
+            result = commit_batch(conn, reader, items)
             if result[0] == "done":
                 pipe.send(("done", seq, *result[1:]))
                 now = time.monotonic()
