@@ -5,11 +5,13 @@ and from Modbus devices (:mod:`fieldgate.modbus.poller`, run beside the nodes by
 Every node in ``poll.nodes`` is fetched (HTTP GET) every ``poll.interval_secs`` with a timeout
 (the node's ``timeout_secs`` or ``poll.timeout_secs``). Each fetch runs in its own worker
 thread and each node keeps its own schedule, so a dead or slow node never delays the others:
-while a node's request is still out, its next turn is skipped, not queued. Bodies are the
-MQTT payloads of docs/contract.md §4 (JSON object or array, or CSV lines for a
-``format: csv`` device), validated by :mod:`fieldgate.readings` and stored in the main
-thread (one store connection, one transaction per node response). Bodies over
-``mqtt.max_payload_bytes`` are rejected like oversized MQTT messages.
+while a node's request is still out, its next turn is skipped, not queued. A body is read
+in the node's ``format`` like an input's payload (docs/inputs.md: the native payloads of
+docs/contract.md §4 by default, or an ISEMS node's CSV log, a device's JSON status page …),
+validated by :mod:`fieldgate.readings` and stored in the main thread (one store connection,
+one transaction per node response); readings without a time of their own take the time the
+answer arrived. Bodies over ``mqtt.max_payload_bytes`` are rejected like oversized MQTT
+messages.
 
 ``--once`` polls every node and Modbus device once and exits: 0 when every one answered with
 readings, otherwise 1 with one line naming each failed node and device and why.
@@ -31,7 +33,8 @@ from fieldgate import __version__, store
 from fieldgate.config import Config, PollNode
 from fieldgate.daemon import StopFlag
 from fieldgate.errors import ConfigError
-from fieldgate.readings import Received, Rules, parse_payload, store_outcomes
+from fieldgate.inputs import poll_input, read_message
+from fieldgate.readings import Outcome, Received, Rules, store_outcomes
 from fieldgate.retry import root_cause
 
 if TYPE_CHECKING:
@@ -90,6 +93,11 @@ def fetch(node: PollNode, timeout: float, max_bytes: int) -> Fetched:
         return Fetched(node, None, f"request failed: {root_cause(exc)}", received_at)
 
 
+def _readings_text(outcome: Outcome) -> str:
+    skipped = f", {outcome.skipped} values skipped (not numbers)" if outcome.skipped else ""
+    return f"{len(outcome.readings)} readings{skipped}"
+
+
 class Poller:
     """The nodes, their schedules and the store; :meth:`run` and :meth:`once` drive it."""
 
@@ -98,6 +106,7 @@ class Poller:
             raise ConfigError(f"{cfg.path}: poll.nodes is empty: there is nothing to poll")
         self.cfg = cfg
         self.rules = Rules.from_config(cfg)
+        self.inputs = {node.name: poll_input(node) for node in cfg.poll.nodes}
         self.conn = store.open_store(
             cfg.store.path, cfg.site.serial, busy_timeout_ms=cfg.store.busy_timeout_ms
         )
@@ -122,17 +131,24 @@ class Poller:
         if fetched.body is None:
             result = NodeResult(node.name, False, fetched.error or "no answer")
         else:
-            outcome = parse_payload(
-                node.device, fetched.body, self.rules, now_ms=fetched.received_at
+            at = fetched.received_at
+            outcome = read_message(
+                self.inputs[node.name],
+                node.device,
+                None,
+                fetched.body,
+                self.rules,
+                stamp=at,
+                now_ms=at,
             )
-            item = Received(node.url, fetched.body, fetched.received_at, outcome)
+            item = Received(node.url, fetched.body, at, outcome)
             try:
                 with store.transaction(self.conn):
                     new = store_outcomes(self.conn, [item], source=f"poll:{node.name}")
                     store.set_state(
                         self.conn,
                         f"poller.node.{node.name}",
-                        f"ok: {len(outcome.readings)} readings"
+                        f"ok: {_readings_text(outcome)}"
                         if outcome.reason is None
                         else f"rejected: {outcome.reason}",
                     )
@@ -140,7 +156,7 @@ class Poller:
                 store.rollback_quietly(self.conn)
                 raise
             if outcome.reason is None:
-                result = NodeResult(node.name, True, f"{len(outcome.readings)} readings", new)
+                result = NodeResult(node.name, True, _readings_text(outcome), new)
             elif outcome.readings:
                 result = NodeResult(node.name, True, f"partly rejected: {outcome.reason}", new)
             else:
