@@ -14,6 +14,7 @@ from typing import Any
 from fieldgate import membership, store
 from fieldgate.config import Config
 from fieldgate.fsutil import disk_usage_percent
+from fieldgate.inputs import STATE_PREFIX, InputCounts
 from fieldgate.modbus.report import modbus_status, render_modbus
 
 
@@ -98,6 +99,7 @@ def _from_store(conn: sqlite3.Connection, cfg: Config) -> dict[str, Any]:
         },
         "poller": {"state": fact("poller.state")},
         "modbus": modbus_status(cfg, state, fact),
+        "inputs": _inputs(cfg, state),
         "batches": {
             "pending": pending,
             "uploaded": batch_rows.get("uploaded", (0, None))[0],
@@ -116,6 +118,39 @@ def _from_store(conn: sqlite3.Connection, cfg: Config) -> dict[str, Any]:
         "power": {"last_event": fact("power.last_event")},
         "events": events,
     }
+
+
+def _inputs(cfg: Config, state: dict[str, tuple[str, int]]) -> list[dict[str, Any]]:
+    """Per input (the native topic, then ``mqtt.inputs``): what the collector counted."""
+    rows = []
+    configured = [(cfg.mqtt.native_topic, "fieldgate")]
+    configured += [(i.topic, i.format) for i in cfg.mqtt.inputs]
+    for topic, fmt in configured:
+        got = state.get(STATE_PREFIX + topic)
+        counts = InputCounts.from_json(got[0]) if got else InputCounts()
+        rows.append({"topic": topic, "format": fmt, **counts.__dict__})
+    return rows
+
+
+def _inputs_text(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["inputs"]
+    width = max(len(r["topic"]) for r in rows)
+    fwidth = max(len(r["format"]) for r in rows)
+    for r in rows:
+        unstamped = f", {r['unstamped']} unstamped" if r["unstamped"] else ""
+        lines.append(
+            f"  {r['topic']:<{width}}  {r['format']:<{fwidth}}  {r['messages']} messages, "
+            f"{r['readings']} readings, {r['skipped']} skipped values, "
+            f"{r['rejected']} rejected{unstamped}"
+        )
+    unstamped = sum(r["unstamped"] for r in rows)
+    if unstamped:
+        lines.append(
+            f"arrival stamps  missing on {unstamped} messages that needed one: the broker does "
+            "not load the stamp plugin (see 'fieldgate broker-conf'); their readings carry the "
+            "collector's receive time"
+        )
+    return lines
 
 
 def _fact_text(f: dict[str, Any] | None, default: str = "unknown") -> str:
@@ -154,6 +189,7 @@ def render_text(s: dict[str, Any]) -> str:
     if s["poller"]["state"]:
         lines.append(f"poller          {_fact_text(s['poller']['state'])}")
     lines.extend(render_modbus(s.get("modbus")))
+    lines.extend(_inputs_text(s["inputs"]))
     b = s["batches"]
     age = "" if b["oldest_pending"] is None else f", oldest from {b['oldest_pending']}"
     lines.append(f"batches         {b['pending']} pending{age}, {b['uploaded']} uploaded")

@@ -21,6 +21,7 @@ from fieldgate.fsutil import human_bytes
 from fieldgate.prune import day_text, prune_store
 from fieldgate.restore import restore_as_site, restore_merge
 from fieldgate.status import collect_status, render_text
+from fieldgate.topics import parse_template
 
 #: The units ``prune`` has always printed (steps of 1024, labelled kB and MB).
 PRUNE_SIZE_UNITS = ("bytes", "kB", "MB")
@@ -178,6 +179,13 @@ def power_event(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def check_config(cfg: Config, args: argparse.Namespace) -> int:
-    """``fieldgate check-config``: loading already validated it."""
+    """``fieldgate check-config``: loading already validated it; then what the collector
+    subscribes to and how each input and poll node is read."""
     print(f"{cfg.path}: valid (site {cfg.site.serial}, {len(cfg.devices.list)} devices)")
+    inputs = [(cfg.mqtt.native_topic, "fieldgate")]
+    inputs += [(i.topic, i.format) for i in cfg.mqtt.inputs]
+    for topic, fmt in inputs:
+        print(f"input {topic} ({fmt}): subscribes to {parse_template(topic).filter}")
+    for node in cfg.poll.nodes:
+        print(f"poll node {node.name} ({node.format}): {node.url} for device {node.device}")
     return 0
