@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -354,8 +355,6 @@ def wait_until(
 
 def count_rows(db: Path, table: str, where: str = "1") -> int:
     """Rows in a table of a real SQLite file (0 if the file does not exist yet)."""
-    import sqlite3
-
     if not db.exists():
         return 0
     conn = sqlite3.connect(str(db), timeout=30)
@@ -394,6 +393,81 @@ def record_batch(conn: Any, batch_id: str, state: str = "uploaded") -> int:
     )
     conn.commit()
     return int(n)
+
+
+def query(db: Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Rows of a query on a real SQLite file (read while daemons write it)."""
+    conn = sqlite3.connect(str(db), timeout=30)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def store_path(config: Path) -> Path:
+    return Path(yaml.safe_load(config.read_text())["store"]["path"])
+
+
+def state(db: Path, key: str = "collector.state") -> str | None:
+    if not db.exists():
+        return None
+    conn = sqlite3.connect(str(db), timeout=30)
+    try:
+        row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        conn.close()
+    return row[0] if row else None
+
+
+class Collector:
+    """A running ``fieldgate collect`` process, stopped (SIGTERM) at the end of the test."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.db = store_path(config)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, wait_running: bool = True) -> None:
+        self.proc = start_fieldgate("collect", config=self.config, log=self.log)
+        if wait_running:
+            wait_until(
+                lambda: state(self.db) == "running" or self.proc.poll() is not None,
+                timeout=30,
+                what="collector running",
+            )
+            assert self.proc.poll() is None, self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        rc = stop_process(self.proc, sig)
+        self.proc = None
+        return rc
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def readings(self) -> int:
+        return count_rows(self.db, "readings")
+
+    def subscribed(self) -> None:
+        """Wait until the broker granted every subscription (recorded in the store)."""
+        wait_until(
+            lambda: state(self.db, "collector.subscriptions") is not None,
+            timeout=30,
+            what="the collector's subscriptions",
+        )
 
 
 @dataclass
@@ -473,13 +547,7 @@ class Hub:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Rows of a query on the hub's database (read while the hub runs)."""
-        import sqlite3
-
-        conn = sqlite3.connect(str(self.db), timeout=30)
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
+        return query(self.db, sql, params)
 
     def readings(self, serial: str) -> int:
         return int(self.query("SELECT COUNT(*) FROM readings WHERE serial = ?", (serial,))[0][0])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -15,12 +14,14 @@ import pytest
 import yaml
 from support import (
     Broker,
+    Collector,
     ConfigFactory,
     count_rows,
     publish,
     reading_payload,
     run_fieldgate,
-    start_fieldgate,
+    running,
+    state,
     stop_process,
     wait_until,
 )
@@ -37,64 +38,6 @@ def stream(n: int, device: str = "TH-001", start: int = 0) -> list[tuple[str, st
         )
         for i in range(n)
     ]
-
-
-def running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def store_path(config: Path) -> Path:
-    return Path(yaml.safe_load(config.read_text())["store"]["path"])
-
-
-def state(db: Path, key: str = "collector.state") -> str | None:
-    if not db.exists():
-        return None
-    conn = sqlite3.connect(str(db), timeout=30)
-    try:
-        row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
-    except sqlite3.OperationalError:
-        return None
-    finally:
-        conn.close()
-    return row[0] if row else None
-
-
-class Collector:
-    """A running ``fieldgate collect`` process, stopped (SIGTERM) at the end of the test."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.db = store_path(config)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, *, wait_running: bool = True) -> None:
-        self.proc = start_fieldgate("collect", config=self.config, log=self.log)
-        if wait_running:
-            wait_until(
-                lambda: state(self.db) == "running" or self.proc.poll() is not None,
-                timeout=30,
-                what="collector running",
-            )
-            assert self.proc.poll() is None, self.log.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        rc = stop_process(self.proc, sig)
-        self.proc = None
-        return rc
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def readings(self) -> int:
-        return count_rows(self.db, "readings")
 
 
 @pytest.fixture
