@@ -58,6 +58,21 @@ class Nodes:
         elif req.path == "/hang":
             self.release.wait(60)
             resp = Response(json.dumps({"ts": T0 + 5000, "metrics": {"x": 2}}))
+        elif req.path == "/isems.csv":  # an ISEMS node's log, served over HTTP
+            lines = [
+                f"isems-7;1;{T0 // 1000 + 60 * i};FF-ESP32-1A;3600;0;{20 + i / 10};17.3;13.2;95"
+                for i in range(3)
+            ]
+            resp = Response("\n".join(lines) + "\n", mimetype="text/csv")
+        elif req.path == "/cm":  # Tasmota's HTTP API: cm?cmnd=Status%2010 (sensors)
+            body = {
+                "StatusSNS": {
+                    "Time": "2026-01-01T01:00:00",
+                    "AM2301": {"Temperature": 20.1, "Humidity": 58.2},
+                    "TempUnit": "C",
+                }
+            }
+            resp = Response(json.dumps(body), mimetype="application/json")
         elif req.path == "/garbage":
             resp = Response("<html>not json</html>", mimetype="text/html")
         else:
@@ -207,3 +222,56 @@ def test_no_nodes_is_a_config_error(config_file: ConfigFactory) -> None:
         f"fieldgate: error: {config}: poll.nodes and poll.modbus are empty: "
         "there is nothing to poll\n"
     )
+
+
+def test_nodes_are_read_in_their_format(config_file: ConfigFactory, nodes: Nodes) -> None:
+    """An ISEMS node's CSV log and a Tasmota device's JSON status page, polled directly."""
+    config = config_file(
+        overrides={
+            "devices": {"list": [{"serial": "isems-7"}, {"serial": "TH-001"}]},
+            "poll": {
+                "nodes": [
+                    {
+                        "name": "isems",
+                        "url": f"{nodes.base}/isems.csv",
+                        "device": "isems-7",
+                        "format": "csv",
+                        "csv": {
+                            "delimiter": ";",
+                            "columns": ["device", "-", "ts", "-", "time_to_shutdown", "-", "voc"],
+                            "ts_unit": "s",
+                        },
+                    },
+                    {
+                        "name": "tasmota",
+                        "url": f"{nodes.base}/cm?cmnd=Status%2010",
+                        "device": "TH-001",
+                        "format": "json",
+                        "ts_path": "StatusSNS.Time",
+                        "metrics_path": "StatusSNS",
+                        "timezone": "Europe/Berlin",
+                    },
+                ]
+            },
+        }
+    )
+    r = run_fieldgate("poll", "--once", config=config)
+    assert r.returncode == 0, r
+    db = db_of(config)
+    conn = sqlite3.connect(str(db))
+    rows = conn.execute(
+        "SELECT device, ts, metric, value, source FROM readings ORDER BY device, ts, metric"
+    ).fetchall()
+    state = conn.execute("SELECT value FROM state WHERE key = 'poller.node.tasmota'").fetchone()
+    conn.close()
+    assert rows == [
+        ("TH-001", T0, "AM2301.Humidity", 58.2, "poll:tasmota"),
+        ("TH-001", T0, "AM2301.Temperature", 20.1, "poll:tasmota"),
+        ("isems-7", T0, "time_to_shutdown", 3600.0, "poll:isems"),
+        ("isems-7", T0, "voc", 20.0, "poll:isems"),
+        ("isems-7", T0 + 60000, "time_to_shutdown", 3600.0, "poll:isems"),
+        ("isems-7", T0 + 60000, "voc", 20.1, "poll:isems"),
+        ("isems-7", T0 + 120000, "time_to_shutdown", 3600.0, "poll:isems"),
+        ("isems-7", T0 + 120000, "voc", 20.2, "poll:isems"),
+    ]
+    assert state == ("ok: 2 readings, 1 values skipped (not numbers)",)
