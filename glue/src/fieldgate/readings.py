@@ -319,6 +319,10 @@ def decoded_outcome(
     problems: list[str] = []
     bad_samples = 0
     excluded = 0
+    readings = outcome.readings
+    good_names = _GOOD_METRICS
+    finite = math.isfinite
+    #: (device, ts, metric) -> (value, where) of this message's readings so far
     seen: dict[tuple[str, int, str], tuple[float, str]] = {}
     for sample in decoded.samples:
         where = f"{sample.label}: " if sample.label else ""
@@ -327,7 +331,11 @@ def decoded_outcome(
             bad_samples += 1
             continue
         try:
-            device = _sample_device(sample.device, serial, device_name, devices)
+            device = (
+                serial
+                if sample.device is None and serial is not None
+                else _sample_device(sample.device, serial, device_name, devices)
+            )
             if sample.ts is None:
                 ts = stamp
                 outcome.stamped = True
@@ -342,18 +350,20 @@ def decoded_outcome(
             if keep is not None and not keep(name):
                 excluded += 1
                 continue
-            try:
-                check_metric_name(name)
-                if not math.isfinite(value):
-                    raise SampleError(f"{name}: {value} is not a finite number")
-            except SampleError as exc:
-                problems.append(f"{where}{exc}")
+            if name not in good_names:
+                try:
+                    check_metric_name(name)
+                except SampleError as exc:
+                    problems.append(f"{where}{exc}")
+                    continue
+            if not finite(value):
+                problems.append(f"{where}{name}: {value} is not a finite number")
                 continue
             key = (device, ts, name)
             first = seen.get(key)
             if first is None:
                 seen[key] = (value, where)
-                outcome.readings.append((device, ts, name, value))
+                readings.append((device, ts, name, value))
             elif first[0] != value:
                 again = f" (also in {first[1].rstrip(': ')})" if first[1] else ""
                 shared = ", the message's arrival time" if sample.ts is None else ""

@@ -33,6 +33,8 @@ TS_UNITS: dict[str, tuple[int, int]] = {
 #: Python's ``float()`` would also take is deliberately narrower here).
 NUMBER_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 
+_isfinite = math.isfinite
+
 #: Strings that are readings: switch states and booleans as devices write them.
 BOOLEAN_WORDS = {"on": 1.0, "off": 0.0, "true": 1.0, "false": 0.0}
 
@@ -67,14 +69,19 @@ class Decoded:
     samples: list[Sample] = field(default_factory=list)
     #: Values that are not readings (strings, nulls, arrays): skipped and counted.
     skipped: int = 0
-    #: The first few skipped values, ``name: value``, for the reason of a message that
-    #: yields no reading.
-    skipped_shown: list[str] = field(default_factory=list)
+    #: The first few skipped (name, value) pairs, for the reason of a message that yields no
+    #: reading (formatted only then: see :attr:`skipped_shown`).
+    skipped_first: list[tuple[str, Any]] = field(default_factory=list)
 
     def skip(self, name: str, value: Any) -> None:
         self.skipped += 1
-        if len(self.skipped_shown) < SKIPPED_SHOWN:
-            self.skipped_shown.append(f"{name}: {shown(value)}")
+        if len(self.skipped_first) < SKIPPED_SHOWN:
+            self.skipped_first.append((name, value))
+
+    @property
+    def skipped_shown(self) -> list[str]:
+        """The first few skipped values as ``name: value`` (JSON)."""
+        return [f"{name}: {shown(value)}" for name, value in self.skipped_first]
 
 
 def shown(value: Any, limit: int = 30) -> str:
@@ -92,19 +99,17 @@ def number(value: Any) -> float | None:
     Numbers (finite), ``true``/``false`` and the strings ON/OFF/true/false (any case) are
     readings; every other string, null and array is not.
     """
-    if value is True:
-        return 1.0
-    if value is False:
-        return 0.0
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, int):
+    t = type(value)
+    if t is float:
+        return value if _isfinite(value) else None
+    if t is int:
         try:
-            result = float(value)
+            return float(value)
         except OverflowError:
             return None
-        return result
-    if isinstance(value, str):
+    if t is bool:
+        return 1.0 if value else 0.0
+    if t is str:
         return BOOLEAN_WORDS.get(value.strip().lower())
     return None
 
@@ -206,40 +211,48 @@ def epoch_text_ms(text: str, unit: str, what: str) -> int:
     raise SampleError(f"{what}: {shown(text)} is neither epoch {unit} nor a date-time")
 
 
-#: Parsed date-time texts per zone: devices repeat them (Tasmota: once a second at most).
-_TIME_CACHE: dict[tuple[str, dt.tzinfo], int] = {}
+_EPOCH = dt.datetime(1970, 1, 1)  # naive on purpose: wall-clock arithmetic
+_SECOND = dt.timedelta(seconds=1)
+#: UTC offsets (seconds) of a zone per local minute (``YYYY-MM-DDTHH:MM``): zones change
+#: their offset on whole minutes, and devices send many times within one.
+_OFFSETS: dict[tuple[dt.tzinfo, str], int] = {}
+
+
+def _offset_secs(tz: dt.tzinfo, local: dt.datetime, minute_key: str) -> int:
+    key = (tz, minute_key)
+    got = _OFFSETS.get(key)
+    if got is None:
+        # fold=0: an hour that repeats (daylight saving ends) is read as its first occurrence
+        got = int(local.replace(tzinfo=tz).utcoffset() // _SECOND)  # type: ignore[operator]
+        if len(_OFFSETS) >= 4096:
+            _OFFSETS.clear()
+        _OFFSETS[key] = got
+    return got
 
 
 def datetime_ms(text: str, tz: dt.tzinfo, what: str) -> int:
     """An ISO 8601 date-time as UTC epoch ms; without a zone it is read in ``tz``."""
-    key = (text, tz)
-    got = _TIME_CACHE.get(key)
-    if got is not None:
-        return got
     m = DATETIME_RE.match(text.strip())
     if not m:
         raise SampleError(f"{what}: {shown(text)} is not a date-time (ISO 8601)")
     year, month, day, hour, minute, second, frac, zone_text = m.groups()
     try:
-        if zone_text is None:
-            tzinfo = tz
-        elif zone_text in ("Z", "z"):
-            tzinfo = dt.UTC
-        else:
-            digits = zone_text[1:].replace(":", "")
-            sign = 1 if zone_text[0] == "+" else -1
-            offset = dt.timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
-            tzinfo = dt.timezone(sign * offset)
-        when = dt.datetime(
-            int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=tzinfo
+        local = dt.datetime(  # naive: the zone is applied below, as an offset
+            int(year), int(month), int(day), int(hour), int(minute), int(second)
         )
     except ValueError as exc:
         raise SampleError(f"{what}: {shown(text)} is not a valid date-time: {exc}") from None
-    result = int(when.timestamp()) * 1000 + int((frac or "0")[:3].ljust(3, "0"))
-    if len(_TIME_CACHE) >= 4096:
-        _TIME_CACHE.clear()
-    _TIME_CACHE[key] = result
-    return result
+    if zone_text is None:
+        offset = 0 if tz is dt.UTC else _offset_secs(tz, local, m.group(0)[:16])
+    elif zone_text in ("Z", "z"):
+        offset = 0
+    else:
+        digits = zone_text[1:].replace(":", "")
+        offset = (int(digits[:2]) * 3600 + int(digits[2:]) * 60) * (
+            1 if zone_text[0] == "+" else -1
+        )
+    secs = (local - _EPOCH) // _SECOND - offset
+    return secs * 1000 + (int(frac[:3].ljust(3, "0")) if frac else 0)
 
 
 def time_ms(value: Any, unit: str, tz: dt.tzinfo, what: str) -> int:
@@ -281,20 +294,20 @@ def objects(doc: Any, what: str) -> Iterator[tuple[str, Any]]:
 def object_sample(
     obj: dict[str, Any],
     *,
-    ts_key: str | None,
+    ts_key: str,
     ts_unit: str,
     opts: Any,
     metric: str | None,
     into: Decoded,
     label: str = "",
 ) -> Sample:
-    """A flat JSON object as one sample: every key a metric (flattened), except ``ts_key``,
-    which, when present, is the sample's own time (unless the input ignores payload times).
-    """
+    """A JSON object as one sample: every key a metric (nested objects flattened), except
+    ``ts_key``, which, when present, is the sample's own time (unless the input ignores
+    payload times)."""
     ts = None
-    skip: frozenset[str] = frozenset()
-    if ts_key is not None and ts_key in obj:
-        skip = frozenset((ts_key,))
+    skip = _NOTHING
+    if ts_key in obj:
+        skip = _skip_set(ts_key)
         if opts.payload_time:
             try:
                 ts = time_ms(obj[ts_key], ts_unit, opts.tz, ts_key)
@@ -303,6 +316,17 @@ def object_sample(
     values: list[tuple[str, float]] = []
     _flatten_skipping(obj, f"{metric}." if metric else "", values, into, skip)
     return Sample(values, ts=ts, label=label)
+
+
+_NOTHING: frozenset[str] = frozenset()
+_SKIP_SETS: dict[str, frozenset[str]] = {}
+
+
+def _skip_set(key: str) -> frozenset[str]:
+    got = _SKIP_SETS.get(key)
+    if got is None:
+        got = _SKIP_SETS[key] = frozenset((key,))
+    return got
 
 
 def _flatten_skipping(
