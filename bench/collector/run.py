@@ -1,23 +1,31 @@
-"""Benchmark: draining a broker backlog with ``fieldgate collect`` against two baselines.
+"""Benchmark: draining a broker backlog with ``fieldgate collect`` against its baselines.
 
-Starts a real Mosquitto (persistence on, ``max_queued_messages 0`` so nothing is dropped,
-``max_inflight_messages 1000`` so the MQTT 3.1.1 baselines are not throttled by the default
-of 20), registers three persistent sessions (QoS 1 on ``fieldgate/+/readings``), publishes a
-backlog of N QoS 1 messages (default 100,000) of two metrics each, then times in one run:
+Starts a real Mosquitto that loads what ``fieldgate broker-conf`` prints (the arrival-stamp
+plugin; persistence on, ``max_queued_messages 0`` so nothing is dropped,
+``max_inflight_messages 2000``), registers persistent sessions, publishes the same backlog of
+N QoS 1 messages (default 100,000) of two metrics each in three forms, and times in one run:
 
 - ``mosquitto_sub -c -q 1 -C N``: the broker's delivery limit (C client, acks each message);
-- a naive collector (paho, auto-ack, one SQLite commit per message: the usual pattern);
-- ``fieldgate collect`` (group commit, acks after commit), until the store holds 2N readings.
+- ``fieldgate collect`` before this change (``--before REF``, default ``main``, run from a
+  ``git archive`` of that commit's glue with this venv; skipped when REF's glue is this one):
+  the native form over its MQTT 3.1.1 session;
+- ``fieldgate collect`` now: the native form (``fieldgate/TH-001/readings``), the Tasmota form
+  (``tele/TH-001/SENSOR``: ``Time`` in each payload, a ``TempUnit`` string to skip) and the
+  Zigbee2MQTT form (``zigbee2mqtt/TH-001``: no time, so every reading takes the broker's
+  arrival stamp), each from its own MQTT v5 session, until the store holds 2N readings;
+- a naive collector (paho, auto-ack, one SQLite commit per message: the usual pattern).
 
-Prints msgs/s for each and the ratios (targets: fieldgate >= 0.3x mosquitto_sub and >= 5x the
-naive collector), checks every message was stored exactly once, and reports the collector's
-peak RSS (VmHWM; target <= 60 MB). The naive drain is slow (one fsync per message), so by
-default it runs for at most ``--naive-secs`` and its rate is measured on what it drained;
-``--naive-secs 0`` drains it completely. Exit status 1 when a target is missed.
+Prints msgs/s for each, the CPU each collector process spent per message, and the ratios
+(targets: fieldgate native >= 0.3x mosquitto_sub and >= 5x the naive collector; tasmota and
+zigbee2mqtt each >= 0.8x native), checks every message was stored exactly once, and reports
+the native collector's peak RSS (VmHWM; target <= 60 MB). The naive drain is slow (one fsync
+per message), so by default it runs for at most ``--naive-secs`` and its rate is measured on
+what it drained; ``--naive-secs 0`` drains it completely. Exit status 1 when a target is
+missed.
 
 Run from the repository root:
 
-    .venv/bin/python bench/collector/run.py [--messages N] [--naive-secs S]
+    .venv/bin/python bench/collector/run.py [--messages N] [--naive-secs S] [--before REF]
 """
 
 from __future__ import annotations
@@ -33,14 +41,60 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import yaml
 
 FIELDGATE = str(Path(sys.executable).with_name("fieldgate"))
-TOPIC = "fieldgate/+/readings"
+REPO = Path(__file__).resolve().parents[2]
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Form:
+    """One form of the backlog: its topic, how the i-th payload looks, its input."""
+
+    name: str
+    topic: str
+    prefix: (
+        str  # the collector's topic_prefix (distinct, so native topics do not cross)
+    )
+    inputs: tuple[dict, ...]
+
+    def payload(self, i: int) -> str:
+        t = 20 + i % 10
+        if self.name == "tasmota":
+            when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(T0 // 1000 + i))
+            return json.dumps(
+                {
+                    "Time": when,
+                    "AM2301": {"Temperature": t, "Humidity": 45.5},
+                    "TempUnit": "C",
+                }
+            )
+        if self.name == "zigbee2mqtt":
+            return json.dumps({"temperature": t, "humidity": 45.5})
+        return json.dumps(
+            {"ts": T0 + i, "metrics": {"temperature": t, "humidity": 45.5}}
+        )
+
+
+NATIVE = Form("native", "fieldgate/TH-001/readings", "fieldgate", ())
+TASMOTA = Form(
+    "tasmota",
+    "tele/TH-001/SENSOR",
+    "fg-t",
+    ({"topic": "tele/{device}/SENSOR", "format": "tasmota"},),
+)
+Z2M = Form(
+    "zigbee2mqtt",
+    "zigbee2mqtt/TH-001",
+    "fg-z",
+    ({"topic": "zigbee2mqtt/{device}", "format": "zigbee2mqtt"},),
+)
 
 
 def free_port() -> int:
@@ -59,6 +113,15 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
     raise SystemExit(f"bench: mosquitto did not listen on port {port}")
 
 
+def broker_conf() -> str:
+    p = subprocess.run(
+        [FIELDGATE, "broker-conf"], capture_output=True, text=True, check=False
+    )
+    if p.returncode != 0:
+        raise SystemExit(f"bench: fieldgate broker-conf failed: {p.stderr.strip()}")
+    return p.stdout
+
+
 def start_broker(work: Path, port: int) -> subprocess.Popen[bytes]:
     conf = work / "mosquitto.conf"
     conf.write_text(
@@ -71,13 +134,14 @@ def start_broker(work: Path, port: int) -> subprocess.Popen[bytes]:
         "max_inflight_messages 2000\n"
         + ("user root\n" if os.geteuid() == 0 else "")
         + f"log_dest file {work}/mosquitto.log\n"
+        + broker_conf()
     )
     proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
     wait_for_port(port)
     return proc
 
 
-def session_sub(port: int, client_id: str) -> list[str]:
+def session_sub(port: int, client_id: str, topic: str) -> list[str]:
     """``mosquitto_sub`` on the persistent QoS 1 session ``client_id`` (MQTT 3.1.1)."""
     return [
         "mosquitto_sub",
@@ -89,21 +153,22 @@ def session_sub(port: int, client_id: str) -> list[str]:
         "-q",
         "1",
         "-t",
-        TOPIC,
+        topic,
     ]
 
 
-def register_v311_session(port: int, client_id: str) -> None:
-    """A persistent MQTT 3.1.1 session subscribed at QoS 1 (the baselines use 3.1.1)."""
-    subprocess.run([*session_sub(port, client_id), "-E"], check=True)
+def register_v311_session(port: int, client_id: str, topic: str) -> None:
+    subprocess.run([*session_sub(port, client_id, topic), "-E"], check=True)
 
 
-def publish_backlog(port: int, n: int) -> float:
-    """Publish n QoS 1 messages (two metrics each), waiting for every PUBACK; returns seconds.
+def publish_backlog(port: int, form: Form, n: int) -> float:
+    """Publish n QoS 1 messages of a form, waiting for every PUBACK; returns seconds.
 
     (``mosquitto_pub -l`` of Debian 12's 2.0.11 exits before all QoS 1 lines are delivered.)
     """
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-publisher")
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{form.name}"
+    )
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", port)
@@ -114,16 +179,7 @@ def publish_backlog(port: int, n: int) -> float:
             0, n, 10_000
         ):  # message ids wrap at 65535: wait chunk by chunk
             infos = [
-                client.publish(
-                    "fieldgate/TH-001/readings",
-                    json.dumps(
-                        {
-                            "ts": T0 + i,
-                            "metrics": {"temperature": 20 + i % 10, "humidity": 45.5},
-                        }
-                    ),
-                    qos=1,
-                )
+                client.publish(form.topic, form.payload(i), qos=1)
                 for i in range(first, min(n, first + 10_000))
             ]
             for info in infos:
@@ -141,7 +197,7 @@ def publish_backlog(port: int, n: int) -> float:
 def drain_mosquitto_sub(port: int, client_id: str, n: int) -> float:
     started = time.monotonic()
     subprocess.run(
-        [*session_sub(port, client_id), "-C", str(n)],
+        [*session_sub(port, client_id, NATIVE.topic), "-C", str(n)],
         stdout=subprocess.DEVNULL,
         check=True,
     )
@@ -188,13 +244,12 @@ def drain_naive(
     return done["n"], elapsed
 
 
-def count(db: Path, where: str = "1") -> int:
+def count(db: Path, table: str = "readings") -> int:
     if not db.exists():
         return 0
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
-        sql = f"SELECT COUNT(*) FROM readings WHERE {where}"
-        return int(conn.execute(sql).fetchone()[0])
+        return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
     except sqlite3.OperationalError:
         return 0
     finally:
@@ -208,168 +263,276 @@ def vm_hwm_kb(pid: int) -> int:
     return 0
 
 
-def fieldgate_config(work: Path, port: int) -> Path:
-    (work / "gw").mkdir()
-    cfg = {
-        "site": {"serial": "GW-BENCH"},
-        "store": {"path": str(work / "gw" / "data_store.db")},
-        "mqtt": {"host": "127.0.0.1", "port": port, "client_id": "bench-fieldgate"},
-        "devices": {"list": [{"serial": "TH-001"}]},
-        "log": {"level": "WARNING"},
-    }
-    path = work / "fieldgate.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def cpu_secs(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def state(db: Path) -> str | None:
-    if not db.exists():
-        return None
-    conn = sqlite3.connect(str(db), timeout=30)
-    try:
-        row = conn.execute(
-            "SELECT value FROM state WHERE key = 'collector.state'"
-        ).fetchone()
-        return row[0] if row else None
-    except sqlite3.OperationalError:
-        return None
-    finally:
-        conn.close()
+@dataclass
+class Collector:
+    """One ``fieldgate collect`` of the bench: its config, store and how it is started."""
 
+    name: str
+    work: Path
+    port: int
+    form: Form
+    #: Glue sources to run instead of the installed package (the ``--before`` commit's).
+    src: Path | None = None
 
-def start_collector(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "FIELDGATE_CONFIG": str(config)}
-    with log.open("ab") as out:
-        return subprocess.Popen([FIELDGATE, "collect"], stdout=out, stderr=out, env=env)
+    def __post_init__(self) -> None:
+        d = self.work / self.name
+        d.mkdir()
+        self.db = d / "data_store.db"
+        self.log = d / "collector.log"
+        mqtt_cfg: dict = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "client_id": f"bench-{self.name}",
+            "topic_prefix": self.form.prefix,
+        }
+        if self.form.inputs:
+            mqtt_cfg["inputs"] = list(self.form.inputs)
+        cfg = {
+            "site": {"serial": "GW-BENCH"},
+            "store": {"path": str(self.db)},
+            "mqtt": mqtt_cfg,
+            "devices": {"list": [{"serial": "TH-001"}]},
+            "log": {"level": "WARNING"},
+        }
+        self.config = d / "fieldgate.yaml"
+        self.config.write_text(yaml.safe_dump(cfg))
 
+    def start(self) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "FIELDGATE_CONFIG": str(self.config)}
+        cmd = [FIELDGATE, "collect"]
+        if self.src is not None:
+            env["PYTHONPATH"] = str(self.src)
+            cmd = [sys.executable, "-m", "fieldgate", "collect"]
+        with self.log.open("ab") as out:
+            return subprocess.Popen(cmd, stdout=out, stderr=out, env=env)
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
+    def state(self) -> str | None:
+        if not self.db.exists():
+            return None
+        conn = sqlite3.connect(str(self.db), timeout=30)
+        try:
+            row = conn.execute(
+                "SELECT value FROM state WHERE key = 'collector.state'"
+            ).fetchone()
+            return row[0] if row else None
+        except sqlite3.OperationalError:
+            return None
+        finally:
+            conn.close()
 
-
-def register_fieldgate_session(config: Path, db: Path, log: Path) -> None:
-    """Run the collector once so the broker creates its persistent session, then stop it."""
-    proc = start_collector(config, log)
-    deadline = time.monotonic() + 30
-    while state(db) != "running":
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit(f"bench: fieldgate collect did not start; see {log}")
-        time.sleep(0.05)
-    time.sleep(0.3)  # the SUBACK
-    stop(proc)
-
-
-def running_since(db: Path) -> float:
-    """When the collector's state last became ``running`` (epoch seconds)."""
-    conn = sqlite3.connect(str(db), timeout=30)
-    try:
-        row = conn.execute(
-            "SELECT updated_at FROM state WHERE key = 'collector.state' AND value = 'running'"
-        ).fetchone()
-    finally:
-        conn.close()
-    if row is None:
-        raise SystemExit("bench: the collector never reported running")
-    return int(row[0]) / 1000
-
-
-def drain_fieldgate(
-    config: Path, db: Path, log: Path, n: int
-) -> tuple[float, float, tuple[int, int]]:
-    """Start the collector; wait until the store holds 2n readings.
-
-    Returns (seconds from process start, seconds from the broker connection, and the VmHWM
-    in kB of the collector and of its store-writer child).
-    """
-    started = time.monotonic()
-    proc = start_collector(config, log)
-    try:
-        while count(db) < 2 * n:
-            if proc.poll() is not None:
-                raise SystemExit(f"bench: fieldgate collect exited; see {log}")
-            if time.monotonic() - started > 600:
-                raise SystemExit("bench: fieldgate did not drain the backlog in 600 s")
+    def register(self) -> None:
+        """Run once so the broker creates the persistent session, then stop."""
+        proc = self.start()
+        deadline = time.monotonic() + 30
+        while self.state() != "running":
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"bench: {self.name} did not start; see {self.log}")
             time.sleep(0.05)
-        done_wall = time.time()
-        elapsed = time.monotonic() - started
-        children = (
-            Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        time.sleep(0.5)  # the SUBACK
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+    def running_since(self) -> float:
+        """When the collector's state last became ``running`` (epoch seconds)."""
+        conn = sqlite3.connect(str(self.db), timeout=30)
+        try:
+            row = conn.execute(
+                "SELECT updated_at FROM state WHERE key = 'collector.state' AND value = 'running'"
+            ).fetchone()
+        finally:
+            conn.close()
+        if row is None:
+            raise SystemExit(f"bench: {self.name} never reported running")
+        return int(row[0]) / 1000
+
+    def drain(self, n: int) -> Drained:
+        """Start; wait until the store holds 2n readings; stop."""
+        started = time.monotonic()
+        proc = self.start()
+        try:
+            while count(self.db) < 2 * n:
+                if proc.poll() is not None:
+                    raise SystemExit(f"bench: {self.name} exited; see {self.log}")
+                if time.monotonic() - started > 900:
+                    raise SystemExit(
+                        f"bench: {self.name} did not drain the backlog in 900 s"
+                    )
+                time.sleep(0.05)
+            done_wall = time.time()
+            elapsed = time.monotonic() - started
+            children = (
+                Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            )
+            hwm = (vm_hwm_kb(proc.pid), sum(vm_hwm_kb(int(c)) for c in children))
+            cpu = (cpu_secs(proc.pid), sum(cpu_secs(int(c)) for c in children))
+            from_connect = done_wall - self.running_since()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        return Drained(
+            self.name,
+            n,
+            from_connect,
+            elapsed,
+            hwm,
+            cpu,
+            count(self.db),
+            count(self.db, "rejected"),
         )
-        hwm = (vm_hwm_kb(proc.pid), sum(vm_hwm_kb(int(c)) for c in children))
-        from_connect = done_wall - running_since(db)
-    finally:
-        stop(proc)
-    return elapsed, from_connect, hwm
+
+
+@dataclass
+class Drained:
+    name: str
+    n: int
+    secs: float  # from the broker connection to the last reading stored
+    wall: float  # counting interpreter start-up
+    hwm_kb: tuple[int, int]  # collector, store writer
+    cpu: tuple[float, float]  # CPU seconds: collector, store writer
+    stored: int
+    rejected: int
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.secs
+
+    def line(self) -> str:
+        us = [c / self.n * 1e6 for c in self.cpu]
+        return (
+            f"{self.name:<20} {self.n:>7} msgs in {self.secs:7.2f} s = {self.rate:9.0f} msgs/s "
+            f"(CPU per message: collector {us[0]:.0f} us, writer {us[1]:.0f} us; "
+            f"{self.n / self.wall:.0f} msgs/s counting start-up)"
+        )
+
+
+def before_sources(work: Path, ref: str) -> Path | None:
+    """The glue of commit ``ref`` unpacked into ``work`` (None: it is this glue)."""
+
+    def tree(rev: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", f"{rev}:glue/src"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    if (
+        tree(ref) == tree("HEAD")
+        and not subprocess.run(
+            ["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "glue/src"],
+            check=False,
+        ).returncode
+    ):
+        return None
+    dest = work / "before-src"
+    dest.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "glue/src"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest / "glue" / "src"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--naive-secs", type=float, default=60.0)
+    ap.add_argument(
+        "--before", default="main", help="git ref of the collector to compare with"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
     n = args.messages
     work = Path(tempfile.mkdtemp(prefix="fieldgate-bench-collector-"))
     port = free_port()
+    print(f"load average before the run: {os.getloadavg()[0]:.2f}")
     broker = start_broker(work, port)
     try:
-        config = fieldgate_config(work, port)
-        fg_db = work / "gw" / "data_store.db"
-        fg_log = work / "collector.log"
-        register_v311_session(port, "bench-sub")
-        register_v311_session(port, "bench-naive")
-        register_fieldgate_session(config, fg_db, fg_log)
-        secs = publish_backlog(port, n)
-        print(f"published {n} QoS 1 messages (2 metrics each) in {secs:.1f} s")
+        before_src = before_sources(work, args.before)
+        collectors = [
+            Collector("native", work, port, NATIVE),
+            Collector("tasmota", work, port, TASMOTA),
+            Collector("zigbee2mqtt", work, port, Z2M),
+        ]
+        old = None
+        if before_src is not None:
+            old = Collector("before", work, port, NATIVE, src=before_src)
+        else:
+            print(f"before ({args.before}): same glue as this checkout, not run")
+        register_v311_session(port, "bench-sub", NATIVE.topic)
+        register_v311_session(port, "bench-naive", NATIVE.topic)
+        for c in [*collectors, *([old] if old else [])]:
+            c.register()
+        for form in (NATIVE, TASMOTA, Z2M):
+            secs = publish_backlog(port, form, n)
+            print(
+                f"published {n} QoS 1 messages ({form.name} form, 2 metrics) in {secs:.1f} s"
+            )
 
-        sub_secs = drain_mosquitto_sub(port, "bench-sub", n)
-        sub_rate = n / sub_secs
-        print(
-            f"mosquitto_sub    {n:>7} msgs in {sub_secs:7.2f} s = {sub_rate:9.0f} msgs/s"
-        )
-
-        fg_wall, fg_secs, hwm = drain_fieldgate(config, fg_db, fg_log, n)
-        fg_rate = n / fg_secs
-        print(
-            f"fieldgate        {n:>7} msgs in {fg_secs:7.2f} s = {fg_rate:9.0f} msgs/s "
-            f"(from its broker connection; {n / fg_wall:.0f} msgs/s over {fg_wall:.2f} s "
-            "counting interpreter start-up)"
-        )
-
+        sub_rate = n / drain_mosquitto_sub(port, "bench-sub", n)
+        print(f"{'mosquitto_sub':<20} {n:>7} msgs {'':>16}= {sub_rate:9.0f} msgs/s")
+        drained: dict[str, Drained] = {}
+        if old is not None:
+            drained["before"] = old.drain(n)
+            print(drained["before"].line())
+        for c in collectors:
+            drained[c.name] = c.drain(n)
+            print(drained[c.name].line())
         naive_n, naive_secs = drain_naive(
             port, "bench-naive", work / "naive.db", n, args.naive_secs
         )
         naive_rate = naive_n / naive_secs
         partial = "" if naive_n == n else f" (stopped after {args.naive_secs:g} s)"
         print(
-            f"naive collector  {naive_n:>7} msgs in {naive_secs:7.2f} s = "
+            f"{'naive collector':<20} {naive_n:>7} msgs in {naive_secs:7.2f} s = "
             f"{naive_rate:9.0f} msgs/s{partial}"
         )
+        print(f"load average after the run: {os.getloadavg()[0]:.2f}")
 
-        stored = count(fg_db)
-        distinct = count(fg_db, "metric IN ('temperature', 'humidity')")
-        conn = sqlite3.connect(str(fg_db))
-        rejected = conn.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
-        conn.close()
-        ok_all = stored == 2 * n and distinct == 2 * n and rejected == 0
-        r_sub = fg_rate / sub_rate
-        r_naive = fg_rate / naive_rate
-        rss_mb = sum(hwm) / 1024
-        rss_text = (
-            f"collector peak RSS (VmHWM) = {rss_mb:.1f} MB: main process "
-            f"{hwm[0] / 1024:.1f} MB + store writer {hwm[1] / 1024:.1f} MB "
-            "(target <= 60 MB)"
-        )
+        native = drained["native"]
         results = [
             (
-                f"fieldgate / mosquitto_sub = {r_sub:.2f}x (target >= 0.3x)",
-                r_sub >= 0.3,
+                f"fieldgate / mosquitto_sub = {native.rate / sub_rate:.2f}x (target >= 0.3x)",
+                native.rate / sub_rate >= 0.3,
             ),
-            (f"fieldgate / naive = {r_naive:.1f}x (target >= 5x)", r_naive >= 5),
-            (rss_text, rss_mb <= 60),
-            (f"stored {stored} readings for {n} messages, {rejected} rejected", ok_all),
+            (
+                f"fieldgate / naive = {native.rate / naive_rate:.1f}x (target >= 5x)",
+                native.rate / naive_rate >= 5,
+            ),
         ]
+        for name in ("tasmota", "zigbee2mqtt"):
+            r = drained[name].rate / native.rate
+            results.append((f"{name} / native = {r:.2f}x (target >= 0.8x)", r >= 0.8))
+        if "before" in drained:
+            b = drained["before"]
+            cpu_ratio = (sum(native.cpu) / n) / (sum(b.cpu) / n)
+            print(
+                f"native after / before ({args.before}, MQTT 3.1.1): rate "
+                f"{native.rate / b.rate:.2f}x, CPU per message {cpu_ratio:.2f}x "
+                f"(collector {native.cpu[0] / b.cpu[0]:.2f}x, writer {native.cpu[1] / b.cpu[1]:.2f}x)"
+            )
+        rss_mb = sum(native.hwm_kb) / 1024
+        rss_text = (
+            f"collector peak RSS (VmHWM) = {rss_mb:.1f} MB: main process "
+            f"{native.hwm_kb[0] / 1024:.1f} MB + store writer "
+            f"{native.hwm_kb[1] / 1024:.1f} MB (target <= 60 MB)"
+        )
+        results.append((rss_text, rss_mb <= 60))
+        for d in drained.values():
+            results.append(
+                (
+                    f"{d.name}: stored {d.stored} readings for {n} messages, {d.rejected} rejected",
+                    d.stored == 2 * n and d.rejected == 0,
+                )
+            )
         for text, ok in results:
             print(f"{'PASS' if ok else 'FAIL'}  {text}")
         return 0 if all(ok for _, ok in results) else 1
