@@ -471,3 +471,39 @@ def test_an_input_removed_from_the_configuration_is_unsubscribed(
     assert c.stop() == 0
     assert count_rows(c.db, "rejected") == 0  # the old input's message never came
     assert "unsubscribed from zigbee2mqtt/+ (no longer configured)" in c.log.read_text()
+
+
+def test_a_retained_state_is_read_once_not_at_every_restart(
+    mosquitto: Broker, config_file: ConfigFactory, tmp_path: Path
+) -> None:
+    """ESPHome retains its states: a new subscription gets them (with the stamp of their
+    arrival), a restarted collector re-subscribing its session does not get them again."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.username_pw_set(SENSOR_USER, SENSOR_PASSWORD)
+    client.connect(mosquitto.host, mosquitto.port)
+    client.loop_start()
+    before = now_ms()
+    info = client.publish("livingroom/sensor/temperature/state", "21.5", qos=1, retain=True)
+    info.wait_for_publish(timeout=30)
+    after = now_ms()
+    client.disconnect()
+    client.loop_stop()
+    config = config_file(
+        broker=mosquitto,
+        overrides={
+            "mqtt": {"inputs": [{"topic": "{device}/sensor/{metric}/state", "format": "value"}]},
+            "devices": {"list": [{"serial": "livingroom"}]},
+        },
+    )
+    time.sleep(1.2)  # the collector connects later than the state arrived
+    c = Collector(config, tmp_path / "collector.log")
+    for _run in range(2):
+        c.start()
+        c.subscribed()
+        publish(mosquitto, [("fieldgate/livingroom/readings", reading_payload(T0 + _run, x=1))])
+        wait_until(lambda r=_run: c.readings() == 2 + r, what="the marker reading")
+        assert c.stop() == 0
+    (ts,) = query(c.db, "SELECT ts FROM readings WHERE metric = 'temperature'")[0]
+    assert before <= ts <= after  # its arrival, not the collector's subscription
+    status = json.loads(run_fieldgate("status", "--json", config=config).stdout)
+    assert status["inputs"][1]["messages"] == 1

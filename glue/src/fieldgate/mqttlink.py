@@ -30,6 +30,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fieldgate import store
 from fieldgate.config import Config, MqttConfig
@@ -157,7 +158,10 @@ class MqttLink:
         if self.stale:
             client.unsubscribe(self.stale)
             log.info("unsubscribed from %s (no longer configured)", ", ".join(self.stale))
-        client.subscribe([(t, 1) for t in self.topics])
+        # Retain Handling 1: a retained message comes with a new subscription only, not each
+        # time a restarted collector subscribes its persistent session again.
+        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        client.subscribe([(t, options) for t in self.topics])
         log.info(
             "connected to broker %s as %s (%s session)",
             self.broker,
