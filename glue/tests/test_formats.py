@@ -553,3 +553,23 @@ def test_zone_less_local_times_across_a_daylight_saving_change() -> None:
 def test_unknown_zone_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
         zone("Mars/Olympus")
+
+
+THINGSBOARD_MALFORMED = [
+    ([1, {"t": 1}], "expected an object, got a number"),
+    ([{"ts": "soon", "values": {"t": 1}}, {"t": 1}], 'ts: "soon" is not a date-time'),
+    ([{"ts": 1451649600512, "values": [1, 2]}, {"t": 1}], "values: expected an object"),
+    ([{"ts": True, "values": {"t": 1}}, {"t": 1}], "ts: expected epoch ms or a date-time"),
+]
+
+
+@pytest.mark.parametrize(("doc", "reason"), THINGSBOARD_MALFORMED)
+def test_thingsboard_malformed_samples_are_rejected_alone(doc: list, reason: str) -> None:
+    d = decode("thingsboard", doc)
+    assert reason in d.samples[0].error
+    assert d.samples[0].label == "element 0"
+    assert values(d)[1] == [("t", 1.0)]
+
+
+def test_value_input_payload_is_text_not_json() -> None:
+    assert decode("value", '"21.5"', metric="t").samples == []  # a JSON string is no number
