@@ -178,6 +178,25 @@ def publish(
         client.loop_stop()
 
 
+def v311_session(broker: Broker, client_id: str, topic: str) -> None:
+    """Leave a persistent MQTT 3.1.1 session (clean session off) subscribed to ``topic`` at
+    QoS 1 on the broker, as the collector of earlier versions did."""
+    import threading
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+    client.username_pw_set(COLLECTOR_USER, COLLECTOR_PASSWORD)
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.connect(broker.host, broker.port)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    try:
+        assert subscribed.wait(10), "no SUBACK"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def reading_payload(ts_ms: int, **metrics: float) -> str:
     """A docs/contract.md §4 JSON payload."""
     return json.dumps({"ts": ts_ms, "metrics": metrics})

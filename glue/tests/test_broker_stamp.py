@@ -29,6 +29,7 @@ from support import (
     Broker,
     publish,
     run_fieldgate,
+    v311_session,
     wait_until,
 )
 
@@ -460,16 +461,7 @@ def test_redelivery_with_dup_carries_the_same_stamp(mosquitto: Broker) -> None:
 def test_a_v5_collector_takes_over_the_v311_session_and_its_backlog(mosquitto: Broker) -> None:
     """Upgrading a gateway: the MQTT 3.1.1 collector's session (same client id) and what the
     broker queued for it carry over to the v5 collector, stamps included."""
-    v3 = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="upgrade-sub", clean_session=False)
-    v3.username_pw_set(COLLECTOR_USER, COLLECTOR_PASSWORD)
-    subscribed = threading.Event()
-    v3.on_subscribe = lambda *_a: subscribed.set()
-    v3.connect(mosquitto.host, mosquitto.port)
-    v3.subscribe("fg/#", qos=1)
-    v3.loop_start()
-    assert subscribed.wait(10)
-    v3.disconnect()
-    v3.loop_stop()
+    v311_session(mosquitto, "upgrade-sub", "fg/#")
     publish(mosquitto, [("fg/a/readings", str(i)) for i in range(10)])
     sub = Session(mosquitto, "upgrade-sub").connect()
     got = sub.wait_for(10)

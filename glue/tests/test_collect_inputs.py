@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +15,6 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from support import (
-    COLLECTOR_PASSWORD,
-    COLLECTOR_USER,
     SENSOR_PASSWORD,
     SENSOR_USER,
     Broker,
@@ -29,6 +26,7 @@ from support import (
     reading_payload,
     run_fieldgate,
     state,
+    v311_session,
     wait_until,
 )
 
@@ -427,16 +425,7 @@ def test_the_collector_takes_over_its_mqtt_311_session_and_backlog(
     is drained by the v5 collector (same client id), nothing lost."""
     config = config_file(broker=mosquitto)
     client_id = yaml.safe_load(config.read_text())["mqtt"]["client_id"]
-    old = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
-    old.username_pw_set(COLLECTOR_USER, COLLECTOR_PASSWORD)
-    subscribed = threading.Event()
-    old.on_subscribe = lambda *_a: subscribed.set()
-    old.connect(mosquitto.host, mosquitto.port)
-    old.subscribe("fieldgate/+/readings", qos=1)
-    old.loop_start()
-    assert subscribed.wait(10)
-    old.disconnect()
-    old.loop_stop()
+    v311_session(mosquitto, client_id, "fieldgate/+/readings")
     publish(
         mosquitto, [("fieldgate/TH-001/readings", reading_payload(T0 + i, t=i)) for i in range(50)]
     )

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import typing
 
 import pytest
 
+from fieldgate.config import Format
 from fieldgate.formats import DECODERS, FORMAT_NAMES, CsvSpec, Options, SampleError
 from fieldgate.formats.common import Decoded, datetime_ms, zone
 
@@ -34,7 +36,8 @@ def values(d: Decoded) -> list[list[tuple[str, float]]]:
     return [s.values for s in d.samples]
 
 
-def test_every_contract_format_has_a_decoder() -> None:
+def test_every_contract_format_has_a_decoder_and_a_configuration_name() -> None:
+    assert typing.get_args(Format) == FORMAT_NAMES
     assert set(FORMAT_NAMES) == {
         "fieldgate",
         "csv",

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from fieldgate.config import parse_config
+from fieldgate.formats import FORMAT_NAMES
 from fieldgate.inputs import InputTable, read_message
 from fieldgate.readings import Rules
 
@@ -81,18 +82,7 @@ EXAMPLES = examples()
 
 
 def test_every_format_has_a_documented_example() -> None:
-    formats = {e.inp.get("format", "fieldgate") for e in EXAMPLES}
-    assert formats == {
-        "fieldgate",
-        "csv",
-        "value",
-        "json",
-        "tasmota",
-        "zigbee2mqtt",
-        "shelly",
-        "influx",
-        "thingsboard",
-    }
+    assert {e.inp.get("format", "fieldgate") for e in EXAMPLES} == set(FORMAT_NAMES)
 
 
 @pytest.mark.parametrize("ex", EXAMPLES, ids=[f"{e.heading}:{e.topic}" for e in EXAMPLES])

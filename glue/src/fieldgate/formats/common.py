@@ -123,16 +123,26 @@ def text_number(text: str) -> float | None:
     return BOOLEAN_WORDS.get(t.lower())
 
 
-def flatten(obj: dict[str, Any], prefix: str, into: Decoded) -> list[tuple[str, float]]:
+def flatten(
+    obj: dict[str, Any], prefix: str, into: Decoded, skip: frozenset[str] = frozenset()
+) -> list[tuple[str, float]]:
     """The readings of a JSON object: nested objects joined with ``.``; every value that
-    is not a reading is counted in ``into``."""
+    is not a reading is counted in ``into``; top-level keys in ``skip`` are left out."""
     values: list[tuple[str, float]] = []
-    _flatten(obj, prefix, values, into)
+    _flatten(obj, prefix, values, into, skip)
     return values
 
 
-def _flatten(obj: dict[str, Any], prefix: str, out: list[tuple[str, float]], d: Decoded) -> None:
+def _flatten(
+    obj: dict[str, Any],
+    prefix: str,
+    out: list[tuple[str, float]],
+    d: Decoded,
+    skip: frozenset[str] = frozenset(),
+) -> None:
     for key, value in obj.items():
+        if skip and key in skip:
+            continue
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             _flatten(value, f"{name}.", out, d)
@@ -313,8 +323,7 @@ def object_sample(
                 ts = time_ms(obj[ts_key], ts_unit, opts.tz, ts_key)
             except SampleError as exc:
                 return Sample([], label=label, error=str(exc))
-    values: list[tuple[str, float]] = []
-    _flatten_skipping(obj, f"{metric}." if metric else "", values, into, skip)
+    values = flatten(obj, f"{metric}." if metric else "", into, skip)
     return Sample(values, ts=ts, label=label)
 
 
@@ -329,22 +338,16 @@ def _skip_set(key: str) -> frozenset[str]:
     return got
 
 
-def _flatten_skipping(
-    obj: dict[str, Any],
-    prefix: str,
-    out: list[tuple[str, float]],
-    d: Decoded,
-    skip: frozenset[str],
-) -> None:
-    for key, value in obj.items():
-        if key in skip:
-            continue
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            _flatten(value, f"{name}.", out, d)
-            continue
-        v = number(value)
-        if v is None:
-            d.skip(name, value)
-        else:
-            out.append((name, v))
+def decode_object(
+    text: str, opts: Any, metric: str | None, *, what: str, ts_key: str, ts_unit: str
+) -> Decoded:
+    """A payload that is one JSON object (Tasmota, Zigbee2MQTT): one sample, its time in
+    ``ts_key`` if present (epoch in ``ts_unit`` or a date-time)."""
+    doc = load_json(text)
+    if not isinstance(doc, dict):
+        raise SampleError(f"expected a {what} JSON object, got {kind(doc)}")
+    d = Decoded()
+    d.samples.append(
+        object_sample(doc, ts_key=ts_key, ts_unit=ts_unit, opts=opts, metric=metric, into=d)
+    )
+    return d

@@ -9,19 +9,12 @@ are not readings (skipped and counted); ``"POWER": "ON"`` is 1.
 
 from __future__ import annotations
 
-from fieldgate.formats.common import Decoded, SampleError, kind, load_json, object_sample
+from fieldgate.formats.common import Decoded, decode_object
 from fieldgate.formats.options import Options
 
 TIME_KEY = "Time"
 
 
 def decode(text: str, opts: Options, metric: str | None) -> Decoded:
-    doc = load_json(text)
-    if not isinstance(doc, dict):
-        raise SampleError(f"expected a Tasmota JSON object, got {kind(doc)}")
-    d = Decoded()
-    # A number in Time would be epoch seconds (Tasmota writes text).
-    d.samples.append(
-        object_sample(doc, ts_key=TIME_KEY, ts_unit="s", opts=opts, metric=metric, into=d)
-    )
-    return d
+    # Tasmota writes Time as text; a number there would be epoch seconds
+    return decode_object(text, opts, metric, what="Tasmota", ts_key=TIME_KEY, ts_unit="s")

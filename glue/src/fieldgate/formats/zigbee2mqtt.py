@@ -9,18 +9,11 @@ strings (``update.state: "idle"``, ``action``) and arrays are skipped and counte
 
 from __future__ import annotations
 
-from fieldgate.formats.common import Decoded, SampleError, kind, load_json, object_sample
+from fieldgate.formats.common import Decoded, decode_object
 from fieldgate.formats.options import Options
 
 TIME_KEY = "last_seen"
 
 
 def decode(text: str, opts: Options, metric: str | None) -> Decoded:
-    doc = load_json(text)
-    if not isinstance(doc, dict):
-        raise SampleError(f"expected a Zigbee2MQTT JSON object, got {kind(doc)}")
-    d = Decoded()
-    d.samples.append(
-        object_sample(doc, ts_key=TIME_KEY, ts_unit="ms", opts=opts, metric=metric, into=d)
-    )
-    return d
+    return decode_object(text, opts, metric, what="Zigbee2MQTT", ts_key=TIME_KEY, ts_unit="ms")
