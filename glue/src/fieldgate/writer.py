@@ -91,7 +91,12 @@ class MessageReader:
                 reason = f"topic {topic!r} matches no input (mqtt.inputs, the native topic)"
                 return Received(topic, payload, at, Outcome(device=None, reason=reason))
             inp, device, metric = found
-            used = stamp if stamp is not None else self.stand_in(topic, at)
+            if stamp is not None:
+                used = stamp
+            elif inp.decoder is None:
+                used = at  # native payloads carry their own ts: no stand-in needed
+            else:
+                used = self.stand_in(topic, at)
             outcome = read_message(inp, device, metric, payload, self.rules, stamp=used, now_ms=at)
             if stamp is None and outcome.stamped and not self._warned:
                 self._warned = True
