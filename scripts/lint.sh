@@ -253,6 +253,43 @@ fieldgate_devices:
     mqtt_password: not-empty
 EOF
 
+# Device inputs (gw-north has a Tasmota device and a Zigbee2MQTT bridge account): each
+# mistake fails with one line naming the input.
+expect_bad input-unknown-format "fieldgate_mqtt_inputs[1].format" <<'EOF'
+fieldgate_mqtt_inputs:
+  - topic: "tele/{device}/SENSOR"
+    format: tasmota
+  - topic: "zigbee2mqtt/{device}"
+    format: zigbee
+EOF
+grep -q "is not a format" "$WORK/bad-input-unknown-format.msg" || fail "input-unknown-format: the message does not say why"
+
+expect_bad input-device-twice "fieldgate_mqtt_inputs[0].topic" <<'EOF'
+fieldgate_mqtt_inputs:
+  - topic: "tele/{device}/{device}"
+    format: tasmota
+  - topic: "zigbee2mqtt/{device}"
+    format: zigbee2mqtt
+EOF
+grep -q "{device} may appear only once" "$WORK/bad-input-device-twice.msg" || fail "input-device-twice: the message does not say why"
+
+expect_bad input-outside-accounts "fieldgate_mqtt_inputs[2].topic" <<'EOF'
+fieldgate_mqtt_inputs:
+  - topic: "tele/{device}/SENSOR"
+    format: tasmota
+  - topic: "zigbee2mqtt/{device}"
+    format: zigbee2mqtt
+  - topic: "shellies/{device}/events/rpc"
+    format: shelly
+EOF
+grep -q "outside every account" "$WORK/bad-input-outside-accounts.msg" || fail "input-outside-accounts: the message does not say why"
+
+expect_bad account-topic-read-by-no-input "fieldgate_mqtt_accounts[zigbee2mqtt].topics[0]" <<'EOF'
+fieldgate_mqtt_inputs:
+  - topic: "tele/{device}/SENSOR"
+    format: tasmota
+EOF
+
 expect_bad program-stopwaitsecs-too-short "fieldgate_stopwaitsecs" <<'EOF'
 fieldgate_stopwaitsecs: 5
 EOF
