@@ -106,10 +106,25 @@ def publish(sensor: Any, address: str, user: str, password: str, topic: str,
 
 
 def device_password(gateway: str, serial: str) -> str:
-    for device in host_vars(gateway)["fieldgate_devices"]:
-        if device["serial"] == serial:
+    """The password of a device's or a bridge's broker account (the scenario's host_vars)."""
+    hv = host_vars(gateway)
+    for device in hv["fieldgate_devices"]:
+        if device["serial"] == serial and "mqtt_password" in device:
             return device["mqtt_password"]
+    for account in hv.get("fieldgate_mqtt_accounts", []):
+        if account["username"] == serial:
+            return account["password"]
     raise KeyError(f"no MQTT account for {serial} on {gateway}")
+
+
+def native_devices(gateway: str) -> list[str]:
+    """Serials of the gateway's devices that publish fieldgate's own payloads (an account of
+    their own, no device topics)."""
+    return [
+        d["serial"]
+        for d in host_vars(gateway)["fieldgate_devices"]
+        if d.get("mqtt_password") and d.get("mqtt_account", True) and not d.get("mqtt_topics")
+    ]
 
 
 def hub_db(hub: Any) -> str:
@@ -134,14 +149,14 @@ def now_ms() -> int:
 def send_readings(
     sensor: Any, net: dict[str, Any], gw: str, n: int = 5, repeat: int = 2
 ) -> dict[str, Any]:
-    """Publish n two-metric readings of the gateway's last device from the sensor host.
+    """Publish n two-metric readings of the gateway's last native device from the sensor host.
 
     Each message is sent `repeat` times (the duplicates must collapse). Returns what a test
     needs to find them again: device, serial, ts range, a WHERE clause, the store path.
     """
     host = get_host(gw)
     cfg = gateway_config(host)
-    device = host_vars(gw)["fieldgate_devices"][-1]["serial"]
+    device = native_devices(gw)[-1]
     base = now_ms()
     readings = [{"ts": base + i, "metrics": {"temp_c": 20.5 + i, "rh": 40 + i}} for i in range(n)]
     topic = f"{cfg['mqtt']['topic_prefix']}/{device}/readings"

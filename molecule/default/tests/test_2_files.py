@@ -48,6 +48,7 @@ def known_secrets(host) -> list[str]:
     name = host.backend.get_hostname()
     values += [d.get("mqtt_password") for d in host_vars(name).get("fieldgate_devices", [])]
     values.append(host_vars(name).get("mosquitto_bridge", {}).get("remote_password", ""))
+    values += [a["password"] for a in host_vars(name).get("fieldgate_mqtt_accounts", [])]
     values.append(group_vars("gateways")["fieldgate_mqtt_password"])
     return sorted({v for v in values if v})
 
