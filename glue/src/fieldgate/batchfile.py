@@ -21,8 +21,9 @@ import re
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -126,7 +127,12 @@ def parse_csv(text: str) -> Iterator[Row]:
 
     A reading needs a device and a metric, an integer ts in [0, 2**53) and a finite value.
     """
-    reader = csv.reader(io.StringIO(text, newline=""))
+    return parse_csv_lines(io.StringIO(text, newline=""))
+
+
+def parse_csv_lines(lines: Iterable[str]) -> Iterator[Row]:
+    """:func:`parse_csv` over the lines of readings.csv as they come (a stream)."""
+    reader = csv.reader(lines)
     header = next(reader, None)
     if header is None or tuple(header) != CSV_HEADER:
         raise BatchFileError(f"readings.csv must start with the header {','.join(CSV_HEADER)}")
@@ -140,6 +146,8 @@ def parse_csv(text: str) -> Iterator[Row]:
                     f"({device!r:.40}, {ts}, {metric!r:.40}, {value})"
                 )
             yield device, ts, metric, value
+    except UnicodeDecodeError:
+        raise  # the stream's bytes, not a value: the caller names it
     except ValueError:
         raise BatchFileError(
             f"readings.csv line {reader.line_num}: expected device,ts,metric,value with an "
@@ -234,12 +242,21 @@ PINNED_KEYS = ("batch_id", "serial", "rows", "sha256")
 
 def check_contents(csv_bytes: bytes, inner: dict[str, Any], announced: dict[str, Any]) -> None:
     """The zip's CSV has the announced sha256 and its manifest.yaml names the same batch."""
-    sha = csv_sha256(csv_bytes)
+    check_sha256(csv_sha256(csv_bytes), announced)
+    check_inner_manifest(inner, announced)
+
+
+def check_sha256(sha: str, announced: dict[str, Any]) -> None:
+    """readings.csv, whose SHA-256 is ``sha``, is the announced one (ChecksumMismatch)."""
     if sha != announced["sha256"]:
         raise ChecksumMismatch(
             f"checksum mismatch: readings.csv has sha256 {sha}, the manifest says "
             f"{announced['sha256']}"
         )
+
+
+def check_inner_manifest(inner: dict[str, Any], announced: dict[str, Any]) -> None:
+    """The zip's manifest.yaml names the announced batch (:data:`PINNED_KEYS`)."""
     for key in PINNED_KEYS:
         if inner.get(key) != announced[key]:
             raise BatchFileError(
@@ -283,8 +300,91 @@ def read_zip(source: Path | bytes) -> tuple[bytes, dict[str, Any]]:
     NotAZip for a truncated or corrupted archive, BatchFileError for a zip without the two
     members or with a manifest that is not a YAML mapping; OSError reading a file.
     """
+    with open_batch(io.BytesIO(source) if isinstance(source, bytes) else source) as batch:
+        try:
+            csv_bytes = batch.zf.read(CSV_NAME)
+        except _ZIP_ERRORS as exc:
+            raise NotAZip(f"the batch zip is corrupted ({exc})") from None
+        return csv_bytes, batch.manifest
+
+
+#: What zipfile raises for an archive damaged inside a member.
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError)
+
+
+class _Hashing(io.RawIOBase):
+    """A member of a zip read through SHA-256 (and counted) on its way to the CSV parser."""
+
+    def __init__(self, member: IO[bytes]) -> None:
+        self.member = member
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        data = self.member.read(len(buf))
+        n = len(data)
+        buf[:n] = data
+        self.sha.update(data)
+        self.size += n
+        return n
+
+    def drain(self) -> str:
+        """Read what is left; the SHA-256 of the whole member."""
+        while self.member.read(1 << 20):
+            pass
+        return self.sha.hexdigest()
+
+
+class BatchZip:
+    """An open batch zip: its manifest.yaml is read; readings.csv is streamed on demand."""
+
+    def __init__(self, zf: zipfile.ZipFile, manifest: dict[str, Any]) -> None:
+        self.zf = zf
+        self.manifest = manifest
+
+    def readings(self, announced: dict[str, Any]) -> Iterator[Row]:
+        """The rows of readings.csv, parsed as they are decompressed (the file is never
+        whole in memory). Its SHA-256 is checked against ``announced`` when the last row
+        has been read (ChecksumMismatch): a caller storing rows in one transaction
+        rolls back. A row or decoding error in a file that is not the announced one is
+        reported as the checksum mismatch it is."""
+        try:
+            member = self.zf.open(CSV_NAME)
+        except _ZIP_ERRORS as exc:
+            raise NotAZip(f"the batch zip is corrupted ({exc})") from None
+        raw = _Hashing(member)
+        text = io.TextIOWrapper(io.BufferedReader(raw, 1 << 16), encoding="utf-8", newline="")
+        try:
+            yield from parse_csv_lines(text)
+        except (BatchFileError, UnicodeDecodeError) as exc:
+            try:
+                sha = raw.drain()
+            except _ZIP_ERRORS as zexc:
+                raise NotAZip(f"the batch zip is corrupted ({zexc})") from None
+            check_sha256(sha, announced)
+            if isinstance(exc, UnicodeDecodeError):
+                raise BatchFileError("readings.csv is not UTF-8 text") from None
+            raise
+        except _ZIP_ERRORS as exc:
+            raise NotAZip(f"the batch zip is corrupted ({exc})") from None
+        finally:
+            member.close()
+        check_sha256(raw.sha.hexdigest(), announced)
+
+
+@contextmanager
+def open_batch(source: Path | IO[bytes]) -> Iterator[BatchZip]:
+    """A batch zip (a file, or a seekable binary file object such as a spooled upload)
+    with its manifest.yaml read and checked to be a mapping.
+
+    NotAZip for a truncated or corrupted archive, BatchFileError for a zip without the two
+    members or with a manifest that is not a YAML mapping; OSError reading a file.
+    """
     try:
-        zf = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+        zf = zipfile.ZipFile(source)
     except zipfile.BadZipFile:
         raise NotAZip("the upload is not a zip archive (truncated or corrupted)") from None
     with zf:
@@ -293,14 +393,13 @@ def read_zip(source: Path | bytes) -> tuple[bytes, dict[str, Any]]:
             if name not in names:
                 raise BatchFileError(f"the batch zip has no {name}")
         try:
-            csv_bytes = zf.read(CSV_NAME)
             manifest_text = zf.read(MANIFEST_NAME)
-        except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as exc:
+        except _ZIP_ERRORS as exc:
             raise NotAZip(f"the batch zip is corrupted ({exc})") from None
-    try:
-        inner = yaml.safe_load(manifest_text)
-    except yaml.YAMLError:
-        raise BatchFileError("manifest.yaml is not valid YAML") from None
-    if not isinstance(inner, dict):
-        raise BatchFileError("manifest.yaml is not a mapping")
-    return csv_bytes, inner
+        try:
+            inner = yaml.safe_load(manifest_text)
+        except yaml.YAMLError:
+            raise BatchFileError("manifest.yaml is not valid YAML") from None
+        if not isinstance(inner, dict):
+            raise BatchFileError("manifest.yaml is not a mapping")
+        yield BatchZip(zf, inner)
