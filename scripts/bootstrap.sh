@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything fieldgate's demo and tests need on a fresh Debian 12 machine (run as root):
-# Debian packages (Mosquitto, SQLite shell, test-host and drive-image tools, socat for the
-# Modbus RTU tests' pseudo-terminal pairs) and a virtualenv
+# Debian packages (Mosquitto, SQLite shell, PostgreSQL 15 for the hub's tests, test-host and
+# drive-image tools, socat for the Modbus RTU tests' pseudo-terminal pairs) and a virtualenv
 # .venv with the pinned Python tooling and the glue installed editable. Safe to run again:
 # it only installs what is missing.
 set -euo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc
-  mosquitto mosquitto-clients sqlite3
+  mosquitto mosquitto-clients sqlite3 postgresql
   # headers `fieldgate broker-conf` builds the broker's arrival-stamp plugin with
   mosquitto-dev libmosquitto-dev
   # a stopped clock for the broker in the stamp tests (LD_PRELOAD); bench/broker's callgrind part
@@ -32,7 +32,8 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${missing[*]}"
   # Installing a daemon's package must not start it on this machine (mosquitto would grab
-  # port 1883): a temporary policy-rc.d forbids service starts during the install.
+  # port 1883, postgresql 5432; the tests start their own servers): a temporary policy-rc.d
+  # forbids service starts during the install.
   created_policy=0
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d

@@ -1,5 +1,5 @@
 """Fixtures for every test: see support.py."""
 
-from support import config_file, hub, mosquitto
+from support import config_file, hub, hub_db, mosquitto, pg_server
 
-__all__ = ["config_file", "hub", "mosquitto"]
+__all__ = ["config_file", "hub", "hub_db", "mosquitto", "pg_server"]

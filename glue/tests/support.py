@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pgserver
 import pytest
 import yaml
 
@@ -493,11 +494,14 @@ class Collector:
 class Hub:
     """A real ``fieldgate hub serve`` (gunicorn) on a free loopback port, its own database.
 
-    ``stop()`` and ``start()`` keep the port and the database, so a test can take the hub
-    away and bring it back; ``extra_args`` are passed to ``hub serve``.
+    ``db`` is the ``--db`` value: a SQLite file (default ``workdir/hub.db``) or a
+    PostgreSQL URL (the ``hub_db`` fixture gives both, see pgserver.py). ``stop()`` and
+    ``start()`` keep the port and the database, so a test can take the hub away and bring
+    it back; ``extra_args`` are passed to ``hub serve``.
     """
 
     workdir: Path
+    db: str = ""
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
     workers: int = 2
@@ -506,8 +510,12 @@ class Hub:
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.db = self.workdir / "hub.db"
+        self.db = self.db or str(self.workdir / "hub.db")
         self.log = self.workdir / "hub.log"
+
+    @property
+    def postgresql(self) -> bool:
+        return self.db.startswith("postgresql://")
 
     @property
     def url(self) -> str:
@@ -521,7 +529,7 @@ class Hub:
                     "hub",
                     "serve",
                     "--db",
-                    str(self.db),
+                    self.db,
                     "--listen",
                     f"{self.host}:{self.port}",
                     "--workers",
@@ -552,9 +560,13 @@ class Hub:
                 self.proc.wait()
         self.proc = None
 
+    def cli(self, *args: str, stdin: str | None = None) -> Result:
+        """``fieldgate hub <args> --db <this hub's database>``."""
+        return run_fieldgate("hub", *args, "--db", self.db, stdin=stdin)
+
     def pin(self, serial: str, *extra: str) -> str:
         """A one-time PIN from ``fieldgate hub pin``."""
-        r = run_fieldgate("hub", "pin", "--db", str(self.db), "--serial", serial, *extra)
+        r = self.cli("pin", "--serial", serial, *extra)
         assert r.returncode == 0, r.stderr
         return r.stdout.strip()
 
@@ -565,20 +577,108 @@ class Hub:
         assert r.returncode == 0, r.stderr
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Rows of a query on the hub's database (read while the hub runs)."""
-        return query(self.db, sql, params)
+        """Rows of a query (``?`` placeholders) on the hub's database, read while it runs."""
+        return query_db(self.db, sql, params)
 
     def readings(self, serial: str) -> int:
         return int(self.query("SELECT COUNT(*) FROM readings WHERE serial = ?", (serial,))[0][0])
+
+    def dump(self) -> str:
+        """Everything the database holds, as text (to show a secret is not in it)."""
+        if self.postgresql:
+            pg_dump = "/usr/lib/postgresql/15/bin/pg_dump"
+            return subprocess.run(
+                [pg_dump, "--data-only", self.db], capture_output=True, text=True, check=True
+            ).stdout
+        return "".join(
+            p.read_bytes().decode("latin-1")
+            for p in Path(self.db).parent.glob(Path(self.db).name + "*")
+        )
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+def query_db(db: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Rows of a query (``?`` placeholders) on a hub database of either backend."""
+    if db.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(db, autocommit=True) as conn:
+            return conn.execute(sql.replace("?", "%s"), params).fetchall()  # type: ignore[arg-type]
+    import sqlite3
+
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def make_user(
+    db: str,
+    name: str,
+    domains: Sequence[str] = (),
+    *,
+    admin: bool = False,
+    password: str | None = None,
+) -> tuple[str, str]:
+    """A user in the hub's database; its (name, password) for ``requests``' ``auth=``.
+
+    The hash is a real scrypt hash with a lower cost (N=2^10) than ``hub user add`` gives
+    (the cost is stored with each hash, and checked the same way), so that tests do not
+    spend a second per login; ``hub user add`` itself is tested with the real cost."""
+    from fieldgate.hub.backends import open_storage
+    from fieldgate.hub.passwords import hash_password
+
+    password = password or f"{name}-secret-pw"
+    st = open_storage(db)
+    try:
+        assert st.add_user(name, hash_password(password, n=2**10), domains, admin=admin)
+    finally:
+        st.close()
+    return name, password
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pgserver.PgServer]:
+    """One real PostgreSQL server for the whole session (Debian's postgresql 15)."""
+    if not pgserver.available():
+        pytest.fail("PostgreSQL 15 is not installed: run scripts/bootstrap.sh")
+    server = pgserver.start()
+    # every hub and fieldgate command the tests start finds the password where libpq looks
+    os.environ["PGPASSWORD"] = pgserver.PASSWORD
+    try:
+        yield server
+    finally:
+        os.environ.pop("PGPASSWORD", None)
+        server.stop()
+
+
+BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=BACKENDS)
+def hub_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty hub database of each backend: a SQLite path, or a PostgreSQL URL of
+    a new database on the session's server."""
+    if request.param == "sqlite":
+        (tmp_path / "hub").mkdir(exist_ok=True)
+        yield str(tmp_path / "hub" / "hub.db")
+        return
+    server: pgserver.PgServer = request.getfixturevalue("pg_server")
+    name = server.new_database()
+    try:
+        yield server.url(name)
+    finally:
+        server.drop_database(name)
+
+
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
-    """A fresh hub per test; more with ``Hub(tmp_path / "other")`` (stop them yourself)."""
-    h = Hub(tmp_path / "hub")
+def hub(hub_db: str, tmp_path: Path) -> Iterator[Hub]:
+    """A fresh hub per test, once per backend; more with ``Hub(tmp_path / "other", hub_db)``
+    (stop them yourself)."""
+    h = Hub(tmp_path / "hub", hub_db)
     h.start()
     yield h
     h.stop()

@@ -1,5 +1,6 @@
-"""The reference hub over real HTTP (gunicorn on loopback): registration, the two-step upload,
-every refusal with its status code, exactly-once storage, summaries, and ``hub import``."""
+"""The reference hub over real HTTP (gunicorn on loopback), on both backends (SQLite and a
+real PostgreSQL): registration, the two-step upload, every refusal with its status code,
+exactly-once storage, summaries, and ``hub import``."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 import yaml
-from support import Hub, run_fieldgate, wait_until
+from support import Hub, make_user, query_db, run_fieldgate, wait_until
 
 from fieldgate import batchfile, store
-from fieldgate.hub.sqlite_storage import SqliteHubStorage
+from fieldgate.hub.backends import open_storage
 from fieldgate.hub.storage import IngestError
 
 SERIAL = "GW-HUB"
@@ -89,14 +90,18 @@ def test_health_and_summary(hub: Hub) -> None:
     key = register(hub)
     manifest, body, _ = make_batch("b-0001", 10)
     assert put(offer(hub, key, manifest).json()["upload_url"], body).status_code == 201
-    gw = requests.get(f"{hub.url}/api/v1/gateways/{SERIAL}", timeout=30).json()
+    admin = make_user(hub.db, "root", admin=True)
+    gw = requests.get(f"{hub.url}/api/v1/gateways/{SERIAL}", auth=admin, timeout=30).json()
     assert gw["serial"] == SERIAL
+    assert gw["domain"] == "default"
     assert gw["rows"] == 10
     assert gw["last_batch"]["batch_id"] == "b-0001"
     assert gw["last_seen"] is not None
-    all_gw = requests.get(f"{hub.url}/api/v1/gateways", timeout=30).json()["gateways"]
-    assert [g["serial"] for g in all_gw] == [SERIAL]
-    r = requests.get(f"{hub.url}/api/v1/gateways/NOPE", timeout=30)
+    assert gw["last_heartbeat"] is None
+    assert gw["status"] is None
+    all_gw = requests.get(f"{hub.url}/api/v1/gateways", auth=admin, timeout=30).json()
+    assert [g["serial"] for g in all_gw["gateways"]] == [SERIAL]
+    r = requests.get(f"{hub.url}/api/v1/gateways/NOPE", auth=admin, timeout=30)
     assert r.status_code == 404
     assert "no gateway NOPE" in r.json()["error"]
 
@@ -119,8 +124,10 @@ def test_pin_is_one_time_and_bound_to_its_serial(hub: Hub) -> None:
     bad = requests.post(f"{hub.url}/api/v1/register", data="nope", timeout=30)
     assert bad.status_code == 400
     # PINs are stored hashed, keys too
-    assert pin not in hub.db.read_bytes().decode("latin-1")
-    assert first.json()["gateway_key"] not in hub.db.read_bytes().decode("latin-1")
+    held = hub.dump()
+    assert pin not in held
+    assert pin.replace("-", "") not in held
+    assert first.json()["gateway_key"] not in held
 
 
 def test_expired_pin_is_refused(hub: Hub) -> None:
@@ -279,8 +286,10 @@ def test_truncated_body_is_refused(hub: Hub) -> None:
     assert held(hub) == 500
 
 
-def test_oversize_and_expired_urls(tmp_path: Path) -> None:
-    hub = Hub(tmp_path / "hub", extra_args=["--max-upload-mb", "0.01", "--upload-ttl-secs", "1"])
+def test_oversize_and_expired_urls(tmp_path: Path, hub_db: str) -> None:
+    hub = Hub(
+        tmp_path / "hub", hub_db, extra_args=["--max-upload-mb", "0.01", "--upload-ttl-secs", "1"]
+    )
     hub.start()
     try:
         key = register(hub)
@@ -305,22 +314,28 @@ def test_test_mode_batches_are_flagged(hub: Hub) -> None:
     manifest, body, _ = make_batch("b-0001", 30, mode="TEST")
     assert put(offer(hub, key, manifest).json()["upload_url"], body).status_code == 201
     assert hub.query("SELECT COUNT(*), SUM(test) FROM readings") == [(30, 30)]
-    gw = requests.get(f"{hub.url}/api/v1/gateways/{SERIAL}", timeout=30).json()
+    admin = make_user(hub.db, "root", admin=True)
+    gw = requests.get(f"{hub.url}/api/v1/gateways/{SERIAL}", auth=admin, timeout=30).json()
     assert gw["test_rows"] == 30
     assert gw["last_batch"]["test"] is True
 
 
-def test_storage_ingest_is_exactly_once_and_all_or_nothing(tmp_path: Path) -> None:
-    st = SqliteHubStorage(tmp_path / "hub.db")
+def test_storage_ingest_is_exactly_once_and_all_or_nothing(hub_db: str) -> None:
+    st = open_storage(hub_db)
     rows = [("TH-1", T0 + i, "t", float(i)) for i in range(100)]
     assert st.ingest("GW-1", "import-a", iter(rows)) == 100
-    assert st.ingest("GW-1", "import-a", iter(rows)) == 0
+    assert st.ingest("GW-1", "import-a", iter(rows)) is None  # a batch is stored once
+    assert st.ingest("GW-1", "import-b", iter(rows)) == 0  # its readings too
     assert st.ingest("GW-2", "import-a", iter(rows)) == 100  # another gateway's readings
     quoted = "import-o'brien's.db"
     assert st.ingest("GW-3", quoted, iter(rows[:3])) == 3
-    assert st.conn.execute(
-        "SELECT DISTINCT batch_id FROM readings WHERE serial='GW-3'"
-    ).fetchall() == [(quoted,)]
+    assert query_db(hub_db, "SELECT DISTINCT batch_id FROM readings WHERE serial='GW-3'") == [
+        (quoted,)
+    ]
+    # partly known: exactly the unknown rows are new, counted per device and metric
+    more = [*rows[90:], *(("TH-2", T0 + i, "t", 1.0) for i in range(5))]
+    assert st.ingest("GW-1", "import-c", iter(more)) == 5
+    assert {(d["device"], d["count"]) for d in st.extent("GW-1")} == {("TH-1", 100), ("TH-2", 5)}
 
     def broken() -> Any:
         yield ("TH-1", T0 + 1000, "t", 1.0)
@@ -330,29 +345,28 @@ def test_storage_ingest_is_exactly_once_and_all_or_nothing(tmp_path: Path) -> No
         st.ingest("GW-1", "b-x", broken())
     with pytest.raises(IngestError):
         st.ingest("GW-1", "b-y", iter([*rows[:5], ("TH-1", T0 + 999, "t", 1.0)]), expected_rows=5)
-    assert st.conn.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == 203
-    assert st.gateway("GW-1")["rows"] == 100  # type: ignore[index]
+    assert query_db(hub_db, "SELECT COUNT(*) FROM readings") == [(208,)]
+    assert query_db(hub_db, "SELECT COUNT(*) FROM batches WHERE batch_id IN ('b-x', 'b-y')") == [
+        (0,)
+    ]
+    assert st.gateway("GW-1")["rows"] == 105  # type: ignore[index]
+    assert st.gateway("GW-1")["batches"] == 3  # type: ignore[index]
     st.close()
 
 
-def test_hub_import_ingests_an_export_once(tmp_path: Path) -> None:
+def test_hub_import_ingests_an_export_once(tmp_path: Path, hub_db: str) -> None:
     export = tmp_path / "data_store-GW-IMP.db"
     conn = store.open_store(export, "GW-IMP")
     with store.transaction(conn):
         store.insert_readings(conn, [("TH-1", T0 + i, "t", i / 3) for i in range(250)], source="t")
     conn.close()
-    db = tmp_path / "hub.db"
-    r = run_fieldgate("hub", "import", "--db", str(db), str(export))
+    r = run_fieldgate("hub", "import", "--db", hub_db, str(export))
     assert r.returncode == 0, r.stderr
     assert "250 readings, 250 new" in r.stdout
-    r = run_fieldgate("hub", "import", "--db", str(db), str(export))
+    r = run_fieldgate("hub", "import", "--db", hub_db, str(export))
     assert "250 readings, 0 new" in r.stdout
-    st = SqliteHubStorage(db)
-    assert st.conn.execute("SELECT COUNT(*) FROM readings WHERE serial='GW-IMP'").fetchone() == (
-        250,
-    )
-    st.close()
-    r = run_fieldgate("hub", "import", "--db", str(db), str(tmp_path / "missing.db"))
+    assert query_db(hub_db, "SELECT COUNT(*) FROM readings WHERE serial='GW-IMP'") == [(250,)]
+    r = run_fieldgate("hub", "import", "--db", hub_db, str(tmp_path / "missing.db"))
     assert r.returncode == 1
     assert r.stderr.startswith("fieldgate: error: ") and "does not exist" in r.stderr
 
@@ -367,10 +381,21 @@ def test_serve_refuses_a_taken_port_in_one_line(hub: Hub, tmp_path: Path) -> Non
     ]
 
 
-def test_hub_db_is_plain_sqlite_with_the_contract_table(hub: Hub) -> None:
-    cols = [r[1] for r in hub.query("PRAGMA table_info(readings)")]
+def test_hub_db_holds_the_contract_table(hub: Hub) -> None:
+    """docs/contract.md §6: readings(serial, device, ts, metric, value, …), readable by
+    people and tools (a plain SQLite file, or a PostgreSQL view)."""
+    if hub.postgresql:
+        cols = [
+            r[0]
+            for r in hub.query(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_name = 'readings' ORDER BY ordinal_position"
+            )
+        ]
+    else:
+        cols = [r[1] for r in hub.query("PRAGMA table_info(readings)")]
+        assert stat.S_ISREG(Path(hub.db).stat().st_mode)
     assert cols[:5] == ["serial", "device", "ts", "metric", "value"]
-    assert stat.S_ISREG(hub.db.stat().st_mode)
     assert json.loads(json.dumps(hub.query("SELECT value FROM meta")))
 
 

@@ -291,8 +291,10 @@ def test_corrupted_batch_file_is_refused_then_regenerated(
     assert hub_rows(hub) == set(data)  # the good values, not the rotten ones
 
 
-def test_expired_upload_url_both_sides(tmp_path: Path, config_file: ConfigFactory) -> None:
-    hub = Hub(tmp_path / "hub", extra_args=["--upload-ttl-secs", "1"])
+def test_expired_upload_url_both_sides(
+    tmp_path: Path, config_file: ConfigFactory, hub_db: str
+) -> None:
+    hub = Hub(tmp_path / "hub", hub_db, extra_args=["--upload-ttl-secs", "1"])
     hub.start()
     try:
         config = gateway_config(config_file, hub.url, batch_max_rows=100)
@@ -375,8 +377,14 @@ class CuttingProxy(LoopbackServer):
                     budget -= len(data[:budget])
                     if budget <= 0:
                         up.shutdown(socket.SHUT_WR)  # the hub sees a short body
-                        back.join(10)
-                        client.close()
+                        back.join(10)  # its answer is relayed
+                        # then the end of the stream; wait for the client to stop sending
+                        # before closing, or the reset would discard the answer on its way
+                        client.shutdown(socket.SHUT_WR)
+                        client.settimeout(0.5)
+                        with contextlib.suppress(TimeoutError):
+                            while client.recv(65536):
+                                pass
                         return
                 else:
                     up.sendall(data)

@@ -49,7 +49,17 @@ class Command:
     config: bool = True
 
 
-DB = arg("--db", required=True, metavar="PATH", help="the hub's SQLite database")
+DB = arg(
+    "--db",
+    required=True,
+    metavar="DB",
+    help="the hub's database: a SQLite file or postgresql://user@host:port/dbname",
+)
+DB_PASSWORD = arg(
+    "--db-password-file",
+    metavar="FILE",
+    help="file holding the PostgreSQL password (else PGPASSWORD or ~/.pgpass)",
+)
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -191,11 +201,13 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "hub serve",
         "hub:serve",
-        "Serve the upload API over HTTP.",
+        "Serve the hub API over HTTP (uploads from gateways, the read API for users).",
         (
             DB,
+            DB_PASSWORD,
             arg("--listen", required=True, type=_host_port, metavar="HOST:PORT"),
             arg("--workers", type=int, default=2, help="worker processes (default 2)"),
+            arg("--threads", type=int, default=4, help="threads per worker (default 4)"),
             arg(
                 "--upload-ttl-secs",
                 type=float,
@@ -208,6 +220,19 @@ COMMANDS: tuple[Command, ...] = (
                 default=256,
                 help="largest batch zip accepted, in MiB (default 256)",
             ),
+            arg(
+                "--retention-days",
+                type=float,
+                metavar="N",
+                help="delete readings older than N days in the background (default: keep all)",
+            ),
+            arg(
+                "--trusted-proxies",
+                type=int,
+                default=0,
+                metavar="N",
+                help="reverse proxies in front whose X-Forwarded-For/-Proto/-Host to believe",
+            ),
         ),
         config=False,
     ),
@@ -217,6 +242,7 @@ COMMANDS: tuple[Command, ...] = (
         "Print a one-time registration PIN for a gateway.",
         (
             DB,
+            DB_PASSWORD,
             arg("--serial", required=True),
             arg(
                 "--valid-hours",
@@ -231,7 +257,56 @@ COMMANDS: tuple[Command, ...] = (
         "hub import",
         "hub:import_",
         "Ingest an exported gateway database directly.",
-        (DB, arg("file", metavar="FILE.db")),
+        (DB, DB_PASSWORD, arg("file", metavar="FILE.db")),
+        config=False,
+    ),
+    Command(
+        "hub prune",
+        "hub:prune",
+        "Delete the hub's readings older than N days now (hub serve --retention-days does it "
+        "in the background).",
+        (DB, DB_PASSWORD, arg("--days", type=float, required=True, metavar="N")),
+        config=False,
+    ),
+    Command(
+        "hub user add",
+        "hub:user_add",
+        "Add a user who may read the gateways of some domains; the password is read from "
+        "standard input.",
+        (
+            DB,
+            DB_PASSWORD,
+            arg("name", metavar="NAME"),
+            arg("--domains", default="", metavar="D1,D2", help="comma-separated domains"),
+            arg("--admin", action="store_true", help="sees every gateway"),
+            arg(
+                "--update",
+                action="store_true",
+                help="if the user exists, make it so (changes only what differs; says "
+                "'unchanged' when nothing did)",
+            ),
+        ),
+        config=False,
+    ),
+    Command(
+        "hub user remove",
+        "hub:user_remove",
+        "Remove a user.",
+        (DB, DB_PASSWORD, arg("name", metavar="NAME")),
+        config=False,
+    ),
+    Command(
+        "hub user list",
+        "hub:user_list",
+        "List the users, whether they are admins, and their domains.",
+        (DB, DB_PASSWORD, arg("--json", action="store_true", help="machine-readable output")),
+        config=False,
+    ),
+    Command(
+        "hub gateway domain",
+        "hub:gateway_domain",
+        "Put a gateway in a domain (new gateways are in domain 'default').",
+        (DB, DB_PASSWORD, arg("serial", metavar="SERIAL"), arg("domain", metavar="DOMAIN")),
         config=False,
     ),
 )
@@ -275,27 +350,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(parser, default=None)
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
     sub.required = True
-    hub_sub = None
+    groups: dict[str, Any] = {"": sub}
     for cmd in COMMANDS:
-        group, _, name = cmd.name.rpartition(" ")
-        if group == "hub":
-            if hub_sub is None:
-                hub = sub.add_parser(
-                    "hub",
-                    help="The reference central receiver.",
-                    description="The reference central receiver gateways upload to.",
-                )
-                hub_sub = hub.add_subparsers(
-                    dest="hub_command", metavar="<hub-command>", parser_class=_Parser
-                )
-                hub_sub.required = True
-            p = hub_sub.add_parser(name, help=cmd.help, description=cmd.help)
-        else:
-            p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        *path, name = cmd.name.split(" ")
+        subs = _group(groups, path)
+        p = subs.add_parser(name, help=cmd.help, description=cmd.help)
         if cmd.config:
             _add_config(p)
         _add_args(p, cmd.args)
     return parser
+
+
+#: Help of the command groups (``fieldgate hub …``, ``fieldgate hub user …``).
+GROUPS = {
+    "hub": "The reference central receiver gateways upload to, and its users.",
+    "hub user": "The people (and programs) who may read the hub, and their domains.",
+    "hub gateway": "Gateways as the hub knows them.",
+}
+
+
+def _group(groups: dict[str, Any], path: list[str]) -> Any:
+    """The subparsers of a command group, made on first use."""
+    key = " ".join(path)
+    if key not in groups:
+        parent = _group(groups, path[:-1])
+        p = parent.add_parser(path[-1], help=GROUPS[key], description=GROUPS[key])
+        subs = p.add_subparsers(
+            dest=_dest(key), metavar=f"<{key.replace(' ', '-')}-command>", parser_class=_Parser
+        )
+        subs.required = True
+        groups[key] = subs
+    return groups[key]
+
+
+def _dest(group: str) -> str:
+    return group.replace(" ", "_") + "_command"
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """The full name of the command ``args`` were parsed for (``hub user add``)."""
+    name = args.command
+    while _dest(name) in vars(args):
+        name = f"{name} {getattr(args, _dest(name))}"
+    return name
 
 
 def _resolve(target: str) -> Callable[..., int | None]:
@@ -306,7 +403,7 @@ def _resolve(target: str) -> Callable[..., int | None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fieldgate`` console script."""
     args = build_parser().parse_args(argv)
-    name = args.command if args.command != "hub" else f"hub {args.hub_command}"
+    name = command_name(args)
     cmd = next(c for c in COMMANDS if c.name == name)
     try:
         from fieldgate.daemon import setup_logging
@@ -330,6 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except sqlite3.DatabaseError as exc:
         sys.stderr.write(f"fieldgate: error: database: {exc}\n")
+        return 1
+    except Exception as exc:
+        if not type(exc).__module__.startswith("psycopg"):  # PostgreSQL's errors, in one line
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        sys.stderr.write(f"fieldgate: error: database: {first}\n")
         return 1
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""

@@ -1,22 +1,32 @@
 """The hub's web application: a Flask factory that mounts the hub's blueprints.
 
 - :mod:`fieldgate.hub.uploads`: what gateways call (register, offer a batch, upload it);
-- :mod:`fieldgate.hub.fleet`: health and the gateway summaries.
+- :mod:`fieldgate.hub.fleet`: health (open) and the gateway summaries;
+- :mod:`fieldgate.hub.query`: the read API (readings, buckets, extent);
+- :mod:`fieldgate.hub.account`: log in and out (sessions); :mod:`fieldgate.hub.openapi`.
 
+Who the caller is and what they may see is decided in one place, :mod:`fieldgate.hub.auth`.
 Every error is JSON ``{"error": "<one sentence>"}`` (:mod:`fieldgate.hub.web`) and is logged
-with the gateway and batch.
+with the gateway and batch; a database that is busy or gone answers 503 (clients retry).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from fieldgate.hub.backends import open_storage
-from fieldgate.hub.fleet import fleet
+from fieldgate.errors import FieldgateError
+from fieldgate.hub import auth
+from fieldgate.hub.account import account
+from fieldgate.hub.backends import is_transient, open_storage
+from fieldgate.hub.fleet import fleet, health_bp
+from fieldgate.hub.openapi import docs
+from fieldgate.hub.query import query
 from fieldgate.hub.storage import HubStorage
 from fieldgate.hub.uploads import uploads
 from fieldgate.hub.web import EXTENSION, ApiError, HubSettings, error_response, settings
@@ -25,34 +35,43 @@ log = logging.getLogger("fieldgate.hub")
 
 
 def create_app(
-    db_path: str,
+    db: str,
     *,
     upload_ttl_secs: float = 3600,
     max_upload_bytes: int = 256 * 1024 * 1024,
+    password_file: str | Path | None = None,
+    trusted_proxies: int = 0,
     storage_factory: Callable[[], HubStorage] | None = None,
 ) -> Flask:
-    """The hub application over the database at ``db_path``.
+    """The hub application over the database ``db`` (a SQLite path or a PostgreSQL URL).
 
-    Each worker process opens its own storage on first use (after the fork).
+    Each worker thread opens its own storage on first use (after the fork).
+    ``trusted_proxies`` reverse proxies in front are believed about the client address,
+    scheme and host (X-Forwarded-For/-Proto/-Host).
     """
     app = Flask("fieldgate.hub")
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[EXTENSION] = HubSettings(
-        factory=storage_factory or (lambda: open_storage(db_path, create=False)),
+        factory=storage_factory
+        or (lambda: open_storage(db, create=False, password_file=password_file)),
         upload_ttl_secs=upload_ttl_secs,
         max_upload_bytes=max_upload_bytes,
     )
-    app.register_blueprint(uploads)
-    app.register_blueprint(fleet)
+    auth.install(app)
+    for bp in (uploads, health_bp, fleet, query, account, docs):
+        app.register_blueprint(bp)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _internal)
+    if trusted_proxies:
+        n = trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
     return app
 
 
 def _api_error(exc: ApiError) -> tuple[Response, int]:
-    return error_response(exc.status, exc.message)
+    return error_response(exc.status, exc.message, exc.headers)
 
 
 def _http_error(exc: HTTPException) -> tuple[Response, int]:
@@ -66,5 +85,13 @@ def _http_error(exc: HTTPException) -> tuple[Response, int]:
 
 
 def _internal(exc: Exception) -> tuple[Response, int]:
+    if isinstance(exc, FieldgateError):  # this worker cannot open its storage
+        settings().discard_storage()
+        log.error("database unavailable on %s %s: %s", request.method, request.path, exc)
+        return error_response(503, "the hub's database is unavailable; try again")
+    if is_transient(exc):
+        settings().discard_storage()  # a new connection for the next request
+        log.warning("database unavailable on %s %s: %s", request.method, request.path, exc)
+        return error_response(503, "the hub's database is busy or unavailable; try again")
     log.exception("internal error on %s %s", request.method, request.path)
     return jsonify(error=f"internal hub error: {type(exc).__name__}"), 500

@@ -1,14 +1,19 @@
 """``fieldgate hub serve``: the hub's web application under gunicorn.
 
-gunicorn forks ``workers`` processes, each with its own storage connection; it stops
-cleanly on SIGTERM. Its access log leaves out upload tokens (credentials until they
-expire). Needs the ``hub`` extra (Flask, gunicorn).
+gunicorn forks ``workers`` processes of ``threads`` threads each (the ``gthread`` worker:
+a slow or idle client holds one thread, not a whole worker, and idle keep-alive
+connections wait in the worker's event loop), each thread with its own storage
+connection; it stops cleanly on SIGTERM. With ``retention_days`` a retention process runs
+beside the workers (:mod:`fieldgate.hub.retention`). The access log leaves out upload
+tokens (credentials until they expire). Needs the ``hub`` extra (Flask, gunicorn, psycopg).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,7 @@ from gunicorn.glogging import Logger
 
 from fieldgate.errors import FieldgateError
 from fieldgate.hub.app import create_app
-from fieldgate.hub.backends import open_storage
+from fieldgate.hub.backends import describe, is_postgresql, open_storage
 from fieldgate.hub.web import redact_upload_token
 
 log = logging.getLogger("fieldgate.hub")
@@ -48,13 +53,19 @@ def check_bind(host: str, port: int) -> None:
 class HubServer(BaseApplication):  # type: ignore[misc]
     """gunicorn running :func:`fieldgate.hub.app.create_app` with fieldgate's settings."""
 
-    def __init__(self, db: str, bind: str, workers: int, app_options: dict[str, Any]) -> None:
+    def __init__(
+        self, db: str, bind: str, workers: int, threads: int, app_options: dict[str, Any]
+    ) -> None:
         self.db = db
         self.options: dict[str, Any] = {
             "bind": bind,
             "workers": workers,
-            "worker_class": "sync",
-            "timeout": 300,
+            "worker_class": "gthread",
+            "threads": threads,
+            # gthread: the master kills a worker whose event loop stalls this long (requests
+            # run in the worker's threads and do not stall it)
+            "timeout": 60,
+            "keepalive": 5,
             "graceful_timeout": 8,
             "accesslog": "-",
             "logger_class": RedactingLogger,
@@ -75,22 +86,65 @@ class HubServer(BaseApplication):  # type: ignore[misc]
         return create_app(self.db, **self.app_options)
 
 
+def start_retention(db: str, days: float, password_file: str | None) -> subprocess.Popen[bytes]:
+    """The retention process (it exits by itself when this process is gone)."""
+    cmd = [sys.executable, "-m", "fieldgate.hub.retention", "--db", db, "--days", str(days)]
+    if password_file:
+        cmd += ["--db-password-file", password_file]
+    return subprocess.Popen(cmd)
+
+
 def serve(
     db: str,
     host: str,
     port: int,
     *,
     workers: int = 2,
+    threads: int = 4,
     upload_ttl_secs: float = 3600,
     max_upload_bytes: int = 256 * 1024 * 1024,
+    password_file: str | None = None,
+    trusted_proxies: int = 0,
+    retention_days: float | None = None,
 ) -> None:
     """Serve the hub API for the database ``db`` on ``host:port`` until SIGTERM."""
     if workers < 1:
         raise FieldgateError("--workers must be at least 1")
-    db = str(Path(db).resolve())
-    open_storage(db).close()  # create or migrate once, before the workers fork
+    if threads < 1:
+        raise FieldgateError("--threads must be at least 1")
+    if retention_days is not None and not retention_days > 0:
+        raise FieldgateError("--retention-days must be more than 0")
+    if trusted_proxies < 0:
+        raise FieldgateError("--trusted-proxies must be 0 or more")
+    if not is_postgresql(db):
+        db = str(Path(db).resolve())
+    if password_file:
+        password_file = str(Path(password_file).resolve())
+    open_storage(db, password_file=password_file).close()  # create or migrate once, before the fork
     check_bind(host, port)
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    options = {"upload_ttl_secs": upload_ttl_secs, "max_upload_bytes": max_upload_bytes}
-    log.info("hub serving %s on %s with %d workers", db, bind, workers)
-    HubServer(db, bind, workers, options).run()
+    options = {
+        "upload_ttl_secs": upload_ttl_secs,
+        "max_upload_bytes": max_upload_bytes,
+        "password_file": password_file,
+        "trusted_proxies": trusted_proxies,
+    }
+    log.info(
+        "hub serving %s on %s with %d workers of %d threads%s",
+        describe(db),
+        bind,
+        workers,
+        threads,
+        f", retention {retention_days:g} days" if retention_days else "",
+    )
+    retention = start_retention(db, retention_days, password_file) if retention_days else None
+    try:
+        HubServer(db, bind, workers, threads, options).run()
+    finally:
+        if retention is not None:
+            retention.terminate()
+            try:
+                retention.wait(10)
+            except subprocess.TimeoutExpired:
+                retention.kill()
+                retention.wait()

@@ -1,32 +1,24 @@
 """The hub's default storage backend: one SQLite file (WAL, synchronous=FULL) for all gateways.
 
-It implements :class:`fieldgate.hub.storage.HubStorage`; connections, migrations and
-transactions come from :mod:`fieldgate.store`, like the gateway's own store.
+It implements :class:`fieldgate.hub.storage.HubStorage` with the shared SQL of
+:mod:`fieldgate.hub.sqlstore`; connections, migrations and transactions come from
+:mod:`fieldgate.store`, like the gateway's own store. Every write is a ``BEGIN IMMEDIATE``
+transaction, so writers of several processes take turns (busy timeout 60 s) and a batch,
+a PIN or an upload token is decided by exactly one of them.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from fieldgate import store
-from fieldgate.hub.storage import (
-    GATEWAY_FIELDS,
-    LAST_BATCH_FIELDS,
-    UPLOAD_SWEEP_MS,
-    IngestError,
-    Row,
-    StoredBatch,
-    Upload,
-    new_pin,
-    new_secret,
-    pin_matches,
-    secret_hash,
-)
-from fieldgate.store import now_ms
+from fieldgate.hub.sqlstore import READINGS_VIEW, SqlHubStorage
+from fieldgate.hub.storage import Row
 
+#: Schema migrations: version -> SQL that brings a hub database from version-1 to version.
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE IF NOT EXISTS meta (
@@ -96,6 +88,69 @@ MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (serial, ts, device, metric)
     ) WITHOUT ROWID;
     """,
+    # 2: readings become series + samples (keyed (series, ts): one device and metric over a
+    # time range is one index range) behind a view with the contract's columns; gateways get
+    # a domain and their last heartbeat; users, their domains and failed logins.
+    2: """
+    CREATE TABLE series (
+        id       INTEGER PRIMARY KEY,
+        serial   TEXT    NOT NULL,
+        device   TEXT    NOT NULL,
+        metric   TEXT    NOT NULL,
+        first_ts INTEGER,                       -- NULL when retention emptied it
+        last_ts  INTEGER,
+        count    INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (serial, device, metric)
+    );
+    CREATE INDEX series_first_ts ON series (first_ts) WHERE first_ts IS NOT NULL;
+    CREATE TABLE samples (
+        series INTEGER NOT NULL,                -- series.id
+        ts     INTEGER NOT NULL,                -- UTC epoch milliseconds
+        value  REAL    NOT NULL,
+        batch  INTEGER NOT NULL,                -- batches.seq of the batch that stored it
+        PRIMARY KEY (series, ts)
+    ) WITHOUT ROWID;
+    INSERT INTO batches (serial, batch_id, state, rows, new_rows, test, stored_at)
+        SELECT DISTINCT r.serial, r.batch_id, 'stored', 0, 0, r.test, 0 FROM readings r
+        WHERE NOT EXISTS (
+            SELECT 1 FROM batches b WHERE b.serial = r.serial AND b.batch_id = r.batch_id
+        );
+    INSERT INTO series (serial, device, metric, first_ts, last_ts, count)
+        SELECT serial, device, metric, MIN(ts), MAX(ts), COUNT(*) FROM readings
+        GROUP BY serial, device, metric;
+    INSERT INTO samples (series, ts, value, batch)
+        SELECT s.id, r.ts, r.value, b.seq FROM readings r
+        JOIN series s ON s.serial = r.serial AND s.device = r.device AND s.metric = r.metric
+        JOIN batches b ON b.serial = r.serial AND b.batch_id = r.batch_id
+        ORDER BY s.id, r.ts;
+    DROP TABLE readings;
+    """  # noqa: S608 (constant SQL: the view's definition joins it)
+    + READINGS_VIEW
+    + """;
+    ALTER TABLE gateways ADD COLUMN domain TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE gateways ADD COLUMN last_heartbeat INTEGER;
+    ALTER TABLE gateways ADD COLUMN last_status TEXT;  -- JSON: the gateway's status --json
+    CREATE INDEX gateways_domain ON gateways (domain);
+    CREATE INDEX pins_serial ON pins (serial);
+    CREATE TABLE users (
+        name          TEXT PRIMARY KEY,
+        password_hash TEXT    NOT NULL,         -- scrypt$n$r$p$salt$hash
+        admin         INTEGER NOT NULL DEFAULT 0,
+        created_at    INTEGER NOT NULL,
+        updated_at    INTEGER NOT NULL
+    );
+    CREATE TABLE user_domains (
+        name   TEXT NOT NULL,                   -- users.name
+        domain TEXT NOT NULL,
+        PRIMARY KEY (name, domain)
+    ) WITHOUT ROWID;
+    CREATE TABLE login_failures (
+        key TEXT    NOT NULL,                   -- user:<name> or addr:<client address>
+        at  INTEGER NOT NULL
+    );
+    CREATE INDEX login_failures_key ON login_failures (key, at);
+    CREATE INDEX login_failures_at ON login_failures (at);
+    """,
 }
 
 #: The hub database's schema: its own version key, and a foreign database is refused.
@@ -107,17 +162,14 @@ HUB_SCHEMA = store.Schema(
 )
 
 
-def _literal(text: str) -> str:
-    """An SQL string literal (SQLite has no backslash escapes: doubling quotes is complete)."""
-    if "\x00" in text:
-        raise IngestError("a serial or batch id must not contain NUL")
-    return "'" + text.replace("'", "''") + "'"
-
-
-class SqliteHubStorage:
+class SqliteHubStorage(SqlHubStorage):
     """:class:`~fieldgate.hub.storage.HubStorage` over one SQLite file."""
 
+    #: Readings fetched per query when streaming (each chunk is its own short read).
+    CHUNK = 10_000
+
     def __init__(self, path: str | Path, *, create: bool = True, busy_timeout_ms: int = 60000):
+        super().__init__()
         self.path = Path(path)
         self.conn = store.open_database(
             path,
@@ -127,224 +179,73 @@ class SqliteHubStorage:
             busy_timeout_ms=busy_timeout_ms,
             check_same_thread=False,
         )
-        # the primary key index grows with every gateway: keep its hot pages in memory
+        # the samples index grows with every gateway: keep its hot pages in memory
         self.conn.execute("PRAGMA cache_size = -65536")
 
-    def close(self) -> None:
-        self.conn.close()
+    def _x(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(sql, params)
 
-    def _ensure_gateway(self, serial: str) -> None:
-        self.conn.execute(
-            "INSERT OR IGNORE INTO gateways (serial, created_at) VALUES (?, ?)", (serial, now_ms())
+    def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.conn.executemany(sql, rows)
+
+    def _tx(self) -> AbstractContextManager[Any]:
+        return store.transaction(self.conn)
+
+    def _insert_rows(
+        self, serial: str, seq: int, rows: Iterable[Row], ids: dict[tuple[str, str], int]
+    ) -> tuple[int, dict[int, tuple[int, int, int]]]:
+        conn = self.conn
+        # (device, metric) -> [series id, rows, first ts, last ts]
+        agg: dict[tuple[str, str], list[int]] = {}
+        created = 0
+
+        def resolved() -> Iterator[tuple[int, int, float]]:
+            nonlocal created
+            for device, ts, metric, value in rows:
+                a = agg.get((device, metric))
+                if a is None:
+                    before = conn.total_changes
+                    a = agg[(device, metric)] = [self._series_id(serial, device, metric), 0, ts, ts]
+                    created += conn.total_changes - before
+                a[1] += 1
+                if ts < a[2]:
+                    a[2] = ts
+                elif ts > a[3]:
+                    a[3] = ts
+                yield a[0], ts, value
+
+        before = conn.total_changes
+        conn.executemany(
+            "INSERT INTO samples (series, ts, value, batch) "  # noqa: S608 (an integer)
+            f"VALUES (?, ?, ?, {int(seq)}) ON CONFLICT DO NOTHING",
+            resolved(),
         )
+        new = conn.total_changes - before - created
+        seen = sum(a[1] for a in agg.values())
+        ids.update({key: a[0] for key, a in agg.items()})
+        if new == seen:  # no reading was held already: every row counted is new
+            return seen, {a[0]: (a[1], a[2], a[3]) for a in agg.values()}
+        # some were held: count what this batch (its seq is its own) added to each series
+        per_series: dict[int, tuple[int, int, int]] = {}
+        for sid, _, lo, hi in agg.values():
+            n, first, last = conn.execute(
+                "SELECT COUNT(*), MIN(ts), MAX(ts) FROM samples "
+                "WHERE series = ? AND ts >= ? AND ts <= ? AND batch = ?",
+                (sid, lo, hi, seq),
+            ).fetchone()
+            if n:
+                per_series[sid] = (n, first, last)
+        return seen, per_series
 
-    # Registration -------------------------------------------------------------------------
-
-    def create_pin(self, serial: str, valid_secs: int) -> str:
-        pin, salt, hashed = new_pin()
-        now = now_ms()
-        with store.transaction(self.conn):
-            self._ensure_gateway(serial)
-            self.conn.execute(
-                "INSERT INTO pins (serial, salt, pin_hash, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (serial, salt, hashed, now, now + valid_secs * 1000),
-            )
-        return pin
-
-    def register(self, serial: str, pin: str) -> str | None:
-        now = now_ms()
-        with store.transaction(self.conn):
-            candidates = self.conn.execute(
-                "SELECT id, salt, pin_hash FROM pins WHERE serial = ? AND used_at IS NULL "
-                "AND expires_at > ?",
-                (serial, now),
+    def readings(self, series_id: int, start: int, end: int) -> Iterator[tuple[int, float]]:
+        # keyset pages: each a short read of its own, so a long download never pins the WAL
+        while True:
+            page = self.conn.execute(
+                "SELECT ts, value FROM samples WHERE series = ? AND ts >= ? AND ts < ? "
+                "ORDER BY ts LIMIT ?",
+                (series_id, start, end, self.CHUNK),
             ).fetchall()
-            match = next((i for i, salt, h in candidates if pin_matches(pin, salt, h)), None)
-            if match is None:
-                return None
-            key = new_secret()
-            self.conn.execute("UPDATE pins SET used_at = ? WHERE id = ?", (now, match))
-            self.conn.execute(
-                "UPDATE gateway_keys SET revoked_at = ? WHERE serial = ? AND revoked_at IS NULL",
-                (now, serial),
-            )
-            self.conn.execute(
-                "INSERT INTO gateway_keys (key_hash, serial, created_at) VALUES (?, ?, ?)",
-                (secret_hash(key), serial, now),
-            )
-            self.conn.execute(
-                "UPDATE gateways SET registered_at = ?, last_seen = ? WHERE serial = ?",
-                (now, now, serial),
-            )
-        return key
-
-    def serial_for_key(self, key: str) -> str | None:
-        row = self.conn.execute(
-            "SELECT serial FROM gateway_keys WHERE key_hash = ? AND revoked_at IS NULL",
-            (secret_hash(key),),
-        ).fetchone()
-        return row[0] if row else None
-
-    # Uploads ------------------------------------------------------------------------------
-
-    def stored_batch(self, serial: str, batch_id: str) -> StoredBatch | None:
-        row = self.conn.execute(
-            "SELECT serial, batch_id, rows, new_rows, sha256 FROM batches "
-            "WHERE serial = ? AND batch_id = ?",
-            (serial, batch_id),
-        ).fetchone()
-        return StoredBatch(*row) if row else None
-
-    def open_upload(
-        self, serial: str, manifest: dict[str, Any], valid_secs: int
-    ) -> tuple[str, int]:
-        token = new_secret()
-        now = now_ms()
-        expires = now + int(valid_secs * 1000)
-        with store.transaction(self.conn):
-            self.conn.execute("DELETE FROM uploads WHERE expires_at < ?", (now - UPLOAD_SWEEP_MS,))
-            self.conn.execute(
-                "INSERT INTO uploads (token_hash, serial, batch_id, manifest, created_at, "
-                "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    secret_hash(token),
-                    serial,
-                    manifest["batch_id"],
-                    json.dumps(manifest),
-                    now,
-                    expires,
-                ),
-            )
-        return token, expires
-
-    def find_upload(self, token: str) -> Upload | None:
-        row = self.conn.execute(
-            "SELECT serial, batch_id, manifest, expires_at FROM uploads WHERE token_hash = ?",
-            (secret_hash(token),),
-        ).fetchone()
-        if not row:
-            return None
-        return Upload(row[0], row[1], json.loads(row[2]), row[3])
-
-    def close_upload(self, token: str) -> None:
-        with store.transaction(self.conn):
-            self.conn.execute("DELETE FROM uploads WHERE token_hash = ?", (secret_hash(token),))
-
-    def ingest(
-        self,
-        serial: str,
-        batch_id: str,
-        rows: Iterable[Row],
-        *,
-        test: bool = False,
-        manifest: dict[str, Any] | None = None,
-        expected_rows: int | None = None,
-    ) -> int:
-        flag = 1 if test else 0
-        seen = 0
-
-        def counted() -> Iterator[Row]:  # a closure counts a million rows fastest
-            nonlocal seen
-            for row in rows:
-                seen += 1
-                yield row
-
-        # serial, batch_id and the flag are the same for every row: binding them as SQL
-        # literals (quoted) instead of per-row parameters makes the insert a quarter cheaper
-        insert = (
-            "INSERT OR IGNORE INTO readings (serial, device, ts, metric, value, batch_id, test) "  # noqa: S608 (quoted by _literal)
-            f"VALUES ({_literal(serial)}, ?, ?, ?, ?, {_literal(batch_id)}, {flag})"
-        )
-        with store.transaction(self.conn):
-            self._ensure_gateway(serial)
-            before = self.conn.total_changes
-            self.conn.executemany(insert, counted())
-            new = self.conn.total_changes - before
-            if expected_rows is not None and seen != expected_rows:
-                raise IngestError(
-                    f"the manifest announces {expected_rows} readings but readings.csv holds {seen}"
-                )
-            known = self._record_batch(
-                serial, batch_id, rows=seen, new=new, flag=flag, manifest=manifest or {}
-            )
-            self.conn.execute(
-                "UPDATE gateways SET rows = rows + ?, test_rows = test_rows + ?, "
-                "batches = batches + ?, last_batch_id = ?, last_seen = ? WHERE serial = ?",
-                (new, new * flag, 0 if known else 1, batch_id, now_ms(), serial),
-            )
-        return new
-
-    def _record_batch(
-        self,
-        serial: str,
-        batch_id: str,
-        *,
-        rows: int,
-        new: int,
-        flag: int,
-        manifest: dict[str, Any],
-    ) -> bool:
-        """Add the batch's row (or its new readings to a known batch); True if it was known."""
-        known = self.conn.execute(
-            "UPDATE batches SET new_rows = new_rows + ? WHERE serial = ? AND batch_id = ?",
-            (new, serial, batch_id),
-        ).rowcount
-        if known:
-            return True
-        self.conn.execute(
-            "INSERT INTO batches (serial, batch_id, state, rows, new_rows, sha256, first_ts, "
-            "last_ts, mode, type, test, manifest, stored_at) "
-            "VALUES (?, ?, 'stored', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                serial,
-                batch_id,
-                rows,
-                new,
-                *(manifest.get(k) for k in ("sha256", "first_ts", "last_ts", "mode", "type")),
-                flag,
-                json.dumps(manifest),
-                now_ms(),
-            ),
-        )
-        return False
-
-    def touch(self, serial: str) -> None:
-        with store.transaction(self.conn):
-            self.conn.execute(
-                "UPDATE gateways SET last_seen = ? WHERE serial = ?", (now_ms(), serial)
-            )
-
-    # Summaries ----------------------------------------------------------------------------
-
-    def _summary(self, row: tuple[Any, ...]) -> dict[str, Any]:
-        d = dict(zip(GATEWAY_FIELDS, row, strict=True))
-        last_id = d.pop("last_batch_id")
-        b = self.conn.execute(
-            f"SELECT {', '.join(LAST_BATCH_FIELDS)} FROM batches "  # noqa: S608 (constants)
-            "WHERE serial = ? AND batch_id = ?",
-            (d["serial"], last_id),
-        ).fetchone()
-        d["last_batch"] = dict(zip(LAST_BATCH_FIELDS, b, strict=True)) if b else None
-        if d["last_batch"]:
-            d["last_batch"]["test"] = bool(d["last_batch"]["test"])
-        return d
-
-    def gateways(self) -> list[dict[str, Any]]:
-        return [
-            self._summary(r)
-            for r in self.conn.execute(
-                f"SELECT {', '.join(GATEWAY_FIELDS)} FROM gateways ORDER BY serial"  # noqa: S608
-            ).fetchall()
-        ]
-
-    def gateway(self, serial: str) -> dict[str, Any] | None:
-        row = self.conn.execute(
-            f"SELECT {', '.join(GATEWAY_FIELDS)} FROM gateways WHERE serial = ?",  # noqa: S608
-            (serial,),
-        ).fetchone()
-        return self._summary(row) if row else None
-
-    def health(self) -> dict[str, Any]:
-        n = self.conn.execute("SELECT COUNT(*) FROM gateways").fetchone()[0]
-        return {"database": "ok", "gateways": n}
+            yield from page
+            if len(page) < self.CHUNK:
+                return
+            start = page[-1][0] + 1

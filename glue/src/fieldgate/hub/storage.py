@@ -1,14 +1,21 @@
 """What the hub needs from its database: the backend-neutral storage interface.
 
-:class:`HubStorage` is the small interface the web app and ``hub import`` use. The SQLite
-backend (:mod:`fieldgate.hub.sqlite_storage`) is one database for all gateways; another
-backend (PostgreSQL) implements the same methods. The uniqueness of a reading over
-``(serial, device, ts, metric)`` and "one batch ingest is one transaction" are part of the
-interface, not of SQLite.
+:class:`HubStorage` is the interface the web app, ``hub import`` and the ``fieldgate hub``
+commands use. Two backends implement it with the same SQL where they can
+(:mod:`fieldgate.hub.sqlstore`): one SQLite file (:mod:`fieldgate.hub.sqlite_storage`, the
+embedded default) and PostgreSQL (:mod:`fieldgate.hub.pg_storage`, for large fleets).
+The guarantees are part of the interface, not of a backend:
+
+- a reading is unique over ``(serial, device, ts, metric)``; a batch is ingested in one
+  transaction, all or nothing, and at most once per ``(serial, batch_id)``: of several
+  ingests of one batch at the same time exactly one stores it, and ``new_rows`` is exact;
+- PIN use and key issue are race-free between processes (one PIN, one key);
+- every method is safe to call from several processes and threads at once, each with its
+  own storage object (the web server runs several workers with several threads).
 
 Secrets are stored hashed, the same way by every backend (the helpers below): gateway keys
 and upload tokens (high-entropy random strings) as SHA-256, one-time PINs (short, typed by
-a person) salted with PBKDF2.
+a person) salted with PBKDF2, user passwords with scrypt (:mod:`fieldgate.hub.passwords`).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,6 +32,12 @@ Row = tuple[str, int, str, float]
 
 #: How long (ms) an expired upload token is kept before it is swept away.
 UPLOAD_SWEEP_MS = 86_400_000
+
+#: The domain of a gateway nobody put in a domain yet.
+DEFAULT_DOMAIN = "default"
+
+#: The domains a caller may see: a set of names, or None for every domain (an admin).
+Domains = frozenset[str] | None
 
 
 def secret_hash(secret: str) -> str:
@@ -57,19 +70,22 @@ def pin_hash(pin: str, salt: bytes) -> bytes:
 
 def pin_matches(pin: str, salt: bytes, stored: bytes) -> bool:
     """Whether ``pin`` is the PIN stored as ``stored`` (constant-time comparison)."""
-    return hmac.compare_digest(pin_hash(pin, salt), stored)
+    return hmac.compare_digest(pin_hash(pin, salt), bytes(stored))
 
 
 #: The fields of a gateway summary (``gateways()``, ``gateway()``), in order.
 GATEWAY_FIELDS = (
     "serial",
+    "domain",
     "created_at",
     "registered_at",
     "last_seen",
+    "last_heartbeat",
     "last_batch_id",
     "rows",
     "test_rows",
     "batches",
+    "status",
 )
 #: The fields of a summary's ``last_batch``, in order.
 LAST_BATCH_FIELDS = (
@@ -82,6 +98,10 @@ LAST_BATCH_FIELDS = (
     "test",
     "stored_at",
 )
+#: The fields of one series in :meth:`HubStorage.extent`, in order.
+EXTENT_FIELDS = ("device", "metric", "first_ts", "last_ts", "count")
+#: The fields of one bucket in :meth:`HubStorage.buckets`, in order.
+BUCKET_FIELDS = ("ts", "min", "max", "mean", "count")
 
 
 class IngestError(Exception):
@@ -107,26 +127,58 @@ class StoredBatch:
     sha256: str | None
 
 
+@dataclass(frozen=True)
+class User:
+    """A person (or a program) who reads the hub: domains decide which gateways they see."""
+
+    name: str
+    password_hash: str
+    admin: bool
+    domains: tuple[str, ...]
+    created_at: int
+    updated_at: int
+
+    @property
+    def visible(self) -> Domains:
+        """What this user may see: None (every domain) for an admin."""
+        return None if self.admin else frozenset(self.domains)
+
+
+@dataclass(frozen=True)
+class Series:
+    """One (device, metric) of a gateway: its id and what it holds."""
+
+    id: int
+    first_ts: int | None
+    last_ts: int | None
+    count: int
+
+
 class HubStorage(Protocol):
-    """What the hub needs from its database. Every method is safe to call from several
-    processes at once (the web server runs several workers)."""
+    """What the hub needs from its database (see the module docstring for the guarantees)."""
+
+    # Registration ---------------------------------------------------------------------------
 
     def create_pin(self, serial: str, valid_secs: int) -> str:
         """A fresh one-time PIN for ``serial`` (stored hashed), valid for ``valid_secs``."""
         ...
 
     def register(self, serial: str, pin: str) -> str | None:
-        """Redeem a PIN: a new gateway key (older keys of the serial revoked), or None."""
+        """Redeem a PIN: a new gateway key (older keys of the serial revoked), or None.
+
+        Of concurrent redemptions of one PIN exactly one gets a key."""
         ...
 
     def serial_for_key(self, key: str) -> str | None:
         """The gateway a key belongs to, or None for an unknown or revoked key."""
         ...
 
+    # Uploads --------------------------------------------------------------------------------
+
     def stored_batch(self, serial: str, batch_id: str) -> StoredBatch | None: ...
 
     def open_upload(
-        self, serial: str, manifest: dict[str, Any], valid_secs: int
+        self, serial: str, manifest: dict[str, Any], valid_secs: float
     ) -> tuple[str, int]:
         """A new upload token for a batch and its expiry (epoch ms); the token is stored hashed."""
         ...
@@ -146,17 +198,16 @@ class HubStorage(Protocol):
         test: bool = False,
         manifest: dict[str, Any] | None = None,
         expected_rows: int | None = None,
-    ) -> int:
-        """Store the readings of one batch exactly once; returns how many were new.
+    ) -> int | None:
+        """Store the readings of one batch exactly once; how many were new, or None when the
+        batch ``(serial, batch_id)`` is already stored (then ``rows`` is not read).
 
         All or nothing, in one transaction: a reading already held for
-        ``(serial, device, ts, metric)`` is skipped, so ingesting the same rows any number of
-        times (a retried upload, an exported database imported after its batches were
-        uploaded) stores each once. ``rows`` may be a lazy iterator; if it raises, or yields
-        a number of rows other than ``expected_rows`` (IngestError), nothing is stored. The
-        batch is recorded under ``batch_id`` (re-ingesting a recorded batch_id only adds
-        readings not yet held). ``test`` flags the rows as test data. ``hub import`` calls
-        this with a batch_id naming the imported file.
+        ``(serial, device, ts, metric)`` is skipped, so readings sent in several batches
+        (a restored store, an export imported after its batches were uploaded) are stored
+        once. ``rows`` may be a lazy iterator; if it raises, or yields a number of rows
+        other than ``expected_rows`` (IngestError), nothing is stored. ``test`` flags the
+        rows as test data.
         """
         ...
 
@@ -164,14 +215,106 @@ class HubStorage(Protocol):
         """Note that the gateway was seen now."""
         ...
 
-    def gateways(self) -> list[dict[str, Any]]:
-        """Every gateway's summary (:data:`GATEWAY_FIELDS` but ``last_batch_id``, plus
-        ``last_batch``: :data:`LAST_BATCH_FIELDS` or None), ordered by serial."""
+    def record_heartbeat(self, serial: str, status: dict[str, Any]) -> None:
+        """Keep a gateway's last reported status (``fieldgate status --json``) and its time."""
         ...
 
-    def gateway(self, serial: str) -> dict[str, Any] | None:
-        """One gateway's summary as in :meth:`gateways`, or None."""
+    # Gateways and domains -------------------------------------------------------------------
+
+    def gateways(self, domains: Domains = None) -> list[dict[str, Any]]:
+        """The summaries of the gateways in ``domains`` (None: all), ordered by serial:
+        :data:`GATEWAY_FIELDS` but ``last_batch_id``, plus ``last_batch``
+        (:data:`LAST_BATCH_FIELDS` or None)."""
         ...
+
+    def gateway(self, serial: str, domains: Domains = None) -> dict[str, Any] | None:
+        """One gateway's summary as in :meth:`gateways`, or None (also when it is in none
+        of ``domains``: the caller cannot tell it exists)."""
+        ...
+
+    def set_domain(self, serial: str, domain: str) -> str | None:
+        """Put a gateway in ``domain`` (a gateway not known yet is created); its previous
+        domain, or None when it was new."""
+        ...
+
+    # Users ----------------------------------------------------------------------------------
+
+    def user(self, name: str) -> User | None: ...
+
+    def users(self) -> list[User]:
+        """Every user, ordered by name."""
+        ...
+
+    def add_user(
+        self, name: str, password_hash: str, domains: Iterable[str], *, admin: bool
+    ) -> bool:
+        """Create a user; False (nothing changed) when the name is taken."""
+        ...
+
+    def update_user(
+        self,
+        name: str,
+        *,
+        password_hash: str | None = None,
+        domains: Iterable[str] | None = None,
+        admin: bool | None = None,
+    ) -> bool:
+        """Change what is given; False when there is no such user."""
+        ...
+
+    def remove_user(self, name: str) -> bool:
+        """Delete a user and their domains; False when there was no such user."""
+        ...
+
+    # Login failures (rate limits shared by every worker) ------------------------------------
+
+    def login_failures(self, keys: Iterable[str], since: int) -> dict[str, tuple[int, int]]:
+        """For each key with failures at or after ``since`` (epoch ms): (count, oldest)."""
+        ...
+
+    def add_login_failure(self, keys: Iterable[str], at: int, *, forget_before: int) -> None:
+        """Record a failed login under every key; drops failures older than ``forget_before``."""
+        ...
+
+    def clear_login_failures(self, key: str) -> None: ...
+
+    def secret(self, name: str) -> str:
+        """A random secret kept in the database (created on first use, the same for every
+        worker and every hub process sharing the database), e.g. the session signing key."""
+        ...
+
+    # Reading --------------------------------------------------------------------------------
+
+    def series(self, serial: str, device: str, metric: str) -> Series | None:
+        """What a gateway holds of one device and metric, or None."""
+        ...
+
+    def extent(self, serial: str, device: str | None = None) -> list[dict[str, Any]]:
+        """Per device and metric of a gateway (of one device): :data:`EXTENT_FIELDS`,
+        ordered by device and metric; series emptied by retention are left out."""
+        ...
+
+    def readings(self, series_id: int, start: int, end: int) -> Iterator[tuple[int, float]]:
+        """The (ts, value) of a series with start <= ts < end, in time order, streamed: the
+        backend fetches them in chunks; close the iterator when stopping early."""
+        ...
+
+    def buckets(
+        self, series_id: int, start: int, end: int, every: int, origin: int
+    ) -> list[tuple[int, float, float, float, int]]:
+        """Statistics per time bucket computed by the database: (bucket start, min, max,
+        mean, count) of the readings with start <= ts < end, buckets of ``every`` ms counted
+        from ``origin`` (<= start); only buckets holding readings, in time order."""
+        ...
+
+    # Retention ------------------------------------------------------------------------------
+
+    def delete_before(self, cutoff: int, max_rows: int) -> int:
+        """Delete at most ``max_rows`` readings older than ``cutoff`` (epoch ms) in one short
+        transaction; how many were deleted (0: nothing older is left)."""
+        ...
+
+    # The database ---------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
         """Facts for ``GET /api/v1/health`` (the database answers; how many gateways)."""

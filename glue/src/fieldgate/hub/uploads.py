@@ -13,6 +13,7 @@ The batch format and its checks are :mod:`fieldgate.batchfile`, the gateway's ow
 from __future__ import annotations
 
 import logging
+import tempfile
 
 from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected
@@ -108,24 +109,26 @@ def put_batch(token: str) -> tuple[Response, int]:
     if stored is not None and stored.sha256 == m["sha256"]:
         st.close_upload(token)
         return jsonify(state="stored"), 200
-    body = read_body(settings().max_upload_bytes)
-    try:
-        csv_bytes, inner = batchfile.read_zip(body)
-        batchfile.check_contents(csv_bytes, inner, m)
-        rows = batchfile.parse_csv(batchfile.decode_csv(csv_bytes))
-        new = st.ingest(
-            up.serial,
-            up.batch_id,
-            rows,
-            test=m["mode"] == "TEST",
-            manifest=m,
-            expected_rows=m["rows"],
-        )
-    except batchfile.BatchFileError as exc:
-        raise ApiError(exc.status, f"{exc}{NOTHING_STORED}") from None
-    except IngestError as exc:
-        raise ApiError(422, f"{exc}{NOTHING_STORED}") from None
+    cfg = settings()
+    with spool_body(cfg.max_upload_bytes, cfg.spool_memory_bytes) as body:
+        try:
+            with batchfile.open_batch(body) as batch:
+                batchfile.check_inner_manifest(batch.manifest, m)
+                new = st.ingest(
+                    up.serial,
+                    up.batch_id,
+                    batch.readings(m),
+                    test=m["mode"] == "TEST",
+                    manifest=m,
+                    expected_rows=m["rows"],
+                )
+        except batchfile.BatchFileError as exc:
+            raise ApiError(exc.status, f"{exc}{NOTHING_STORED}") from None
+        except IngestError as exc:
+            raise ApiError(422, f"{exc}{NOTHING_STORED}") from None
     st.close_upload(token)
+    if new is None:  # another request stored this batch while this one was arriving
+        return jsonify(state="stored"), 200
     test = " (TEST)" if m["mode"] == "TEST" else ""
     log.info(
         "stored batch %s from %s: %d readings, %d new%s",
@@ -140,35 +143,47 @@ def put_batch(token: str) -> tuple[Response, int]:
 
 #: gunicorn's exceptions for a request body that ended early.
 _SHORT_BODY = ("NoMoreData", "ChunkMissingTerminator", "InvalidChunkSize")
+#: How much of the body is read at a time.
+CHUNK = 1 << 20
 
 
-def read_body(limit: int) -> bytes:
-    """The whole request body; 413 over ``limit``, 400 when the client sent less than it
-    announced."""
+def spool_body(limit: int, memory: int) -> tempfile.SpooledTemporaryFile[bytes]:
+    """The request body in a spooled temporary file (in memory up to ``memory`` bytes,
+    then on disk), rewound; 413 as soon as it passes ``limit``, 400 when the client sent
+    less than it announced. The body is never whole in memory."""
     length = request.content_length
     if length is not None and length > limit:
         raise ApiError(413, f"the upload is {length} bytes; this hub accepts at most {limit}")
-    cut_off = f"the upload body was cut off after {{got}} of {length} bytes{NOTHING_STORED}"
-    chunks: list[bytes] = []
-    got = 0
+    spool = tempfile.SpooledTemporaryFile(max_size=memory)  # noqa: SIM115 (returned open)
     try:
-        while chunk := request.stream.read(1 << 20):
+        got = 0
+        while chunk := _read_some(got, length):
             got += len(chunk)
             if got > limit:
                 raise ApiError(413, f"the upload is larger than this hub accepts ({limit} bytes)")
-            chunks.append(chunk)
+            spool.write(chunk)
+        if length is not None and got != length:
+            raise ApiError(400, _cut_off(got, length))
+        if not got:
+            raise ApiError(400, "the upload body is empty; send the batch zip")
+    except BaseException:
+        spool.close()
+        raise
+    spool.seek(0)
+    return spool
+
+
+def _cut_off(got: int, length: int | None, why: str = "") -> str:
+    return f"the upload body was cut off after {got} of {length} bytes{why}{NOTHING_STORED}"
+
+
+def _read_some(got: int, length: int | None) -> bytes:
+    """The next piece of the body; 400 when the client went away or sent a short body."""
+    try:
+        return request.stream.read(CHUNK)
     except (ClientDisconnected, OSError) as exc:
-        raise ApiError(
-            400,
-            f"the upload body was cut off after {got} of {length} bytes "
-            f"({exc.__class__.__name__}){NOTHING_STORED}",
-        ) from None
+        raise ApiError(400, _cut_off(got, length, f" ({exc.__class__.__name__})")) from None
     except Exception as exc:  # gunicorn's NoMoreData and friends: a short body
         if exc.__class__.__name__ in _SHORT_BODY:
-            raise ApiError(400, cut_off.format(got=got)) from None
+            raise ApiError(400, _cut_off(got, length)) from None
         raise
-    if length is not None and got != length:
-        raise ApiError(400, cut_off.format(got=got))
-    if not got:
-        raise ApiError(400, "the upload body is empty; send the batch zip")
-    return b"".join(chunks)

@@ -1,8 +1,9 @@
 """What every view of the hub shares: its settings, its storage, errors as JSON.
 
-Views reach the storage with :func:`storage` (one per worker process, opened on first use,
-after gunicorn forked) and refuse a request with :class:`ApiError`, which the application
-answers as ``{"error": "<one sentence>"}`` and logs with the gateway and batch in ``g.ctx``.
+Views reach the storage with :func:`storage` (one per worker thread, opened on first use,
+after gunicorn forked: a database connection is never shared between threads) and refuse
+a request with :class:`ApiError`, which the application answers as
+``{"error": "<one sentence>"}`` and logs with the gateway and batch in ``g.ctx``.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Response, current_app, g, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 
+from fieldgate.hub.passwords import VerifiedCache
 from fieldgate.hub.storage import HubStorage
 
 log = logging.getLogger("fieldgate.hub")
@@ -25,37 +28,58 @@ EXTENSION = "fieldgate.hub"
 
 
 class ApiError(Exception):
-    """An answer with an HTTP status and one sentence."""
+    """An answer with an HTTP status, one sentence and optional headers."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 @dataclass
 class HubSettings:
-    """One hub application's settings and its per-process storage."""
+    """One hub application's settings and its per-thread storage."""
 
     factory: Callable[[], HubStorage]
     upload_ttl_secs: float
     max_upload_bytes: int
-    _per_process: dict[int, HubStorage] = field(default_factory=dict)
+    #: An upload is kept in memory up to this size, then in a temporary file.
+    spool_memory_bytes: int = 8 * 1024 * 1024
+    #: Credentials verified lately (HTTP Basic sends them with every request).
+    verified: VerifiedCache = field(default_factory=VerifiedCache)
+    _local: threading.local = field(default_factory=threading.local)
 
     def storage(self) -> HubStorage:
-        pid = os.getpid()
-        if pid not in self._per_process:
-            self._per_process[pid] = self.factory()
-        return self._per_process[pid]
+        """This thread's storage (a new one after a fork)."""
+        mine = getattr(self._local, "storage", None)
+        if mine is None or mine[0] != os.getpid():
+            mine = self._local.storage = (os.getpid(), self.factory())
+        return mine[1]
+
+    def discard_storage(self) -> None:
+        """Forget this thread's storage (after its connection failed); the next request
+        opens a new one."""
+        mine = getattr(self._local, "storage", None)
+        self._local.storage = None
+        if mine is not None and mine[0] == os.getpid():
+            try:
+                mine[1].close()
+            except Exception:  # a broken connection may fail to close: it is gone anyway
+                log.debug("closing a failed storage", exc_info=True)
+
+
+def settings_of(app: Flask) -> HubSettings:
+    return app.extensions[EXTENSION]
 
 
 def settings() -> HubSettings:
     """The settings of the application serving this request."""
-    return current_app.extensions[EXTENSION]
+    return settings_of(current_app)
 
 
 def storage() -> HubStorage:
-    """This worker process's storage."""
+    """This worker thread's storage."""
     return settings().storage()
 
 
@@ -67,11 +91,15 @@ def json_body() -> dict[str, Any]:
     return body
 
 
-def error_response(status: int, message: str) -> tuple[Response, int]:
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> tuple[Response, int]:
     """``{"error": message}`` with ``status``, logged with the request's context."""
     path = redact_upload_token(request.path)
     log.warning("%s %s -> %d%s: %s", request.method, path, status, g.get("ctx", ""), message)
-    return jsonify(error=message), status
+    response = jsonify(error=message)
+    response.headers.update(headers or {})
+    return response, status
 
 
 UPLOAD_TOKEN_RE = re.compile(r"(/api/v1/uploads/)[^ ?/]+")

@@ -1,0 +1,552 @@
+"""The hub storage's SQL, shared by the SQLite and the PostgreSQL backend.
+
+Both databases hold the same tables (``sqlite_storage.MIGRATIONS``, ``pg_storage.MIGRATIONS``):
+
+- ``series``: one row per (serial, device, metric) with its id, first and last ts and how
+  many readings it holds (kept exact by ingest and retention: the extent query reads it);
+- ``samples``: the readings, ``(series, ts, value, batch)`` keyed by ``(series, ts)``, so
+  a reading is unique over (serial, device, ts, metric) and a time range of one device and
+  metric is one index range; ``batch`` is the ``batches.seq`` that stored it;
+- ``readings``: a view with the contract's columns ``(serial, device, ts, metric, value,
+  batch_id, test)`` over the two (docs/contract.md §6), for people and tools;
+- ``gateways`` (with ``domain``, ``last_heartbeat``, ``last_status``), ``batches``,
+  ``pins``, ``gateway_keys``, ``uploads``, ``users``, ``user_domains``, ``login_failures``
+  and ``meta``.
+
+SQL is written once with ``?`` placeholders (PostgreSQL's backend rewrites them); what
+differs (locking rows, the bulk insert of readings, streaming) is a method of the backend.
+
+Lock order, so that concurrent writers never deadlock on PostgreSQL: a batch's
+``batches`` row, then ``series`` rows in id order, then the ``gateways`` row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+from fieldgate.hub.storage import (
+    BUCKET_FIELDS,
+    DEFAULT_DOMAIN,
+    EXTENT_FIELDS,
+    GATEWAY_FIELDS,
+    LAST_BATCH_FIELDS,
+    UPLOAD_SWEEP_MS,
+    Domains,
+    IngestError,
+    Row,
+    Series,
+    StoredBatch,
+    Upload,
+    User,
+    new_pin,
+    new_secret,
+    pin_matches,
+    secret_hash,
+)
+from fieldgate.store import now_ms
+
+#: The view with the contract's readings columns, the same on both backends.
+READINGS_VIEW = """
+CREATE VIEW readings AS
+    SELECT s.serial, s.device, r.ts, s.metric, r.value, b.batch_id, b.test
+    FROM samples r
+    JOIN series s ON s.id = r.series
+    JOIN batches b ON b.seq = r.batch
+"""
+
+_SUMMARY_SQL = (
+    "SELECT "
+    + ", ".join(f"g.{f}" if f != "status" else "g.last_status" for f in GATEWAY_FIELDS)
+    + ", "
+    + ", ".join(f"b.{f}" for f in LAST_BATCH_FIELDS)
+    + " FROM gateways g LEFT JOIN batches b ON b.serial = g.serial AND b.batch_id = g.last_batch_id"
+)
+
+
+def _placeholders(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+class SqlHubStorage:
+    """:class:`~fieldgate.hub.storage.HubStorage` over a DB-API connection; a backend
+    subclasses it (see the module docstring)."""
+
+    #: Appended to a SELECT that must lock the rows it reads (PostgreSQL: `` FOR UPDATE``).
+    for_update = ""
+    #: The two-argument minimum and maximum of the dialect.
+    least = "min"
+    greatest = "max"
+
+    conn: Any
+
+    def __init__(self) -> None:
+        #: (serial, device, metric) -> series id, for series committed to the database
+        #: (series rows are never deleted, so their ids stay valid).
+        self._series_ids: dict[tuple[str, str, str], int] = {}
+
+    # What a backend provides --------------------------------------------------------------
+
+    def _x(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Execute one statement; the cursor."""
+        raise NotImplementedError
+
+    def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+    def _tx(self) -> AbstractContextManager[Any]:
+        """A write transaction (SQLite: BEGIN IMMEDIATE; PostgreSQL: READ COMMITTED)."""
+        raise NotImplementedError
+
+    def _insert_rows(
+        self, serial: str, seq: int, rows: Iterable[Row], ids: dict[tuple[str, str], int]
+    ) -> tuple[int, dict[int, tuple[int, int, int]]]:
+        """Insert a batch's readings under ``batches.seq`` ``seq``: how many rows were read,
+        and per series id (new rows, their first ts, their last ts), new rows only.
+        ``ids`` collects the series ids used, (device, metric) -> id."""
+        raise NotImplementedError
+
+    def readings(self, series_id: int, start: int, end: int) -> Iterator[tuple[int, float]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # Shared helpers -----------------------------------------------------------------------
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._x(sql, params).fetchone()
+
+    def _ensure_gateway(self, serial: str) -> None:
+        self._x(
+            "INSERT INTO gateways (serial, created_at, domain) VALUES (?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            (serial, now_ms(), DEFAULT_DOMAIN),
+        )
+
+    def _series_id(self, serial: str, device: str, metric: str) -> int:
+        """The id of a series, created if new (inside the caller's transaction)."""
+        known = self._series_ids.get((serial, device, metric))
+        if known is not None:
+            return known
+        self._x(
+            "INSERT INTO series (serial, device, metric, count) VALUES (?, ?, ?, 0) "
+            "ON CONFLICT DO NOTHING",
+            (serial, device, metric),
+        )
+        return int(
+            self._one(
+                "SELECT id FROM series WHERE serial = ? AND device = ? AND metric = ?",
+                (serial, device, metric),
+            )[0]
+        )
+
+    # Registration -------------------------------------------------------------------------
+
+    def create_pin(self, serial: str, valid_secs: int) -> str:
+        pin, salt, hashed = new_pin()
+        now = now_ms()
+        with self._tx():
+            self._ensure_gateway(serial)
+            self._x(
+                "INSERT INTO pins (serial, salt, pin_hash, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (serial, salt, hashed, now, now + valid_secs * 1000),
+            )
+        return pin
+
+    def register(self, serial: str, pin: str) -> str | None:
+        now = now_ms()
+        # PBKDF2 is slow on purpose: match the PIN before any write lock is taken
+        candidates = self._x(
+            "SELECT id, salt, pin_hash FROM pins WHERE serial = ? AND used_at IS NULL "
+            "AND expires_at > ?",
+            (serial, now),
+        ).fetchall()
+        match = next((i for i, salt, h in candidates if pin_matches(pin, salt, h)), None)
+        if match is None:
+            return None
+        key = new_secret()
+        with self._tx():
+            # the PIN is used once: of concurrent redemptions one updates the row
+            won = self._x(
+                "UPDATE pins SET used_at = ? WHERE id = ? AND used_at IS NULL AND expires_at > ?",
+                (now, match, now),
+            ).rowcount
+            if won != 1:
+                return None
+            # one valid key per gateway: registrations of one gateway take turns here
+            self._x(f"SELECT serial FROM gateways WHERE serial = ?{self.for_update}", (serial,))
+            self._x(
+                "UPDATE gateway_keys SET revoked_at = ? WHERE serial = ? AND revoked_at IS NULL",
+                (now, serial),
+            )
+            self._x(
+                "INSERT INTO gateway_keys (key_hash, serial, created_at) VALUES (?, ?, ?)",
+                (secret_hash(key), serial, now),
+            )
+            self._x(
+                "UPDATE gateways SET registered_at = ?, last_seen = ? WHERE serial = ?",
+                (now, now, serial),
+            )
+        return key
+
+    def serial_for_key(self, key: str) -> str | None:
+        row = self._one(
+            "SELECT serial FROM gateway_keys WHERE key_hash = ? AND revoked_at IS NULL",
+            (secret_hash(key),),
+        )
+        return row[0] if row else None
+
+    # Uploads ------------------------------------------------------------------------------
+
+    def stored_batch(self, serial: str, batch_id: str) -> StoredBatch | None:
+        row = self._one(
+            "SELECT serial, batch_id, rows, new_rows, sha256 FROM batches "
+            "WHERE serial = ? AND batch_id = ?",
+            (serial, batch_id),
+        )
+        return StoredBatch(*row) if row else None
+
+    def open_upload(
+        self, serial: str, manifest: dict[str, Any], valid_secs: float
+    ) -> tuple[str, int]:
+        token = new_secret()
+        now = now_ms()
+        expires = now + int(valid_secs * 1000)
+        with self._tx():
+            self._x("DELETE FROM uploads WHERE expires_at < ?", (now - UPLOAD_SWEEP_MS,))
+            self._x(
+                "INSERT INTO uploads (token_hash, serial, batch_id, manifest, created_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    secret_hash(token),
+                    serial,
+                    manifest["batch_id"],
+                    json.dumps(manifest),
+                    now,
+                    expires,
+                ),
+            )
+        return token, expires
+
+    def find_upload(self, token: str) -> Upload | None:
+        row = self._one(
+            "SELECT serial, batch_id, manifest, expires_at FROM uploads WHERE token_hash = ?",
+            (secret_hash(token),),
+        )
+        if not row:
+            return None
+        return Upload(row[0], row[1], json.loads(row[2]), row[3])
+
+    def close_upload(self, token: str) -> None:
+        with self._tx():
+            self._x("DELETE FROM uploads WHERE token_hash = ?", (secret_hash(token),))
+
+    def ingest(
+        self,
+        serial: str,
+        batch_id: str,
+        rows: Iterable[Row],
+        *,
+        test: bool = False,
+        manifest: dict[str, Any] | None = None,
+        expected_rows: int | None = None,
+    ) -> int | None:
+        flag = 1 if test else 0
+        m = manifest or {}
+        ids: dict[tuple[str, str], int] = {}
+        with self._tx():
+            self._ensure_gateway(serial)
+            # the batch's row first: its unique key decides which of concurrent ingests of
+            # one batch stores it (PostgreSQL makes the others wait, then skip)
+            claimed = self._one(
+                "INSERT INTO batches (serial, batch_id, state, rows, new_rows, sha256, "
+                "first_ts, last_ts, mode, type, test, manifest, stored_at) "
+                "VALUES (?, ?, 'stored', 0, 0, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (serial, batch_id) DO NOTHING RETURNING seq",
+                (
+                    serial,
+                    batch_id,
+                    *(m.get(k) for k in ("sha256", "first_ts", "last_ts", "mode", "type")),
+                    flag,
+                    json.dumps(m),
+                    now_ms(),
+                ),
+            )
+            if claimed is None:
+                return None
+            seq = int(claimed[0])
+            seen, per_series = self._insert_rows(serial, seq, rows, ids)
+            if expected_rows is not None and seen != expected_rows:
+                raise IngestError(
+                    f"the manifest announces {expected_rows} readings but readings.csv holds {seen}"
+                )
+            new = sum(n for n, _, _ in per_series.values())
+            self._many(
+                f"UPDATE series SET count = count + ?, "
+                f"first_ts = {self.least}(COALESCE(first_ts, ?), ?), "
+                f"last_ts = {self.greatest}(COALESCE(last_ts, ?), ?) WHERE id = ?",
+                [(n, lo, lo, hi, hi, sid) for sid, (n, lo, hi) in sorted(per_series.items())],
+            )
+            self._x("UPDATE batches SET rows = ?, new_rows = ? WHERE seq = ?", (seen, new, seq))
+            self._x(
+                "UPDATE gateways SET rows = rows + ?, test_rows = test_rows + ?, "
+                "batches = batches + 1, last_batch_id = ?, last_seen = ? WHERE serial = ?",
+                (new, new * flag, batch_id, now_ms(), serial),
+            )
+        for (device, metric), sid in ids.items():  # committed: safe to remember
+            self._series_ids[(serial, device, metric)] = sid
+        return new
+
+    def touch(self, serial: str) -> None:
+        with self._tx():
+            self._x("UPDATE gateways SET last_seen = ? WHERE serial = ?", (now_ms(), serial))
+
+    def record_heartbeat(self, serial: str, status: dict[str, Any]) -> None:
+        now = now_ms()
+        with self._tx():
+            self._x(
+                "UPDATE gateways SET last_heartbeat = ?, last_seen = ?, last_status = ? "
+                "WHERE serial = ?",
+                (now, now, json.dumps(status), serial),
+            )
+
+    # Gateways and domains -----------------------------------------------------------------
+
+    def _summary(self, row: Sequence[Any]) -> dict[str, Any]:
+        d = dict(zip(GATEWAY_FIELDS, row[: len(GATEWAY_FIELDS)], strict=True))
+        d.pop("last_batch_id")
+        d["status"] = json.loads(d["status"]) if d["status"] else None
+        b = dict(zip(LAST_BATCH_FIELDS, row[len(GATEWAY_FIELDS) :], strict=True))
+        d["last_batch"] = {**b, "test": bool(b["test"])} if b["batch_id"] is not None else None
+        return d
+
+    def gateways(self, domains: Domains = None) -> list[dict[str, Any]]:
+        if domains is None:
+            rows = self._x(f"{_SUMMARY_SQL} ORDER BY g.serial").fetchall()
+        elif not domains:
+            return []
+        else:
+            ds = sorted(domains)
+            rows = self._x(
+                f"{_SUMMARY_SQL} WHERE g.domain IN ({_placeholders(len(ds))}) ORDER BY g.serial",
+                ds,
+            ).fetchall()
+        return [self._summary(r) for r in rows]
+
+    def gateway(self, serial: str, domains: Domains = None) -> dict[str, Any] | None:
+        row = self._one(f"{_SUMMARY_SQL} WHERE g.serial = ?", (serial,))
+        if row is None:
+            return None
+        d = self._summary(row)
+        if domains is not None and d["domain"] not in domains:
+            return None
+        return d
+
+    def set_domain(self, serial: str, domain: str) -> str | None:
+        with self._tx():
+            row = self._one(
+                f"SELECT domain FROM gateways WHERE serial = ?{self.for_update}", (serial,)
+            )
+            if row is None:
+                self._x(
+                    "INSERT INTO gateways (serial, created_at, domain) VALUES (?, ?, ?)",
+                    (serial, now_ms(), domain),
+                )
+                return None
+            self._x("UPDATE gateways SET domain = ? WHERE serial = ?", (domain, serial))
+            return str(row[0])
+
+    # Users --------------------------------------------------------------------------------
+
+    def _users(self, where: str = "", params: Sequence[Any] = ()) -> list[User]:
+        rows = self._x(
+            "SELECT u.name, u.password_hash, u.admin, u.created_at, u.updated_at, d.domain "
+            f"FROM users u LEFT JOIN user_domains d ON d.name = u.name {where} "
+            "ORDER BY u.name, d.domain",
+            params,
+        ).fetchall()
+        out: dict[str, User] = {}
+        for name, pw, admin, created, updated, domain in rows:
+            u = out.get(name) or User(name, pw, bool(admin), (), created, updated)
+            out[name] = (
+                User(u.name, u.password_hash, u.admin, (*u.domains, domain), created, updated)
+                if domain is not None
+                else u
+            )
+        return list(out.values())
+
+    def user(self, name: str) -> User | None:
+        found = self._users("WHERE u.name = ?", (name,))
+        return found[0] if found else None
+
+    def users(self) -> list[User]:
+        return self._users()
+
+    def _set_domains(self, name: str, domains: Iterable[str]) -> None:
+        self._x("DELETE FROM user_domains WHERE name = ?", (name,))
+        self._many(
+            "INSERT INTO user_domains (name, domain) VALUES (?, ?)",
+            [(name, d) for d in sorted(set(domains))],
+        )
+
+    def add_user(
+        self, name: str, password_hash: str, domains: Iterable[str], *, admin: bool
+    ) -> bool:
+        now = now_ms()
+        with self._tx():
+            added = self._x(
+                "INSERT INTO users (name, password_hash, admin, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (name, password_hash, int(admin), now, now),
+            ).rowcount
+            if added != 1:
+                return False
+            self._set_domains(name, domains)
+        return True
+
+    def update_user(
+        self,
+        name: str,
+        *,
+        password_hash: str | None = None,
+        domains: Iterable[str] | None = None,
+        admin: bool | None = None,
+    ) -> bool:
+        with self._tx():
+            found = self._x(
+                "UPDATE users SET updated_at = ?, password_hash = COALESCE(?, password_hash), "
+                "admin = COALESCE(?, admin) WHERE name = ?",
+                (now_ms(), password_hash, None if admin is None else int(admin), name),
+            ).rowcount
+            if found != 1:
+                return False
+            if domains is not None:
+                self._set_domains(name, domains)
+        return True
+
+    def remove_user(self, name: str) -> bool:
+        with self._tx():
+            self._x("DELETE FROM user_domains WHERE name = ?", (name,))
+            return bool(self._x("DELETE FROM users WHERE name = ?", (name,)).rowcount)
+
+    # Login failures -----------------------------------------------------------------------
+
+    def login_failures(self, keys: Iterable[str], since: int) -> dict[str, tuple[int, int]]:
+        ks = sorted(set(keys))
+        rows = self._x(
+            "SELECT key, COUNT(*), MIN(at) FROM login_failures "
+            f"WHERE key IN ({_placeholders(len(ks))}) AND at >= ? GROUP BY key",
+            (*ks, since),
+        ).fetchall()
+        return {k: (int(n), int(oldest)) for k, n, oldest in rows}
+
+    def add_login_failure(self, keys: Iterable[str], at: int, *, forget_before: int) -> None:
+        with self._tx():
+            self._x("DELETE FROM login_failures WHERE at < ?", (forget_before,))
+            self._many(
+                "INSERT INTO login_failures (key, at) VALUES (?, ?)", [(k, at) for k in keys]
+            )
+
+    def clear_login_failures(self, key: str) -> None:
+        with self._tx():
+            self._x("DELETE FROM login_failures WHERE key = ?", (key,))
+
+    def secret(self, name: str) -> str:
+        key = f"secret.{name}"
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        if row is None:
+            with self._tx():
+                self._x(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    (key, new_secret()),
+                )
+            row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(row[0])
+
+    # Reading ------------------------------------------------------------------------------
+
+    def series(self, serial: str, device: str, metric: str) -> Series | None:
+        row = self._one(
+            "SELECT id, first_ts, last_ts, count FROM series "
+            "WHERE serial = ? AND device = ? AND metric = ?",
+            (serial, device, metric),
+        )
+        return Series(*row) if row else None
+
+    def extent(self, serial: str, device: str | None = None) -> list[dict[str, Any]]:
+        where, params = (
+            ("AND device = ?", (serial, device)) if device is not None else ("", (serial,))
+        )
+        rows = self._x(
+            f"SELECT {', '.join(EXTENT_FIELDS)} FROM series "
+            f"WHERE serial = ? {where} AND count > 0 ORDER BY device, metric",
+            params,
+        ).fetchall()
+        return [dict(zip(EXTENT_FIELDS, r, strict=True)) for r in rows]
+
+    def buckets(
+        self, series_id: int, start: int, end: int, every: int, origin: int
+    ) -> list[tuple[int, float, float, float, int]]:
+        assert len(BUCKET_FIELDS) == 5
+        return [
+            (int(b), float(lo), float(hi), float(mean), int(n))
+            for b, lo, hi, mean, n in self._x(
+                "SELECT ? + ((ts - ?) / ?) * ? AS bucket, MIN(value), MAX(value), AVG(value), "
+                "COUNT(*) FROM samples WHERE series = ? AND ts >= ? AND ts < ? "
+                "GROUP BY bucket ORDER BY bucket",
+                (origin, origin, every, every, series_id, start, end),
+            ).fetchall()
+        ]
+
+    # Retention ----------------------------------------------------------------------------
+
+    def delete_before(self, cutoff: int, max_rows: int) -> int:
+        with self._tx():
+            row = self._one(
+                "SELECT id, serial FROM series WHERE first_ts < ? ORDER BY first_ts LIMIT 1"
+                f"{self.for_update}",
+                (cutoff,),
+            )
+            if row is None:
+                return 0
+            sid, serial = row
+            nth = self._one(
+                "SELECT ts FROM samples WHERE series = ? AND ts < ? ORDER BY ts LIMIT 1 OFFSET ?",
+                (sid, cutoff, max_rows),
+            )
+            upto = nth[0] if nth else cutoff
+            test = self._one(
+                "SELECT COUNT(*) FROM samples r JOIN batches b ON b.seq = r.batch "
+                "WHERE r.series = ? AND r.ts < ? AND b.test = 1",
+                (sid, upto),
+            )[0]
+            deleted = self._x(
+                "DELETE FROM samples WHERE series = ? AND ts < ?", (sid, upto)
+            ).rowcount
+            first = self._one("SELECT MIN(ts) FROM samples WHERE series = ?", (sid,))[0]
+            if first is None:  # emptied: the row stays (its id may be cached by any worker)
+                self._x(
+                    "UPDATE series SET count = count - ?, first_ts = NULL, last_ts = NULL "
+                    "WHERE id = ?",
+                    (deleted, sid),
+                )
+            else:
+                self._x(
+                    "UPDATE series SET count = count - ?, first_ts = ? WHERE id = ?",
+                    (deleted, first, sid),
+                )
+            self._x(
+                "UPDATE gateways SET rows = rows - ?, test_rows = test_rows - ? WHERE serial = ?",
+                (deleted, test, serial),
+            )
+        return int(deleted)
+
+    # The database -------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        n = self._one("SELECT COUNT(*) FROM gateways")[0]
+        return {"database": "ok", "gateways": int(n)}
