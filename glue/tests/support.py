@@ -605,10 +605,11 @@ def query_db(db: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, .
         import psycopg
 
         with psycopg.connect(db, autocommit=True) as conn:
-            return conn.execute(sql.replace("?", "%s"), params).fetchall()  # type: ignore[arg-type]
+            cur = conn.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+            return cur.fetchall() if cur.description is not None else []
     import sqlite3
 
-    conn = sqlite3.connect(db, timeout=30)
+    conn = sqlite3.connect(db, timeout=30, isolation_level=None)
     try:
         return conn.execute(sql, params).fetchall()
     finally:

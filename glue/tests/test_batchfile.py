@@ -89,7 +89,8 @@ def test_manifest_keys_in_contract_order() -> None:
         ({"sha256": "ABC"}, "manifest: sha256 must be 64 lowercase hex digits"),
         ({"first_ts": "x"}, "manifest: first_ts must be an integer"),
         ({"mode": "PASS"}, "manifest: mode must be LIVE or TEST"),
-        ({"type": ""}, "manifest: type must be a non-empty string"),
+        ({"type": ""}, "manifest: type must be a name"),
+        ({"type": "a\x00b"}, "manifest: type must be a name"),
     ],
 )
 def test_check_manifest_names_the_field(change: dict[str, Any], reason: str) -> None:

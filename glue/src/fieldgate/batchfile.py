@@ -226,7 +226,7 @@ def check_manifest(m: Any) -> dict[str, Any]:
             "an integer (epoch ms) or null",
         ),
         ("mode", m.get("mode") in SENT_MODES, "LIVE or TEST (PASS batches are not sent)"),
-        ("type", isinstance(m.get("type"), str) and bool(m.get("type")), "a non-empty string"),
+        ("type", is_name(m.get("type")), f"a name ({ALLOWED['name']})"),
     )
     for key, ok, what in checks:
         if key not in m:

@@ -59,6 +59,7 @@ def create_app(
         max_upload_bytes=max_upload_bytes,
     )
     auth.install(app)
+    app.before_request(_refuse_nul)
     for bp in (uploads, health_bp, fleet, query, account, docs):
         app.register_blueprint(bp)
     app.register_error_handler(ApiError, _api_error)
@@ -68,6 +69,13 @@ def create_app(
         n = trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
     return app
+
+
+def _refuse_nul() -> None:
+    """No name the hub knows contains NUL (PostgreSQL text cannot hold one): refuse it
+    in the path and the parameters before anything looks it up."""
+    if "\x00" in request.path or any("\x00" in k + v for k, v in request.args.items(multi=True)):
+        raise ApiError(400, "the request contains a NUL character")
 
 
 def _api_error(exc: ApiError) -> tuple[Response, int]:
@@ -81,7 +89,8 @@ def _http_error(exc: HTTPException) -> tuple[Response, int]:
         405: f"method {request.method} is not allowed here",
         413: f"the upload is larger than this hub accepts ({settings().max_upload_bytes} bytes)",
     }
-    return error_response(status, messages.get(status, exc.description or exc.name))
+    allow = {k: v for k, v in exc.get_headers() if k == "Allow"}  # 405 names the methods
+    return error_response(status, messages.get(status, exc.description or exc.name), allow)
 
 
 def _internal(exc: Exception) -> tuple[Response, int]:

@@ -40,6 +40,8 @@ ADDRESS_LIMIT = 50
 SESSION_LIFETIME = dt.timedelta(hours=12)
 #: What a client learns when its credentials are refused (never which part was wrong).
 REFUSED = "wrong user name or password"
+#: The longest user name looked up (longer ones are refused before any lookup).
+MAX_NAME = 256
 #: The realm HTTP Basic names.
 REALM = 'Basic realm="fieldgate hub", charset="UTF-8"'
 
@@ -81,6 +83,8 @@ def client_address() -> str:
 def authenticate(name: str, password: str) -> Caller:
     """Check a user name and password for this request's client, under the rate limits:
     the caller, or ApiError 401 (wrong) or 429 (too many failures)."""
+    if "\x00" in name or len(name) > MAX_NAME:
+        raise ApiError(400, f"a user name has at most {MAX_NAME} characters and no NUL")
     st = storage()
     now = now_ms()
     keys = {f"user:{name}": USER_LIMIT, f"addr:{client_address()}": ADDRESS_LIMIT}

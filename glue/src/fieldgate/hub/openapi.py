@@ -12,8 +12,11 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 
 from fieldgate import __version__
+from fieldgate.batchfile import MAX_ROWS
 from fieldgate.hub.auth import ADDRESS_LIMIT, USER_LIMIT, WINDOW_MS, require_user
+from fieldgate.hub.auth import MAX_NAME as MAX_USER_NAME
 from fieldgate.hub.query import MAX_BUCKETS, MAX_EVERY_SECS, MAX_NAME
+from fieldgate.names import PATTERNS
 
 docs = require_user(Blueprint("docs", __name__, url_prefix="/api/v1"))
 
@@ -32,8 +35,14 @@ def _error(description: str) -> dict[str, Any]:
 
 _NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
 _TS = {"type": "integer", "minimum": 0, "description": "UTC epoch milliseconds"}
+_NAME = {"type": "string", "pattern": PATTERNS["name"]}
 _TIME_PARAM = {
     "type": "string",
+    # epoch ms below 2**53, or RFC 3339 from 1970 on (a date that does not exist, such as
+    # February 30, is a 400 the pattern cannot express)
+    "pattern": r"^([0-9]{1,15}|(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]"
+    r"|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?([Zz]|[+-]"
+    r"([01][0-9]|2[0-3]):[0-5][0-9]))$",
     "description": "epoch milliseconds or RFC 3339 (2026-01-01T00:00:00Z)",
 }
 _USER_ERRORS = {
@@ -107,7 +116,7 @@ def document() -> dict[str, Any]:
                                     "required": ["pin", "serial"],
                                     "properties": {
                                         "pin": {"type": "string"},
-                                        "serial": {"type": "string"},
+                                        "serial": _NAME,
                                     },
                                 }
                             }
@@ -404,14 +413,14 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["batch_id", "serial", "rows", "sha256", "first_ts", "last_ts", "mode", "type"],
         "properties": {
-            "batch_id": {"type": "string"},
-            "serial": {"type": "string"},
-            "rows": {"type": "integer", "minimum": 1},
+            "batch_id": {"type": "string", "pattern": PATTERNS["batch_id"]},
+            "serial": _NAME,
+            "rows": {"type": "integer", "minimum": 1, "maximum": MAX_ROWS},
             "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
             "first_ts": {"type": "integer", "nullable": True},
             "last_ts": {"type": "integer", "nullable": True},
             "mode": {"type": "string", "enum": ["LIVE", "TEST"]},
-            "type": {"type": "string", "minLength": 1},
+            "type": _NAME,
         },
     },
     "Gateway": {
@@ -489,7 +498,15 @@ _SCHEMAS: dict[str, Any] = {
     "Login": {
         "type": "object",
         "required": ["name", "password"],
-        "properties": {"name": {"type": "string"}, "password": {"type": "string"}},
+        "properties": {
+            "name": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_USER_NAME,
+                "pattern": "^[^\\x00]*$",
+            },
+            "password": {"type": "string"},
+        },
     },
     "Me": {
         "type": "object",

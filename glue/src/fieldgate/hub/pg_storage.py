@@ -28,7 +28,7 @@ import psycopg
 
 from fieldgate import store
 from fieldgate.errors import FieldgateError
-from fieldgate.hub.sqlstore import READINGS_VIEW, SqlHubStorage
+from fieldgate.hub.sqlstore import READINGS_VIEW, SqlHubStorage, check_names
 from fieldgate.hub.storage import Row
 from fieldgate.store import now_ms
 
@@ -304,9 +304,11 @@ class PgHubStorage(SqlHubStorage):
                 for device, ts, metric, value in rows:
                     d = names.get(device)
                     if d is None:
+                        check_names(device)
                         d = names[device] = device.translate(_COPY_ESCAPES)
                     m = names.get(metric)
                     if m is None:
+                        check_names(metric)
                         m = names[metric] = metric.translate(_COPY_ESCAPES)
                     lines.append(f"{d}\t{m}\t{ts}\t{value!r}\n")
                     if len(lines) >= self.COPY_LINES:

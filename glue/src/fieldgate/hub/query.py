@@ -51,7 +51,7 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 def parse_time(name: str, text: str) -> int:
     """A time parameter as epoch ms: digits (epoch ms) or RFC 3339; 400 otherwise."""
     if text.isascii() and text.isdigit():
-        ms = int(text) if len(text) <= 16 else MAX_TS
+        ms = int(text) if len(text) <= 16 else MAX_TS + 1
     elif _RFC3339.match(text):
         fraction = re.search(r"\.(\d+)", text)
         whole = re.sub(r"\.\d+", "", text).upper().replace("Z", "+00:00")

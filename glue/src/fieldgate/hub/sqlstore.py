@@ -66,6 +66,14 @@ _SUMMARY_SQL = (
 )
 
 
+def check_names(*names: str) -> None:
+    """Device and metric names are text without NUL (PostgreSQL cannot store one, so
+    neither backend does): IngestError otherwise."""
+    for name in names:
+        if "\x00" in name:
+            raise IngestError(f"a device or metric name contains a NUL character: {name!r:.60}")
+
+
 def _placeholders(n: int) -> str:
     return ", ".join("?" * n)
 
@@ -131,6 +139,7 @@ class SqlHubStorage:
         known = self._series_ids.get((serial, device, metric))
         if known is not None:
             return known
+        check_names(device, metric)
         self._x(
             "INSERT INTO series (serial, device, metric, count) VALUES (?, ?, ?, 0) "
             "ON CONFLICT DO NOTHING",
