@@ -136,11 +136,12 @@ def parse_csv_lines(lines: Iterable[str]) -> Iterator[Row]:
     header = next(reader, None)
     if header is None or tuple(header) != CSV_HEADER:
         raise BatchFileError(f"readings.csv must start with the header {','.join(CSV_HEADER)}")
+    max_ts, max_float = MAX_TS, MAX_FLOAT  # locals: this loop runs for every reading
     try:
         for device, ts_s, metric, value_s in reader:
             ts = int(ts_s)
             value = float(value_s)
-            if not (device and metric and 0 <= ts < MAX_TS and -MAX_FLOAT <= value <= MAX_FLOAT):
+            if not (device and metric and 0 <= ts < max_ts and -max_float <= value <= max_float):
                 raise BatchFileError(
                     f"readings.csv line {reader.line_num}: reading out of range "
                     f"({device!r:.40}, {ts}, {metric!r:.40}, {value})"
