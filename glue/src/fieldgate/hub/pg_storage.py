@@ -325,17 +325,41 @@ class PgHubStorage(SqlHubStorage):
                 "ORDER BY device, metric ON CONFLICT DO NOTHING",
                 (serial,),
             )
+            per_series = self._move_staged(cur, serial, seq)
+        return seen, per_series
+
+    def _move_staged(self, cur: Any, serial: str, seq: int) -> dict[int, tuple[int, int, int]]:
+        """Insert the staged readings into samples; per series (new rows, first, last).
+
+        A plain INSERT costs about half of INSERT … ON CONFLICT DO NOTHING (measured:
+        bench/hub). Almost always no staged reading is held yet, so the plain insert is
+        tried first, in a savepoint; if one is (a re-sent reading, the same reading in the
+        batch twice, or one another transaction is storing right now), the savepoint is
+        rolled back and the batch goes in with ON CONFLICT DO NOTHING, which skips them."""
+        select = (
+            "SELECT s.id, t.ts, t.value, %s FROM stage t"
+            " JOIN series s ON s.serial = %s AND s.device = t.device AND s.metric = t.metric"
+        )
+        try:
+            with self.conn.transaction():
+                cur.execute(
+                    f"INSERT INTO samples (series, ts, value, batch) {select}", (seq, serial)
+                )
+        except psycopg.errors.UniqueViolation:
             cur.execute(
-                "WITH new AS ("
-                " INSERT INTO samples (series, ts, value, batch)"
-                " SELECT s.id, t.ts, t.value, %s FROM stage t"
-                " JOIN series s ON s.serial = %s AND s.device = t.device AND s.metric = t.metric"
+                f"WITH new AS (INSERT INTO samples (series, ts, value, batch) {select}"  # noqa: S608
                 " ON CONFLICT DO NOTHING RETURNING series, ts) "
                 "SELECT series, count(*), min(ts), max(ts) FROM new GROUP BY series",
                 (seq, serial),
             )
-            per_series = {int(s): (int(n), int(lo), int(hi)) for s, n, lo, hi in cur.fetchall()}
-        return seen, per_series
+        else:
+            cur.execute(
+                "SELECT s.id, count(*), min(t.ts), max(t.ts) FROM stage t"
+                " JOIN series s ON s.serial = %s AND s.device = t.device AND s.metric = t.metric"
+                " GROUP BY s.id",
+                (serial,),
+            )
+        return {int(s): (int(n), int(lo), int(hi)) for s, n, lo, hi in cur.fetchall()}
 
     def readings(self, series_id: int, start: int, end: int) -> Iterator[tuple[int, float]]:
         # a server-side cursor inside a read-only transaction: the rows come in chunks; the
