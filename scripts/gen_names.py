@@ -35,6 +35,9 @@ TARGETS = {
     "roles/mosquitto/vars/main/names.yml": {
         "mosquitto_name_pattern": "name",
     },
+    "roles/hub/vars/main/names.yml": {
+        "hub_name_pattern": "name",
+    },
 }
 
 

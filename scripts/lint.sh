@@ -429,4 +429,14 @@ expect_bad hub-host-not-in-inventory "fieldgate_hub_host" <<'EOF'
 fieldgate_hub_host: hub-elsewhere
 EOF
 
+expect_bad hub-postgresql-without-password "hub_postgresql_password" <<'EOF'
+hub_database: postgresql
+EOF
+
+expect_bad hub-postgresql-url-with-password "hub_postgresql_url" <<'EOF'
+hub_database: postgresql
+hub_postgresql_password: from-the-vault
+hub_postgresql_url: postgresql://hub:secret@db.example.org:5432/hub
+EOF
+
 printf '\nlint: all checks passed\n'
