@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import testinfra
 import yaml
@@ -62,7 +63,19 @@ def gateway_config(host: Any) -> dict[str, Any]:
 
 
 def sql(host: Any, db: str, query: str) -> list[dict[str, Any]]:
-    """Rows of a read-only query against an SQLite file on the host."""
+    """Rows of a read-only query against a database on the host: an SQLite file, or the
+    hub's PostgreSQL database (a postgresql:// URL of the host's own server, read as the
+    postgres superuser over its Unix socket)."""
+    if db.startswith("postgresql://"):
+        name = urlsplit(db).path.lstrip("/")
+        wrapped = f"SELECT COALESCE(json_agg(t), '[]') FROM ({query}) t"
+        out = host.check_output(
+            "PGOPTIONS='-c default_transaction_read_only=on' runuser -u postgres --"
+            " psql --no-psqlrc --quiet -At -v ON_ERROR_STOP=1 -d %s -c %s",
+            name,
+            wrapped,
+        )
+        return json.loads(out)  # json_agg may span lines
     out = host.check_output("sqlite3 -readonly -json %s %s", db, query)
     return json.loads(out) if out.strip() else []
 
@@ -127,11 +140,37 @@ def native_devices(gateway: str) -> list[str]:
     ]
 
 
+def hub_serve_args(hub: Any) -> list[str]:
+    """The command line of the running `fieldgate hub serve`."""
+    return hub.check_output(
+        "pgrep -a -f 'fieldgate hub serve' | grep -v pgrep | head -n 1"
+    ).split()
+
+
 def hub_db(hub: Any) -> str:
-    """The hub's database, from the running `fieldgate hub serve --db PATH` (CONTRACT §3)."""
-    cmdline = hub.check_output("pgrep -a -f 'fieldgate hub serve' | grep -v pgrep | head -n 1")
-    args = cmdline.split()
+    """The hub's database, from the running `fieldgate hub serve --db DB` (CONTRACT §3):
+    a SQLite path or a postgresql:// URL."""
+    args = hub_serve_args(hub)
     return args[args.index("--db") + 1]
+
+
+def hub_db_args(hub: Any) -> list[str]:
+    """The database options of the running hub (--db, and --db-password-file with
+    PostgreSQL), for other `fieldgate hub` commands on the hub host."""
+    args = hub_serve_args(hub)
+    out = ["--db", args[args.index("--db") + 1]]
+    if "--db-password-file" in args:
+        out += ["--db-password-file", args[args.index("--db-password-file") + 1]]
+    return out
+
+
+def hub_command(hub: Any, *args: str, stdin: str | None = None) -> str:
+    """Run `fieldgate hub ARGS… <database options>` as the hub's user; its output."""
+    cmd = ["runuser", "-u", "fieldgate-hub", "--", FIELDGATE, "hub", *args, *hub_db_args(hub)]
+    line = shlex.join(cmd)
+    if stdin is not None:
+        line = f"printf '%s\\n' {shlex.quote(stdin)} | {line}"
+    return hub.check_output(line)
 
 
 def hosts_tool(*args: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "default" / "tests"))
 
-from support import gateway_config, get_host, hub_db, sql, wait_for
+from support import gateway_config, get_host, hub_command, hub_db, sql, wait_for
 
 REPO = Path(__file__).resolve().parents[3]
 N = 40  # readings, one metric each
@@ -104,11 +104,7 @@ def test_backup_then_restore_onto_another_gateway(tmp_path: Path) -> None:
     assert collector_running(gw_b)
 
     # 6. restore onto gw-b as a new site, with a PIN from the hub; the play waits for the backlog
-    pin = hub.check_output(
-        "runuser -u fieldgate-hub -- /opt/fieldgate/venv/bin/fieldgate hub pin --db %s --serial %s",
-        hub_db(hub),
-        NEW_SERIAL,
-    ).strip()
+    pin = hub_command(hub, "pin", "--serial", NEW_SERIAL).strip()
     p = playbook("restore.yml", "--limit", "gw-b", "-e", f"restore_file={snapshot}",
                  "-e", f"restore_serial={NEW_SERIAL}", "-e", f"restore_pin={pin}")  # fmt: skip
     assert p.returncode == 0
