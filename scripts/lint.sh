@@ -431,6 +431,7 @@ EOF
 
 expect_bad hub-postgresql-without-password "hub_postgresql_password" <<'EOF'
 hub_database: postgresql
+hub_postgresql_password: ""
 EOF
 
 expect_bad hub-postgresql-url-with-password "hub_postgresql_url" <<'EOF'
