@@ -19,7 +19,7 @@ stage "ansible lint and syntax"
 bash scripts/lint.sh
 
 stage "glue tests (pytest)"
-(cd glue && python -m pytest -p no:cacheprovider -q -ra)
+(cd glue && python -m pytest -p no:cacheprovider -q -ra -n auto --dist loadfile)
 
 stage "molecule"
 bash scripts/molecule.sh
