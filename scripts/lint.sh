@@ -11,6 +11,9 @@
 #   6. generated files are current: the roles' name patterns (scripts/gen_names.py, from
 #      glue/src/fieldgate/names.py) and the role READMEs (scripts/gen_role_docs.py, from each
 #      role's argument specs and defaults, which must agree)
+#   7. the offline bundle's architecture checks: a bundle directory of arm64 files passes; a
+#      wheel or .deb of another architecture is refused; a dependency with a wheel for
+#      amd64 only is fetched for amd64 and refused for arm64 in one line (by the role too)
 # Needs: .venv (scripts/bootstrap.sh), apt-get and dpkg-deb. Leaves nothing behind but the
 # udevadm cache in .bundle/tools.
 set -euo pipefail
@@ -58,6 +61,95 @@ for pb in playbooks/*.yml; do
   ansible-playbook -i inventories/example --syntax-check "$pb" >/dev/null || fail "syntax check of $pb"
   echo "ok  $pb"
 done
+
+step "offline bundle: files of another architecture and dependencies without a wheel are refused"
+BT=(python "$ROOT/roles/fieldgate_bundle/files/bundle_arch.py")
+FX="$WORK/bundle-fixture"
+mkdir -p "$FX/arm64/debs" "$FX/arm64/wheels" "$FX/index" "$WORK/bad/wheels" "$WORK/bad/debs"
+# fake_deb NAME ARCH DIR: a minimal Debian package of that architecture
+fake_deb() {
+  local d="$WORK/deb-$1-$2"
+  mkdir -p "$d/DEBIAN"
+  printf 'Package: %s\nVersion: 1.0\nArchitecture: %s\nMaintainer: lint <lint@localhost>\nDescription: lint fixture\n' "$1" "$2" > "$d/DEBIAN/control"
+  dpkg-deb --build --root-owner-group "$d" "$3/${1}_1.0_$2.deb" >/dev/null
+}
+# A bundle directory of arm64 files: the glue, a CPython 3.11 aarch64 wheel, an abi3 one, an
+# arm64 and an "all" package.
+for w in fieldgate-0.1.0-py3-none-any.whl \
+         pyyaml-6.0.4-cp311-cp311-manylinux2014_aarch64.manylinux_2_17_aarch64.manylinux_2_28_aarch64.whl \
+         cryptography-46.0.3-cp311-abi3-manylinux_2_34_aarch64.whl; do
+  : > "$FX/arm64/wheels/$w"
+done
+fake_deb fg-native arm64 "$FX/arm64/debs"
+fake_deb fg-data all "$FX/arm64/debs"
+"${BT[@]}" check --arch arm64 "$FX/arm64" >/dev/null || fail "the bundle check refused a bundle of arm64 files"
+echo "ok  a bundle of arm64 files passes"
+# expect_refused WHAT EXPECTED-TEXT FILE: the good bundle with FILE added is refused, naming it
+expect_refused() {
+  local bad="$WORK/bundle-bad" out
+  rm -rf "$bad" && cp -r "$FX/arm64" "$bad"
+  cp "$3" "$bad/$(basename "$(dirname "$3")")/"
+  if out=$("${BT[@]}" check --arch arm64 "$bad" 2>&1); then fail "the bundle check accepted $1"; fi
+  grep -qF -- "$2" <<<"$out" || { echo "$out"; fail "bundle check: '$2' not in the refusal of $1"; }
+  echo "ok  $1 -> $out"
+}
+w=pyyaml-6.0.4-cp311-cp311-manylinux_2_17_x86_64.whl; : > "$WORK/bad/wheels/$w"
+expect_refused "an x86_64 wheel" "wheels/$w does not install on arm64 (aarch64, CPython 3.11, glibc 2.36)" "$WORK/bad/wheels/$w"
+w=orjson-3.11.0-cp311-cp311-manylinux_2_39_aarch64.whl; : > "$WORK/bad/wheels/$w"
+expect_refused "a wheel for a newer glibc" "wheels/$w does not install on arm64" "$WORK/bad/wheels/$w"
+w=markupsafe-3.0.4-cp312-cp312-manylinux_2_17_aarch64.whl; : > "$WORK/bad/wheels/$w"
+expect_refused "a wheel for another Python" "wheels/$w does not install on arm64" "$WORK/bad/wheels/$w"
+: > "$WORK/bad/wheels/pyserial-3.5.tar.gz"
+expect_refused "a source distribution" "wheels/pyserial-3.5.tar.gz is not a wheel" "$WORK/bad/wheels/pyserial-3.5.tar.gz"
+fake_deb fg-native amd64 "$WORK/bad/debs"
+expect_refused "an amd64 package" "debs/fg-native_1.0_amd64.deb is for amd64, not arm64 or all" "$WORK/bad/debs/fg-native_1.0_amd64.deb"
+
+# A dependency with a wheel for amd64 only (a real, minimal wheel in a local index): fetched for
+# amd64, refused for arm64 in one line naming it and the platform.
+python - "$FX/index" <<'PY'
+import sys
+import zipfile
+
+name, tag = "fgxnative", "cp311-cp311-manylinux_2_17_x86_64"
+dist = f"{name}-1.0.dist-info"
+with zipfile.ZipFile(f"{sys.argv[1]}/{name}-1.0-{tag}.whl", "w") as z:
+    z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    z.writestr(f"{dist}/WHEEL", f"Wheel-Version: 1.0\nGenerator: lint\nRoot-Is-Purelib: false\nTag: {tag}\n")
+    z.writestr(f"{dist}/RECORD", "")
+PY
+only_index=(--pip-arg=--no-index --pip-arg=--find-links "--pip-arg=$FX/index")
+glue=(--glue-wheel "$FX/arm64/wheels/fieldgate-0.1.0-py3-none-any.whl")
+"${BT[@]}" wheels --arch amd64 --dest "$WORK/wheels-amd64" "${glue[@]}" "${only_index[@]}" fgxnative >/dev/null \
+  || fail "the amd64 wheel of the fixture dependency was not fetched"
+[ -f "$WORK/wheels-amd64/fgxnative-1.0-cp311-cp311-manylinux_2_17_x86_64.whl" ] || fail "the amd64 wheel is not in the wheelhouse"
+if out=$("${BT[@]}" wheels --arch arm64 --dest "$WORK/wheels-arm64" "${glue[@]}" "${only_index[@]}" fgxnative 2>&1); then
+  fail "a dependency without an arm64 wheel was accepted"
+fi
+expected="fieldgate_bundle: no wheel of fgxnative for arm64 (aarch64, CPython 3.11, glibc 2.36)"
+if [ "$(wc -l <<<"$out")" != 1 ] || ! grep -qF "$expected" <<<"$out"; then
+  echo "$out"; fail "the refusal is not one line naming fgxnative and arm64"
+fi
+echo "ok  a dependency with an amd64 wheel only: fetched for amd64; arm64 -> $out"
+# The role fails the play with that line: a glue whose one dependency is fgxnative, no .debs.
+mkdir -p "$WORK/fakeglue/src/fieldgate"
+printf '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n[project]\nname = "fieldgate"\nversion = "0.1.0"\ndependencies = ["fgxnative"]\n' \
+  > "$WORK/fakeglue/pyproject.toml"
+: > "$WORK/fakeglue/README.md"
+: > "$WORK/fakeglue/src/fieldgate/__init__.py"
+cat > "$WORK/bundle-vars.yml" <<EOF
+fieldgate_bundle_dir: $WORK/bundle
+fieldgate_bundle_glue_dir: $WORK/fakeglue
+fieldgate_bundle_debs: false
+fieldgate_bundle_extras: []
+fieldgate_bundle_pip_extra_args: [--no-index, --find-links, $FX/index]
+EOF
+if ansible-playbook playbooks/bundle.yml -e "@$WORK/bundle-vars.yml" >"$WORK/bundle.log" 2>&1; then
+  cat "$WORK/bundle.log"; fail "bundle.yml accepted a dependency without an arm64 wheel"
+fi
+awk '/^\[ERROR\]:/{on=1} /^Origin:/{on=0} on' "$WORK/bundle.log" > "$WORK/bundle.msg"
+grep -qF "$expected" "$WORK/bundle.msg" || { cat "$WORK/bundle.log"; fail "bundle.yml did not fail with '$expected'"; }
+[ -s "$WORK/bundle/fieldgate-bundle-amd64.tar.sha256" ] || { cat "$WORK/bundle.log"; fail "bundle.yml did not pack the amd64 bundle first"; }
+echo "ok  bundle.yml packs amd64, then stops -> $(tr '\n' ' ' < "$WORK/bundle.msg")"
 
 step "udev rule passes udevadm verify"
 UDEVADM_DIR="$ROOT/.bundle/tools/udevadm-254"
