@@ -14,13 +14,19 @@ Topology of one run (run id RID, four hex digits, unique on the machine):
   root namespace: only the veth fgRIDc (10.213.X.1/24) whose peer sits on br-mgmt, so
   Ansible/SSH from this machine reaches eth0 of every host; there is no route anywhere else.
 
+A host may be of another architecture than this machine (`gw:mgmt,sensor:arm64`): its base
+tree is debootstrapped for that architecture and its programs run through qemu-user-static,
+which `up` registers with the kernel's binfmt_misc when it is not yet (mounting binfmt_misc
+first). Emulated hosts run several times slower; the timeouts for them are longer.
+
 Each host gets its interfaces from `--network-veth-extra` (host-side names we choose, at most
 15 characters); the host-side ends are moved into the run's namespace and enslaved to the
 bridges; addresses are configured from outside with nsenter, on every boot.
 
 Commands (all take --run-dir DIR, the directory holding state.json, keys and overlays):
-  base                          build or reuse the cached base tree, print its path
-  up HOST:NET[,NET] ...         boot hosts (NET is mgmt or sensor), wait for SSH
+  base [--arch ARCH]            build or reuse the cached base tree, print its path
+  up HOST:NET[,NET][:ARCH] ...  boot hosts (NET is mgmt or sensor; ARCH amd64 or arm64, default
+                                this machine's), wait for SSH
   down                          stop everything of the run; idempotent, safe after failures
   restart HOST                  power the host off and boot it again (a reboot)
   wait-off HOST [--timeout S]   wait until the host has powered itself off (e.g. a UPS
@@ -36,6 +42,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import random
 import shutil
 import signal
@@ -64,6 +71,13 @@ BASE_PACKAGES = [
 ]
 # Bump when the post-processing of the base tree changes.
 BASE_RECIPE = "3"
+# Architectures a host can have (dpkg name -> the kernel's machine name, as in qemu-<machine>).
+ARCHES = {"amd64": "x86_64", "arm64": "aarch64"}
+NATIVE = next((a for a, m in ARCHES.items() if m == platform.machine()), platform.machine())
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+# Seconds to wait for a host's sshd after boot and for its power-off: native, emulated.
+SSH_WAIT = {True: 90.0, False: 600.0}
+STOP_WAIT = {True: 20.0, False: 90.0}
 NETS = {"mgmt": 213, "sensor": 214}
 # Interface names inside a host: like a gateway with an uplink and a sensor port.
 INNER_IF = {"mgmt": "eth0", "sensor": "eth1"}
@@ -96,23 +110,64 @@ def run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess
 # --------------------------------------------------------------------------- base tree
 
 
-def base_key() -> str:
+def base_key(arch: str = "amd64") -> str:
     """A stamp over everything that shapes the base tree; a change means a rebuild."""
-    text = "\n".join([SUITE, MIRROR, BASE_RECIPE, *sorted(BASE_PACKAGES)])
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    parts = [SUITE, MIRROR, BASE_RECIPE, *sorted(BASE_PACKAGES)]
+    if arch != "amd64":  # amd64 keeps the key it had before hosts had an architecture
+        parts.append(arch)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
-def ensure_base() -> Path:
-    """Return the cached base tree, building it with debootstrap on first use.
+def _base_prefix(arch: str) -> str:
+    """Name prefix of the arch's base trees (amd64's is the one from before architectures)."""
+    return "base-" if arch == "amd64" else f"{arch}-base-"
+
+
+def ensure_emulation(arch: str) -> None:
+    """Make this machine run the arch's programs: qemu-user-static registered in binfmt_misc.
+
+    Registered from the binfmt.d file qemu-user-static ships (with its F flag: the kernel
+    opens the interpreter at registration, so it also runs inside the hosts' trees).
+    """
+    if arch == NATIVE:
+        return
+    machine = ARCHES[arch]
+    if not (BINFMT / "register").exists():
+        run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)])
+    entry = BINFMT / f"qemu-{machine}"
+    if not entry.exists():
+        conf = Path(f"/usr/lib/binfmt.d/qemu-{machine}.conf")
+        if not conf.exists():
+            raise TestHostError(
+                f"{arch} hosts need qemu-user-static ({conf} is missing): "
+                "apt-get install qemu-user-static"
+            )
+        (BINFMT / "register").write_text(conf.read_text().strip())
+        log(f"registered qemu-{machine} in {BINFMT}")
+    text = entry.read_text()
+    flags = next((ln.split()[1] for ln in text.splitlines() if ln.startswith("flags:")), "")
+    if not text.startswith("enabled") or "F" not in flags:
+        raise TestHostError(
+            f"{entry} is not enabled with the F flag (flags {flags!r}): the hosts cannot reach "
+            "the interpreter; remove it (echo -1 > the file) and run again"
+        )
+
+
+def ensure_base(arch: str = NATIVE) -> Path:
+    """Return the cached base tree of arch, building it with debootstrap on first use.
 
     Builds into a temporary directory and renames it into place under a lock, so concurrent
     runs either wait for the build or reuse the finished tree, never a half-built one.
     """
     import fcntl
 
+    if arch not in ARCHES:
+        raise TestHostError(f"unknown architecture {arch!r} ({', '.join(ARCHES)})")
+    ensure_emulation(arch)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    key = base_key()
-    base = CACHE_DIR / f"base-{key}"
+    key = base_key(arch)
+    prefix = _base_prefix(arch)
+    base = CACHE_DIR / f"{prefix}{key}"
     stamp = base / ".fieldgate-base-stamp"
     with open(CACHE_DIR / ".lock", "w") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)
@@ -121,13 +176,14 @@ def ensure_base() -> Path:
         tmp = CACHE_DIR / f"building-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         started = time.monotonic()
-        log(f"building base tree {base} with debootstrap (first use, about a minute)")
+        took = "about a minute" if arch == NATIVE else "about 15 minutes, emulated"
+        log(f"building base tree {base} with debootstrap (first use, {took})")
         run([
-            "debootstrap", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES),
-            SUITE, str(tmp), MIRROR,
+            "debootstrap", f"--arch={arch}", "--variant=minbase",
+            "--include=" + ",".join(BASE_PACKAGES), SUITE, str(tmp), MIRROR,
         ])  # fmt: skip
-        _prepare_base(tmp)
-        for old in CACHE_DIR.glob("base-*"):
+        _prepare_base(tmp, emulated=arch != NATIVE)
+        for old in CACHE_DIR.glob(f"{prefix}*"):
             if old != base:
                 shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
@@ -137,7 +193,7 @@ def ensure_base() -> Path:
         return base
 
 
-def _prepare_base(root: Path) -> None:
+def _prepare_base(root: Path, emulated: bool = False) -> None:
     """Turn a debootstrap tree into a bootable, closed-network test host template."""
     (root / "etc/hostname").unlink(missing_ok=True)
     (root / "etc/resolv.conf").unlink(missing_ok=True)
@@ -151,6 +207,15 @@ def _prepare_base(root: Path) -> None:
         link = units / unit
         link.unlink(missing_ok=True)
         link.symlink_to("/dev/null")
+    if emulated:
+        # qemu-user cannot set up systemd's credentials directory ("Failed to set up
+        # credentials: Invalid argument", status=243/CREDENTIALS): the units that would load
+        # optional credentials (tmpfiles, sysctl, sysusers, ...) run without them.
+        for unit in sorted((root / "lib/systemd/system").glob("*.service")):
+            if "\nLoadCredential=" in unit.read_text():
+                dropin = units / f"{unit.name}.d"
+                dropin.mkdir(exist_ok=True)
+                (dropin / "emulated.conf").write_text("[Service]\nLoadCredential=\n")
     # Each host gets its own SSH host keys on first boot.
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
@@ -234,24 +299,27 @@ def cmd_up(run_: Run, specs: list[str], usb_hosts: list[str], binds: list[str]) 
     """Create the network and boot every host; on any failure take everything down again."""
     if run_.state.get("hosts"):
         raise TestHostError(f"{run_.dir} already holds a run; call down first")
-    base = ensure_base()
+    parsed = []
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        nets, _, arch = rest.partition(":")
+        parsed.append((name, [n for n in (nets or "mgmt").split(",") if n], arch or NATIVE))
+    bases = {arch: str(ensure_base(arch)) for arch in sorted({p[2] for p in parsed})}
     run_.dir.mkdir(parents=True, exist_ok=True)
     rid, idx = _pick_run_id()
     run_.state = {
-        "run_id": rid, "subnet_index": idx, "base": str(base), "hosts": {},
+        "run_id": rid, "subnet_index": idx, "hosts": {},
         "control_ip": _ip("mgmt", idx, 1),
         "cidrs": {net: f"10.{n}.{idx}.0/24" for net, n in NETS.items()},
         "ssh_key": str(run_.dir / "ssh_key"), "binds": binds,
     }  # fmt: skip
     hosts = {}
-    for i, spec in enumerate(specs):
-        name, _, nets = spec.partition(":")
-        nets_l = [n for n in (nets or "mgmt").split(",") if n]
+    for i, (name, nets_l, arch) in enumerate(parsed):
         for n in nets_l:
             if n not in NETS:
-                raise TestHostError(f"unknown network {n!r} in {spec!r} (mgmt, sensor)")
+                raise TestHostError(f"unknown network {n!r} in {specs[i]!r} (mgmt, sensor)")
         hosts[name] = {
-            "machine": f"fg{rid}-{name}",
+            "machine": f"fg{rid}-{name}", "arch": arch, "base": bases[arch],
             "nets": {n: _ip(n, idx, 10 + i) for n in nets_l},
             "ifaces": {n: f"fg{rid}{i}{n[0]}" for n in nets_l},
             "usb": None, "pid": None, "leader": None,
@@ -305,7 +373,7 @@ def _prepare_host(run_: Run, name: str, usb: bool) -> None:
         (hd / sub).mkdir(parents=True, exist_ok=True)
     root = hd / "root"
     run(["mount", "-t", "overlay", "overlay", "-o",
-         f"lowerdir={run_.state['base']},upperdir={hd / 'upper'},workdir={hd / 'work'}",
+         f"lowerdir={h['base']},upperdir={hd / 'upper'},workdir={hd / 'work'}",
          str(root)])  # fmt: skip
     h["root"] = str(root)
     run_.save()
@@ -453,9 +521,14 @@ def _link_exists(ifname: str) -> bool:
     return Path(f"/sys/class/net/{ifname}").exists()
 
 
-def _wait_ssh(run_: Run, name: str, timeout: float = 90) -> None:
+def _native(h: dict) -> bool:
+    return h.get("arch", NATIVE) == NATIVE
+
+
+def _wait_ssh(run_: Run, name: str, timeout: float | None = None) -> None:
     """Wait until sshd of the host accepts the run's key."""
     h = run_.state["hosts"][name]
+    timeout = timeout or SSH_WAIT[_native(h)]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -514,13 +587,24 @@ def _signal_host(run_: Run, name: str) -> None:
     """Ask the host to power off: SIGTERM to its systemd-nspawn (if it is still ours)."""
     h = run_.state["hosts"][name]
     pid = h.get("pid")
-    if pid and _alive(pid) and _is_ours(pid, h["machine"]):
+    if not (pid and _alive(pid) and _is_ours(pid, h["machine"])):
+        return
+    leader = h.get("leader")
+    if _native(h) or not (leader and _alive(leader)):
         os.kill(pid, signal.SIGTERM)
+        return
+    # qemu-user shifts real-time signals by two: nspawn's SIGRTMIN+4 (power off) reaches an
+    # emulated systemd as SIGRTMIN+2 (emergency mode). Ask its systemd instead.
+    subprocess.run(
+        ["nsenter", "-t", str(leader), "-a", "--", "systemctl", "poweroff", "--no-block"],
+        capture_output=True, check=False, timeout=120,
+    )  # fmt: skip
 
 
-def _stop_host(run_: Run, name: str, timeout: float = 20) -> None:
+def _stop_host(run_: Run, name: str, timeout: float | None = None) -> None:
     """Power the host off (SIGTERM to nspawn), escalating to SIGKILL of its PID namespace."""
     h = run_.state["hosts"][name]
+    timeout = timeout or STOP_WAIT[_native(h)]
     pid = h.get("pid")
     _signal_host(run_, name)
     deadline = time.monotonic() + timeout
@@ -664,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, default=None)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("base")
+    sub.add_parser("base").add_argument("--arch", default=NATIVE, choices=sorted(ARCHES))
     p_up = sub.add_parser("up")
     p_up.add_argument("hosts", nargs="+", metavar="HOST:NET[,NET]")
     p_up.add_argument("--usb", action="append", default=[], metavar="HOST")
@@ -687,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if args.cmd == "base":
-            print(ensure_base())
+            print(ensure_base(args.arch))
             return 0
         if args.run_dir is None:
             raise TestHostError("--run-dir is required")
