@@ -14,6 +14,8 @@
 #   7. the offline bundle's architecture checks: a bundle directory of arm64 files passes; a
 #      wheel or .deb of another architecture is refused; a dependency with a wheel for
 #      amd64 only is fetched for amd64 and refused for arm64 in one line (by the role too)
+#   8. a host takes the bundle of its architecture (x86_64 -> amd64) and a host of an unknown
+#      architecture is refused in one line
 # Needs: .venv (scripts/bootstrap.sh), apt-get and dpkg-deb. Leaves nothing behind but the
 # udevadm cache in .bundle/tools.
 set -euo pipefail
@@ -531,5 +533,22 @@ hub_database: postgresql
 hub_postgresql_password: from-the-vault
 hub_postgresql_url: postgresql://hub:secret@db.example.org:5432/hub
 EOF
+
+step "each host takes the bundle of its architecture; an unknown one is refused"
+# This machine is an x86_64 gateway of the lint inventory: it asks for the amd64 bundle
+# (missing here), and, when only aarch64 is known, is refused for its architecture.
+arch_check() {
+  local name=$1 expected=$2; shift 2
+  if ansible-playbook -i "$INV" playbooks/site.yml --check --limit gw-north -e fieldgate_offline_bundle=true \
+       -e "fieldgate_offline_bundle_dir=$WORK/no-bundle" "$@" >"$WORK/arch-$name.log" 2>&1; then
+    cat "$WORK/arch-$name.log"; fail "$name: the run was not refused"
+  fi
+  awk '/^\[ERROR\]:/{on=1} /^Origin:/{on=0} on' "$WORK/arch-$name.log" > "$WORK/arch-$name.msg"
+  grep -qF -- "$expected" "$WORK/arch-$name.msg" || { cat "$WORK/arch-$name.log"; fail "$name: the failure does not say '$expected'"; }
+  echo "ok  $name -> $(head -c 300 "$WORK/arch-$name.msg" | tr '\n' ' ' | sed 's/^\[ERROR\]: Task failed: //')"
+}
+arch_check x86_64-takes-amd64 "$WORK/no-bundle/fieldgate-bundle-amd64.tar.sha256 is missing"
+arch_check unknown-architecture "gw-north is x86_64, for which there is no offline bundle (known: aarch64)" \
+  -e '{"fieldgate_offline_architectures": {"aarch64": "arm64"}}'
 
 printf '\nlint: all checks passed\n'
