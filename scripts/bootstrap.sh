@@ -14,7 +14,7 @@ APT_PACKAGES=(
   mosquitto-dev libmosquitto-dev
   # a stopped clock for the broker in the stamp tests (LD_PRELOAD); bench/broker's callgrind part
   libfaketime valgrind
-  debootstrap systemd-container iproute2 iptables openssh-client rsync
+  debootstrap systemd-container iproute2 iptables openssh-client rsync qemu-user-static
   fusefat exfat-fuse dosfstools exfatprogs e2fsprogs util-linux bindfs
   dpkg-dev xz-utils ca-certificates
   socat
