@@ -14,6 +14,10 @@ stage() { printf '\n==== %s (t=%ss)\n' "$1" "$SECONDS"; }
 stage "ruff"
 ruff check glue bench scripts
 ruff format --check glue bench scripts
+# Python inside roles (the bundle's per-architecture steps) follows the scripts' settings.
+mapfile -t role_py < <(find roles -name '*.py')
+ruff check --config scripts/ruff.toml "${role_py[@]}"
+ruff format --check --config scripts/ruff.toml "${role_py[@]}"
 
 stage "ansible lint and syntax"
 bash scripts/lint.sh
