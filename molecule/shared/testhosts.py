@@ -17,7 +17,9 @@ Topology of one run (run id RID, four hex digits, unique on the machine):
 A host may be of another architecture than this machine (`gw:mgmt,sensor:arm64`): its base
 tree is debootstrapped for that architecture and its programs run through qemu-user-static,
 which `up` registers with the kernel's binfmt_misc when it is not yet (mounting binfmt_misc
-first). Emulated hosts run several times slower; the timeouts for them are longer.
+first). Emulated hosts run several times slower; the timeouts for them are longer. qemu-user
+passes no netfilter calls to the kernel, so an emulated host's iptables programs are this
+machine's native ones (see _native_netfilter); everything else in it is of its architecture.
 
 Each host gets its interfaces from `--network-veth-extra` (host-side names we choose, at most
 15 characters); the host-side ends are moved into the run's namespace and enslaved to the
@@ -78,6 +80,8 @@ BINFMT = Path("/proc/sys/fs/binfmt_misc")
 # Seconds to wait for a host's sshd after boot and for its power-off: native, emulated.
 SSH_WAIT = {True: 90.0, False: 600.0}
 STOP_WAIT = {True: 20.0, False: 90.0}
+# iptables' programs (every iptables*, ip6tables*, ebtables*, arptables* name links to one).
+NETFILTER_PROGRAMS = ["/usr/sbin/xtables-nft-multi", "/usr/sbin/xtables-legacy-multi"]
 NETS = {"mgmt": 213, "sensor": 214}
 # Interface names inside a host: like a gateway with an uplink and a sensor port.
 INNER_IF = {"mgmt": "eth0", "sensor": "eth1"}
@@ -389,6 +393,8 @@ def _prepare_host(run_: Run, name: str, usb: bool) -> None:
         if other != name:
             lines.append(f"{oh['address']} {other}")
     (root / "etc/hosts").write_text("\n".join(lines) + "\n")
+    if not _native(h):
+        _native_netfilter(root, h["arch"])
     if usb:
         img = hd / "usb.img"
         with open(img, "wb") as f:
@@ -397,6 +403,39 @@ def _prepare_host(run_: Run, name: str, usb: bool) -> None:
         dev = run(["losetup", "--find", "--show", str(img)]).stdout.strip()
         h["usb"] = {"image": str(img), "device": dev}
         run_.save()
+
+
+def _native_netfilter(root: Path, arch: str) -> None:
+    """Give an emulated host this machine's own iptables programs, which run natively.
+
+    qemu-user passes no netfilter call to the kernel: under it, Debian's iptables (nf_tables
+    over netlink) fails with "Failed to initialize nft: Protocol not supported" and
+    iptables-legacy (get/setsockopt) with "Table does not exist", so Shorewall refuses to
+    start ("Your kernel/iptables do not include state match support"). The programs, their
+    extensions and the libraries they load are copied from this machine into the host's
+    multiarch directories, and a local dpkg diversion sends the files of the host's own
+    iptables package (installed later from the bundle) to *.<arch> beside them.
+    """
+    multiarch = Path(f"/usr/lib/{platform.machine()}-linux-gnu")
+    extensions = sorted((multiarch / "xtables").glob("*.so"))
+    needed: set[str] = set()
+    for path in [*NETFILTER_PROGRAMS, *map(str, extensions)]:
+        for line in run(["ldd", path]).stdout.splitlines():
+            parts = line.split()
+            if "=>" in parts and parts[parts.index("=>") + 1].startswith("/"):
+                needed.add(parts[parts.index("=>") + 1])
+            elif parts and parts[0].startswith("/"):  # the dynamic loader
+                needed.add(parts[0])
+    if not (root / "lib64").exists():  # the loader's path (usrmerge: /lib64 -> usr/lib64)
+        (root / "usr/lib64").mkdir(exist_ok=True)
+        (root / "lib64").symlink_to("usr/lib64")
+    for path in sorted(needed | {str(p) for p in extensions} | set(NETFILTER_PROGRAMS)):
+        dest = root / path.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)  # follows symlinks: the file under the name asked for
+    with (root / "var/lib/dpkg/diversions").open("a") as f:
+        for prog in NETFILTER_PROGRAMS:
+            f.write(f"{prog}\n{prog}.{arch}\n:\n")  # package ":" is a local diversion
 
 
 def _nspawn_cmd(run_: Run, name: str) -> list[str]:
