@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run `molecule test` for every Molecule scenario (or only those named as arguments) on
 # systemd-nspawn test hosts. Needs root and the .venv of scripts/bootstrap.sh.
+# Scenarios in OPTIONAL run only when named (arm64: an emulated arm64 gateway, too slow for
+# every run): `bash scripts/molecule.sh arm64`.
 #
 # Molecule and Ansible write only inside a throw-away work directory (HOME, Ansible's local
 # temp); on exit, also after a failure or Ctrl-C, every test host still up is taken down
@@ -36,15 +38,23 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+OPTIONAL=(arm64)
 if [ $# -gt 0 ]; then
   scenarios=("$@")
 else
   scenarios=()
-  for f in molecule/*/molecule.yml; do scenarios+=("$(basename "$(dirname "$f")")"); done
+  for f in molecule/*/molecule.yml; do
+    s=$(basename "$(dirname "$f")")
+    [[ " ${OPTIONAL[*]} " == *" $s "* ]] || scenarios+=("$s")
+  done
 fi
 
-# The cached base tree is built once, outside the timed scenarios.
+# The cached base trees (one per architecture the scenarios' platforms name) are built once,
+# outside the timed scenarios.
 python3 molecule/shared/testhosts.py base >/dev/null
+for arch in $(for s in "${scenarios[@]}"; do sed -n 's/^ *arch: *\([a-z0-9]*\).*/\1/p' "molecule/$s/molecule.yml"; done | sort -u); do
+  python3 molecule/shared/testhosts.py base --arch "$arch" >/dev/null
+done
 
 failed=()
 for s in "${scenarios[@]}"; do
