@@ -10,8 +10,9 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc
   mosquitto mosquitto-clients sqlite3 postgresql
-  # headers `fieldgate broker-conf` builds the broker's arrival-stamp plugin with
-  mosquitto-dev libmosquitto-dev
+  # headers `fieldgate broker-conf` builds the broker's arrival-stamp plugin with, and the
+  # cross compiler of the arm64 bundle's plugin
+  mosquitto-dev libmosquitto-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross
   # a stopped clock for the broker in the stamp tests (LD_PRELOAD); bench/broker's callgrind part
   libfaketime valgrind
   debootstrap systemd-container iproute2 iptables openssh-client rsync qemu-user-static

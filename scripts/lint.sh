@@ -67,7 +67,7 @@ done
 step "offline bundle: files of another architecture and dependencies without a wheel are refused"
 BT=(python "$ROOT/roles/fieldgate_bundle/files/bundle_arch.py")
 FX="$WORK/bundle-fixture"
-mkdir -p "$FX/arm64/debs" "$FX/arm64/wheels" "$FX/index" "$WORK/bad/wheels" "$WORK/bad/debs"
+mkdir -p "$FX/arm64/debs" "$FX/arm64/wheels" "$FX/arm64/plugins" "$FX/index" "$WORK/bad/wheels" "$WORK/bad/debs" "$WORK/bad/plugins"
 # fake_deb NAME ARCH DIR: a minimal Debian package of that architecture
 fake_deb() {
   local d="$WORK/deb-$1-$2"
@@ -76,7 +76,8 @@ fake_deb() {
   dpkg-deb --build --root-owner-group "$d" "$3/${1}_1.0_$2.deb" >/dev/null
 }
 # A bundle directory of arm64 files: the glue, a CPython 3.11 aarch64 wheel, an abi3 one, an
-# arm64 and an "all" package.
+# arm64 and an "all" package, and an aarch64 shared library as its stamp plugin (the C library
+# of Debian's arm64 cross toolchain, which the plugin is built with).
 for w in fieldgate-0.1.0-py3-none-any.whl \
          pyyaml-6.0.4-cp311-cp311-manylinux2014_aarch64.manylinux_2_17_aarch64.manylinux_2_28_aarch64.whl \
          cryptography-46.0.3-cp311-abi3-manylinux_2_34_aarch64.whl; do
@@ -84,6 +85,7 @@ for w in fieldgate-0.1.0-py3-none-any.whl \
 done
 fake_deb fg-native arm64 "$FX/arm64/debs"
 fake_deb fg-data all "$FX/arm64/debs"
+cp /usr/aarch64-linux-gnu/lib/libc.so.6 "$FX/arm64/plugins/fieldgate_stamp-lint-aarch64-linux-gnu.so"
 "${BT[@]}" check --arch arm64 "$FX/arm64" >/dev/null || fail "the bundle check refused a bundle of arm64 files"
 echo "ok  a bundle of arm64 files passes"
 # expect_refused WHAT EXPECTED-TEXT FILE: the good bundle with FILE added is refused, naming it
@@ -105,6 +107,8 @@ expect_refused "a wheel for another Python" "wheels/$w does not install on arm64
 expect_refused "a source distribution" "wheels/pyserial-3.5.tar.gz is not a wheel" "$WORK/bad/wheels/pyserial-3.5.tar.gz"
 fake_deb fg-native amd64 "$WORK/bad/debs"
 expect_refused "an amd64 package" "debs/fg-native_1.0_amd64.deb is for amd64, not arm64 or all" "$WORK/bad/debs/fg-native_1.0_amd64.deb"
+p=fieldgate_stamp-lint-x86_64-linux-gnu.so; cp "$(readlink -f /lib/x86_64-linux-gnu/libc.so.6)" "$WORK/bad/plugins/$p"
+expect_refused "an x86_64 plugin" "plugins/$p is ELF machine 62, not aarch64 (ELF machine 183)" "$WORK/bad/plugins/$p"
 
 # A dependency with a wheel for amd64 only (a real, minimal wheel in a local index): fetched for
 # amd64, refused for arm64 in one line naming it and the platform.
@@ -132,12 +136,13 @@ if [ "$(wc -l <<<"$out")" != 1 ] || ! grep -qF "$expected" <<<"$out"; then
   echo "$out"; fail "the refusal is not one line naming fgxnative and arm64"
 fi
 echo "ok  a dependency with an amd64 wheel only: fetched for amd64; arm64 -> $out"
-# The role fails the play with that line: a glue whose one dependency is fgxnative, no .debs.
-mkdir -p "$WORK/fakeglue/src/fieldgate"
+# The role fails the play with that line: a glue whose one dependency is fgxnative, no .debs
+# (its source is the real glue's, which builds the stamp plugin of the amd64 bundle).
+mkdir -p "$WORK/fakeglue/src"
+ln -s "$ROOT/glue/src/fieldgate" "$WORK/fakeglue/src/fieldgate"
 printf '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n[project]\nname = "fieldgate"\nversion = "0.1.0"\ndependencies = ["fgxnative"]\n' \
   > "$WORK/fakeglue/pyproject.toml"
 : > "$WORK/fakeglue/README.md"
-: > "$WORK/fakeglue/src/fieldgate/__init__.py"
 cat > "$WORK/bundle-vars.yml" <<EOF
 fieldgate_bundle_dir: $WORK/bundle
 fieldgate_bundle_glue_dir: $WORK/fakeglue

@@ -160,7 +160,9 @@ def check(args: argparse.Namespace) -> int:
     for path in sorted((root / "plugins").glob("*.so")):
         machine = elf_machine(path)
         if machine != ELF_MACHINES[args.arch]:
-            what = "not a 64-bit little-endian ELF file" if machine is None else f"ELF machine {machine}"
+            what = "not a 64-bit little-endian ELF file"
+            if machine is not None:
+                what = f"ELF machine {machine}"
             raise Refused(
                 f"plugins/{path.name} is {what}, not {ARCHES[args.arch]} "
                 f"(ELF machine {ELF_MACHINES[args.arch]})"
