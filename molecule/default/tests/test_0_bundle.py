@@ -3,8 +3,9 @@
 prepare.yml runs playbooks/bundle.yml for every architecture of fieldgate_bundle_architectures
 (amd64, arm64); the role checks each file as it builds. This test reads what a host really
 receives, the packed archive: every wheel is for the architecture's machine or pure Python
-(none-any), every .deb is of the architecture or `all`, the glue wheel is there once, and the
-archive matches the sha256 a host compares. No test host is needed (the molecule/arm64
+(none-any), every .deb is of the architecture or `all`, the glue wheel is there once, the
+arrival-stamp plugin is there once as an ELF file for the machine, and the archive matches
+the sha256 a host compares. No test host is needed (the molecule/arm64
 scenario runs it too, beside its emulated arm64 gateway).
 """
 
@@ -23,6 +24,8 @@ REPO = Path(__file__).resolve().parents[3]
 BUNDLE = Path(os.environ.get("FIELDGATE_MOLECULE_BUNDLE_DIR") or REPO / ".bundle")
 # dpkg architecture -> the machine in wheel platform tags (and in `uname -m`)
 MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}
+# dpkg architecture -> e_machine of its 64-bit little-endian ELF files (EM_X86_64, EM_AARCH64)
+ELF_MACHINES = {"amd64": 62, "arm64": 183}
 
 
 def archive_sha256(arch: str) -> str:
@@ -53,7 +56,7 @@ def test_bundle_holds_only_files_of_its_architecture(arch: str, tmp_path: Path) 
     assert hashlib.sha256(archive.read_bytes()).hexdigest() == archive_sha256(arch)
     with tarfile.open(archive) as tar:
         names = [m.name for m in tar.getmembers() if m.isfile()]
-    assert {n.split("/")[0] for n in names} == {"debs", "wheels"}, names
+    assert {n.split("/")[0] for n in names} == {"debs", "wheels", "plugins"}, names
     wheels = [n.removeprefix("wheels/") for n in names if n.startswith("wheels/")]
     debs = [n.removeprefix("debs/") for n in names if n.startswith("debs/")]
     assert set(debs) - {"Packages"} == {n for n in debs if n.endswith(".deb")}, debs
@@ -70,8 +73,15 @@ def test_bundle_holds_only_files_of_its_architecture(arch: str, tmp_path: Path) 
     assert compiled, "no compiled wheel (PyYAML, MarkupSafe, charset-normalizer) in the bundle"
     deb_files = [n for n in debs if n.endswith(".deb")]
     assert len(deb_files) > 100, deb_files  # mosquitto, shorewall, supervisor, ... and deps
+    plugins = [n.removeprefix("plugins/") for n in names if n.startswith("plugins/")]
+    assert len(plugins) == 1, plugins
+    assert plugins[0].startswith("fieldgate_stamp-") and plugins[0].endswith(".so"), plugins
     with tarfile.open(archive) as tar:  # the packed files, not the directory packed from
+        head = tar.extractfile(f"plugins/{plugins[0]}").read(20)  # type: ignore[union-attr]
         tar.extractall(tmp_path, members=[m for m in tar if m.name.endswith(".deb")], filter="data")
+    # ELF magic, 64-bit, little-endian, e_machine of the architecture
+    assert head[:6] == b"\x7fELF\x02\x01", head
+    assert int.from_bytes(head[18:20], "little") == ELF_MACHINES[arch], head
     found = deb_architectures(sorted((tmp_path / "debs").glob("*.deb")))
     assert len(found) == len(deb_files)
     wrong = {name: a for name, a in found.items() if a not in (arch, "all")}
