@@ -23,6 +23,7 @@ Lock order, so that concurrent writers never deadlock on PostgreSQL: a batch's
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -78,7 +79,7 @@ def _placeholders(n: int) -> str:
     return ", ".join("?" * n)
 
 
-class SqlHubStorage:
+class SqlHubStorage(ABC):
     """:class:`~fieldgate.hub.storage.HubStorage` over a DB-API connection; a backend
     subclasses it (see the module docstring)."""
 
@@ -97,27 +98,29 @@ class SqlHubStorage:
 
     # What a backend provides --------------------------------------------------------------
 
+    @abstractmethod
     def _x(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Execute one statement; the cursor."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        raise NotImplementedError
+        """Execute one statement for each of ``rows``."""
 
+    @abstractmethod
     def _tx(self) -> AbstractContextManager[Any]:
         """A write transaction (SQLite: BEGIN IMMEDIATE; PostgreSQL: READ COMMITTED)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _insert_rows(
         self, serial: str, seq: int, rows: Iterable[Row], ids: dict[tuple[str, str], int]
     ) -> tuple[int, dict[int, tuple[int, int, int]]]:
         """Insert a batch's readings under ``batches.seq`` ``seq``: how many rows were read,
         and per series id (new rows, their first ts, their last ts), new rows only.
         ``ids`` collects the series ids used, (device, metric) -> id."""
-        raise NotImplementedError
 
+    @abstractmethod
     def readings(self, series_id: int, start: int, end: int) -> Iterator[tuple[int, float]]:
-        raise NotImplementedError
+        """A series' (ts, value) pairs with start <= ts < end, in time order."""
 
     def close(self) -> None:
         self.conn.close()
