@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything fieldgate's demo and tests need on a fresh Debian 12 machine (run as root):
 # Debian packages (Mosquitto, SQLite shell, PostgreSQL 15 for the hub's tests, test-host and
-# drive-image tools, socat for the Modbus RTU tests' pseudo-terminal pairs) and a virtualenv
+# drive-image tools, socat for the Modbus RTU tests' pseudo-terminal pairs,
+# headless Chromium for the page tests) and a virtualenv
 # .venv with the pinned Python tooling and the glue installed editable. Safe to run again:
 # it only installs what is missing.
 set -euo pipefail
@@ -19,6 +20,9 @@ APT_PACKAGES=(
   fusefat exfat-fuse dosfstools exfatprogs e2fsprogs util-linux bindfs
   dpkg-dev xz-utils ca-certificates
   socat
+  # the page tests drive the hub's and the gateway's pages in a real browser (headless
+  # Chromium through Selenium and the chromedriver of the same build)
+  chromium chromium-driver fonts-dejavu-core
 )
 
 if [ "$(id -u)" != 0 ]; then
