@@ -65,6 +65,39 @@ def test_parse_csv_names_the_bad_line(text: str, reason: str) -> None:
         list(batchfile.parse_csv(text))
 
 
+@pytest.mark.parametrize("chunk_chars", [1, 200, 1 << 20])
+def test_columns_in_chunks_are_the_rows_of_the_file(chunk_chars: int) -> None:
+    rows = [(f"TH-{i % 7}", T0 + i, "rh" if i % 2 else "t", i * 0.5) for i in range(500)]
+    # two values whose sum overflows (each is finite): the chunk is checked row by row
+    rows[100:102] = [("TH-1", T0, "big", 1.7e308), ("TH-1", T0 + 1, "big", 1.7e308)]
+    rows[300] = ("TH,1", T0, 'x"y', 1.0)  # quoted fields: parsed row by row from here on
+    text = batchfile.render_csv(rows).decode()
+    for form in (text, text.replace("\n", "\r\n"), text.rstrip("\n")):
+        chunks = list(batchfile.parse_csv_columns(io.StringIO(form, newline=""), chunk_chars))
+        assert [r for c in chunks for r in zip(*c, strict=True)] == rows
+        assert list(batchfile.parse_csv(form)) == rows
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ("TH-1,1.5,t,1\n", "expected device,ts,metric,value"),
+        ("TH-1,1,t\n", "expected device,ts,metric,value"),
+        ("TH-1,1,t,1,2\n", "expected device,ts,metric,value"),
+        ("\n", "expected device,ts,metric,value"),
+        ("TH-1,1,t,inf\n", "reading out of range"),
+        ("TH-1,9007199254740992,t,1\n", "reading out of range"),
+        (",1,t,1\n", "reading out of range"),
+        ("TH-1,1,,1\n", "reading out of range"),
+    ],
+)
+def test_a_bad_line_is_named_in_whichever_chunk_it_is(bad: str, reason: str) -> None:
+    lines = batchfile.render_csv([("TH-1", T0 + i, "t", 1.0) for i in range(1000)]).decode()
+    text = "".join([*lines.splitlines(keepends=True)[:700], bad, *lines.splitlines(True)[701:]])
+    with pytest.raises(BatchFileError, match=f"line 701: {reason}"):
+        list(batchfile.parse_csv_columns(io.StringIO(text, newline=""), 256))
+
+
 def test_decode_csv_refuses_non_utf8() -> None:
     with pytest.raises(BatchFileError, match="not UTF-8"):
         batchfile.decode_csv(b"\xff\xfe")

@@ -27,9 +27,9 @@ from urllib.parse import urlsplit
 import psycopg
 
 from fieldgate import store
+from fieldgate.batchfile import Columns
 from fieldgate.errors import FieldgateError
 from fieldgate.hub.sqlstore import READINGS_VIEW, SqlHubStorage, check_names
-from fieldgate.hub.storage import Row
 from fieldgate.store import now_ms
 
 #: Schema migrations: version -> SQL that brings a hub database from version-1 to version.
@@ -251,8 +251,6 @@ class PgHubStorage(SqlHubStorage):
     greatest = "greatest"
     #: Readings fetched per round trip when streaming from the server-side cursor.
     CHUNK = 10_000
-    #: Staged lines sent to COPY per write.
-    COPY_LINES = 4096
 
     def __init__(
         self, url: str, *, create: bool = True, password_file: str | Path | None = None
@@ -294,30 +292,31 @@ class PgHubStorage(SqlHubStorage):
         return self.conn.transaction()
 
     def _insert_rows(
-        self, serial: str, seq: int, rows: Iterable[Row], ids: dict[tuple[str, str], int]
+        self, serial: str, seq: int, chunks: Iterable[Columns], ids: dict[tuple[str, str], int]
     ) -> tuple[int, dict[int, tuple[int, int, int]]]:
         seen = 0
-        names: dict[str, str] = {}  # name -> as COPY reads it
+        names: dict[str, str] = {}  # name -> as COPY reads it (checked once per name)
+        line = "{}\t{}\t{}\t{!r}\n".format
         with self.conn.cursor() as cur:
             with cur.copy("COPY stage (device, metric, ts, value) FROM STDIN") as copy:
-                lines: list[str] = []
-                for device, ts, metric, value in rows:
-                    d = names.get(device)
-                    if d is None:
-                        check_names(device)
-                        d = names[device] = device.translate(_COPY_ESCAPES)
-                    m = names.get(metric)
-                    if m is None:
-                        check_names(metric)
-                        m = names[metric] = metric.translate(_COPY_ESCAPES)
-                    lines.append(f"{d}\t{m}\t{ts}\t{value!r}\n")
-                    if len(lines) >= self.COPY_LINES:
-                        seen += len(lines)
-                        copy.write("".join(lines))
-                        lines.clear()
-                seen += len(lines)
-                if lines:
-                    copy.write("".join(lines))
+                for cols in chunks:
+                    for name in {*cols.devices, *cols.metrics}.difference(names):
+                        check_names(name)
+                        names[name] = name.translate(_COPY_ESCAPES)
+                    escaped = names.__getitem__
+                    copy.write(
+                        "".join(
+                            map(
+                                line,
+                                map(escaped, cols.devices),
+                                map(escaped, cols.metrics),
+                                cols.ts,
+                                cols.values,
+                            )
+                        )
+                    )
+                    seen += len(cols.ts)
+                    del cols  # freed before the next chunk is parsed (see sqlite_storage)
             # new series first, in a fixed order (concurrent ingests lock them alike)
             cur.execute(
                 "INSERT INTO series (serial, device, metric, count) "

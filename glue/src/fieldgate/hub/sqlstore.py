@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
+from fieldgate.batchfile import Columns, columns_of
 from fieldgate.hub.storage import (
     BUCKET_FIELDS,
     DEFAULT_DOMAIN,
@@ -110,12 +111,17 @@ class SqlHubStorage(ABC):
     def _tx(self) -> AbstractContextManager[Any]:
         """A write transaction (SQLite: BEGIN IMMEDIATE; PostgreSQL: READ COMMITTED)."""
 
+    def _ingest_tx(self) -> AbstractContextManager[Any]:
+        """The transaction of one batch's ingest (by default :meth:`_tx`)."""
+        return self._tx()
+
     @abstractmethod
     def _insert_rows(
-        self, serial: str, seq: int, rows: Iterable[Row], ids: dict[tuple[str, str], int]
+        self, serial: str, seq: int, chunks: Iterable[Columns], ids: dict[tuple[str, str], int]
     ) -> tuple[int, dict[int, tuple[int, int, int]]]:
         """Insert a batch's readings under ``batches.seq`` ``seq``: how many rows were read,
-        and per series id (new rows, their first ts, their last ts), new rows only.
+        and per series id with new rows (how many, and a first and last ts that the series'
+        range must include).
         ``ids`` collects the series ids used, (device, metric) -> id."""
 
     @abstractmethod
@@ -136,6 +142,16 @@ class SqlHubStorage(ABC):
             "ON CONFLICT DO NOTHING",
             (serial, now_ms(), DEFAULT_DOMAIN),
         )
+
+    def _pairs(
+        self, serial: str, cols: Columns, ids: dict[tuple[str, str], int]
+    ) -> Iterator[tuple[str, str]]:
+        """The chunk's (device, metric) of each reading; every distinct one is given its
+        series id in ``ids`` first (names checked once per series, not per reading)."""
+        for pair in dict.fromkeys(zip(cols.devices, cols.metrics, strict=True)):
+            if pair not in ids:
+                ids[pair] = self._series_id(serial, *pair)
+        return zip(cols.devices, cols.metrics, strict=True)
 
     def _series_id(self, serial: str, device: str, metric: str) -> int:
         """The id of a series, created if new (inside the caller's transaction)."""
@@ -261,7 +277,7 @@ class SqlHubStorage(ABC):
         self,
         serial: str,
         batch_id: str,
-        rows: Iterable[Row],
+        rows: Iterable[Row] | Iterable[Columns],
         *,
         test: bool = False,
         manifest: dict[str, Any] | None = None,
@@ -270,7 +286,7 @@ class SqlHubStorage(ABC):
         flag = 1 if test else 0
         m = manifest or {}
         ids: dict[tuple[str, str], int] = {}
-        with self._tx():
+        with self._ingest_tx():
             self._ensure_gateway(serial)
             # the batch's row first: its unique key decides which of concurrent ingests of
             # one batch stores it (PostgreSQL makes the others wait, then skip)
@@ -291,7 +307,7 @@ class SqlHubStorage(ABC):
             if claimed is None:
                 return None
             seq = int(claimed[0])
-            seen, per_series = self._insert_rows(serial, seq, rows, ids)
+            seen, per_series = self._insert_rows(serial, seq, columns_of(rows), ids)
             if expected_rows is not None and seen != expected_rows:
                 raise IngestError(
                     f"the manifest announces {expected_rows} readings but readings.csv holds {seen}"

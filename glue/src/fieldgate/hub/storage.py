@@ -27,6 +27,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from fieldgate.batchfile import Columns
+
 #: (device, ts epoch ms, metric, value)
 Row = tuple[str, int, str, float]
 
@@ -193,7 +195,7 @@ class HubStorage(Protocol):
         self,
         serial: str,
         batch_id: str,
-        rows: Iterable[Row],
+        rows: Iterable[Row] | Iterable[Columns],
         *,
         test: bool = False,
         manifest: dict[str, Any] | None = None,
@@ -205,8 +207,10 @@ class HubStorage(Protocol):
         All or nothing, in one transaction: a reading already held for
         ``(serial, device, ts, metric)`` is skipped, so readings sent in several batches
         (a restored store, an export imported after its batches were uploaded) are stored
-        once. ``rows`` may be a lazy iterator; if it raises, or yields a number of rows
-        other than ``expected_rows`` (IngestError), nothing is stored. ``test`` flags the
+        once. ``rows`` are rows or :class:`~fieldgate.batchfile.Columns` of rows (what the
+        batch parser yields: no Python object per reading), a lazy iterator either way; if
+        it raises, or yields a number of rows other than ``expected_rows`` (IngestError),
+        nothing is stored. ``test`` flags the
         rows as test data.
         """
         ...

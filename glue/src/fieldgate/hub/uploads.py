@@ -117,7 +117,7 @@ def put_batch(token: str) -> tuple[Response, int]:
                 new = st.ingest(
                     up.serial,
                     up.batch_id,
-                    batch.readings(m),
+                    batch.columns(m),
                     test=m["mode"] == "TEST",
                     manifest=m,
                     expected_rows=m["rows"],
