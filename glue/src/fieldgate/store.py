@@ -430,13 +430,21 @@ def insert_rejected(
     )
 
 
+_SET_STATE = (
+    "INSERT INTO state (key, value, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
+)
+
+
 def set_state(conn: sqlite3.Connection, key: str, value: str) -> None:
     """Publish a daemon fact for ``status`` (e.g. ``collector.state``)."""
-    conn.execute(
-        "INSERT INTO state (key, value, updated_at) VALUES (?, ?, ?) "
-        "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-        (key, value, now_ms()),
-    )
+    conn.execute(_SET_STATE, (key, value, now_ms()))
+
+
+def set_states(conn: sqlite3.Connection, facts: Iterable[tuple[str, str]]) -> None:
+    """Publish several facts (key, value) at once, one statement for all."""
+    now = now_ms()
+    conn.executemany(_SET_STATE, ((key, value, now) for key, value in facts))
 
 
 def get_state(conn: sqlite3.Connection) -> dict[str, tuple[str, int]]:

@@ -488,9 +488,14 @@ class ModbusPoller:
                 if complete or remaining <= 0 or len(stored) >= MAX_BATCH:
                     break
                 polls, complete = self.handoff.take(remaining, MAX_BATCH - len(stored))
-            for device in dict.fromkeys(p.target.device for p, _, _, _ in stored):
-                store.set_state(conn, device_key(device), self.stats[device].fact())
-            store.set_state(conn, STATE_KEY, f"{prefix}: {self.summary()}")
+            devices = dict.fromkeys(p.target.device for p, _, _, _ in stored)
+            store.set_states(
+                conn,
+                [
+                    *((device_key(d), self.stats[d].fact()) for d in devices),
+                    (STATE_KEY, f"{prefix}: {self.summary()}"),
+                ],
+            )
         results = []
         for polled, level, detail, new in stored:
             t = polled.target
@@ -503,8 +508,9 @@ class ModbusPoller:
                     len(polled.readings),
                     polled.ts,
                 )
-            retry = "" if polled.retry_in is None else f"; next try in {polled.retry_in:g} s"
-            log.log(level, "modbus %s (%s): %s%s", t.device, t.where, detail, retry)
+            if log.isEnabledFor(level):  # a healthy device's polls are DEBUG: skipped cheaply
+                retry = "" if polled.retry_in is None else f"; next try in {polled.retry_in:g} s"
+                log.log(level, "modbus %s (%s): %s%s", t.device, t.where, detail, retry)
             results.append(DeviceResult(t.device, polled.ok, detail, new))
         return results
 
