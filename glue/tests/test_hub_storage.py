@@ -4,7 +4,10 @@ PostgreSQL database (URLs, passwords, one clear line for every mistake)."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -98,6 +101,38 @@ def test_names_with_nul_are_refused_on_both_backends(hub_db: str) -> None:
         with pytest.raises(IngestError, match="NUL"):
             st.ingest("GW-N", f"b-{row[0]!r}{row[2]!r}", iter([("D", 0, "t", 1.0), row]))
     assert query_db(hub_db, "SELECT COUNT(*) FROM readings") == [(0,)]
+    st.close()
+
+
+def test_sqlite_ingests_queue_on_a_lock_file_the_hub_user_can_open(tmp_path: Path) -> None:
+    # root (``hub import``) ingests into the database of the hub's user: the lock file it
+    # creates goes to that user, who can still take it
+    db = tmp_path / "hub.db"
+    open_storage(str(db)).close()
+    os.chown(db, 65534, 65534)
+    st = open_storage(str(db))
+    assert st.ingest("GW-L", "b-1", iter([("D", 0, "t", 1.0)])) == 1
+    st.close()
+    lock = tmp_path / "hub.db-ingest"
+    assert (lock.stat().st_uid, lock.stat().st_gid, lock.stat().st_mode & 0o777) == (
+        65534,
+        65534,
+        0o644,
+    )
+    # while the lock is held (SQLite itself is free), an ingest waits until it is let go
+    st = open_storage(str(db))
+    with lock.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = threading.Thread(
+            target=lambda: st.ingest("GW-L", "b-2", iter([("D", 1, "t", 1.0)]))
+        )
+        waiting.start()
+        waiting.join(1.0)
+        assert waiting.is_alive()
+        assert query_db(str(db), "SELECT COUNT(*) FROM readings") == [(1,)]
+    waiting.join(30)
+    assert not waiting.is_alive()
+    assert query_db(str(db), "SELECT COUNT(*) FROM readings") == [(2,)]
     st.close()
 
 

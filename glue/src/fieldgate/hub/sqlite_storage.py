@@ -206,11 +206,15 @@ class SqliteHubStorage(SqlHubStorage):
     @contextmanager
     def _ingest_tx(self) -> Iterator[Any]:
         # the lock file's own open file description: threads of one process (each with its
-        # own storage object) exclude each other too
+        # own storage object) exclude each other too. Read-only is enough for flock, so a
+        # file root created (``hub import`` as root) still serves the hub's own user; root
+        # hands a new one to the database's owner, as SQLite does with its WAL.
         if self._ingest_lock is None:
-            self._ingest_lock = os.open(
-                f"{self.path}-ingest", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
+            fd = os.open(f"{self.path}-ingest", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if os.geteuid() == 0:
+                st = self.path.stat()
+                os.fchown(fd, st.st_uid, st.st_gid)
+            self._ingest_lock = fd
         fcntl.flock(self._ingest_lock, fcntl.LOCK_EX)
         try:
             with store.transaction(self.conn) as conn:
