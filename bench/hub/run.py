@@ -313,8 +313,8 @@ def cpu_per_row(root: Path, pg_url: str, server: pgserver.PgServer) -> None:
 
     def parse() -> None:
         with batchfile.open_batch(zpath) as b:
-            for _ in b.readings(manifest):
-                pass
+            for cols in b.columns(manifest):
+                del cols
 
     stages = {
         "unzip + SHA-256": timed(unzip_hash)[1],
@@ -330,7 +330,7 @@ def cpu_per_row(root: Path, pg_url: str, server: pgserver.PgServer) -> None:
 
         def full(st: Any = st) -> None:
             with batchfile.open_batch(zpath) as b:
-                st.ingest("GW-CPU", "b-cpu", b.readings(manifest), manifest=manifest)
+                st.ingest("GW-CPU", "b-cpu", b.columns(manifest), manifest=manifest)
 
         wall, cpu, _ = timed(full)
         stages[f"+ ingest, {label} (hub process)"] = cpu

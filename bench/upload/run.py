@@ -122,20 +122,34 @@ def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return p
 
 
+def hub_command(src: Path | None) -> tuple[list[str], dict[str, str] | None]:
+    """How to run ``fieldgate hub``: this tree's, or the glue/src of another tree."""
+    if src is None:
+        return [FIELDGATE, "hub"], None
+    code = "import sys; from fieldgate.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", code, "hub"], {**os.environ, "PYTHONPATH": str(src)}
+
+
 def pipeline(
-    root: Path, db: Path, batch_rows: int, workers: int, profile: bool = False
-) -> tuple[float, float, int]:
+    root: Path,
+    db: Path,
+    batch_rows: int,
+    workers: int,
+    profile: bool = False,
+    hub_src: Path | None = None,
+) -> tuple[float, float, float, int]:
     """Batch + upload + hub ingest of every reading; returns wall seconds, CPU seconds of
-    the uploader and the hub (the hub's start included), and the hub's count. With
+    the uploader and of the hub (its start included), and the hub's count. With
     ``profile`` the uploader runs under cProfile (profile_uploader.py): slower, and its
-    summary is printed."""
+    summary is printed. ``hub_src``: run the hub of that glue/src instead of this tree's."""
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     hub_db = root / "hub.db"
     hub_log = (root / "hub.log").open("wb")
+    hub_cmd, hub_env = hub_command(hub_src)
     hub = subprocess.Popen(
         [
-            FIELDGATE,
-            "hub",
+            *hub_cmd,
             "serve",
             "--db",
             str(hub_db),
@@ -146,6 +160,7 @@ def pipeline(
         ],
         stdout=hub_log,
         stderr=subprocess.STDOUT,
+        env=hub_env,
     )
     try:
         wait_for_port(port)
@@ -167,7 +182,7 @@ def pipeline(
             )
         )
         pin = run(
-            [FIELDGATE, "hub", "pin", "--db", str(hub_db), "--serial", SERIAL]
+            [*hub_cmd, "pin", "--db", str(hub_db), "--serial", SERIAL], env=hub_env
         ).stdout
         run([FIELDGATE, "--config", str(cfg), "register", "--pin", pin.strip()])
         cpu0 = _children_cpu()
@@ -193,7 +208,7 @@ def pipeline(
         "SELECT COUNT(*) FROM readings WHERE serial = ?", (SERIAL,)
     ).fetchone()[0]
     conn.close()
-    return elapsed, cpu, int(held)
+    return elapsed, uploader_cpu, cpu - uploader_cpu, int(held)
 
 
 def main() -> int:
@@ -209,6 +224,11 @@ def main() -> int:
         action="store_true",
         help="run the uploader under cProfile and print where its CPU goes (not for timing)",
     )
+    ap.add_argument(
+        "--hub-ref",
+        help="first run the pipeline against the hub of this git ref (the same uploader), "
+        "and print both hubs' CPU seconds",
+    )
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fieldgate-bench-upload-"))
     try:
@@ -220,9 +240,31 @@ def main() -> int:
         shutil.copyfile(base_db, pipe_db)
         load_before = os.getloadavg()[0]
         b, b_cpu = baseline(base_db, root / "baseline.zip")
-        p, p_cpu, held = pipeline(
-            root, pipe_db, args.batch_rows, args.workers, args.profile
+        ref_hub = None
+        if args.hub_ref:
+            src = root / "ref"
+            src.mkdir()
+            archive = subprocess.run(
+                ["git", "archive", args.hub_ref, "glue/src"],
+                capture_output=True,
+                check=True,
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+            ref_db = root / "ref.db"
+            shutil.copyfile(base_db, ref_db)
+            print(f"hub of {args.hub_ref}:")
+            _, _, ref_hub, ref_held = pipeline(
+                root / "ref-run", ref_db, args.batch_rows, args.workers,
+                hub_src=src / "glue" / "src",
+            )  # fmt: skip
+            if ref_held != args.rows:
+                print(f"FAIL: {args.hub_ref}'s hub holds {ref_held} readings")
+                return 1
+            print("this tree's hub:")
+        p, up_cpu, hub_cpu, held = pipeline(
+            root / "run", pipe_db, args.batch_rows, args.workers, args.profile
         )
+        p_cpu = up_cpu + hub_cpu
         if held != args.rows:
             print(f"FAIL: the hub holds {held} readings, expected {args.rows}")
             return 1
@@ -247,6 +289,11 @@ def main() -> int:
             f"{os.getloadavg()[0]:.1f} after"
         )
         print(f"hub holds {held} readings")
+        if ref_hub is not None:
+            print(
+                f"hub CPU seconds: this tree {hub_cpu:.2f}, {args.hub_ref} {ref_hub:.2f} "
+                f"({hub_cpu / ref_hub:.2f}x)"
+            )
     finally:
         if args.keep:
             print(f"kept {root}")
