@@ -8,6 +8,7 @@ that names the key and the file (``ConfigError``, exit status 2).
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import re
 import types
@@ -343,6 +344,25 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """``fieldgate web``: the gateway's own read-only page (docs/gateway-page.md)."""
+
+    #: The address it listens on: the management interface's (Ansible renders it).
+    listen_address: str = field(
+        default="127.0.0.1", metadata={"pattern": re.compile(r"^[0-9A-Fa-f.:]{2,45}$")}
+    )
+    port: int = field(default=8081, metadata=_range(1, 65535))
+    #: Devices whose latest reading is older than this are left off the latest-readings
+    #: page (``?all=true`` shows them).
+    hide_inactive_after_days: float = field(default=30, metadata=_range(0.001, 36500))
+    #: A device chart draws at most this many points per metric: a longer day is averaged
+    #: over buckets (the JSON gives the raw readings unless asked for buckets).
+    chart_max_points: int = field(default=2000, metadata=_range(10, 100000))
+    #: Requests served at once; a connection beyond them is answered 503 at once.
+    max_connections: int = field(default=8, metadata=_range(1, 256))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``path`` is where it was read from."""
 
@@ -355,6 +375,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     path: str = field(default="", metadata={"internal": True})
     raw: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})
 
@@ -417,7 +438,17 @@ def parse_config(data: Any, path: str = "<config>") -> Config:
     _check_devices(cfg)
     _check_modbus(cfg)
     _check_inputs(cfg)
+    _check_web(cfg)
     return cfg
+
+
+def _check_web(cfg: Config) -> None:
+    try:
+        ipaddress.ip_address(cfg.web.listen_address)
+    except ValueError:
+        raise _fail(
+            cfg, "web.listen_address", f"{cfg.web.listen_address!r} is not an IP address"
+        ) from None
 
 
 def _replace_internal(cfg: Config, **values: Any) -> Config:

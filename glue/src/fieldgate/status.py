@@ -37,7 +37,8 @@ def collect_status(cfg: Config) -> dict[str, Any]:
     if not path.exists():
         result["store"]["exists"] = False
         return result
-    conn = store.connect(path, busy_timeout_ms=cfg.store.busy_timeout_ms)
+    # read-only (query_only): status never takes a lock the collector would wait for
+    conn = store.connect(path, busy_timeout_ms=cfg.store.busy_timeout_ms, readonly=True)
     try:
         extra = _from_store(conn, cfg)
         result["store"].update(extra.pop("store"))

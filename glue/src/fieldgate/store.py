@@ -186,7 +186,8 @@ def connect(
     """A connection with the pragmas every fieldgate process uses (no schema work).
 
     Writable connections use WAL and ``synchronous=FULL``; ``readonly`` ones read a live
-    database; ``immutable`` ones read a file nobody writes (see :func:`immutable_uri`).
+    database (``query_only``: in WAL mode they never block a writer); ``immutable`` ones read
+    a file nobody writes (see :func:`immutable_uri`).
     The connection is in autocommit mode; use :func:`transaction` for atomic work.
     """
     if immutable:
@@ -203,7 +204,9 @@ def connect(
         check_same_thread=check_same_thread,
     )
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    if not (readonly or immutable):
+    if readonly or immutable:
+        conn.execute("PRAGMA query_only = ON")  # a reader never takes the write lock
+    else:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
     return conn

@@ -91,7 +91,26 @@ COMMANDS: tuple[Command, ...] = (
         "status",
         "commands:status",
         "Store counts, backlog, batches, uploads, disk use, collector and export state.",
-        (arg("--json", action="store_true", help="machine-readable output"),),
+        (
+            arg("--json", action="store_true", help="machine-readable output"),
+            arg(
+                "--prometheus",
+                action="store_true",
+                help="Prometheus text format (for node_exporter's textfile collector)",
+            ),
+            arg(
+                "--output",
+                metavar="FILE",
+                help="write to FILE atomically (a temporary name, then a rename) instead of "
+                "standard output",
+            ),
+        ),
+    ),
+    Command(
+        "web",
+        "daemons:web",
+        "Long-running: serve the gateway's read-only page (latest readings, a device's last "
+        "day, status) on web.listen_address:web.port.",
     ),
     Command(
         "upload",

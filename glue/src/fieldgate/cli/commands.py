@@ -17,7 +17,7 @@ from fieldgate.config import Config
 from fieldgate.errors import FieldgateError
 from fieldgate.export import export_to_dir
 from fieldgate.exportdb import inspect_export
-from fieldgate.fsutil import human_bytes
+from fieldgate.fsutil import atomic_write, human_bytes
 from fieldgate.prune import day_text, prune_store
 from fieldgate.restore import restore_as_site, restore_merge
 from fieldgate.status import collect_status, render_text
@@ -28,12 +28,26 @@ PRUNE_SIZE_UNITS = ("bytes", "kB", "MB")
 
 
 def status(cfg: Config, args: argparse.Namespace) -> int:
-    """``fieldgate status [--json]``."""
+    """``fieldgate status [--json | --prometheus] [--output FILE]``."""
+    if args.json and args.prometheus:
+        raise FieldgateError("status: give --json or --prometheus, not both")
     s = collect_status(cfg)
     if args.json:
-        print(json.dumps(s, indent=2, sort_keys=True))
+        text = json.dumps(s, indent=2, sort_keys=True) + "\n"
+    elif args.prometheus:
+        from fieldgate.prometheus import render
+
+        text = render(s)
     else:
-        print(render_text(s), end="")
+        text = render_text(s)
+    if args.output is None:
+        print(text, end="")
+        return 0
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise FieldgateError(f"status --output: directory {out.parent} does not exist")
+    # node_exporter (another user) reads it: readable by all, whatever the umask
+    atomic_write(out, text.encode(), mode=0o644)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The long-running commands: ``collect``, ``poll``, ``upload``, ``usb-watch``.
+"""The long-running commands: ``collect``, ``poll``, ``upload``, ``usb-watch``, ``web``.
 
 Each installs the stop flag (SIGTERM, SIGINT) and runs its daemon until stopped; what they
 say goes to the log (supervisor keeps it), not to stdout. Each imports its daemon's module
@@ -64,3 +64,10 @@ def usb_watch(cfg: Config, args: argparse.Namespace) -> int:
     finally:
         watcher.log.close()
     return 0
+
+
+def web(cfg: Config, args: argparse.Namespace) -> int:
+    """``fieldgate web``: the gateway's read-only page until SIGTERM/SIGINT."""
+    from fieldgate.web.server import serve
+
+    return serve(cfg, StopFlag().install())
