@@ -69,7 +69,7 @@ def _html(text: str, status: int = 200) -> Answer:
 
 
 def _json(data: Any, status: int = 200) -> Answer:
-    body = json.dumps(data, indent=1, allow_nan=False) + "\n"
+    body = json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n"
     return Answer(status, body.encode(), "application/json")
 
 
