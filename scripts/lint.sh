@@ -393,6 +393,16 @@ expect_bad program-stopwaitsecs-too-short "fieldgate_stopwaitsecs" <<'EOF'
 fieldgate_stopwaitsecs: 5
 EOF
 
+expect_bad web-port-out-of-range "fieldgate_web_port" <<'EOF'
+fieldgate_web_enabled: true
+fieldgate_web_port: 70000
+EOF
+
+expect_bad web-open-to-no-zone "fieldgate_web_firewall_sources" <<'EOF'
+fieldgate_web_enabled: true
+fieldgate_web_firewall_sources: []
+EOF
+
 expect_bad unknown-upload-mode "fieldgate_upload_mode" <<'EOF'
 fieldgate_upload_mode: FAST
 EOF
