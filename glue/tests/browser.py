@@ -51,6 +51,12 @@ class Browser:
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         self.driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
         self.driver.set_page_load_timeout(30)
+        # Headless Chromium keeps a window at least 500 px wide whatever --window-size says:
+        # a phone's viewport is set through the DevTools protocol instead.
+        self.driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": PHONE[0], "height": PHONE[1], "deviceScaleFactor": 2, "mobile": True},
+        )
         self._name = re.sub(r"[^A-Za-z0-9_.-]+", "_", test_name)
         self.console: list[dict] = []
 
@@ -58,7 +64,11 @@ class Browser:
         self.driver.get(url)
 
     def resize(self, width: int, height: int) -> None:
-        self.driver.set_window_size(width, height)
+        """A desktop-sized (non-phone) viewport of ``width`` x ``height`` CSS pixels."""
+        self.driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
 
     def shot(self, label: str) -> Path:
         """Save a screenshot of the current page as ``<test>-<label>.png``."""

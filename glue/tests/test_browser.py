@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from browser import Browser
+from browser import PHONE, Browser
 
 
 def test_a_page_is_drawn_and_its_errors_are_seen(tmp_path, monkeypatch):
@@ -13,6 +13,7 @@ def test_a_page_is_drawn_and_its_errors_are_seen(tmp_path, monkeypatch):
     try:
         b.get(page.as_uri())
         assert b.driver.title == "t"
+        assert b.driver.execute_script("return window.innerWidth") == PHONE[0]
         shot = b.shot("page")
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert any("boom" in e for e in b.js_errors())

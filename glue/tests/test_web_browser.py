@@ -46,16 +46,6 @@ def gateway(config_file) -> Iterator[tuple[WebServer, int]]:
         server.server_close()
 
 
-def as_phone(browser) -> None:
-    """A phone's viewport for real: headless Chromium keeps a window at least 500 px wide
-    whatever --window-size says, so the device metrics are overridden (DevTools protocol)."""
-    width, height = PHONE
-    browser.driver.execute_cdp_cmd(
-        "Emulation.setDeviceMetricsOverride",
-        {"width": width, "height": height, "deviceScaleFactor": 2, "mobile": True},
-    )
-
-
 def fits_the_screen(browser) -> bool:
     inner, scroll = browser.driver.execute_script(
         "return [window.innerWidth, document.documentElement.scrollWidth]"
@@ -73,7 +63,6 @@ def devices_shown(browser) -> list[str]:
 
 def test_latest_readings_hide_an_inactive_device_unless_all(browser, gateway):
     server, _ = gateway
-    as_phone(browser)
     browser.get(server.url + "/")
     assert devices_shown(browser) == ["TH-001"]
     note = browser.driver.find_element(By.CSS_SELECTOR, ".hidden-note").text
@@ -90,7 +79,6 @@ def test_latest_readings_hide_an_inactive_device_unless_all(browser, gateway):
 
 def test_device_chart_draws_the_days_points(browser, gateway):
     server, now = gateway
-    as_phone(browser)
     browser.get(server.url + "/")
     browser.driver.find_element(By.LINK_TEXT, "roof-temp").click()
     WebDriverWait(browser.driver, 10).until(
