@@ -8,7 +8,10 @@ from browser import PHONE, Browser
 def test_a_page_is_drawn_and_its_errors_are_seen(tmp_path, monkeypatch):
     monkeypatch.setenv("FIELDGATE_ARTIFACTS", str(tmp_path))
     page = tmp_path / "p.html"
-    page.write_text("<title>t</title><h1>fieldgate</h1><script>console.error('boom')</script>")
+    page.write_text(
+        '<meta name="viewport" content="width=device-width"><title>t</title>'
+        "<h1>fieldgate</h1><script>console.error('boom')</script>"
+    )
     b = Browser("fixture")
     try:
         b.get(page.as_uri())
