@@ -12,6 +12,14 @@ external-loop API: the collector's loop calls :meth:`MqttLink.pump`, which waits
 broker socket (and one other file, the store writer's pipe), reads messages into
 :attr:`MqttLink.inbox` and writes what is queued.
 
+Reading is lean (:mod:`fieldgate.mqttwire`): one ``recv`` takes what the socket holds, the
+PUBLISH packets in it go straight into the inbox, and every other packet is handed to
+paho's own packet handler, which keeps the session (login, subscriptions, keepalive,
+disconnects). The acknowledgements of a commit go out as one queued write. Both use paho
+internals (``_in_packet``, ``_packet_handle``, ``_packet_queue``, ``_loop_rc_handle``) of
+the pinned paho-mqtt 2.x; a paho without them is read through its public ``loop_read`` and
+acknowledged with ``ack``, as before (slower, the same behaviour).
+
 Each connection has a *generation*: messages read on a connection that has since been lost
 are never acknowledged (their message ids mean nothing on the next connection); the broker
 sends them again and the store's unique key keeps them single.
@@ -26,13 +34,15 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fieldgate import store
+from fieldgate import mqttwire, store
 from fieldgate.config import Config, MqttConfig
 from fieldgate.errors import ConfigError
 from fieldgate.stamp import arrival_ms, session_properties
@@ -48,6 +58,26 @@ one message read."""
 
 #: The largest Receive Maximum MQTT v5 allows.
 RECEIVE_MAXIMUM_LIMIT = 65535
+#: Bytes asked of the socket per read (a few hundred small messages).
+READ_CHUNK = 262144
+#: The paho internals the lean read path uses (see the module's docstring).
+PAHO_INTERNALS = (
+    "_in_packet",
+    "_packet_handle",
+    "_packet_queue",
+    "_loop_rc_handle",
+    "_last_bytes_received",
+)
+_IDLE_IN_PACKET: dict[str, Any] = {
+    "command": 0,
+    "have_remaining": 0,
+    "remaining_count": [],
+    "remaining_mult": 1,
+    "remaining_length": 0,
+    "packet": bytearray(b""),
+    "to_process": 0,
+    "pos": 0,
+}
 
 
 def read_password(cfg: Config) -> str | None:
@@ -112,6 +142,16 @@ class MqttLink:
         self.inbox_started = 0.0
         self._next_misc = 0.0
         self.client = self._make_client(password)
+        #: Read and acknowledge through mqttwire (else through paho's public API).
+        self.lean = all(hasattr(self.client, name) for name in PAHO_INTERNALS)
+        #: Bytes read from the socket and not yet cut into packets, and that socket.
+        self._buf = bytearray()
+        self._buf_sock: object = None
+        self._buf_at = 0
+        #: The last read stopped at its limit: complete packets may wait in the buffer.
+        self._more = False
+        #: Topics as bytes -> text (a device publishes on the same few topics).
+        self._topics: dict[bytes, str] = {}
 
     def _make_client(self, password: str | None) -> mqtt.Client:
         m = self.m
@@ -295,6 +335,8 @@ class MqttLink:
         if sock is None:
             return 0, mqtt.MQTT_ERR_NO_CONN
         wlist = [sock] if self.client.want_write() else []
+        if self._more and self._buf_sock is sock:
+            timeout = 0.0  # packets already read wait in the buffer
         try:
             readable, writable, _ = select.select([sock, other], wlist, [], timeout)
         except (OSError, ValueError):
@@ -305,7 +347,10 @@ class MqttLink:
                 return 0, mqtt.MQTT_ERR_SUCCESS
         before = len(self.inbox)
         rc = mqtt.MQTT_ERR_SUCCESS
-        if sock in readable:
+        if self.lean:
+            if sock in readable or (self._more and self._buf_sock is sock):
+                rc = self._read_lean(sock, sock in readable, limit)
+        elif sock in readable:
             while len(self.inbox) - before < limit:
                 count = len(self.inbox)
                 rc = self.client.loop_read()
@@ -329,8 +374,109 @@ class MqttLink:
 
     def ack(self, acks: list[tuple[int, int]]) -> mqtt.MQTTErrorCode:
         """Acknowledge (mid, qos) pairs in order and write them out."""
-        for mid, qos in acks:
-            self.client.ack(mid, qos)
+        if self.lean and all(qos < 2 for _, qos in acks):
+            mids = [mid for mid, qos in acks if qos == 1]
+            if mids:
+                self.client._packet_queue(mqttwire.PUBACK, mqttwire.pubacks(mids), 0, 1)
+        else:
+            for mid, qos in acks:
+                self.client.ack(mid, qos)
         if self.client.want_write():
             return self.client.loop_write()
         return mqtt.MQTT_ERR_SUCCESS
+
+    # ---- the lean read path (fieldgate.mqttwire) ---------------------------------------------
+
+    def _read_lean(self, sock: Any, readable: bool, limit: int) -> mqtt.MQTTErrorCode:
+        """Read what the socket holds (when ``readable``) and take at most ``limit``
+        messages from the buffer; other packets go to paho."""
+        if self._buf_sock is not sock:  # a new connection: nothing of the old one is kept
+            self._buf = bytearray()
+            self._buf_sock = sock
+        if readable and len(self._buf) < READ_CHUNK:
+            try:
+                data = sock.recv(READ_CHUNK)
+                while getattr(sock, "pending", None) and sock.pending():  # TLS: whole records
+                    data += sock.recv(READ_CHUNK)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                data = None
+            except OSError:
+                return self._paho_read()  # paho reads the error again and reports it
+            if data == b"":
+                return self._paho_read()  # closed: paho sees the end and reports it
+            if data:
+                self._buf += data
+                self._buf_at = store.now_ms()
+                self.client._last_bytes_received = mqtt.time_func()
+        return self._take(limit)
+
+    def _paho_read(self) -> mqtt.MQTTErrorCode:
+        self._buf = bytearray()
+        self._more = False
+        return self.client.loop_read()
+
+    def _take(self, limit: int) -> mqtt.MQTTErrorCode:
+        """Cut the buffered packets: PUBLISH into the inbox (at most ``limit``), the rest to
+        paho, in the order they came."""
+        buf = self._buf
+        try:
+            packets, _ = mqttwire.cut(buf, 0, limit)
+        except mqttwire.Malformed as exc:
+            log.warning("broker %s sent a malformed packet: %s", self.broker, exc)
+            return self.client._loop_rc_handle(mqtt.MQTT_ERR_PROTOCOL)
+        self._more = len(packets) == limit
+        if not packets:
+            return mqtt.MQTT_ERR_SUCCESS
+        inbox = self.inbox
+        if not inbox:
+            self.inbox_started = time.monotonic()
+            self.inbox_generation = self.generation
+        append = inbox.append
+        topics = self._topics
+        at = self._buf_at
+        decode = mqttwire.decode_publish
+        rc = mqtt.MQTT_ERR_SUCCESS
+        done = 0
+        for first, start, end in packets:
+            done = end
+            got = decode(buf, first, start, end) if first & 0xF0 == mqttwire.PUBLISH else None
+            if got is None:
+                rc = self._to_paho(first, buf[start:end])
+                if rc != mqtt.MQTT_ERR_SUCCESS or self._buf_sock is not self.client.socket():
+                    break
+                continue
+            mid, qos, raw_topic, payload, stamp = got
+            topic = topics.get(raw_topic)
+            if topic is None:
+                try:
+                    topic = raw_topic.decode("utf-8")
+                except UnicodeDecodeError:
+                    topic = repr(raw_topic)
+                if len(topics) >= 10_000:
+                    topics.clear()
+                topics[raw_topic] = topic
+            append((mid, qos, topic, payload, at, stamp))
+        del buf[:done]
+        return rc
+
+    def _to_paho(self, first: int, body: bytearray) -> mqtt.MQTTErrorCode:
+        """One packet through paho's own handler, as its ``loop_read`` would."""
+        client = self.client
+        client._in_packet = {
+            **_IDLE_IN_PACKET,
+            "command": first,
+            "have_remaining": 1,
+            "remaining_length": len(body),
+            "packet": body,
+            "remaining_count": [],
+        }
+        try:
+            rc = client._packet_handle()
+        except MalformedPacket as exc:
+            log.warning("broker %s sent a malformed packet: %s", self.broker, exc)
+            rc = mqtt.MQTT_ERR_PROTOCOL
+        finally:
+            client._in_packet = {**_IDLE_IN_PACKET, "remaining_count": [], "packet": bytearray()}
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            return client._loop_rc_handle(rc)
+        return rc

@@ -50,10 +50,16 @@ def arrival_ms(properties: Any) -> int | None:
         return None
     for name, value in reversed(pairs):
         if name == STAMP_PROPERTY:
-            if len(value) == 13 and value.isascii() and value.isdigit():
-                ms = int(value)
-                return ms if _MIN_MS <= ms <= _MAX_MS else None
-            return None
+            return stamp_value(value)
+    return None
+
+
+def stamp_value(value: str | bytes) -> int | None:
+    """The ``fg-ts`` property's value (text, or its UTF-8 bytes as read off the wire) as
+    epoch milliseconds, or ``None`` when it is not 13 decimal digits in the accepted range."""
+    if len(value) == 13 and value.isascii() and value.isdigit():
+        ms = int(value)
+        return ms if _MIN_MS <= ms <= _MAX_MS else None
     return None
 
 
