@@ -47,11 +47,16 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import yaml
+from fieldgate import store
+from fieldgate.readings import INSERT_READING_SQL
 
 FIELDGATE = str(Path(sys.executable).with_name("fieldgate"))
 REPO = Path(__file__).resolve().parents[2]
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 TICKS = os.sysconf("SC_CLK_TCK")
+MQB_PEER = Path(__file__).with_name("mqb_peer.py")
+#: Rows per transaction of the SQLite ceiling.
+CEILING_ROWS = 1000
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,53 @@ def drain_mosquitto_sub(port: int, client_id: str, n: int) -> float:
     return time.monotonic() - started
 
 
+def sqlite_ceiling(db: Path, n: int) -> float:
+    """SQLite's own insert rate for the same rows (msgs/s): the 2n readings of the native
+    backlog, built beforehand, into a store of the same schema and durability
+    (``fieldgate.store.open_store``: WAL, ``synchronous=FULL``), ``executemany`` of
+    1,000 rows per transaction."""
+    conn = store.open_store(db, "GW-BENCH")
+    at = store.now_ms()
+    rows = []
+    for i in range(n):
+        doc = json.loads(NATIVE.payload(i))
+        for metric, value in doc["metrics"].items():
+            rows.append(("TH-001", doc["ts"], metric, float(value), at, "mqtt"))
+    started = time.monotonic()
+    for first in range(0, len(rows), CEILING_ROWS):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(INSERT_READING_SQL, rows[first : first + CEILING_ROWS])
+        conn.execute("COMMIT")
+    secs = time.monotonic() - started
+    conn.close()
+    if count(db) != 2 * n:
+        raise SystemExit("bench: the SQLite ceiling did not store every row")
+    return n / secs
+
+
+def peer(what: str, port: int, db: Path, n: int) -> dict[str, float]:
+    """Run mq-bridge (``mqb_peer.py``) on its session ``bench-mqb``; its report."""
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(MQB_PEER),
+            what,
+            str(port),
+            "bench-mqb",
+            NATIVE.topic,
+            str(db),
+            str(n),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if p.returncode != 0:
+        raise SystemExit(f"bench: mq-bridge {what} failed: {p.stderr.strip()[-2000:]}")
+    return json.loads(p.stdout) if what == "drain" else {}
+
+
 def drain_naive(
     port: int, client_id: str, db: Path, n: int, max_secs: float
 ) -> tuple[int, float]:
@@ -257,11 +309,47 @@ def count(db: Path, table: str = "readings") -> int:
         conn.close()
 
 
+def stored_at_least(db: Path, rows: int) -> bool:
+    """The store holds ``rows`` readings: the largest id first (cheap while a collector
+    runs beside it), the count to be sure."""
+    if not db.exists():
+        return False
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        top = conn.execute("SELECT max(id) FROM readings").fetchone()[0] or 0
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+    return top >= rows and count(db) >= rows
+
+
 def vm_hwm_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     return 0
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size: shared pages (the forked writer's) counted once in a sum."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+def family_pss_kb(pid: int) -> int:
+    """Summed PSS of a process and its children."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    return pss_kb(pid) + sum(pss_kb(int(c)) for c in kids)
 
 
 def cpu_secs(pid: int) -> float:
@@ -356,8 +444,13 @@ class Collector:
         """Start; wait until the store holds 2n readings; stop."""
         started = time.monotonic()
         proc = self.start()
+        pss_peak = 0
+        next_pss = 0.0
         try:
-            while count(self.db) < 2 * n:
+            while not stored_at_least(self.db, 2 * n):
+                if time.monotonic() >= next_pss:
+                    next_pss = time.monotonic() + 0.25
+                    pss_peak = max(pss_peak, family_pss_kb(proc.pid))
                 if proc.poll() is not None:
                     raise SystemExit(f"bench: {self.name} exited; see {self.log}")
                 if time.monotonic() - started > 900:
@@ -371,6 +464,7 @@ class Collector:
                 Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
             )
             hwm = (vm_hwm_kb(proc.pid), sum(vm_hwm_kb(int(c)) for c in children))
+            pss_peak = max(pss_peak, family_pss_kb(proc.pid))
             cpu = (cpu_secs(proc.pid), sum(cpu_secs(int(c)) for c in children))
             from_connect = done_wall - self.running_since()
         finally:
@@ -385,6 +479,7 @@ class Collector:
             cpu,
             count(self.db),
             count(self.db, "rejected"),
+            pss_peak,
         )
 
 
@@ -398,6 +493,7 @@ class Drained:
     cpu: tuple[float, float]  # CPU seconds: collector, store writer
     stored: int
     rejected: int
+    pss_kb: int = 0  # peak summed PSS of the collector and its writer
 
     @property
     def rate(self) -> float:
@@ -470,6 +566,7 @@ def main() -> int:
             print(f"before ({args.before}): same glue as this checkout, not run")
         register_v311_session(port, "bench-sub", NATIVE.topic)
         register_v311_session(port, "bench-naive", NATIVE.topic)
+        peer("register", port, work / "mqb.db", n)
         for c in [*collectors, *([old] if old else [])]:
             c.register()
         for form in (NATIVE, TASMOTA, Z2M):
@@ -480,13 +577,26 @@ def main() -> int:
 
         sub_rate = n / drain_mosquitto_sub(port, "bench-sub", n)
         print(f"{'mosquitto_sub':<20} {n:>7} msgs {'':>16}= {sub_rate:9.0f} msgs/s")
+        ceiling = sqlite_ceiling(work / "ceiling.db", n)
+        print(
+            f"{'SQLite ceiling':<20} {n:>7} msgs {'':>16}= {ceiling:9.0f} msgs/s "
+            f"({2 * n} rows, executemany {CEILING_ROWS} rows per transaction, WAL, FULL)"
+        )
+        mqb = peer("drain", port, work / "mqb.db", n)
+        mqb_rate = n / mqb["secs"]
+        print(
+            f"{'mq-bridge':<20} {n:>7} msgs in {mqb['secs']:7.2f} s = {mqb_rate:9.0f} msgs/s "
+            f"(CPU per message {mqb['cpu'] / n * 1e6:.0f} us; PSS {mqb['pss_kb'] / 1024:.1f} MB)"
+        )
+        if count(work / "mqb.db") != 2 * n:
+            raise SystemExit("bench: mq-bridge did not store every reading")
         drained: dict[str, Drained] = {}
-        if old is not None:
-            drained["before"] = old.drain(n)
-            print(drained["before"].line())
         for c in collectors:
             drained[c.name] = c.drain(n)
             print(drained[c.name].line())
+        if old is not None:
+            drained["before"] = old.drain(n)
+            print(drained["before"].line())
         naive_n, naive_secs = drain_naive(
             port, "bench-naive", work / "naive.db", n, args.naive_secs
         )
@@ -500,6 +610,14 @@ def main() -> int:
 
         native = drained["native"]
         results = [
+            (
+                f"fieldgate / mq-bridge = {native.rate / mqb_rate:.2f}x (target >= 1.0x)",
+                native.rate / mqb_rate >= 1.0,
+            ),
+            (
+                f"fieldgate / SQLite ceiling = {native.rate / ceiling:.2f}x (target >= 0.5x)",
+                native.rate / ceiling >= 0.5,
+            ),
             (
                 f"fieldgate / mosquitto_sub = {native.rate / sub_rate:.2f}x (target >= 0.3x)",
                 native.rate / sub_rate >= 0.3,
@@ -532,6 +650,11 @@ def main() -> int:
             f"{native.hwm_kb[1] / 1024:.1f} MB (target <= 60 MB)"
         )
         results.append((rss_text, rss_mb <= 60))
+        pss_mb = native.pss_kb / 1024
+        pss_text = (
+            f"collector summed PSS (collector + store writer, peak) = {pss_mb:.1f} MB"
+        )
+        results.append((f"{pss_text} (target <= 40 MB)", pss_mb <= 40))
         for d in drained.values():
             results.append(
                 (
