@@ -43,6 +43,8 @@ INSERT_READING_SQL = (
 #: At most this many sample reasons are spelled out in one rejection reason.
 MAX_REASONS = 5
 
+_isfinite = math.isfinite
+
 
 @dataclass(slots=True)
 class Outcome:
@@ -211,7 +213,8 @@ def parse_sample(obj: Any, device: str, devices: DevicesConfig, now_ms: int) -> 
         raise SampleError(f"expected an object with ts and metrics, got {_json_kind(obj)}")
     if "ts" not in obj:
         raise SampleError("ts: missing")
-    ts = parse_ts(obj["ts"], devices, now_ms)
+    ts = obj["ts"]
+    ts = check_ts(ts, devices, now_ms) if type(ts) is int else parse_ts(ts, devices, now_ms)
     if "metrics" not in obj:
         raise SampleError("metrics: missing")
     metrics = obj["metrics"]
@@ -219,10 +222,15 @@ def parse_sample(obj: Any, device: str, devices: DevicesConfig, now_ms: int) -> 
         raise SampleError(f"metrics: expected an object of name: number, got {_json_kind(metrics)}")
     if not metrics:
         raise SampleError("metrics: empty")
-    return [
-        (device, ts, check_metric_name(name), parse_value(name, value))
-        for name, value in metrics.items()
-    ]
+    good = _GOOD_METRICS
+    readings = []
+    for name, raw in metrics.items():
+        # the usual case (a known name, a finite float) without the calls that say why not
+        if name not in good:
+            check_metric_name(name)
+        value = raw if type(raw) is float and _isfinite(raw) else parse_value(name, raw)
+        readings.append((device, ts, name, value))
+    return readings
 
 
 def parse_json_samples(text: str) -> list[Any]:
