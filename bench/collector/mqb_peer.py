@@ -10,7 +10,7 @@ rejected table: the least a batched collector on this broker can do.
 
 ``register`` connects once so the broker creates the session; ``drain`` runs until N
 messages are committed and prints one JSON line: seconds from the connection to the last
-commit, CPU seconds, peak summed PSS (kB) of this process.
+commit, CPU seconds, peak PSS (kB) of this process.
 
     python bench/collector/mqb_peer.py register|drain PORT CLIENT_ID TOPIC DB N
 """
@@ -28,12 +28,13 @@ from fieldgate.readings import INSERT_READING_SQL
 from mq_bridge import Consumer
 
 BATCH = 1000
-#: The internal channel mq-bridge fills from the broker; its default (100) cannot start on a
-#: backlog of queued QoS 1 messages.
-QUEUE_CAPACITY = 20_000
 
 
-def consumer(port: int, client_id: str, topic: str) -> Consumer:
+def consumer(port: int, client_id: str, topic: str, backlog: int) -> Consumer:
+    """mq-bridge on the persistent session. Mosquitto sends a resumed v5 session's whole
+    backlog at once, and mq-bridge's MQTT reader stops (until the broker drops it for a
+    missed keepalive) once its internal channel (``queue_capacity``, default 100) is full:
+    the channel has to hold the backlog (20,000 stalled on 100,000 messages)."""
     return Consumer.from_config(
         {
             "mqtt": {
@@ -44,7 +45,7 @@ def consumer(port: int, client_id: str, topic: str) -> Consumer:
                 "protocol": "v5",
                 "clean_session": False,
                 "session_expiry_interval": 0xFFFFFFFF,
-                "queue_capacity": QUEUE_CAPACITY,
+                "queue_capacity": backlog + BATCH,
                 "max_inflight": 2 * BATCH,
             }
         }
@@ -96,7 +97,7 @@ def drain(c: Consumer, db: Path, n: int, started: float) -> dict[str, float]:
 def main() -> int:
     what, port, client_id, topic, db, n = sys.argv[1:7]
     started = time.monotonic()
-    c = consumer(int(port), client_id, topic)
+    c = consumer(int(port), client_id, topic, int(n))
     try:
         if what == "register":
             time.sleep(1.0)  # the SUBACK
