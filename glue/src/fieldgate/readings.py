@@ -72,10 +72,24 @@ class Rules:
     devices: DevicesConfig
     max_payload_bytes: int
     topic_prefix: str
+    #: Device names already resolved (serial or alias -> serial and configuration).
+    known: dict[str, tuple[str, DeviceConfig | None]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def from_config(cls, cfg: Config) -> Rules:
         return cls(cfg.devices, cfg.mqtt.max_payload_bytes, cfg.mqtt.topic_prefix)
+
+    def resolve(self, name: str) -> tuple[str, DeviceConfig | None]:
+        """:func:`resolve_device`, remembered for the names that resolve."""
+        got = self.known.get(name)
+        if got is None:
+            got = resolve_device(self.devices, name)
+            if len(self.known) >= 10_000:
+                self.known.clear()
+            self.known[name] = got
+        return got
 
 
 def device_from_topic(topic: str, prefix: str) -> str | None:
@@ -233,9 +247,9 @@ def parse_sample(obj: Any, device: str, devices: DevicesConfig, now_ms: int) -> 
     return readings
 
 
-def parse_json_samples(text: str) -> list[Any]:
-    """The samples of a JSON payload: the object itself, or the elements of an array."""
-    doc = load_json(text)
+def parse_json_samples(doc: Any) -> list[Any]:
+    """The samples of a JSON payload (its loaded document): the object itself, or the
+    elements of an array."""
     if isinstance(doc, list):
         if not doc:
             raise SampleError("empty JSON array: no readings")
@@ -443,10 +457,10 @@ def split_samples(text: str, csv_columns: list[str] | None) -> list[tuple[str, A
     device with ``csv_columns``), ``element i`` (a JSON array), "" (a lone JSON object)."""
     if csv_columns is not None:
         return [(f"line {n}", f) for n, f in parse_csv_lines(text, csv_columns)]
-    docs = parse_json_samples(text)
-    if text.lstrip().startswith("["):
-        return [(f"element {i}", d) for i, d in enumerate(docs)]
-    return [("", docs[0])]
+    doc = load_json(text)
+    if type(doc) is dict:
+        return [("", doc)]
+    return [(f"element {i}", d) for i, d in enumerate(parse_json_samples(doc))]
 
 
 def parse_payload(
@@ -459,7 +473,7 @@ def parse_payload(
     """Validate one message from ``device_name`` and turn it into readings and/or a reason."""
     now_ms = store.now_ms() if now_ms is None else now_ms
     try:
-        device, dev_cfg = resolve_device(rules.devices, device_name)
+        device, dev_cfg = rules.resolve(device_name)
     except SampleError as exc:
         return Outcome(device=None, reason=str(exc))
     outcome = Outcome(device=device)
