@@ -191,6 +191,7 @@ def test_lean_and_paho_reads_agree_on_a_real_broker(
         for i in range(1500)  # < 2000
     ]  # within Receive Maximum (2000)
     messages.append(("tele/TH-0/SENSOR", ""))
+    messages.append(("tele/TH-1/SENSOR", "x" * 700_000))  # more than one read of the socket
     publish_to(mosquitto, messages)
     got = {lean: _drain(link(cid, lean), len(messages), here) for cid, lean in sessions}
     lean_rows = [(q, t, p, s) for _, q, t, p, _, s in got[True]]
