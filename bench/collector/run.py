@@ -619,7 +619,8 @@ def main() -> int:
         native = drained["native"]
         results = [
             (
-                f"fieldgate / mq-bridge = {native.rate / mqb_rate:.2f}x (target >= 1.0x)",
+                f"fieldgate / mq-bridge = {native.rate / mqb_rate:.2f}x (target >= 1.0x; "
+                + f"by CPU per message: {mqb['cpu'] / sum(native.cpu):.2f}x)",
                 native.rate / mqb_rate >= 1.0,
             ),
             (
