@@ -393,6 +393,7 @@ class MqttLink:
         if self._buf_sock is not sock:  # a new connection: nothing of the old one is kept
             self._buf = bytearray()
             self._buf_sock = sock
+            self._more = False
         if readable and not self._more:  # (a packet larger than a read takes several)
             try:
                 data = sock.recv(READ_CHUNK)
