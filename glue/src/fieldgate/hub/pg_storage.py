@@ -136,6 +136,21 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX login_failures_key ON login_failures (key, at);
     CREATE INDEX login_failures_at ON login_failures (at);
     """,
+    # 2: per series and ten minutes, the statistics of its readings (charts of long windows)
+    2: """
+    CREATE TABLE rollups (
+        series integer NOT NULL,                -- series.id
+        bucket bigint  NOT NULL,                -- start of its ten minutes, epoch ms
+        min    double precision NOT NULL,
+        max    double precision NOT NULL,
+        sum    double precision NOT NULL,
+        count  bigint  NOT NULL,
+        PRIMARY KEY (series, bucket)
+    );
+    INSERT INTO rollups (series, bucket, min, max, sum, count)
+        SELECT series, (ts / 600000) * 600000, min(value), max(value), sum(value), count(*)
+        FROM samples GROUP BY series, ts / 600000;
+    """,
 }
 
 #: The hub database's schema on PostgreSQL: the same shape as SQLite's (fieldgate.store).
@@ -259,6 +274,8 @@ class PgHubStorage(SqlHubStorage):
         self.url = url
         self.conn = connect(url, password_file=password_file)
         self._sql: dict[str, str] = {}
+        #: Whether the batch being ingested went in with the plain insert (and whose it is).
+        self._staged_new, self._staged_serial = False, ""
         try:
             migrate(self.conn, f"hub database {describe(url)}", create=create)
             # the staging table of ingest: one per connection, emptied by every commit
@@ -339,11 +356,13 @@ class PgHubStorage(SqlHubStorage):
             "SELECT s.id, t.ts, t.value, %s FROM stage t"
             " JOIN series s ON s.serial = %s AND s.device = t.device AND s.metric = t.metric"
         )
+        self._staged_new, self._staged_serial = False, serial
         try:
             with self.conn.transaction():
                 cur.execute(
                     f"INSERT INTO samples (series, ts, value, batch) {select}", (seq, serial)
                 )
+            self._staged_new = True
         except psycopg.errors.UniqueViolation:
             cur.execute(
                 f"WITH new AS (INSERT INTO samples (series, ts, value, batch) {select}"  # noqa: S608
@@ -359,6 +378,26 @@ class PgHubStorage(SqlHubStorage):
                 (serial,),
             )
         return {int(s): (int(n), int(lo), int(hi)) for s, n, lo, hi in cur.fetchall()}
+
+    def _add_rollups(self, per_series: dict[int, tuple[int, int, int]]) -> None:
+        """When every staged reading was new (the plain insert went through), the staged
+        rows are exactly what the batch added: their statistics per rollup bucket are added
+        to the rollups (in (series, bucket) order: the lock order). Otherwise the touched
+        buckets are rebuilt from the samples."""
+        if not self._staged_new:
+            super()._add_rollups(per_series)
+            return
+        self.conn.execute(
+            "INSERT INTO rollups (series, bucket, min, max, sum, count) "
+            "SELECT s.id, (t.ts / 600000) * 600000 AS slot, min(t.value), max(t.value), "
+            "sum(t.value), count(*) FROM stage t JOIN series s ON s.serial = %s "
+            "AND s.device = t.device AND s.metric = t.metric "
+            "GROUP BY s.id, slot ORDER BY s.id, slot "
+            "ON CONFLICT (series, bucket) DO UPDATE SET min = least(rollups.min, excluded.min), "
+            "max = greatest(rollups.max, excluded.max), sum = rollups.sum + excluded.sum, "
+            "count = rollups.count + excluded.count",
+            (self._staged_serial,),
+        )
 
     def readings(self, series_id: int, start: int, end: int) -> Iterator[tuple[int, float]]:
         # a server-side cursor inside a read-only transaction: the rows come in chunks; the

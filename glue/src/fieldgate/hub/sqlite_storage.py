@@ -160,6 +160,21 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX login_failures_key ON login_failures (key, at);
     CREATE INDEX login_failures_at ON login_failures (at);
     """,
+    # 3: per series and ten minutes, the statistics of its readings (charts of long windows)
+    3: """
+    CREATE TABLE rollups (
+        series INTEGER NOT NULL,                -- series.id
+        bucket INTEGER NOT NULL,                -- start of its ten minutes, epoch ms
+        min    REAL    NOT NULL,
+        max    REAL    NOT NULL,
+        sum    REAL    NOT NULL,
+        count  INTEGER NOT NULL,
+        PRIMARY KEY (series, bucket)
+    ) WITHOUT ROWID;
+    INSERT INTO rollups (series, bucket, min, max, sum, count)
+        SELECT series, (ts / 600000) * 600000, MIN(value), MAX(value), SUM(value), COUNT(*)
+        FROM samples GROUP BY series, ts / 600000;
+    """,
 }
 
 #: The hub database's schema: its own version key, and a foreign database is refused.

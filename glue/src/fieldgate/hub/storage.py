@@ -298,6 +298,11 @@ class HubStorage(Protocol):
         ordered by device and metric; series emptied by retention are left out."""
         ...
 
+    def latest(self, serial: str) -> list[tuple[str, str, int, float, int]]:
+        """Per device and metric of a gateway holding readings: (device, metric, ts and
+        value of its latest reading, count), ordered by device and metric."""
+        ...
+
     def readings(self, series_id: int, start: int, end: int) -> Iterator[tuple[int, float]]:
         """The (ts, value) of a series with start <= ts < end, in time order, streamed: the
         backend fetches them in chunks; close the iterator when stopping early."""
