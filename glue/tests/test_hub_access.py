@@ -80,7 +80,8 @@ def test_a_user_sees_only_the_gateways_of_their_domains(fleet: Hub) -> None:
 
 def test_no_endpoint_but_the_gateways_and_health_answers_without_a_user(fleet: Hub) -> None:
     """Walk the application's url_map: every endpoint needs a user, except those gateways
-    call (with their keys or upload tokens), health, and logging in and out."""
+    call (with their keys or upload tokens), health, logging in and out, and the pages'
+    scripts and styles; a page without a user sends the browser to the login form."""
     from fieldgate.hub.app import create_app
 
     open_without_user = {
@@ -88,29 +89,40 @@ def test_no_endpoint_but_the_gateways_and_health_answers_without_a_user(fleet: H
         "uploads.register",
         "uploads.offer_batch",
         "uploads.put_batch",
+        "uploads.heartbeat",
         "account.login",
         "account.logout",
+        "pages.login_page",
+        "pages.login_form",
+        "pages.logout_form",
+        "assets.static",
     }
+    answering = {"health.health", "pages.login_page"}
     app = create_app(fleet.db)
     walker = make_user(fleet.db, "walker", ["east"])
     seen = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
-            continue
         path = re.sub(r"<(?:\w+:)?(\w+)>", lambda m: "GW-A" if m[1] == "serial" else "x", rule.rule)
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             seen.add(rule.endpoint)
-            r = requests.request(method, f"{fleet.url}{path}?serial=GW-A", timeout=60)
+            url = f"{fleet.url}{path}?serial=GW-A"
+            r = requests.request(method, url, timeout=60, allow_redirects=False)
             if rule.endpoint in open_without_user:
-                assert r.status_code != 200 or rule.endpoint == "health.health", (path, r.text)
+                assert r.status_code != 200 or rule.endpoint in answering, (path, r.text)
+                continue
+            if rule.endpoint.startswith("pages."):
+                for auth in (None, (walker[0], "x")):
+                    r = requests.request(method, url, auth=auth, timeout=60, allow_redirects=False)
+                    assert r.status_code == 302, (method, path, r.status_code)
+                    assert r.headers["Location"].startswith("/login?next="), r.headers
                 continue
             assert r.status_code == 401, (method, path, r.status_code, r.text)
             assert r.headers["WWW-Authenticate"].startswith("Basic")
             assert "GW-A" not in r.text
             bad = requests.request(method, f"{fleet.url}{path}", auth=(walker[0], "x"), timeout=60)
             assert bad.status_code == 401, (method, path)
-    assert "query.readings" in seen
-    assert "fleet.gateways" in seen
+    assert {"query.readings", "fleet.gateways", "metrics.scrape", "pages.fleet_page"} <= seen
+    assert {"pages.gateway_page"} <= seen
     assert open_without_user <= seen
 
 

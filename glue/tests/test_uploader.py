@@ -254,7 +254,11 @@ def test_wrong_key_is_refused_logged_once_counted_and_batch_kept(
     proc = start_fieldgate("upload", config=config, log=log)
     try:
         wait_until(lambda: hub.log_text().count("-> 401") >= 5, what="several refused retries")
-        assert log.read_text().count("gateway key is not valid") == 1
+        # logged once for the batch, and once for the heartbeats the same key cannot send
+        lines = [x for x in log.read_text().splitlines() if "gateway key is not valid" in x]
+        assert len(lines) == 2, lines
+        assert sum("refused the batch manifest" in x for x in lines) == 1
+        assert sum("heartbeat not sent" in x for x in lines) == 1
         hub.register(config)
         wait_until(lambda: hub.readings(SERIAL) == 300, what="delivery after registration")
         assert stop_process(proc) == 0

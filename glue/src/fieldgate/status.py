@@ -111,6 +111,8 @@ def _from_store(conn: sqlite3.Connection, cfg: Config) -> dict[str, Any]:
         },
         "upload": {
             "mode": cfg.upload.mode,
+            # the hub calls a gateway late after 3 intervals without a heartbeat
+            "interval_secs": cfg.upload.interval_secs,
             "last_success": fact("upload.last_success"),
             "last_error": fact("upload.last_error"),
             "rejected_by_hub": fact("upload.rejected_by_hub"),

@@ -5,6 +5,9 @@ first, with the two-step protocol: ``POST /api/v1/batches`` (manifest, Bearer ke
 ``201 {"upload_url"}`` → ``PUT upload_url`` (the zip) → ``201``; or ``200 {"state":
 "stored"}`` when the hub already has the batch (a crash between the hub's 201 and our mark).
 Only after the hub said stored is the batch marked uploaded and its file moved on.
+Every ``upload.interval_secs``, with or without batches, the uploader posts the gateway's
+``status --json`` to ``POST /api/v1/heartbeat`` (the hub calls a gateway late without one
+for 3 intervals); a heartbeat that fails is logged and never holds up the uploads.
 
 Failures are of two kinds:
 - transient (hub unreachable, timeout, 5xx, 408/429, an expired upload URL, a body cut
@@ -25,6 +28,7 @@ import fcntl
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -38,6 +42,7 @@ from fieldgate.config import Config
 from fieldgate.daemon import StopFlag
 from fieldgate.errors import FieldgateError
 from fieldgate.retry import Backoff, root_cause
+from fieldgate.status import collect_status
 
 log = logging.getLogger("fieldgate.uploader")
 
@@ -135,6 +140,15 @@ class HubClient:
             raise Damaged(f"the hub refused the batch file: {_hub_error(resp)}")
         raise _classify(resp, "the hub refused the batch file")
 
+    def heartbeat(self, status: dict[str, Any]) -> None:
+        """POST the gateway's status to the hub (docs/contract.md §11)."""
+        url = urljoin(self.base, "api/v1/heartbeat")
+        resp = self._request(
+            "POST", url, json=status, headers={"Authorization": f"Bearer {self._key()}"}
+        )
+        if resp.status_code not in (200, 204):
+            raise _classify(resp, "the hub refused the heartbeat")
+
     def register(self, serial: str, pin: str) -> str:
         url = urljoin(self.base, "api/v1/register")
         resp = self._request("POST", url, json={"pin": pin, "serial": serial})
@@ -182,10 +196,28 @@ class Uploader:
             cfg.upload.retry_initial_secs, cfg.upload.retry_max_secs, jitter=True
         )
         self._logged_refusal: tuple[str, str] | None = None
+        self._heartbeat_error: str | None = None
 
     def close(self) -> None:
         if self.client:
             self.client.close()
+
+    def heartbeat(self) -> None:
+        """Send this gateway's status to the hub; a failure is logged (once until the next
+        success), never raised: heartbeats never stop uploads."""
+        if self.client is None:
+            return
+        try:
+            self.client.heartbeat(collect_status(self.cfg))
+        except Exception as exc:  # any cause: the uploads go on
+            reason = str(exc) or type(exc).__name__
+            if reason != self._heartbeat_error:
+                log.warning("heartbeat not sent: %s", reason)
+                self._heartbeat_error = reason
+            return
+        if self._heartbeat_error is not None:
+            log.info("heartbeat sent again")
+            self._heartbeat_error = None
 
     def deliver(self, batch: Batch) -> None:
         """Send one batch until the hub has it, then mark it; raises Transient or Refused."""
@@ -439,6 +471,7 @@ def _forever(up: Uploader, stop: StopFlag) -> None:
         cfg.upload.url if cfg.upload.mode != "PASS" else "(none: PASS mode)",
         cfg.upload.interval_secs,
     )
+    beat = time.monotonic()  # the first heartbeat goes after the first drain
     while not stop.is_set():
         failure = up.drain(stop)
         if failure is None:
@@ -448,7 +481,17 @@ def _forever(up: Uploader, stop: StopFlag) -> None:
             wait = cfg.upload.retry_max_secs
         else:
             wait = up.backoff.next()
-        stop.wait(wait)
+        # a heartbeat every interval, whether or not there was anything to send, also
+        # while a refused batch waits the longest backoff
+        until = time.monotonic() + wait
+        while not stop.is_set():
+            now = time.monotonic()
+            if now >= beat:
+                up.heartbeat()
+                beat = time.monotonic() + cfg.upload.interval_secs
+            if now >= until:
+                break
+            stop.wait(max(0.0, min(until, beat) - time.monotonic()))
     log.info("uploader stopped (%s)", stop.signal_name or "stop requested")
 
 

@@ -3,7 +3,9 @@
 - :mod:`fieldgate.hub.uploads`: what gateways call (register, offer a batch, upload it);
 - :mod:`fieldgate.hub.fleet`: health (open) and the gateway summaries;
 - :mod:`fieldgate.hub.query`: the read API (readings, buckets, extent);
-- :mod:`fieldgate.hub.account`: log in and out (sessions); :mod:`fieldgate.hub.openapi`.
+- :mod:`fieldgate.hub.account`: log in and out (sessions); :mod:`fieldgate.hub.openapi`;
+- :mod:`fieldgate.hub.metrics`: ``/metrics`` for Prometheus;
+- :mod:`fieldgate.hub.pages`: the web pages (login, the fleet, a gateway) and their assets.
 
 Who the caller is and what they may see is decided in one place, :mod:`fieldgate.hub.auth`.
 Every error is JSON ``{"error": "<one sentence>"}`` (:mod:`fieldgate.hub.web`) and is logged
@@ -25,7 +27,9 @@ from fieldgate.hub import auth
 from fieldgate.hub.account import account
 from fieldgate.hub.backends import is_transient, open_storage
 from fieldgate.hub.fleet import fleet, health_bp
+from fieldgate.hub.metrics import metrics
 from fieldgate.hub.openapi import docs
+from fieldgate.hub.pages import assets, pages
 from fieldgate.hub.query import query
 from fieldgate.hub.storage import HubStorage
 from fieldgate.hub.uploads import uploads
@@ -49,7 +53,7 @@ def create_app(
     ``trusted_proxies`` reverse proxies in front are believed about the client address,
     scheme and host (X-Forwarded-For/-Proto/-Host).
     """
-    app = Flask("fieldgate.hub")
+    app = Flask("fieldgate.hub", static_folder=None)  # the pages bring their own (assets)
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[EXTENSION] = HubSettings(
@@ -60,7 +64,7 @@ def create_app(
     )
     auth.install(app)
     app.before_request(_refuse_nul)
-    for bp in (uploads, health_bp, fleet, query, account, docs):
+    for bp in (uploads, health_bp, fleet, query, account, docs, metrics, pages, assets):
         app.register_blueprint(bp)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)

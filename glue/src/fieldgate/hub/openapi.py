@@ -16,6 +16,7 @@ from fieldgate.batchfile import MAX_ROWS
 from fieldgate.hub.auth import ADDRESS_LIMIT, USER_LIMIT, WINDOW_MS, require_user
 from fieldgate.hub.auth import MAX_NAME as MAX_USER_NAME
 from fieldgate.hub.query import MAX_BUCKETS, MAX_EVERY_SECS, MAX_NAME
+from fieldgate.hub.uploads import MAX_HEARTBEAT_BYTES
 from fieldgate.names import PATTERNS
 
 docs = require_user(Blueprint("docs", __name__, url_prefix="/api/v1"))
@@ -206,6 +207,25 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/v1/heartbeat": {
+                "post": {
+                    "summary": "A gateway reports its status (every upload interval)",
+                    "security": [{"gatewayKey": []}],
+                    "description": "The body is the gateway's `fieldgate status --json`; "
+                    "`upload.interval_secs` in it tells the hub when the gateway is late "
+                    "(no contact for 3 intervals).",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "responses": {
+                        "204": {"description": "kept as the gateway's last status"},
+                        "400": _error("the body is not a JSON object"),
+                        "401": _error("missing, unknown or revoked gateway key"),
+                        "413": _error(f"larger than {MAX_HEARTBEAT_BYTES} bytes"),
+                    },
+                }
+            },
             "/api/v1/gateways": {
                 "get": {
                     "summary": "The gateways of the caller's domains",
@@ -339,6 +359,20 @@ def document() -> dict[str, Any]:
                     "summary": "End this client's session",
                     "security": [],
                     "responses": {"204": {"description": "the session cookie is cleared"}},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "The caller's gateways and the hub's ingest in Prometheus' text "
+                    "format (docs/pages.md)",
+                    "security": _USER,
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format 0.0.4",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        **_USER_ERRORS,
+                    },
                 }
             },
             "/api/v1/openapi.json": {

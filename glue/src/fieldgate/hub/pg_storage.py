@@ -136,8 +136,10 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX login_failures_key ON login_failures (key, at);
     CREATE INDEX login_failures_at ON login_failures (at);
     """,
-    # 2: per series and ten minutes, the statistics of its readings (charts of long windows)
+    # 2: per series and ten minutes, the statistics of its readings (charts of long windows);
+    # the brief of a gateway's last status (what the fleet page shows of it)
     2: """
+    ALTER TABLE gateways ADD COLUMN last_brief text;   -- JSON: hub.overview.brief(status)
     CREATE TABLE rollups (
         series integer NOT NULL,                -- series.id
         bucket bigint  NOT NULL,                -- start of its ten minutes, epoch ms

@@ -13,7 +13,8 @@ Both databases hold the same tables (``sqlite_storage.MIGRATIONS``, ``pg_storage
   instead of the readings (:meth:`SqlHubStorage.buckets`);
 - ``readings``: a view with the contract's columns ``(serial, device, ts, metric, value,
   batch_id, test)`` over the two (docs/contract.md §6), for people and tools;
-- ``gateways`` (with ``domain``, ``last_heartbeat``, ``last_status``), ``batches``,
+- ``gateways`` (with ``domain``, ``last_heartbeat``, ``last_status`` and its
+  ``last_brief``, what the fleet page shows of it), ``batches``,
   ``pins``, ``gateway_keys``, ``uploads``, ``users``, ``user_domains``, ``login_failures``
   and ``meta``.
 
@@ -34,6 +35,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from fieldgate.batchfile import Columns, columns_of
+from fieldgate.hub.overview import brief
 from fieldgate.hub.storage import (
     BUCKET_FIELDS,
     DEFAULT_DOMAIN,
@@ -64,13 +66,21 @@ CREATE VIEW readings AS
     JOIN batches b ON b.seq = r.batch
 """
 
-_SUMMARY_SQL = (
-    "SELECT "
-    + ", ".join(f"g.{f}" if f != "status" else "g.last_status" for f in GATEWAY_FIELDS)
-    + ", "
-    + ", ".join(f"b.{f}" for f in LAST_BATCH_FIELDS)
-    + " FROM gateways g LEFT JOIN batches b ON b.serial = g.serial AND b.batch_id = g.last_batch_id"
-)
+
+def _summary_sql(status_column: str) -> str:
+    return (
+        "SELECT "
+        + ", ".join(f"g.{f}" if f != "status" else f"g.{status_column}" for f in GATEWAY_FIELDS)
+        + ", "
+        + ", ".join(f"b.{f}" for f in LAST_BATCH_FIELDS)
+        + " FROM gateways g LEFT JOIN batches b"
+        " ON b.serial = g.serial AND b.batch_id = g.last_batch_id"
+    )
+
+
+_SUMMARY_SQL = _summary_sql("last_status")
+#: The same with the heartbeat's brief in place of the whole status (the fleet page).
+_BRIEF_SQL = _summary_sql("last_brief")
 
 
 #: The width of a rollup bucket (ms): ten minutes (measured in bench/hub/pages.py: one
@@ -371,35 +381,36 @@ class SqlHubStorage(ABC):
 
     def record_heartbeat(self, serial: str, status: dict[str, Any]) -> None:
         now = now_ms()
+        short = json.dumps(brief(status))
         with self._tx():
             self._x(
-                "UPDATE gateways SET last_heartbeat = ?, last_seen = ?, last_status = ? "
-                "WHERE serial = ?",
-                (now, now, json.dumps(status), serial),
+                "UPDATE gateways SET last_heartbeat = ?, last_seen = ?, last_status = ?, "
+                "last_brief = ? WHERE serial = ?",
+                (now, now, json.dumps(status), short, serial),
             )
 
     # Gateways and domains -----------------------------------------------------------------
 
-    def _summary(self, row: Sequence[Any]) -> dict[str, Any]:
+    def _summary(self, row: Sequence[Any], brief: bool = False) -> dict[str, Any]:
         d = dict(zip(GATEWAY_FIELDS, row[: len(GATEWAY_FIELDS)], strict=True))
         d.pop("last_batch_id")
-        d["status"] = json.loads(d["status"]) if d["status"] else None
+        d["brief" if brief else "status"] = json.loads(d.pop("status") or "null")
         b = dict(zip(LAST_BATCH_FIELDS, row[len(GATEWAY_FIELDS) :], strict=True))
         d["last_batch"] = {**b, "test": bool(b["test"])} if b["batch_id"] is not None else None
         return d
 
-    def gateways(self, domains: Domains = None) -> list[dict[str, Any]]:
+    def gateways(self, domains: Domains = None, *, brief: bool = False) -> list[dict[str, Any]]:
+        sql = _BRIEF_SQL if brief else _SUMMARY_SQL
         if domains is None:
-            rows = self._x(f"{_SUMMARY_SQL} ORDER BY g.serial").fetchall()
+            rows = self._x(f"{sql} ORDER BY g.serial").fetchall()
         elif not domains:
             return []
         else:
             ds = sorted(domains)
             rows = self._x(
-                f"{_SUMMARY_SQL} WHERE g.domain IN ({_placeholders(len(ds))}) ORDER BY g.serial",
-                ds,
+                f"{sql} WHERE g.domain IN ({_placeholders(len(ds))}) ORDER BY g.serial", ds
             ).fetchall()
-        return [self._summary(r) for r in rows]
+        return [self._summary(r, brief) for r in rows]
 
     def gateway(self, serial: str, domains: Domains = None) -> dict[str, Any] | None:
         row = self._one(f"{_SUMMARY_SQL} WHERE g.serial = ?", (serial,))

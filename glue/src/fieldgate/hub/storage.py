@@ -220,15 +220,18 @@ class HubStorage(Protocol):
         ...
 
     def record_heartbeat(self, serial: str, status: dict[str, Any]) -> None:
-        """Keep a gateway's last reported status (``fieldgate status --json``) and its time."""
+        """Keep a gateway's last reported status (``fieldgate status --json``), its time, and
+        its brief (:func:`fieldgate.hub.overview.brief`: the few figures the fleet page shows,
+        read without the whole status by :meth:`gateways` with ``brief``)."""
         ...
 
     # Gateways and domains -------------------------------------------------------------------
 
-    def gateways(self, domains: Domains = None) -> list[dict[str, Any]]:
+    def gateways(self, domains: Domains = None, *, brief: bool = False) -> list[dict[str, Any]]:
         """The summaries of the gateways in ``domains`` (None: all), ordered by serial:
         :data:`GATEWAY_FIELDS` but ``last_batch_id``, plus ``last_batch``
-        (:data:`LAST_BATCH_FIELDS` or None)."""
+        (:data:`LAST_BATCH_FIELDS` or None); with ``brief``, ``brief`` (the last heartbeat's
+        brief, or None) instead of ``status``."""
         ...
 
     def gateway(self, serial: str, domains: Domains = None) -> dict[str, Any] | None:

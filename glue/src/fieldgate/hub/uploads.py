@@ -6,12 +6,15 @@
 - ``PUT /api/v1/uploads/<token>`` (the zip) → ``201`` stored; ``200`` already stored;
   ``409`` checksum mismatch; ``403`` unknown or expired URL; ``413`` too large;
   ``400`` not a zip / truncated body; ``422`` manifest or CSV not acceptable
+- ``POST /api/v1/heartbeat`` (Bearer key, the gateway's ``status --json``, at most
+  :data:`MAX_HEARTBEAT_BYTES`) → ``204``: the hub keeps it as the gateway's last status
 
 The batch format and its checks are :mod:`fieldgate.batchfile`, the gateway's own.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 
@@ -30,6 +33,8 @@ uploads = Blueprint("uploads", __name__, url_prefix="/api/v1")
 
 #: What a refused upload adds to its reason.
 NOTHING_STORED = "; nothing was stored"
+#: The largest heartbeat body (a status is a few kilobytes; this leaves room for many inputs).
+MAX_HEARTBEAT_BYTES = 64 * 1024
 
 
 def gateway_from_key() -> str:
@@ -89,6 +94,27 @@ def offer_batch() -> tuple[Response, int]:
     return jsonify(
         upload_url=f"{request.host_url}api/v1/uploads/{token}", expires_at=iso_utc(expires)
     ), 201
+
+
+@uploads.post("/heartbeat")
+def heartbeat() -> tuple[str, int]:
+    """Keep the gateway's status (``fieldgate status --json``) and the time it came."""
+    serial = gateway_from_key()
+    g.ctx = f" [{serial}]"
+    length = request.content_length
+    if length is not None and length > MAX_HEARTBEAT_BYTES:
+        raise ApiError(413, f"a heartbeat is at most {MAX_HEARTBEAT_BYTES} bytes, not {length}")
+    raw = request.stream.read(MAX_HEARTBEAT_BYTES + 1)
+    if len(raw) > MAX_HEARTBEAT_BYTES:
+        raise ApiError(413, f"a heartbeat is at most {MAX_HEARTBEAT_BYTES} bytes")
+    try:
+        status = json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError)
+        status = None
+    if not isinstance(status, dict):
+        raise ApiError(400, "a heartbeat is the gateway's status as a JSON object")
+    storage().record_heartbeat(serial, status)
+    return "", 204
 
 
 @uploads.put("/uploads/<token>")
