@@ -346,22 +346,28 @@ def cpu_per_row(root: Path, pg_url: str, server: pgserver.PgServer) -> None:
     print("  wall: " + ", ".join(f"{k} {v:.2f} s" for k, v in walls.items()))
 
 
+def load_week(st: Any, days: int) -> None:
+    """GW-Q's device TH-1: ``days`` of 1 Hz temperature and humidity (also bench/hub/pages.py)."""
+    n = days * 86_400
+    for metric in ("temperature", "humidity"):
+        for k in range(0, n, 100_000):
+            st.ingest(
+                "GW-Q",
+                f"{metric}-{k}",
+                (
+                    ("TH-1", T0 + i * 1000, metric, 20 + (i % 600) / 60)
+                    for i in range(k, min(n, k + 100_000))
+                ),
+            )
+
+
 def query_bench(root: Path, pg_url: str, days: int) -> dict[str, tuple[float, float]]:
     n = days * 86_400
     out = {}
     for label, db in (("sqlite", str(root / "query.db")), ("postgresql", pg_url)):
         st = open_storage(db)
         t = time.perf_counter()
-        for metric in ("temperature", "humidity"):
-            for k in range(0, n, 100_000):
-                st.ingest(
-                    "GW-Q",
-                    f"{metric}-{k}",
-                    (
-                        ("TH-1", T0 + i * 1000, metric, 20 + (i % 600) / 60)
-                        for i in range(k, min(n, k + 100_000))
-                    ),
-                )
+        load_week(st, days)
         load = time.perf_counter() - t
         st.add_user("bench", hash_password("bench-password", n=2**10), [], admin=True)
         st.close()
