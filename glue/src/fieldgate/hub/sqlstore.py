@@ -84,7 +84,7 @@ _BRIEF_SQL = _summary_sql("last_brief")
 
 
 #: The width of a rollup bucket (ms): ten minutes (measured in bench/hub/pages.py: one
-#: minute cost PostgreSQL's ingest of one-a-minute readings 1.9x, ten minutes 1.3x).
+#: minute cost PostgreSQL's ingest of one-a-minute readings 1.9x, ten minutes 1.0-1.3x).
 #: The migrations that create the rollups write it out (a migration never changes).
 ROLLUP_MS = 600_000
 #: The rollups of every bucket of a series from ``lo`` to before ``hi``, rebuilt from its
