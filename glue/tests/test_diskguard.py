@@ -10,6 +10,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from support import (
@@ -143,6 +144,26 @@ def test_sqlite_full_is_recognised(small_fs: Path) -> None:
     assert is_disk_full(err.value)
 
 
+def collector_config(
+    small_fs: Path,
+    mosquitto: Broker,
+    config_file: ConfigFactory,
+    stop_at: float,
+    resume_below: float,
+) -> Path:
+    return config_file(
+        broker=mosquitto,
+        overrides={
+            "store": {"path": str(small_fs / "data_store.db")},
+            "disk": {
+                "stop_accepting_at_percent": stop_at,
+                "resume_below_percent": resume_below,
+                "check_interval_secs": 0.2,
+            },
+        },
+    )
+
+
 def start_collector_on(
     small_fs: Path,
     mosquitto: Broker,
@@ -154,17 +175,7 @@ def start_collector_on(
 ) -> tuple[Path, Path, subprocess.Popen[bytes]]:
     """(config, store, process) of ``fieldgate collect`` with its store on ``small_fs``,
     once it runs."""
-    config = config_file(
-        broker=mosquitto,
-        overrides={
-            "store": {"path": str(small_fs / "data_store.db")},
-            "disk": {
-                "stop_accepting_at_percent": stop_at,
-                "resume_below_percent": resume_below,
-                "check_interval_secs": 0.2,
-            },
-        },
-    )
+    config = collector_config(small_fs, mosquitto, config_file, stop_at, resume_below)
     db = small_fs / "data_store.db"
     proc = start_fieldgate("collect", config=config, log=log)
     try:
@@ -229,6 +240,17 @@ def test_sqlite_full_on_commit_acks_nothing_and_retries_after_space_returns(
         )
         publisher.join()
         assert proc.poll() is None
+        # status tells the truth the store could not take, and writes nothing to tell it
+        before = files_beside(db)
+        s = status_json(config)
+        assert files_beside(db) == before
+        assert s["collector"]["running"] is True
+        assert s["collector"]["pid"] == proc.pid
+        assert s["collector"]["state"]["value"] == "paused: disk full (the store could not commit)"
+        assert s["collector"]["recorded_state"]["value"] == "running"  # the write was refused
+        assert s["disk"]["free_bytes"] < 1 << 20, s["disk"]
+        text = run_fieldgate("status", config=config).stdout
+        assert "collector       paused: disk full (the store could not commit) (since " in text
         everything.unlink()
         wait_until(lambda: count_rows(db, "readings") == 6020, what="every reading after space")
     finally:
@@ -241,3 +263,140 @@ def test_sqlite_full_on_commit_acks_nothing_and_retries_after_space_returns(
         json.loads(run_fieldgate("status", "--json", config=config).stdout)["readings"]["total"]
         == 6020
     )
+
+
+def files_beside(db: Path) -> dict[str, int]:
+    """Every file in the store's directory with its size."""
+    return {p.name: p.stat().st_size for p in db.parent.iterdir()}
+
+
+def status_json(config: Path) -> dict[str, Any]:
+    result = run_fieldgate("status", "--json", config=config)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    return cast(dict[str, Any], json.loads(result.stdout))
+
+
+def collector_state(config: Path) -> str:
+    """What status says the collector does ("" before it has said anything)."""
+    state = status_json(config)["collector"]["state"]
+    return str(state["value"]) if state else ""
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(c) for c in text.split()]
+
+
+def test_status_on_a_full_disk_without_daemons_reads_and_writes_nothing(
+    small_fs: Path, mosquitto: Broker, config_file: ConfigFactory, tmp_path: Path
+) -> None:
+    """After a clean stop (the store alone, no -wal) and after a kill (-wal and -shm left
+    with commits in them), each on a filesystem without one free block."""
+    log = tmp_path / "collector.log"
+    config, db, proc = start_collector_on(
+        small_fs, mosquitto, config_file, log, stop_at=99, resume_below=90
+    )
+    publish(mosquitto, stream(50))
+    wait_until(lambda: count_rows(db, "readings") == 100)
+    assert stop_process(proc, signal.SIGTERM) == 0, log.read_text()
+    everything = fill_completely(small_fs)
+    before = files_beside(db)
+    assert "data_store.db-wal" not in before
+    s = status_json(config)
+    text = run_fieldgate("status", config=config)
+    assert files_beside(db) == before  # no -wal, no -shm, nothing
+    assert text.returncode == 0, text.stderr
+    assert s["readings"]["total"] == 100 and s["readings"]["unbatched"] == 100
+    assert s["collector"]["running"] is False
+    assert s["collector"]["state"]["value"] == "stopped"
+    assert s["disk"]["used_percent"] >= 99.9 and s["disk"]["over_threshold"] is True
+    assert "collector       stopped (since " in text.stdout
+    assert ": over the threshold, " in text.stdout
+    everything.unlink()
+
+    proc = start_fieldgate("collect", config=config, log=log)
+    wait_until(lambda: collector_state(config) == "running")
+    publish(mosquitto, stream(70, start=50))
+    wait_until(lambda: status_json(config)["readings"]["total"] == 240)
+    writer = children(proc.pid)
+    assert len(writer) == 1
+    for pid in (proc.pid, *writer):
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    wait_until(lambda: not Path(f"/proc/{writer[0]}").exists(), what="the writer gone")
+    everything = fill_completely(small_fs)
+    before = files_beside(db)
+    assert before["data_store.db-wal"] > 0 and "data_store.db-shm" in before
+    s = status_json(config)
+    assert files_beside(db) == before
+    assert s["readings"]["total"] == 240
+    assert s["collector"]["running"] is False
+    assert s["collector"]["state"]["value"] == "not running (last recorded: running)"
+    everything.unlink()
+
+
+def test_collector_started_on_a_full_disk_waits_then_stores_the_backlog(
+    small_fs: Path, mosquitto: Broker, config_file: ConfigFactory, tmp_path: Path
+) -> None:
+    log = tmp_path / "collector.log"
+    config, db, proc = start_collector_on(
+        small_fs, mosquitto, config_file, log, stop_at=100, resume_below=90
+    )
+    publish(mosquitto, stream(10))
+    wait_until(lambda: count_rows(db, "readings") == 20)
+    assert stop_process(proc, signal.SIGTERM) == 0, log.read_text()
+    everything = fill_completely(small_fs)
+    publish(mosquitto, stream(500, start=10))  # queued by the broker for the collector's session
+    proc = start_fieldgate("collect", config=config, log=log)
+    try:
+        wait_until(
+            lambda: collector_state(config).startswith("waiting for disk space: "),
+            what="the collector waiting",
+        )
+        s = status_json(config)
+        assert s["collector"]["running"] is True and s["collector"]["pid"] == proc.pid
+        assert s["readings"]["total"] == 20
+        text = run_fieldgate("status", config=config).stdout
+        assert "collector       waiting for disk space: " in text
+        assert "% used, the store cannot be opened (store " in text
+        assert proc.poll() is None
+        everything.unlink()
+        wait_until(lambda: count_rows(db, "readings") == 1020, what="the backlog after space")
+        wait_until(lambda: collector_state(config) == "running")
+    finally:
+        rc = stop_process(proc, signal.SIGTERM)
+    assert rc == 0, log.read_text()
+    assert count_rows(db, "readings") == 1020
+    assert count_rows(db, "rejected") == 0
+    text = log.read_text()
+    assert text.count("waiting for disk space") == 1, text  # said once, not every retry
+    assert "disk space returned" in text
+
+
+def test_collector_started_on_a_full_disk_without_a_store_waits_and_creates_it(
+    small_fs: Path, mosquitto: Broker, config_file: ConfigFactory, tmp_path: Path
+) -> None:
+    log = tmp_path / "collector.log"
+    config = collector_config(small_fs, mosquitto, config_file, 100, 90)
+    db = small_fs / "data_store.db"
+    everything = fill_completely(small_fs)
+    proc = start_fieldgate("collect", config=config, log=log)
+    try:
+        wait_until(
+            lambda: collector_state(config).startswith("waiting for disk space"),
+            what="the collector waiting",
+        )
+        s = status_json(config)
+        assert s["store"]["exists"] is False and s["collector"]["running"] is True
+        assert not db.exists() or db.stat().st_size == 0  # SQLite may leave an empty file
+        text = run_fieldgate("status", config=config).stdout
+        assert "(not created yet" in text and "collector       waiting for disk space" in text
+        everything.unlink()
+        wait_until(lambda: db.exists() and state_of(db) == "running", what="collector running")
+        publish(mosquitto, stream(100))
+        wait_until(lambda: count_rows(db, "readings") == 200)
+    finally:
+        rc = stop_process(proc, signal.SIGTERM)
+    assert rc == 0, log.read_text()
+    assert count_rows(db, "readings") == 200

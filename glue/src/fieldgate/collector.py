@@ -38,6 +38,7 @@ from fieldgate.config import Config
 from fieldgate.daemon import StopFlag
 from fieldgate.diskguard import DiskGuard
 from fieldgate.inputs import InputTable
+from fieldgate.live import LiveState
 from fieldgate.mqttlink import MqttLink, read_password
 from fieldgate.retry import Backoff
 from fieldgate.writer import Sent, WriterChannel
@@ -62,14 +63,17 @@ class StateBoard:
     that can, stamped with the time it happened.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, live: LiveState | None = None) -> None:
         self.conn = conn
+        self.live = live
         self.state = ""
         self.unrecorded: list[str] = []
         self._next_heartbeat = 0.0
 
     def set(self, state: str, *, event: str | None = None) -> None:
         """Publish ``state`` (and optionally an event)."""
+        if self.live is not None:
+            self.live.set(state)  # shown by status also when the store cannot take it
         if event:
             self.unrecorded.append(event)
         if state == self.state and not self.unrecorded:
@@ -107,7 +111,7 @@ class StateBoard:
 class Collector:
     """The collector's main loop; :meth:`run` collects until the stop flag is set."""
 
-    def __init__(self, cfg: Config, stop: StopFlag) -> None:
+    def __init__(self, cfg: Config, stop: StopFlag, live: LiveState | None = None) -> None:
         self.cfg = cfg
         self.stop = stop
         password = read_password(cfg)
@@ -116,7 +120,7 @@ class Collector:
         self.conn = store.open_store(
             cfg.store.path, cfg.site.serial, busy_timeout_ms=cfg.store.busy_timeout_ms
         )
-        self.board = StateBoard(self.conn)
+        self.board = StateBoard(self.conn, live)
         self.guard = DiskGuard.for_store(cfg)
         self.backoff = Backoff(1.0, cfg.mqtt.reconnect_max_secs)
         self.link = MqttLink(

@@ -6,18 +6,31 @@ is not committed), and it resumes below ``disk.resume_below_percent`` (default o
 under the stop threshold). The two thresholds give hysteresis, so intake does not flap
 around one value. Usage is measured like ``df``'s Use% (space reserved for root counts as
 used), checked at most every ``disk.check_interval_secs``.
+
+A collector started on a disk too full to open its store (:func:`open_store_when_room`)
+waits, saying so, and goes on by itself once there is room.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fieldgate import store
 from fieldgate.config import Config
-from fieldgate.fsutil import disk_usage_percent
+from fieldgate.daemon import StopFlag
+from fieldgate.errors import FieldgateError
+from fieldgate.fsutil import disk_usage_percent, free_bytes
+
+log = logging.getLogger("fieldgate.collector")
+
+#: Less free space than this counts as a full disk whatever the thresholds say (SQLite
+#: needs room for its write-ahead log and its index before it can open a store).
+NO_ROOM_BYTES = 1 << 20
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -84,3 +97,44 @@ class DiskGuard:
 
     def resumed_text(self) -> str:
         return f"disk {self.last_used:.1f}% used < {self.resume_below:g}%: intake resumed"
+
+
+def open_store_when_room(cfg: Config, stop: StopFlag, publish: Callable[[str], None]) -> bool:
+    """Open (create, migrate) the store once, waiting while its filesystem is too full to;
+    ``publish`` gets the state to show meanwhile. False when stopped while waiting.
+
+    A failure on a disk that has room is the operator's to fix: FieldgateError.
+    """
+    guard = DiskGuard.for_store(cfg)
+    waiting_since: str | None = None
+    while True:
+        try:
+            store.open_store(
+                cfg.store.path, cfg.site.serial, busy_timeout_ms=cfg.store.busy_timeout_ms
+            ).close()
+        except FieldgateError as exc:
+            used = guard.measure() if guard.path.is_dir() else 0.0
+            if used < guard.stop_at and not _no_room(guard.path):
+                raise
+            state = f"waiting for disk space: {used:.1f}% used, the store cannot be opened ({exc})"
+            if waiting_since is None:
+                waiting_since = store.iso_now()
+                log.error(
+                    "%s; the broker keeps the messages; retrying every %g s",
+                    state,
+                    guard.interval_secs,
+                )
+            publish(state)
+            if stop.wait(guard.interval_secs):
+                return False
+            continue
+        if waiting_since is not None:
+            log.warning("disk space returned (waiting since %s): the store is open", waiting_since)
+        return True
+
+
+def _no_room(path: Path) -> bool:
+    try:
+        return free_bytes(path) < NO_ROOM_BYTES
+    except OSError:
+        return False

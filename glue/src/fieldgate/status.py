@@ -1,8 +1,10 @@
 """``fieldgate status``: what an operator at the site needs to know, in one screen.
 
 Everything comes from the store (counts, batches, and the facts daemons publish in the
-``state`` table) and from the filesystem (disk use), so status works while the daemons run
-and after they have stopped.
+``state`` table), from the filesystem (disk use) and from the running collector itself
+(:mod:`fieldgate.live`), so status works while the daemons run and after they have
+stopped. Status only reads: it writes nothing into or beside the store (not even SQLite's
+``-wal``/``-shm``), so it also works on a full disk.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from fieldgate import membership, store
+from fieldgate import live, membership, store
 from fieldgate.config import Config
-from fieldgate.fsutil import disk_usage_percent
+from fieldgate.fsutil import disk_usage_percent, free_bytes, human_bytes
 from fieldgate.inputs import STATE_PREFIX, InputCounts
 from fieldgate.modbus.report import modbus_status, render_modbus
 
@@ -29,25 +31,77 @@ def collect_status(cfg: Config) -> dict[str, Any]:
     path = Path(cfg.store.path)
     result: dict[str, Any] = {"site": cfg.site.serial, "store": {"path": str(path)}}
     disk_dir = path.parent if path.parent.exists() else Path("/")
-    result["disk"] = {
-        "path": str(disk_dir),
-        "used_percent": round(disk_usage_percent(disk_dir), 1),
-        "stop_accepting_at_percent": cfg.disk.stop_accepting_at_percent,
-    }
-    if not path.exists():
+    result["disk"] = _disk(cfg, disk_dir)
+    if not path.exists() or path.stat().st_size == 0:  # (SQLite makes the file, then the schema)
         result["store"]["exists"] = False
+        result["collector"] = _collector(path, None)
         return result
-    # read-only (query_only): status never takes a lock the collector would wait for
-    conn = store.connect(path, busy_timeout_ms=cfg.store.busy_timeout_ms, readonly=True)
-    try:
-        extra = _from_store(conn, cfg)
-        result["store"].update(extra.pop("store"))
-        result.update(extra)
-    finally:
-        conn.close()
+    # read-only, writing nothing beside the store (query_only; immutable when the WAL is
+    # empty): status never takes a lock the collector would wait for, and works on a full disk
+    extra = store.read_store(
+        path, lambda conn: _from_store(conn, cfg), busy_timeout_ms=cfg.store.busy_timeout_ms
+    )
+    result["store"].update(extra.pop("store"))
+    result.update(extra)
+    result["collector"] = _collector(path, result["collector"])
     result["store"]["exists"] = True
     result["store"]["size_bytes"] = path.stat().st_size
     return result
+
+
+def _disk(cfg: Config, disk_dir: Path) -> dict[str, Any]:
+    used = disk_usage_percent(disk_dir)
+    return {
+        "path": str(disk_dir),
+        "used_percent": round(used, 1),
+        "stop_accepting_at_percent": cfg.disk.stop_accepting_at_percent,
+        "free_bytes": free_bytes(disk_dir),
+        "over_threshold": used >= cfg.disk.stop_accepting_at_percent,
+    }
+
+
+def _collector(path: Path, recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """The collector as it is now: its own answer when it runs (:mod:`fieldgate.live`),
+    else what it last recorded in the store, marked as not running.
+
+    Keys: ``state`` and ``heartbeat`` (facts: value, updated, age_secs), ``running``,
+    ``pid`` (when running) and ``recorded_state`` (the store's ``collector.state``, which
+    can lag: a full disk refuses the write, a killed collector leaves "running").
+    """
+    recorded = recorded or {"state": None, "heartbeat": None}
+    out: dict[str, Any] = {**recorded, "recorded_state": recorded["state"]}
+    answer = live.ask(path)
+    out["running"] = answer is not None
+    if answer is not None:
+        now = int(answer.get("now") or store.now_ms())
+        since = int(answer.get("since") or now)
+        out["pid"] = answer.get("pid")
+        out["state"] = {
+            "value": answer["state"],
+            "updated": _iso(since),
+            "age_secs": round((now - since) / 1000, 1),
+        }
+        out["heartbeat"] = {"value": _iso(now), "updated": _iso(now), "age_secs": 0.0}
+    elif recorded["state"] is not None and recorded["state"]["value"] != "stopped":
+        last = recorded["state"]
+        out["state"] = {**last, "value": f"not running (last recorded: {last['value']})"}
+    return out
+
+
+def _collector_text(c: dict[str, Any]) -> str:
+    if not c["running"] and c["state"] is None:
+        return "not running (never ran)"
+    return _fact_text(c["state"])
+
+
+def _disk_text(d: dict[str, Any]) -> str:
+    text = (
+        f"{d['used_percent']}% used of {d['path']} "
+        f"(intake stops at {d['stop_accepting_at_percent']}%)"
+    )
+    if d["over_threshold"]:
+        text += f": over the threshold, {human_bytes(d['free_bytes'])} free"
+    return text
 
 
 def _from_store(conn: sqlite3.Connection, cfg: Config) -> dict[str, Any]:
@@ -169,10 +223,8 @@ def render_text(s: dict[str, Any]) -> str:
     d = s["disk"]
     if not st.get("exists"):
         lines.append(f"store           {st['path']} (not created yet: no reading received)")
-        lines.append(
-            f"disk            {d['used_percent']}% used of {d['path']} "
-            f"(intake stops at {d['stop_accepting_at_percent']}%)"
-        )
+        lines.append(f"disk            {_disk_text(d)}")
+        lines.append(f"collector       {_collector_text(s['collector'])}")
         return "\n".join(lines) + "\n"
     lines.append(
         f"store           {st['path']} ({st['size_bytes']} bytes, schema {st['schema_version']})"
@@ -184,11 +236,8 @@ def render_text(s: dict[str, Any]) -> str:
     lines.append(f"rejected        {s['rejected']['total']}")
     for r in s["rejected"]["top_reasons"]:
         lines.append(f"  {r['count']:>8}  {r['reason']}")
-    lines.append(
-        f"disk            {d['used_percent']}% used of {d['path']} "
-        f"(intake stops at {d['stop_accepting_at_percent']}%)"
-    )
-    lines.append(f"collector       {_fact_text(s['collector']['state'], 'never ran')}")
+    lines.append(f"disk            {_disk_text(d)}")
+    lines.append(f"collector       {_collector_text(s['collector'])}")
     if s["poller"]["state"]:
         lines.append(f"poller          {_fact_text(s['poller']['state'])}")
     lines.extend(render_modbus(s.get("modbus")))

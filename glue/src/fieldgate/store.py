@@ -18,15 +18,18 @@ import datetime as dt
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote
 
 from fieldgate.errors import FieldgateError
 
 log = logging.getLogger("fieldgate.store")
+
+T = TypeVar("T")
 
 #: Schema migrations: version -> SQL that brings a store from version-1 to version.
 MIGRATIONS: dict[int, str] = {
@@ -210,6 +213,50 @@ def connect(
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
     return conn
+
+
+def read_store(
+    path: str | Path,
+    read: Callable[[sqlite3.Connection], T],
+    *,
+    busy_timeout_ms: int = 30000,
+) -> T:
+    """``read(conn)`` on a connection that writes nothing, not even beside the file: for
+    ``status``, which must work on a full disk and while no daemon runs.
+
+    A plain ``mode=ro`` connection to a WAL database creates ``-wal`` and ``-shm`` when they
+    are missing (and fails with "disk I/O error" when the disk is full), so: when the
+    write-ahead log holds frames (a writer has the store open, or one was killed), read
+    through it read-only (its ``-shm`` exists then); when it holds none, the file alone
+    holds every commit: read it immutable. Should a writer write to the log during an
+    immutable read, the read is done again through the log.
+    """
+    wal = Path(f"{path}-wal")
+    for _ in range(3):
+        live = _size(wal) > 0
+        conn = connect(path, busy_timeout_ms=busy_timeout_ms, readonly=live, immutable=not live)
+        try:
+            result = read(conn)
+        except sqlite3.DatabaseError:
+            if live:
+                raise
+            continue  # the file changed under the immutable read: a writer checkpointed
+        finally:
+            conn.close()
+        if live or _size(wal) == 0:
+            return result
+    conn = connect(path, busy_timeout_ms=busy_timeout_ms, readonly=True)
+    try:
+        return read(conn)
+    finally:
+        conn.close()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def connect_unjournaled(path: str | Path, *, vfs: str | None = None) -> sqlite3.Connection:

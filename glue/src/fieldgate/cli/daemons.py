@@ -19,9 +19,17 @@ from fieldgate.errors import FieldgateError
 def collect(cfg: Config, args: argparse.Namespace) -> int:
     """``fieldgate collect``: run the collector until SIGTERM/SIGINT."""
     from fieldgate.collector import Collector
+    from fieldgate.diskguard import open_store_when_room
+    from fieldgate.live import LiveState
 
     stop = StopFlag().install()
-    return Collector(cfg, stop).run()
+    live = LiveState(cfg.store.path)
+    try:
+        if not open_store_when_room(cfg, stop, live.set):
+            return 0  # stopped while waiting for disk space
+        return Collector(cfg, stop, live).run()
+    finally:
+        live.close()
 
 
 def poll(cfg: Config, args: argparse.Namespace) -> int:
