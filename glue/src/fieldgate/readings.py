@@ -22,7 +22,7 @@ from typing import Any
 
 from fieldgate import store
 from fieldgate.config import Config, DeviceConfig, DevicesConfig
-from fieldgate.formats.common import Decoded, SampleError, load_json
+from fieldgate.formats.common import Decoded, SampleError, integer, load_json, shown
 from fieldgate.formats.common import kind as _json_kind
 from fieldgate.names import ALLOWED, METRIC_RE, NAME_RE
 
@@ -39,6 +39,10 @@ INSERT_READING_SQL = (
     "INSERT OR IGNORE INTO readings (device, ts, metric, value, received_at, source) "
     "VALUES (?, ?, ?, ?, ?, ?)"
 )
+
+#: Epoch milliseconds outside these are refused before anything else looks at them (a
+#: time 2^62 ms from 1970 is 146 million years away; a 4000-digit integer cannot be shown).
+TS_MIN, TS_MAX = -(2**62), 2**62
 
 #: At most this many sample reasons are spelled out in one rejection reason.
 MAX_REASONS = 5
@@ -112,11 +116,17 @@ def resolve_device(devices: DevicesConfig, name: str) -> tuple[str, DeviceConfig
         return serial, devices.get(serial)
     if not devices.allow_unknown:
         raise SampleError(
-            f"unknown device {name!r}: not in devices.list (devices.allow_unknown is false)"
+            f"unknown device {_quoted(name)}: not in devices.list (devices.allow_unknown is false)"
         )
     if not NAME_RE.match(name):
-        raise SampleError(f"device name {name!r} is not valid ({ALLOWED['name']})")
+        raise SampleError(f"device name {_quoted(name)} is not valid ({ALLOWED['name']})")
     return name, None
+
+
+def _quoted(name: str, limit: int = 60) -> str:
+    """``repr(name)``, cut for a reason (a topic level can be 65535 characters long)."""
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_ts(value: Any, devices: DevicesConfig, now_ms: int) -> int:
@@ -129,6 +139,8 @@ def parse_ts(value: Any, devices: DevicesConfig, now_ms: int) -> int:
         value = int(value)
     if isinstance(value, int):
         ts = value
+        if not TS_MIN <= ts <= TS_MAX:
+            raise SampleError(f"ts: {shown(value)} is out of range")
     elif isinstance(value, str):
         ts = _parse_rfc3339(value)
     elif value is None:
@@ -283,7 +295,7 @@ def parse_csv_sample(
         raise SampleError(f"{len(fields_)} fields, expected {len(columns)} ({','.join(columns)})")
     row = dict(zip(columns, fields_, strict=True))
     ts_text = row.pop("ts")
-    ts_value: Any = int(ts_text) if re.fullmatch(r"-?\d+", ts_text) else ts_text
+    ts_value: Any = integer(ts_text, "ts") if re.fullmatch(r"-?\d+", ts_text) else ts_text
     if ts_text == "":
         ts_value = None
     ts = parse_ts(ts_value, devices, now_ms)

@@ -476,8 +476,24 @@ def insert_rejected(
     """Keep a message that could not be stored as readings, with the reason."""
     conn.execute(
         "INSERT INTO rejected (received_at, source, topic, payload, reason) VALUES (?, ?, ?, ?, ?)",
-        (now_ms() if received_at is None else received_at, source, topic, payload, reason),
+        (
+            now_ms() if received_at is None else received_at,
+            source,
+            None if topic is None else storable(topic),
+            payload,
+            storable(reason),
+        ),
     )
+
+
+def storable(text: str) -> str:
+    """Text SQLite can take: a lone surrogate (a JSON ``"\\ud800"`` quoted in a reason)
+    cannot be encoded as UTF-8, so it is kept as its escape instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 _SET_STATE = (

@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import math
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ TS_UNITS: dict[str, tuple[int, int]] = {
 
 #: A decimal number as devices write it in text (no ``_``, ``inf``, ``nan`` or hex: what
 #: Python's ``float()`` would also take is deliberately narrower here).
-NUMBER_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
+NUMBER_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$")
 
 _isfinite = math.isfinite
 
@@ -176,6 +177,21 @@ def load_json(text: str) -> Any:
         raise SampleError(f"bad JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise SampleError("bad JSON: nested too deeply") from None
+    except ValueError:  # the only other one: int() past its digit limit
+        raise SampleError(f"bad JSON: {TOO_MANY_DIGITS}") from None
+
+
+#: Python reads integers of at most this many digits (``sys.get_int_max_str_digits``).
+TOO_MANY_DIGITS = f"an integer of more than {sys.get_int_max_str_digits()} digits"
+
+
+def integer(text: str, what: str) -> int:
+    """A decimal integer written as text (already matched as one); SampleError past the
+    number of digits Python reads."""
+    try:
+        return int(text)
+    except ValueError:
+        raise SampleError(f"{what}: {TOO_MANY_DIGITS}") from None
 
 
 def kind(value: Any) -> str:
@@ -215,7 +231,7 @@ def epoch_text_ms(text: str, unit: str, what: str) -> int:
     """An epoch number written as text (``1767225600``, ``1680962879.62``)."""
     t = text.strip()
     if re.fullmatch(r"[+-]?\d+", t):
-        return epoch_ms(int(t), unit, what)
+        return epoch_ms(integer(t, what), unit, what)
     if NUMBER_RE.match(t):
         return epoch_ms(float(t), unit, what)
     raise SampleError(f"{what}: {shown(text)} is neither epoch {unit} nor a date-time")

@@ -25,6 +25,7 @@ from fieldgate.formats.common import (
     Sample,
     SampleError,
     epoch_ms,
+    integer,
     shown,
 )
 from fieldgate.formats.options import Options
@@ -114,7 +115,7 @@ def _line(line: str, opts: Options, prefix: str, d: Decoded, label: str) -> Samp
         if not _INT_RE.match(rest):
             raise SampleError(f"timestamp {shown(rest)} is not an integer")
         if opts.payload_time:
-            ts = epoch_ms(int(rest), opts.influx_precision, "timestamp")
+            ts = epoch_ms(integer(rest, "timestamp"), opts.influx_precision, "timestamp")
     return Sample(values, ts=ts, label=label)
 
 
@@ -139,10 +140,11 @@ def _value(raw: str, key: str) -> float:
     if not raw:
         raise SampleError(f"field {shown(key)}: no value")
     last = raw[-1]
-    if last == "i" and _INT_RE.match(raw[:-1]):
-        return float(int(raw[:-1]))
-    if last == "u" and _UINT_RE.match(raw[:-1]):
-        return float(int(raw[:-1]))
+    if (last == "i" and _INT_RE.match(raw[:-1])) or (last == "u" and _UINT_RE.match(raw[:-1])):
+        try:
+            return float(integer(raw[:-1], f"field {shown(key)}"))
+        except OverflowError:
+            raise SampleError(f"field {shown(key)}: {shown(raw)} is out of range") from None
     if raw in _TRUE:
         return 1.0
     if raw in _FALSE:
