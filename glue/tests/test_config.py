@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import run_fieldgate
 
-from fieldgate.config import load_config, parse_config, redacted
+from fieldgate.config import Config, load_config, parse_config, redacted
 from fieldgate.errors import ConfigError
 
 
@@ -156,3 +161,109 @@ def test_config_flag_overrides_environment(tmp_path: Path) -> None:
     assert "GW-FLAG" in r.stdout
     r = run_fieldgate("check-config", "--config", str(good), config=tmp_path / "missing.yaml")
     assert r.returncode == 0, r
+
+
+def float_keys(cls: type, prefix: str = "") -> list[str]:
+    """Dotted names of every number key of the sections that are mappings (not lists)."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        tp = hints[f.name]
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType)
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] if optional else [tp]
+        if inner == [float]:
+            keys.append(f"{prefix}{f.name}")
+        elif dataclasses.is_dataclass(inner[0]) and len(inner) == 1:
+            keys.extend(float_keys(inner[0], f"{prefix}{f.name}."))  # type: ignore[arg-type]
+    return keys
+
+
+def with_key(dotted: str, value: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"site": {"serial": "GW"}}
+    *parents, last = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return data
+
+
+def test_every_number_key_refuses_nan_and_infinity() -> None:
+    keys = float_keys(Config)
+    assert "disk.stop_accepting_at_percent" in keys and "upload.timeout_secs" in keys
+    assert len(keys) == 9, keys
+    for key in keys:
+        for value in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ConfigError) as err:
+                parse_config(with_key(key, value), "gw.yaml")
+            assert str(err.value) == (
+                f"gw.yaml: {key}: must be a finite number, got number {value!r}"
+            ), key
+    modbus = {
+        "site": {"serial": "GW"},
+        "devices": {"list": [{"serial": "M"}]},
+        "poll": {
+            "modbus": [
+                {
+                    "device": "M",
+                    "host": "127.0.0.1",
+                    "registers": [
+                        {"metric": "p", "address": 0, "table": "holding", "scale": math.nan}
+                    ],
+                }
+            ]
+        },
+    }
+    with pytest.raises(ConfigError, match=r"poll.modbus\[0\].registers\[0\].scale: must be a fin"):
+        parse_config(modbus, "gw.yaml")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b"site:\n  serial: GW\n  name: caf\xe9\n",
+            "gw.yaml: not UTF-8 text: byte 0xe9 at line 3 (save the file as UTF-8)",
+        ),
+        (
+            b"site: {serial: GW}\ndisk:\n  stop_accepting_at_percent: .nan\n",
+            "gw.yaml: disk.stop_accepting_at_percent: must be a finite number, got number nan",
+        ),
+        (
+            b"site: {serial: GW}\nupload:\n  interval_secs: .inf\n",
+            "gw.yaml: upload.interval_secs: must be a finite number, got number inf",
+        ),
+        (
+            b"site: {serial: GW}\ndisk: {stop_accepting_at_percent: 90}\n"
+            b"disk: {stop_accepting_at_percent: 99}\n",
+            "gw.yaml: not valid YAML at line 3: duplicate key 'disk' (first given at line 2)",
+        ),
+        (
+            b"site: {serial: GW}\nmqtt:\n  inputs:\n    - topic: a/{device}\n      format: value\n"
+            b"      device: x\n      format: json\n",
+            "gw.yaml: not valid YAML at line 7: duplicate key 'format' (first given at line 5)",
+        ),
+        (
+            b"site: {serial: GW}\nstore:\n  retention_days: " + b"9" * 5000 + b"\n",
+            "gw.yaml: not valid YAML: an integer of more than 4300 digits",
+        ),
+        (b"site: " + b"[" * 5000 + b"\n", "gw.yaml: not valid YAML: nested too deeply"),
+    ],
+)
+def test_hostile_config_is_one_line_and_exit_2(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    p = tmp_path / "gw.yaml"
+    p.write_bytes(content)
+    for command in (["check-config"], ["status"]):
+        r = run_fieldgate(*command, config=p)
+        assert r.returncode == 2, (command, r)
+        assert r.stderr == f"fieldgate: error: {p.parent}/{message}\n", r.stderr
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
+    p = tmp_path / "gw.yaml"
+    p.write_text("site:\n  <<: {serial: GW-A, name: x}\n  serial: GW-B\n")
+    assert load_config(str(p)).site.serial == "GW-B"

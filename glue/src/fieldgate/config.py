@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -412,21 +414,62 @@ def load_config(path: str | None = None) -> Config:
     """Read and validate the configuration file; ConfigError names the key and the file."""
     path = config_path(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line} "
+            "(save the file as UTF-8)"
+        ) from None
+    return parse_config(parse_yaml(text, path), path)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (at any depth), which
+    it would otherwise let the last one win silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<' merges: explicit keys override merged ones, by design
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # an unhashable key: the base loader says what is wrong with it
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first given at line {first.line + 1})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, path: str) -> Any:
+    """A YAML document as data; ConfigError with one line for what is wrong with it."""
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    if data is None:
-        data = {}
-    return parse_config(data, path)
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+    except ValueError:  # int() past Python's digit limit
+        raise ConfigError(
+            f"{path}: not valid YAML: an integer of more than {sys.get_int_max_str_digits()} digits"
+        ) from None
+    return {} if data is None else data
 
 
 def parse_config(data: Any, path: str = "<config>") -> Config:
@@ -762,8 +805,14 @@ def _coerce(tp: Any, value: Any, key: str, path: str, meta: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: {key}: expected a number, got {_describe(value)}")
-        _check_range(value, key, path, meta)
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: {key}: must be a finite number, got {_describe(value)}")
+        _check_range(number, key, path, meta)
+        return number
     if tp is str:
         if not isinstance(value, str):
             hint = " (quote it)" if isinstance(value, int | float) else ""
