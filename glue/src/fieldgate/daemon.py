@@ -10,6 +10,7 @@ import threading
 from types import FrameType
 
 from fieldgate.journal import JOURNAL_SOCKET, JournalHandler
+from fieldgate.redact import RedactingFilter
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -27,6 +28,8 @@ def setup_logging(
     root.addHandler(handler)
     if journal:
         root.addHandler(JournalHandler(journal, journal_socket))
+    for h in root.handlers:
+        h.addFilter(RedactingFilter())  # credentials never reach a log line
     root.setLevel(level)
     # paho and urllib3 are chatty at DEBUG; keep them at WARNING unless asked.
     for noisy in ("urllib3", "paho"):

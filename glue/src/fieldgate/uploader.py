@@ -41,6 +41,7 @@ from fieldgate.batches import Batch, crash_point
 from fieldgate.config import Config
 from fieldgate.daemon import StopFlag
 from fieldgate.errors import FieldgateError
+from fieldgate.redact import origin, redact
 from fieldgate.retry import Backoff, root_cause
 from fieldgate.status import collect_status
 
@@ -63,20 +64,21 @@ class Damaged(Exception):
     the bytes broke in transit (send again) or the file on disk rotted (regenerate)."""
 
 
-def _hub_error(resp: requests.Response) -> str:
-    """The hub's one-sentence reason, or the HTTP status when it sent none."""
+def _hub_error(resp: requests.Response, credential: str = "") -> str:
+    """The hub's one-sentence reason, or the HTTP status when it sent none; whatever of
+    ``credential`` (the upload URL) the hub echoes, hidden."""
     try:
         body = resp.json()
         if isinstance(body, dict) and body.get("error"):
-            return f"HTTP {resp.status_code}: {body['error']}"
+            return redact(f"HTTP {resp.status_code}: {body['error']}", credential)
     except ValueError:
         pass
-    return f"HTTP {resp.status_code} {resp.reason}"
+    return redact(f"HTTP {resp.status_code} {resp.reason}", credential)
 
 
-def _classify(resp: requests.Response, what: str) -> Exception:
+def _classify(resp: requests.Response, what: str, credential: str = "") -> Exception:
     status = resp.status_code
-    reason = f"{what}: {_hub_error(resp)}"
+    reason = f"{what}: {_hub_error(resp, credential)}"
     if status >= 500 or status in (408, 425, 429):
         return Transient(reason)
     return Refused(reason)
@@ -101,15 +103,22 @@ class HubClient:
         # Read every time: re-registering fixes a refused key without a restart.
         return self.cfg.secret("upload.key_file")
 
-    def _request(self, method: str, url: str, **kw: Any) -> requests.Response:
+    def _request(
+        self, method: str, url: str, *, credential: bool = False, **kw: Any
+    ) -> requests.Response:
+        """One request; Transient with a one-line cause. A ``credential`` URL (an upload
+        URL) is named by its origin, and hidden in every text of the failure."""
+        shown = origin(url) if credential else url
         try:
             return self.session.request(method, url, timeout=self.timeout, **kw)
         except requests.Timeout:
-            raise Transient(f"{method} {url}: no answer within {self.timeout:g} s") from None
+            cause = f"no answer within {self.timeout:g} s"
         except requests.ConnectionError as exc:
-            raise Transient(f"{method} {url}: cannot reach the hub: {root_cause(exc)}") from None
+            cause = f"cannot reach the hub: {root_cause(exc)}"
         except requests.RequestException as exc:
-            raise Transient(f"{method} {url}: {exc}") from None
+            cause = str(exc)
+        text = f"{method} {shown}: {cause}"
+        raise Transient(redact(text, url) if credential else redact(text)) from None
 
     def offer(self, manifest: dict[str, Any]) -> str | None:
         """POST the manifest; the upload URL, or None when the hub already stored the batch."""
@@ -117,28 +126,43 @@ class HubClient:
         resp = self._request(
             "POST", url, json=manifest, headers={"Authorization": f"Bearer {self._key()}"}
         )
-        if resp.status_code == 200 and _json(resp).get("state") == "stored":
+        body = _json(resp)
+        if resp.status_code == 200 and body.get("state") == "stored":
             return None
-        if resp.status_code == 201 and _json(resp).get("upload_url"):
-            return urljoin(self.base, str(_json(resp)["upload_url"]))
+        if resp.status_code == 201 and body.get("upload_url"):
+            given = str(body["upload_url"])
+            try:
+                return urljoin(self.base, given)
+            except ValueError:  # e.g. "http://[…": a hub's bug, a credential all the same
+                raise Transient(
+                    f"POST {url}: the upload URL in the answer is not a URL "
+                    f"({redact(origin(given), given)})"
+                ) from None
         if resp.status_code in (200, 201):
-            raise Transient(f"POST {url}: unexpected answer {resp.text[:200]!r}")
+            # the answer may hold an upload URL, whole or relative: hidden before it is cut
+            given = str(body.get("upload_url") or "")
+            answer = redact(resp.text, urljoin(self.base, given) if given else "", given)
+            raise Transient(f"POST {url}: unexpected answer {answer[:200]!r}")
         raise _classify(resp, "the hub refused the batch manifest")
 
     def put(self, upload_url: str, path: Path) -> None:
         """PUT the zip to the upload URL; returns once the hub stored it."""
         with path.open("rb") as body:
             resp = self._request(
-                "PUT", upload_url, data=body, headers={"Content-Type": "application/zip"}
+                "PUT",
+                upload_url,
+                credential=True,
+                data=body,
+                headers={"Content-Type": "application/zip"},
             )
         if resp.status_code in (200, 201):
             return
         if resp.status_code in (401, 403):
             # An upload URL expires; a fresh one is one POST away.
-            raise Transient(f"the hub refused the upload URL: {_hub_error(resp)}")
+            raise Transient(f"the hub refused the upload URL: {_hub_error(resp, upload_url)}")
         if resp.status_code in (400, 409):
-            raise Damaged(f"the hub refused the batch file: {_hub_error(resp)}")
-        raise _classify(resp, "the hub refused the batch file")
+            raise Damaged(f"the hub refused the batch file: {_hub_error(resp, upload_url)}")
+        raise _classify(resp, "the hub refused the batch file", upload_url)
 
     def heartbeat(self, status: dict[str, Any]) -> None:
         """POST the gateway's status to the hub (docs/contract.md §11)."""

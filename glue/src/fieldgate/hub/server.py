@@ -23,7 +23,7 @@ from gunicorn.glogging import Logger
 from fieldgate.errors import FieldgateError
 from fieldgate.hub.app import create_app
 from fieldgate.hub.backends import describe, is_postgresql, open_storage
-from fieldgate.hub.web import redact_upload_token
+from fieldgate.redact import redact
 
 log = logging.getLogger("fieldgate.hub")
 
@@ -35,7 +35,7 @@ class RedactingLogger(Logger):
         atoms = super().atoms(resp, req, environ, request_time)
         for key in ("r", "U", "{raw_uri}e"):
             if isinstance(atoms.get(key), str):
-                atoms[key] = redact_upload_token(atoms[key])
+                atoms[key] = redact(atoms[key])
         return atoms
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from flask import Flask, Response, current_app, g, jsonify, request
 
 from fieldgate.hub.passwords import VerifiedCache
 from fieldgate.hub.storage import HubStorage
+from fieldgate.redact import redact
 
 log = logging.getLogger("fieldgate.hub")
 
@@ -95,16 +95,8 @@ def error_response(
     status: int, message: str, headers: dict[str, str] | None = None
 ) -> tuple[Response, int]:
     """``{"error": message}`` with ``status``, logged with the request's context."""
-    path = redact_upload_token(request.path)
+    path = redact(request.path)
     log.warning("%s %s -> %d%s: %s", request.method, path, status, g.get("ctx", ""), message)
     response = jsonify(error=message)
     response.headers.update(headers or {})
     return response, status
-
-
-UPLOAD_TOKEN_RE = re.compile(r"(/api/v1/uploads/)[^ ?/]+")
-
-
-def redact_upload_token(text: str) -> str:
-    """Upload URLs are credentials until they expire: keep their tokens out of the logs."""
-    return UPLOAD_TOKEN_RE.sub(r"\1…", text)
