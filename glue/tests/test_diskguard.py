@@ -283,9 +283,38 @@ def collector_state(config: Path) -> str:
     return str(state["value"]) if state else ""
 
 
+def status_once_waiting(config: Path) -> dict[str, Any]:
+    """``status --json`` once the collector says it waits for disk space."""
+    wait_until(
+        lambda: collector_state(config).startswith("waiting for disk space: "),
+        what="the collector waiting",
+    )
+    return status_json(config)
+
+
 def children(pid: int) -> list[int]:
     text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     return [int(c) for c in text.split()]
+
+
+def collect_then_fill(
+    small_fs: Path,
+    mosquitto: Broker,
+    config_file: ConfigFactory,
+    log: Path,
+    *,
+    messages: int,
+    stop_at: float,
+) -> tuple[Path, Path, Path]:
+    """(config, store, filler): ``messages`` collected (two readings each), the collector
+    stopped, then the filesystem filled to the last block."""
+    config, db, proc = start_collector_on(
+        small_fs, mosquitto, config_file, log, stop_at=stop_at, resume_below=90
+    )
+    publish(mosquitto, stream(messages))
+    wait_until(lambda: count_rows(db, "readings") == 2 * messages)
+    assert stop_process(proc, signal.SIGTERM) == 0, log.read_text()
+    return config, db, fill_completely(small_fs)
 
 
 def test_status_on_a_full_disk_without_daemons_reads_and_writes_nothing(
@@ -294,13 +323,9 @@ def test_status_on_a_full_disk_without_daemons_reads_and_writes_nothing(
     """After a clean stop (the store alone, no -wal) and after a kill (-wal and -shm left
     with commits in them), each on a filesystem without one free block."""
     log = tmp_path / "collector.log"
-    config, db, proc = start_collector_on(
-        small_fs, mosquitto, config_file, log, stop_at=99, resume_below=90
+    config, db, everything = collect_then_fill(
+        small_fs, mosquitto, config_file, log, messages=50, stop_at=99
     )
-    publish(mosquitto, stream(50))
-    wait_until(lambda: count_rows(db, "readings") == 100)
-    assert stop_process(proc, signal.SIGTERM) == 0, log.read_text()
-    everything = fill_completely(small_fs)
     before = files_beside(db)
     assert "data_store.db-wal" not in before
     s = status_json(config)
@@ -340,21 +365,13 @@ def test_collector_started_on_a_full_disk_waits_then_stores_the_backlog(
     small_fs: Path, mosquitto: Broker, config_file: ConfigFactory, tmp_path: Path
 ) -> None:
     log = tmp_path / "collector.log"
-    config, db, proc = start_collector_on(
-        small_fs, mosquitto, config_file, log, stop_at=100, resume_below=90
+    config, db, everything = collect_then_fill(
+        small_fs, mosquitto, config_file, log, messages=10, stop_at=100
     )
-    publish(mosquitto, stream(10))
-    wait_until(lambda: count_rows(db, "readings") == 20)
-    assert stop_process(proc, signal.SIGTERM) == 0, log.read_text()
-    everything = fill_completely(small_fs)
     publish(mosquitto, stream(500, start=10))  # queued by the broker for the collector's session
     proc = start_fieldgate("collect", config=config, log=log)
     try:
-        wait_until(
-            lambda: collector_state(config).startswith("waiting for disk space: "),
-            what="the collector waiting",
-        )
-        s = status_json(config)
+        s = status_once_waiting(config)
         assert s["collector"]["running"] is True and s["collector"]["pid"] == proc.pid
         assert s["readings"]["total"] == 20
         text = run_fieldgate("status", config=config).stdout
@@ -383,11 +400,7 @@ def test_collector_started_on_a_full_disk_without_a_store_waits_and_creates_it(
     everything = fill_completely(small_fs)
     proc = start_fieldgate("collect", config=config, log=log)
     try:
-        wait_until(
-            lambda: collector_state(config).startswith("waiting for disk space"),
-            what="the collector waiting",
-        )
-        s = status_json(config)
+        s = status_once_waiting(config)
         assert s["store"]["exists"] is False and s["collector"]["running"] is True
         assert not db.exists() or db.stat().st_size == 0  # SQLite may leave an empty file
         text = run_fieldgate("status", config=config).stdout

@@ -20,7 +20,7 @@ import signal
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,8 +66,8 @@ class HostileHub(socketserver.ThreadingTCPServer):
             self.posts += 1
             token = secrets.token_urlsafe(32)
             self.tokens.append(token)
-            name, make_url, put = SCENARIOS[n % len(SCENARIOS)]
-            url = make_url(self, token)
+            name, shape, put = SCENARIOS[n % len(SCENARIOS)]
+            url = shape.format(port=self.port, token=token)
             self.current = {"name": name, "url": url, "token": token, "put": put}
         if put == "post-200-with-url":
             return 200, json.dumps({"upload_url": url, "note": f"use {url}"}).encode()
@@ -76,48 +76,26 @@ class HostileHub(socketserver.ThreadingTCPServer):
         return 201, json.dumps({"upload_url": url, "expires_at": "2099-01-01T00:00:00Z"}).encode()
 
 
-def path_url(hub: HostileHub, token: str) -> str:
-    return f"{hub.base}/api/v1/uploads/{token}"
-
-
-def query_url(hub: HostileHub, token: str) -> str:
-    return f"{hub.base}/put?sig={token}&v=1"
-
-
-def userinfo_url(hub: HostileHub, token: str) -> str:
-    return f"http://gw:{token}@127.0.0.1:{hub.port}/put"
-
-
-def relative_url(hub: HostileHub, token: str) -> str:
-    return f"/api/v1/uploads/{token}"
-
-
-def unparsable_url(hub: HostileHub, token: str) -> str:
-    return f"http://[{token}/put"
-
-
-def closed_port_url(hub: HostileHub, token: str) -> str:
-    return f"http://127.0.0.1:9/x/{token}"
-
-
-def bad_port_url(hub: HostileHub, token: str) -> str:
-    return f"http://127.0.0.1:99999/x/{token}"
-
+#: The shapes of upload URLs a hub may hand out ({port} and {token} filled in).
+PATH = "http://127.0.0.1:{port}/api/v1/uploads/{token}"
+QUERY = "http://127.0.0.1:{port}/put?sig={token}&v=1"
+USERINFO = "http://gw:{token}@127.0.0.1:{port}/put"
+RELATIVE = "/api/v1/uploads/{token}"
 
 #: (name, upload URL shape, how the PUT (or the POST) fails)
-SCENARIOS: list[tuple[str, Callable[[HostileHub, str], str], str]] = [
-    ("403 echoing the URL", path_url, "403-echo"),
-    ("500 text with the token", query_url, "500-echo"),
-    ("409 echoing the URL", userinfo_url, "409-echo"),
-    ("connection dropped", relative_url, "drop"),
-    ("malformed headers", query_url, "bad-headers"),
-    ("hang past the timeout", path_url, "hang"),
-    ("unparsable URL", unparsable_url, "never-reached"),
-    ("closed port", closed_port_url, "never-reached"),
-    ("port out of range", bad_port_url, "never-reached"),
-    ("unexpected 200 holding the URL", query_url, "post-200-with-url"),
-    ("201 without upload_url, token in the text", path_url, "post-201-token-in-text"),
-    ("401 echoing the URL, relative", relative_url, "401-echo"),
+SCENARIOS: list[tuple[str, str, str]] = [
+    ("403 echoing the URL", PATH, "403-echo"),
+    ("500 text with the token", QUERY, "500-echo"),
+    ("409 echoing the URL", USERINFO, "409-echo"),
+    ("connection dropped", RELATIVE, "drop"),
+    ("malformed headers", QUERY, "bad-headers"),
+    ("hang past the timeout", PATH, "hang"),
+    ("unparsable URL", "http://[{token}/put", "never-reached"),
+    ("closed port", "http://127.0.0.1:9/x/{token}", "never-reached"),
+    ("port out of range", "http://127.0.0.1:99999/x/{token}", "never-reached"),
+    ("unexpected 200 holding the URL", QUERY, "post-200-with-url"),
+    ("201 without upload_url, token in the text", PATH, "post-201-token-in-text"),
+    ("401 echoing the URL, relative", RELATIVE, "401-echo"),
 ]
 
 
