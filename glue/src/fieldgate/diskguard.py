@@ -31,6 +31,8 @@ log = logging.getLogger("fieldgate.collector")
 #: Less free space than this counts as a full disk whatever the thresholds say (SQLite
 #: needs room for its write-ahead log and its index before it can open a store).
 NO_ROOM_BYTES = 1 << 20
+#: What SQLite says when it cannot open a store for lack of space (its -wal and -shm).
+NO_SPACE_TEXTS = ("disk I/O error", "database or disk is full", "unable to open database file")
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -113,7 +115,9 @@ def open_store_when_room(cfg: Config, stop: StopFlag, publish: Callable[[str], N
                 cfg.store.path, cfg.site.serial, busy_timeout_ms=cfg.store.busy_timeout_ms
             ).close()
         except FieldgateError as exc:
-            used = guard.measure() if guard.path.is_dir() else 0.0
+            if not any(t in str(exc) for t in NO_SPACE_TEXTS) or not guard.path.is_dir():
+                raise  # another site's store, a newer schema, no directory: not space
+            used = guard.measure()
             if used < guard.stop_at and not _no_room(guard.path):
                 raise
             state = f"waiting for disk space: {used:.1f}% used, the store cannot be opened ({exc})"

@@ -136,4 +136,6 @@ def ask(store_path: str | Path, timeout: float = ASK_TIMEOUT_SECS) -> dict[str, 
         return None
     if not isinstance(answer, dict) or not isinstance(answer.get("state"), str):
         return None
+    if not all(isinstance(answer.get(k), int) for k in ("pid", "since", "now")):
+        return None
     return answer

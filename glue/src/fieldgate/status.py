@@ -73,9 +73,8 @@ def _collector(path: Path, recorded: dict[str, Any] | None) -> dict[str, Any]:
     answer = live.ask(path)
     out["running"] = answer is not None
     if answer is not None:
-        now = int(answer.get("now") or store.now_ms())
-        since = int(answer.get("since") or now)
-        out["pid"] = answer.get("pid")
+        now, since = answer["now"], answer["since"]
+        out["pid"] = answer["pid"]
         out["state"] = {
             "value": answer["state"],
             "updated": _iso(since),
