@@ -31,7 +31,7 @@ from fieldgate import store
 from fieldgate.config import parse_config
 from fieldgate.formats.common import load_json
 from fieldgate.inputs import InputTable, read_message
-from fieldgate.readings import Outcome, Received, Rules, SampleError, store_outcomes
+from fieldgate.readings import Outcome, Received, Rules, SampleError, parse_ts, store_outcomes
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 NOW = T0 + 3_600_000
@@ -339,3 +339,14 @@ def test_the_collector_keeps_every_hostile_message_as_a_rejection_and_goes_on(
     text = log.read_text()
     assert "Traceback" not in text and "internal error" not in text, text
     assert c.readings() == 40
+
+
+def test_a_time_too_long_to_print_is_still_a_reason() -> None:
+    """A CSV time of 4300 digits in seconds is one of 4303 in milliseconds: more than
+    Python prints."""
+    devices = parse_config({"site": {"serial": "GW"}}, "gw.yaml").devices
+    for ts, says in ((9 * 10**4302, "in the future"), (-9 * 10**4302, "before")):
+        with pytest.raises(SampleError) as err:
+            parse_ts(ts, devices, NOW)
+        assert str(err.value).startswith("ts: an integer of about 4303 digits (out of range)")
+        assert says in str(err.value)
