@@ -62,7 +62,7 @@ def _disk(cfg: Config, disk_dir: Path) -> dict[str, Any]:
 
 def _collector(path: Path, recorded: dict[str, Any] | None) -> dict[str, Any]:
     """The collector as it is now: its own answer when it runs (:mod:`fieldgate.live`),
-    else what it last recorded in the store, marked as not running.
+    else what it last recorded in the store, with ``running`` false.
 
     Keys: ``state`` and ``heartbeat`` (facts: value, updated, age_secs), ``running``,
     ``pid`` (when running) and ``recorded_state`` (the store's ``collector.state``, which
@@ -81,16 +81,15 @@ def _collector(path: Path, recorded: dict[str, Any] | None) -> dict[str, Any]:
             "age_secs": round((now - since) / 1000, 1),
         }
         out["heartbeat"] = {"value": _iso(now), "updated": _iso(now), "age_secs": 0.0}
-    elif recorded["state"] is not None and recorded["state"]["value"] != "stopped":
-        last = recorded["state"]
-        out["state"] = {**last, "value": f"not running (last recorded: {last['value']})"}
     return out
 
 
 def _collector_text(c: dict[str, Any]) -> str:
-    if not c["running"] and c["state"] is None:
+    if c["running"] or (c["state"] and c["state"]["value"] == "stopped"):
+        return _fact_text(c["state"])
+    if c["state"] is None:
         return "not running (never ran)"
-    return _fact_text(c["state"])
+    return f"not running (last recorded: {_fact_text(c['state'])})"
 
 
 def _disk_text(d: dict[str, Any]) -> str:
