@@ -20,6 +20,7 @@ import io
 import itertools
 import math
 import re
+import struct
 import sys
 import zipfile
 import zlib
@@ -48,6 +49,34 @@ MAX_FLOAT = 1.7976931348623157e308
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 #: Modes a sent batch may carry (PASS batches are never sent).
 SENT_MODES = ("LIVE", "TEST")
+#: The keys a manifest may carry (:func:`build_manifest`'s); any other key is refused.
+MANIFEST_KEYS = frozenset(
+    (
+        "batch_id",
+        "serial",
+        "rows",
+        "sha256",
+        "first_ts",
+        "last_ts",
+        "mode",
+        "type",
+        "created_at",
+        "first_id",
+        "last_id",
+        "fieldgate_version",
+    )
+)
+
+# What a batch zip may hold: each limit is checked before the work it would cost, from
+# what was read so far, never from the sizes a zip's headers claim (docs/hub.md, limits).
+#: The zip's central directory (a batch zip's is about 200 bytes: two members).
+MAX_DIRECTORY_BYTES = 64 * 1024
+#: Members of a batch zip (it has two).
+MAX_MEMBERS = 16
+#: manifest.yaml, decompressed (a gateway's is about 400 bytes).
+MAX_MANIFEST_BYTES = 64 * 1024
+#: One line of readings.csv, decompressed: two names of at most 64 characters, a ts, a value.
+MAX_LINE_BYTES = 1024
 
 Row = tuple[str, int, str, float]
 """(device, ts epoch ms, metric, value)"""
@@ -63,6 +92,12 @@ class NotAZip(BatchFileError):
     """The bytes are not a (complete) zip archive."""
 
     status = 400
+
+
+class TooLarge(BatchFileError):
+    """A part of the batch is larger than the hub accepts (:data:`MAX_MANIFEST_BYTES`…)."""
+
+    status = 413
 
 
 class ChecksumMismatch(BatchFileError):
@@ -308,18 +343,24 @@ def check_manifest(m: Any) -> dict[str, Any]:
     """A manifest as a gateway announces it, validated; BatchFileError names the field."""
     if not isinstance(m, dict):
         raise BatchFileError("the manifest must be a JSON object")
+    unknown = sorted(str(k) for k in m if k not in MANIFEST_KEYS)
+    if unknown:
+        raise BatchFileError(
+            f"manifest: unknown key {unknown[0]!r:.70}"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+        )
     rows = m.get("rows")
     checks = (
         (
             "batch_id",
-            isinstance(m.get("batch_id"), str) and bool(BATCH_ID_RE.match(m["batch_id"])),
+            isinstance(m.get("batch_id"), str) and bool(BATCH_ID_RE.fullmatch(m["batch_id"])),
             f"a batch id ({ALLOWED['batch_id']})",
         ),
         ("serial", is_name(m.get("serial")), "a gateway serial"),
         ("rows", _is_int(rows) and 1 <= rows <= MAX_ROWS, f"an integer from 1 to {MAX_ROWS}"),
         (
             "sha256",
-            isinstance(m.get("sha256"), str) and bool(SHA256_RE.match(m["sha256"])),
+            isinstance(m.get("sha256"), str) and bool(SHA256_RE.fullmatch(m["sha256"])),
             "64 lowercase hex digits",
         ),
         (
@@ -420,12 +461,22 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError)
 
 
 class _Hashing(io.RawIOBase):
-    """A member of a zip read through SHA-256 (and counted) on its way to the CSV parser."""
+    """A member of a zip read through SHA-256 (and counted) on its way to the CSV parser.
 
-    def __init__(self, member: IO[bytes]) -> None:
+    It refuses, as the bytes are decompressed, more than ``max_lines`` lines and a line
+    that runs on past :data:`MAX_LINE_BYTES` across a read (a shorter read holds at most
+    one read's bytes): what it passes on is bounded by ``max_lines`` and the read size,
+    whatever the zip claims, so a zip bomb is refused after its first read, not after its
+    4 GiB. The checks cost two searches per read, not per row; the name rules refuse long
+    names inside a read (:func:`fieldgate.hub.sqlstore.check_names`)."""
+
+    def __init__(self, member: IO[bytes], max_lines: int) -> None:
         self.member = member
         self.sha = hashlib.sha256()
         self.size = 0
+        self.max_lines = max_lines
+        self.lines = 0
+        self.open_line = 0  # bytes since the last line break
 
     def readable(self) -> bool:
         return True
@@ -433,14 +484,33 @@ class _Hashing(io.RawIOBase):
     def readinto(self, buf: Any) -> int:
         data = self.member.read(len(buf))
         n = len(data)
+        last = data.rfind(b"\n")
+        if last < 0:
+            self.open_line += n
+            longest = self.open_line
+        else:
+            self.lines += data.count(b"\n")
+            longest = max(self.open_line + data.find(b"\n"), n - last - 1)
+            self.open_line = n - last - 1
+        if longest > MAX_LINE_BYTES:
+            raise BatchFileError(
+                f"readings.csv has a line longer than {MAX_LINE_BYTES} bytes "
+                f"(line {self.lines + 1})"
+            )
+        if self.lines > self.max_lines:
+            raise BatchFileError(
+                f"readings.csv holds more than the {self.max_lines - 1} readings the "
+                "manifest announces"
+            )
         buf[:n] = data
         self.sha.update(data)
         self.size += n
         return n
 
     def drain(self) -> str:
-        """Read what is left; the SHA-256 of the whole member."""
-        while self.member.read(1 << 20):
+        """Read what is left (under the same limits); the SHA-256 of the whole member."""
+        buf = bytearray(1 << 16)
+        while self.readinto(buf):
             pass
         return self.sha.hexdigest()
 
@@ -467,7 +537,7 @@ class BatchZip:
             member = self.zf.open(CSV_NAME)
         except _ZIP_ERRORS as exc:
             raise NotAZip(f"the batch zip is corrupted ({exc})") from None
-        raw = _Hashing(member)
+        raw = _Hashing(member, announced["rows"] + 1)
         text = io.TextIOWrapper(io.BufferedReader(raw, 1 << 16), encoding="utf-8", newline="")
         try:
             yield from parse_csv_columns(text)
@@ -487,31 +557,94 @@ class BatchZip:
         check_sha256(raw.sha.hexdigest(), announced)
 
 
+class _ManifestLoader(yaml.SafeLoader):
+    """YAML's safe loader without anchors and aliases: a manifest has none, and an alias
+    bomb of a few hundred bytes costs seconds of CPU per nesting level to expand."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise BatchFileError("manifest.yaml uses YAML anchors or aliases; it may not")
+        return super().compose_node(parent, index)
+
+
+def load_manifest(text: bytes) -> Any:
+    """manifest.yaml parsed without anchors and aliases (BatchFileError if it has any)."""
+    try:
+        return yaml.load(text, Loader=_ManifestLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError:
+        raise BatchFileError("manifest.yaml is not valid YAML") from None
+
+
+_EOCD = struct.Struct("<4s4xHHIIH")  # end of central directory: entries, directory size
+_ZIP64_LOCATOR = struct.Struct("<4s4xQ4x")
+_ZIP64_EOCD = struct.Struct("<4s28xQQQ")
+
+
+def check_directory(fp: IO[bytes]) -> None:
+    """Refuse a zip whose central directory is larger than :data:`MAX_DIRECTORY_BYTES` or
+    lists more than :data:`MAX_MEMBERS` members, from its end record, before zipfile reads
+    the directory into memory (a 256 MB zip of empty members would cost gigabytes)."""
+    fp.seek(0, io.SEEK_END)
+    size = fp.tell()
+    tail_len = min(size, _EOCD.size + 0xFFFF)
+    fp.seek(size - tail_len)
+    tail = fp.read(tail_len)
+    fp.seek(0)
+    at = len(tail) - _EOCD.size  # zipfile's order: no comment first, then the last one
+    if at < 0 or tail[at : at + 4] != b"PK\x05\x06":
+        at = tail.rfind(b"PK\x05\x06", 0, max(0, len(tail) - _EOCD.size))
+    if at < 0:
+        return  # not a zip: zipfile says so
+    _, _, entries, dir_size, _, _ = _EOCD.unpack_from(tail, at)
+    if at >= _ZIP64_LOCATOR.size:
+        sig, offset = _ZIP64_LOCATOR.unpack_from(tail, at - _ZIP64_LOCATOR.size)
+        if sig == b"PK\x06\x07" and offset < size:
+            fp.seek(offset)
+            record = fp.read(_ZIP64_EOCD.size)
+            fp.seek(0)
+            if len(record) == _ZIP64_EOCD.size and record[:4] == b"PK\x06\x06":
+                _, entries, dir_size, _ = _ZIP64_EOCD.unpack(record)
+    if dir_size > MAX_DIRECTORY_BYTES or entries > MAX_MEMBERS:
+        raise TooLarge(
+            f"the batch zip lists {entries} members in {dir_size} bytes; a batch has at most "
+            f"{MAX_MEMBERS} in {MAX_DIRECTORY_BYTES}"
+        )
+
+
 @contextmanager
 def open_batch(source: Path | IO[bytes]) -> Iterator[BatchZip]:
     """A batch zip (a file, or a seekable binary file object such as a spooled upload)
     with its manifest.yaml read and checked to be a mapping.
 
-    NotAZip for a truncated or corrupted archive, BatchFileError for a zip without the two
-    members or with a manifest that is not a YAML mapping; OSError reading a file.
+    NotAZip for a truncated or corrupted archive, TooLarge for a zip directory or a
+    manifest.yaml larger than the limits, BatchFileError for a zip without the two members
+    or with a manifest that is not a YAML mapping without anchors; OSError reading a file.
     """
     try:
-        zf = zipfile.ZipFile(source)
+        zf = zipfile.ZipFile(source) if isinstance(source, Path) else _open_zip(source)
     except zipfile.BadZipFile:
         raise NotAZip("the upload is not a zip archive (truncated or corrupted)") from None
     with zf:
         names = set(zf.namelist())
+        if len(zf.infolist()) > MAX_MEMBERS:
+            raise TooLarge(f"the batch zip has more than {MAX_MEMBERS} members")
         for name in (CSV_NAME, MANIFEST_NAME):
             if name not in names:
                 raise BatchFileError(f"the batch zip has no {name}")
         try:
-            manifest_text = zf.read(MANIFEST_NAME)
+            with zf.open(MANIFEST_NAME) as member:
+                manifest_text = member.read(MAX_MANIFEST_BYTES + 1)
         except _ZIP_ERRORS as exc:
             raise NotAZip(f"the batch zip is corrupted ({exc})") from None
-        try:
-            inner = yaml.safe_load(manifest_text)
-        except yaml.YAMLError:
-            raise BatchFileError("manifest.yaml is not valid YAML") from None
+        if len(manifest_text) > MAX_MANIFEST_BYTES:
+            raise TooLarge(f"manifest.yaml is larger than {MAX_MANIFEST_BYTES} bytes")
+        inner = load_manifest(manifest_text)
         if not isinstance(inner, dict):
             raise BatchFileError("manifest.yaml is not a mapping")
         yield BatchZip(zf, inner)
+
+
+def _open_zip(fp: IO[bytes]) -> zipfile.ZipFile:
+    check_directory(fp)
+    return zipfile.ZipFile(fp)

@@ -33,8 +33,10 @@ ALLOWED: dict[str, str] = {
 NAME_RE = re.compile(PATTERNS["name"])
 METRIC_RE = re.compile(PATTERNS["metric"])
 BATCH_ID_RE = re.compile(PATTERNS["batch_id"])
+# Python's ``$`` also matches before a final line break: check whole strings with
+# ``fullmatch`` ("GW-1\n" is not a name).
 
 
 def is_name(value: object) -> bool:
     """Whether ``value`` is a string that may serve as a serial, alias, prefix or id."""
-    return isinstance(value, str) and NAME_RE.match(value) is not None
+    return isinstance(value, str) and NAME_RE.fullmatch(value) is not None

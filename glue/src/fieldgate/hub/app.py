@@ -33,7 +33,15 @@ from fieldgate.hub.pages import assets, pages
 from fieldgate.hub.query import query
 from fieldgate.hub.storage import HubStorage
 from fieldgate.hub.uploads import uploads
-from fieldgate.hub.web import EXTENSION, ApiError, HubSettings, error_response, settings
+from fieldgate.hub.web import (
+    EXTENSION,
+    MAX_JSON_BYTES,
+    ApiError,
+    ClientTooSlow,
+    HubSettings,
+    error_response,
+    settings,
+)
 
 log = logging.getLogger("fieldgate.hub")
 
@@ -64,9 +72,11 @@ def create_app(
     )
     auth.install(app)
     app.before_request(_refuse_nul)
+    app.before_request(_limit_body)
     for bp in (uploads, health_bp, fleet, query, account, docs, metrics, pages, assets):
         app.register_blueprint(bp)
     app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(ClientTooSlow, _too_slow)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _internal)
     if trusted_proxies:
@@ -82,8 +92,19 @@ def _refuse_nul() -> None:
         raise ApiError(400, "the request contains a NUL character")
 
 
+def _limit_body() -> None:
+    """Only a batch upload may be large (``--max-upload-mb``): every other request body is
+    read up to :data:`~fieldgate.hub.web.MAX_JSON_BYTES` (413 past it)."""
+    if request.endpoint != "uploads.put_batch":
+        request.max_content_length = MAX_JSON_BYTES
+
+
 def _api_error(exc: ApiError) -> tuple[Response, int]:
     return error_response(exc.status, exc.message, exc.headers)
+
+
+def _too_slow(exc: ClientTooSlow) -> tuple[Response, int]:
+    return error_response(408, f"this client {exc.strerror}; nothing was stored")
 
 
 def _http_error(exc: HTTPException) -> tuple[Response, int]:
@@ -91,7 +112,8 @@ def _http_error(exc: HTTPException) -> tuple[Response, int]:
     messages = {
         404: "no such endpoint",
         405: f"method {request.method} is not allowed here",
-        413: f"the upload is larger than this hub accepts ({settings().max_upload_bytes} bytes)",
+        413: f"the request body is larger than this hub accepts ({request.max_content_length} "
+        "bytes)",
     }
     allow = {k: v for k, v in exc.get_headers() if k == "Allow"}  # 405 names the methods
     return error_response(status, messages.get(status, exc.description or exc.name), allow)

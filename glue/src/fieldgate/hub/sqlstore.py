@@ -55,6 +55,7 @@ from fieldgate.hub.storage import (
     pin_matches,
     secret_hash,
 )
+from fieldgate.names import ALLOWED, METRIC_RE, NAME_RE
 from fieldgate.store import now_ms
 
 #: The view with the contract's readings columns, the same on both backends.
@@ -97,12 +98,27 @@ ROLLUP_REBUILD = (
 )
 
 
-def check_names(*names: str) -> None:
-    """Device and metric names are text without NUL (PostgreSQL cannot store one, so
-    neither backend does): IngestError otherwise."""
-    for name in names:
-        if "\x00" in name:
-            raise IngestError(f"a device or metric name contains a NUL character: {name!r:.60}")
+def check_device(name: str) -> None:
+    """A reading's device is a name (:mod:`fieldgate.names`: at most 64 characters, no
+    NUL, line break or space), as the gateway checked it: IngestError otherwise."""
+    if NAME_RE.fullmatch(name) is None:
+        raise IngestError(
+            f"device name {name!r:.80} is not acceptable ({ALLOWED['name']}, at most 64)"
+        )
+
+
+def check_metric(name: str) -> None:
+    """A reading's metric is a metric name (:mod:`fieldgate.names`): IngestError otherwise."""
+    if METRIC_RE.fullmatch(name) is None:
+        raise IngestError(
+            f"metric name {name!r:.80} is not acceptable ({ALLOWED['metric']}, at most 64)"
+        )
+
+
+def check_names(device: str, metric: str) -> None:
+    """Both names of a reading (checked once per series, not per reading)."""
+    check_device(device)
+    check_metric(metric)
 
 
 def _placeholders(n: int) -> str:

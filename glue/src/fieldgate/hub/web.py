@@ -8,6 +8,8 @@ a request with :class:`ApiError`, which the application answers as
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import threading
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import ClientDisconnected
 
 from fieldgate.hub.passwords import VerifiedCache
 from fieldgate.hub.storage import HubStorage
@@ -35,6 +38,14 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
+
+
+class ClientTooSlow(BrokenPipeError):
+    """A client missed a deadline of the hub's worker (:mod:`fieldgate.hub.worker`): its
+    request is abandoned and its connection closed (a view answers 408 if it can)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(errno.EPIPE, what)
 
 
 @dataclass
@@ -83,9 +94,36 @@ def storage() -> HubStorage:
     return settings().storage()
 
 
+#: The largest request body of any endpoint but the batch upload (a manifest is about
+#: 400 bytes).
+MAX_JSON_BYTES = 256 * 1024
+
+
+def read_body(size: int) -> bytes:
+    """Up to ``size`` bytes of the request body. A client the worker cut off for being too
+    slow comes through as the :class:`ClientTooSlow` it is (werkzeug's stream wraps
+    whatever the server raised in ClientDisconnected)."""
+    try:
+        return request.stream.read(size)
+    except ClientDisconnected as exc:
+        if isinstance(exc.__context__, ClientTooSlow):
+            raise exc.__context__ from None
+        raise
+
+
 def json_body() -> dict[str, Any]:
-    """The request's JSON object (400 when it is not one)."""
-    body = request.get_json(silent=True)
+    """The request's JSON object: 413 past :data:`MAX_JSON_BYTES` (read no further), 400
+    when it is not a JSON object."""
+    length = request.content_length
+    if length is not None and length > MAX_JSON_BYTES:
+        raise ApiError(413, f"the request body is {length} bytes; at most {MAX_JSON_BYTES}")
+    data = read_body(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise ApiError(413, f"the request body is larger than {MAX_JSON_BYTES} bytes")
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        body = None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
