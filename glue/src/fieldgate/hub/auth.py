@@ -80,6 +80,33 @@ def client_address() -> str:
     return request.remote_addr or "unknown"
 
 
+def refuse_over_limit(
+    counts: dict[str, tuple[int, int]],
+    limits: dict[str, int],
+    now: int,
+    window_ms: int,
+    what: str,
+    *,
+    allowed: int,
+) -> None:
+    """429 with ``Retry-After`` (seconds until the oldest counted event leaves the window)
+    when a key has more than ``limits[key] + allowed - 1`` events (``counts``: key ->
+    (count, oldest), :meth:`~fieldgate.hub.storage.HubStorage.login_failures`).
+    ``allowed`` 0: the limit is reached at the limit (failures so far); 1: one more may
+    pass (the count includes this attempt). Keys are ``kind:value``; the message names
+    the kind."""
+    for key, (count, oldest) in counts.items():
+        if count >= limits[key] + allowed:
+            wait = max(1, math.ceil((oldest + window_ms - now) / 1000))
+            kind = key.partition(":")[0]
+            whom = {"user": "this user name", "serial": "this gateway"}.get(kind, "this address")
+            raise ApiError(
+                429,
+                f"too many {what} for {whom}; try again in {wait} s",
+                {"Retry-After": str(wait)},
+            )
+
+
 def authenticate(name: str, password: str) -> Caller:
     """Check a user name and password for this request's client, under the rate limits:
     the caller, or ApiError 401 (wrong) or 429 (too many failures)."""
@@ -89,15 +116,7 @@ def authenticate(name: str, password: str) -> Caller:
     now = now_ms()
     keys = {f"user:{name}": USER_LIMIT, f"addr:{client_address()}": ADDRESS_LIMIT}
     failures = st.login_failures(keys, now - WINDOW_MS)
-    for key, (count, oldest) in failures.items():
-        if count >= keys[key]:
-            wait = max(1, math.ceil((oldest + WINDOW_MS - now) / 1000))
-            what = "this user name" if key.startswith("user:") else "this address"
-            raise ApiError(
-                429,
-                f"too many failed logins for {what}; try again in {wait} s",
-                {"Retry-After": str(wait)},
-            )
+    refuse_over_limit(failures, keys, now, WINDOW_MS, "failed logins", allowed=0)
     user = st.user(name)
     if not settings().verified.verify(name, password, user.password_hash if user else None):
         st.add_login_failure(keys, now, forget_before=now - WINDOW_MS)
