@@ -361,6 +361,9 @@ def test_hub_import_ingests_an_export_once(tmp_path: Path, hub_db: str) -> None:
         store.insert_readings(conn, [("TH-1", T0 + i, "t", i / 3) for i in range(250)], source="t")
     conn.close()
     r = run_fieldgate("hub", "import", "--db", hub_db, str(export))
+    assert r.returncode == 1  # no hub database there yet: a mistyped --db is not created
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("fieldgate: error: ")
+    r = run_fieldgate("hub", "import", "--db", hub_db, "--create", str(export))
     assert r.returncode == 0, r.stderr
     assert "250 readings, 250 new" in r.stdout
     r = run_fieldgate("hub", "import", "--db", hub_db, str(export))

@@ -382,7 +382,7 @@ def test_a_schema_1_export_restores_and_imports(config_file: ConfigFactory, tmp_
     conn = store.open_store(cfg.store.path, "GW-OLD")
     assert membership.count_unbatched(conn) == 30
     conn.close()
-    r = run_fieldgate("hub", "import", str(export), "--db", str(tmp_path / "hub.db"))
+    r = run_fieldgate("hub", "import", str(export), "--db", str(tmp_path / "hub.db"), "--create")
     assert r.returncode == 0, r.stderr
     hub_conn = sqlite3.connect(str(tmp_path / "hub.db"))
     assert (

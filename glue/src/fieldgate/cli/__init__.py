@@ -60,6 +60,12 @@ DB_PASSWORD = arg(
     metavar="FILE",
     help="file holding the PostgreSQL password (else PGPASSWORD or ~/.pgpass)",
 )
+CREATE = arg(
+    "--create",
+    action="store_true",
+    help="create the hub database (or its tables in an empty PostgreSQL database) if it "
+    "does not exist; without it a missing one is an error (a mistyped --db)",
+)
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -252,6 +258,21 @@ COMMANDS: tuple[Command, ...] = (
                 metavar="N",
                 help="reverse proxies in front whose X-Forwarded-For/-Proto/-Host to believe",
             ),
+            arg(
+                "--client-timeout",
+                type=float,
+                default=15,
+                metavar="SECS",
+                help="a client's request line and headers must arrive within SECS, a body "
+                "gets SECS before --min-body-rate counts (default 15)",
+            ),
+            arg(
+                "--min-body-rate",
+                type=float,
+                default=4096,
+                metavar="BYTES",
+                help="bytes per second a request body must average (default 4096)",
+            ),
         ),
         config=False,
     ),
@@ -262,6 +283,7 @@ COMMANDS: tuple[Command, ...] = (
         (
             DB,
             DB_PASSWORD,
+            CREATE,
             arg("--serial", required=True),
             arg(
                 "--valid-hours",
@@ -276,7 +298,7 @@ COMMANDS: tuple[Command, ...] = (
         "hub import",
         "hub:import_",
         "Ingest an exported gateway database directly.",
-        (DB, DB_PASSWORD, arg("file", metavar="FILE.db")),
+        (DB, DB_PASSWORD, CREATE, arg("file", metavar="FILE.db")),
         config=False,
     ),
     Command(
@@ -295,6 +317,7 @@ COMMANDS: tuple[Command, ...] = (
         (
             DB,
             DB_PASSWORD,
+            CREATE,
             arg("name", metavar="NAME"),
             arg("--domains", default="", metavar="D1,D2", help="comma-separated domains"),
             arg("--admin", action="store_true", help="sees every gateway"),
@@ -325,7 +348,13 @@ COMMANDS: tuple[Command, ...] = (
         "hub gateway domain",
         "hub:gateway_domain",
         "Put a gateway in a domain (new gateways are in domain 'default').",
-        (DB, DB_PASSWORD, arg("serial", metavar="SERIAL"), arg("domain", metavar="DOMAIN")),
+        (
+            DB,
+            DB_PASSWORD,
+            CREATE,
+            arg("serial", metavar="SERIAL"),
+            arg("domain", metavar="DOMAIN"),
+        ),
         config=False,
     ),
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fieldgate.errors import FieldgateError
 from fieldgate.exportdb import inspect_export
-from fieldgate.hub.backends import open_storage
+from fieldgate.hub.backends import is_postgresql, open_storage
 from fieldgate.hub.imports import import_export
 from fieldgate.hub.storage import HubStorage
 from fieldgate.names import ALLOWED, is_name
@@ -21,7 +21,15 @@ from fieldgate.store import iso_utc
 
 
 @contextmanager
-def _storage(args: argparse.Namespace, *, create: bool = True) -> Iterator[HubStorage]:
+def _storage(args: argparse.Namespace) -> Iterator[HubStorage]:
+    """The hub storage of ``--db``; a database that does not exist is an error unless the
+    command has ``--create`` and it was given (a mistyped path must not become a new, empty
+    hub database that the command then reports success on)."""
+    create = getattr(args, "create", False)
+    if not create and not is_postgresql(args.db) and not Path(args.db).exists():
+        raise FieldgateError(
+            f"hub database {args.db} does not exist (a mistyped --db?); --create creates a new one"
+        )
     st = open_storage(args.db, create=create, password_file=args.db_password_file)
     try:
         yield st
@@ -52,6 +60,8 @@ def serve(args: argparse.Namespace) -> int:
         password_file=args.db_password_file,
         trusted_proxies=args.trusted_proxies,
         retention_days=args.retention_days,
+        client_timeout=args.client_timeout,
+        min_body_rate=args.min_body_rate,
     )
     return 0
 
@@ -82,7 +92,7 @@ def prune(args: argparse.Namespace) -> int:
 
     if not args.days > 0:
         raise FieldgateError("--days must be more than 0")
-    with _storage(args, create=False) as st:
+    with _storage(args) as st:
         deleted, cutoff = prune_pass(st, args.days)
     print(f"pruned {deleted} readings older than {iso_utc(cutoff)} ({args.days:g} days)")
     return 0
@@ -167,7 +177,7 @@ def user_add(args: argparse.Namespace) -> int:
 
 def user_remove(args: argparse.Namespace) -> int:
     """``fieldgate hub user remove --db DB NAME``."""
-    with _storage(args, create=False) as st:
+    with _storage(args) as st:
         if not st.remove_user(args.name):
             raise FieldgateError(f"there is no user {args.name!r:.70}")
     print(f"removed user {args.name}")
@@ -176,7 +186,7 @@ def user_remove(args: argparse.Namespace) -> int:
 
 def user_list(args: argparse.Namespace) -> int:
     """``fieldgate hub user list --db DB [--json]``."""
-    with _storage(args, create=False) as st:
+    with _storage(args) as st:
         users = st.users()
     if args.json:
         out = [

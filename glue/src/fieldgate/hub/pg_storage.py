@@ -29,7 +29,7 @@ import psycopg
 from fieldgate import store
 from fieldgate.batchfile import Columns
 from fieldgate.errors import FieldgateError
-from fieldgate.hub.sqlstore import READINGS_VIEW, SqlHubStorage, check_names
+from fieldgate.hub.sqlstore import READINGS_VIEW, SqlHubStorage, check_device, check_metric
 from fieldgate.store import now_ms
 
 #: Schema migrations: version -> SQL that brings a hub database from version-1 to version.
@@ -241,7 +241,8 @@ def migrate(
                 raise FieldgateError(f"{label} is not a {schema.what}")
             if not create:
                 raise FieldgateError(
-                    f"{label} holds no hub tables yet; 'fieldgate hub serve' creates them"
+                    f"{label} holds no hub tables yet; 'fieldgate hub serve' or --create "
+                    "creates them"
                 )
         for version in range(current + 1, schema.version + 1):
             conn.execute(schema.migrations[version].encode())  # a script: no parameters
@@ -279,6 +280,7 @@ class PgHubStorage(SqlHubStorage):
         #: Whether the batch being ingested went in with the plain insert (and whose it is).
         self._staged_new, self._staged_serial = False, ""
         try:
+            self.created = schema_version(self.conn, PG_SCHEMA.version_key) == 0
             migrate(self.conn, f"hub database {describe(url)}", create=create)
             # the staging table of ingest: one per connection, emptied by every commit
             self.conn.execute("SET temp_buffers = '64MB'")
@@ -314,21 +316,24 @@ class PgHubStorage(SqlHubStorage):
         self, serial: str, seq: int, chunks: Iterable[Columns], ids: dict[tuple[str, str], int]
     ) -> tuple[int, dict[int, tuple[int, int, int]]]:
         seen = 0
-        names: dict[str, str] = {}  # name -> as COPY reads it (checked once per name)
+        devices: dict[str, str] = {}  # name -> as COPY reads it (checked once per name)
+        metrics: dict[str, str] = {}
         line = "{}\t{}\t{}\t{!r}\n".format
         with self.conn.cursor() as cur:
             with cur.copy("COPY stage (device, metric, ts, value) FROM STDIN") as copy:
                 for cols in chunks:
-                    for name in {*cols.devices, *cols.metrics}.difference(names):
-                        check_names(name)
-                        names[name] = name.translate(_COPY_ESCAPES)
-                    escaped = names.__getitem__
+                    for name in set(cols.devices).difference(devices):
+                        check_device(name)
+                        devices[name] = name.translate(_COPY_ESCAPES)
+                    for name in set(cols.metrics).difference(metrics):
+                        check_metric(name)
+                        metrics[name] = name.translate(_COPY_ESCAPES)
                     copy.write(
                         "".join(
                             map(
                                 line,
-                                map(escaped, cols.devices),
-                                map(escaped, cols.metrics),
+                                map(devices.__getitem__, cols.devices),
+                                map(metrics.__getitem__, cols.metrics),
                                 cols.ts,
                                 cols.values,
                             )

@@ -198,6 +198,7 @@ class SqliteHubStorage(SqlHubStorage):
     def __init__(self, path: str | Path, *, create: bool = True, busy_timeout_ms: int = 60000):
         super().__init__()
         self.path = Path(path)
+        self.created = not self.path.exists()
         self.conn = store.open_database(
             path,
             HUB_SCHEMA,

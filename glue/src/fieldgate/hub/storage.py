@@ -159,6 +159,9 @@ class Series:
 class HubStorage(Protocol):
     """What the hub needs from its database (see the module docstring for the guarantees)."""
 
+    #: Whether opening it created the database (SQLite) or its tables (PostgreSQL).
+    created: bool
+
     # Registration ---------------------------------------------------------------------------
 
     def create_pin(self, serial: str, valid_secs: int) -> str:
