@@ -1,8 +1,9 @@
 """``fieldgate hub serve``: the hub's web application under gunicorn.
 
-gunicorn forks ``workers`` processes of ``threads`` threads each (the ``gthread`` worker:
-a slow or idle client holds one thread, not a whole worker, and idle keep-alive
-connections wait in the worker's event loop), each thread with its own storage
+gunicorn forks ``workers`` processes of ``threads`` threads each
+(:class:`fieldgate.hub.worker.HubWorker`: gunicorn's ``gthread`` worker with deadlines on
+every read and write, so idle connections wait in the worker's event loop and a slow
+client holds a thread for seconds, not for ever), each thread with its own storage
 connection; it stops cleanly on SIGTERM. With ``retention_days`` a retention process runs
 beside the workers (:mod:`fieldgate.hub.retention`). The access log leaves out upload
 tokens (credentials until they expire). Needs the ``hub`` extra (Flask, gunicorn, psycopg).
@@ -21,6 +22,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 
 from fieldgate.errors import FieldgateError
+from fieldgate.hub import worker
 from fieldgate.hub.app import create_app
 from fieldgate.hub.backends import describe, is_postgresql, open_storage
 from fieldgate.redact import redact
@@ -60,8 +62,9 @@ class HubServer(BaseApplication):  # type: ignore[misc]
         self.options: dict[str, Any] = {
             "bind": bind,
             "workers": workers,
-            "worker_class": "gthread",
+            "worker_class": "fieldgate.hub.worker.HubWorker",
             "threads": threads,
+            "pre_request": worker.pre_request,
             # gthread: the master kills a worker whose event loop stalls this long (requests
             # run in the worker's threads and do not stall it)
             "timeout": 60,
@@ -106,6 +109,8 @@ def serve(
     password_file: str | None = None,
     trusted_proxies: int = 0,
     retention_days: float | None = None,
+    client_timeout: float = worker.LIMITS.read_timeout,
+    min_body_rate: float = worker.LIMITS.min_body_rate,
 ) -> None:
     """Serve the hub API for the database ``db`` on ``host:port`` until SIGTERM."""
     if workers < 1:
@@ -116,11 +121,21 @@ def serve(
         raise FieldgateError("--retention-days must be more than 0")
     if trusted_proxies < 0:
         raise FieldgateError("--trusted-proxies must be 0 or more")
+    if not client_timeout > 0:
+        raise FieldgateError("--client-timeout must be more than 0")
+    if not min_body_rate > 0:
+        raise FieldgateError("--min-body-rate must be more than 0")
+    worker.LIMITS.read_timeout = client_timeout
+    worker.LIMITS.min_body_rate = min_body_rate
     if not is_postgresql(db):
         db = str(Path(db).resolve())
     if password_file:
         password_file = str(Path(password_file).resolve())
-    open_storage(db, password_file=password_file).close()  # create or migrate once, before the fork
+    # create or migrate once, before the fork; a new database is said once, here
+    st = open_storage(db, password_file=password_file)
+    st.close()
+    if st.created:
+        log.info("hub database %s did not exist: created it", describe(db))
     check_bind(host, port)
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     options = {
@@ -130,11 +145,14 @@ def serve(
         "trusted_proxies": trusted_proxies,
     }
     log.info(
-        "hub serving %s on %s with %d workers of %d threads%s",
+        "hub serving %s on %s with %d workers of %d threads (clients: %g s for headers, "
+        "%g bytes/s for bodies)%s",
         describe(db),
         bind,
         workers,
         threads,
+        client_timeout,
+        min_body_rate,
         f", retention {retention_days:g} days" if retention_days else "",
     )
     retention = start_retention(db, retention_days, password_file) if retention_days else None

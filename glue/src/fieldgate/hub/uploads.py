@@ -22,8 +22,16 @@ from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected
 
 from fieldgate import batchfile
+from fieldgate.hub.auth import client_address, refuse_over_limit
 from fieldgate.hub.storage import IngestError
-from fieldgate.hub.web import ApiError, json_body, settings, storage
+from fieldgate.hub.web import (
+    ApiError,
+    ClientTooSlow,
+    json_body,
+    read_body,
+    settings,
+    storage,
+)
 from fieldgate.names import is_name
 from fieldgate.store import iso_utc, now_ms
 
@@ -31,6 +39,8 @@ log = logging.getLogger("fieldgate.hub")
 
 uploads = Blueprint("uploads", __name__, url_prefix="/api/v1")
 
+#: The longest PIN looked at (a PIN is 11 characters; PBKDF2 of a long one costs more).
+MAX_PIN = 64
 #: What a refused upload adds to its reason.
 NOTHING_STORED = "; nothing was stored"
 #: The largest heartbeat body (a status is a few kilobytes; this leaves room for many inputs).
@@ -52,18 +62,47 @@ def gateway_from_key() -> str:
     return serial
 
 
+#: Registration attempts are counted over this window (ms) ...
+PIN_WINDOW_MS = 15 * 60 * 1000
+#: ... at most this many per gateway serial, and per client address (wrong PINs and
+#: right ones alike; a registration that succeeds clears its serial's count).
+PIN_SERIAL_LIMIT = 10
+PIN_ADDRESS_LIMIT = 30
+
+
+def limit_registrations(serial: str) -> None:
+    """Count this registration attempt, or refuse it with 429 and ``Retry-After``.
+
+    The count lives in the database (shared by every worker and hub process) and is
+    written before the PIN is checked, then read again: of guesses sent at once, each sees
+    at least the attempts committed before it, its own included, so no number of parallel
+    guesses gets more than the limit checked. An attempt that is refused at once (the
+    limit was reached already) writes nothing."""
+    st = storage()
+    now = now_ms()
+    keys = {f"serial:{serial}": PIN_SERIAL_LIMIT, f"pinaddr:{client_address()}": PIN_ADDRESS_LIMIT}
+    since = now - PIN_WINDOW_MS
+    what = "registration attempts"
+    refuse_over_limit(st.login_failures(keys, since), keys, now, PIN_WINDOW_MS, what, allowed=0)
+    st.add_login_failure(keys, now, forget_before=since)
+    refuse_over_limit(st.login_failures(keys, since), keys, now, PIN_WINDOW_MS, what, allowed=1)
+
+
 @uploads.post("/register")
 def register() -> tuple[Response, int]:
     body = json_body()
     pin, serial = body.get("pin"), body.get("serial")
-    if not isinstance(pin, str) or not is_name(serial):
+    if not isinstance(pin, str) or not is_name(serial) or len(pin) > MAX_PIN:
         raise ApiError(400, "register needs a JSON object with a 'pin' and a 'serial'")
     g.ctx = f" [{serial}]"
-    key = storage().register(serial, pin)
+    limit_registrations(serial)
+    st = storage()
+    key = st.register(serial, pin)
     if key is None:
         raise ApiError(
             403, f"the PIN is not valid for gateway {serial} (wrong, already used or expired)"
         )
+    st.clear_login_failures(f"serial:{serial}")
     log.info("gateway %s registered: new key issued", serial)
     return jsonify(gateway_key=key), 201
 
@@ -206,7 +245,9 @@ def _cut_off(got: int, length: int | None, why: str = "") -> str:
 def _read_some(got: int, length: int | None) -> bytes:
     """The next piece of the body; 400 when the client went away or sent a short body."""
     try:
-        return request.stream.read(CHUNK)
+        return read_body(CHUNK)
+    except ClientTooSlow:
+        raise  # 408 (fieldgate.hub.app)
     except (ClientDisconnected, OSError) as exc:
         raise ApiError(400, _cut_off(got, length, f" ({exc.__class__.__name__})")) from None
     except Exception as exc:  # gunicorn's NoMoreData and friends: a short body
