@@ -506,6 +506,9 @@ class Hub:
     host: str = "127.0.0.1"
     workers: int = 2
     extra_args: list[str] = field(default_factory=list)
+    #: Run ``hub serve`` through this (``prlimit --as=N --``: a memory cap) with ``env``.
+    prefix: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -525,6 +528,7 @@ class Hub:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [
+                    *self.prefix,
                     FIELDGATE,
                     "hub",
                     "serve",
@@ -538,6 +542,7 @@ class Hub:
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                env=None if self.env is None else {**os.environ, **self.env},
             )
         deadline = time.monotonic() + 30
         while True:

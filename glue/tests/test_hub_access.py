@@ -255,7 +255,11 @@ def test_hub_user_commands(hub_db: str) -> None:
         r = run_fieldgate("hub", *args, "--db", hub_db, stdin=stdin)
         return r.returncode, r.stdout, r.stderr
 
-    code, out, err = hub("user", "add", "alice", "--domains", "west,east", stdin="correct horse\n")
+    code, _, err = hub("user", "add", "alice", "--domains", "east", stdin="correct horse\n")
+    assert code == 1, err
+    assert "--create creates" in err or "holds no hub tables yet" in err, err
+    add = ("user", "add", "alice", "--create", "--domains", "west,east")
+    code, out, err = hub(*add, stdin="correct horse\n")
     assert (code, out, err) == (0, "added user alice (domains: east, west)\n", "")
     assert hub("user", "add", "root", "--admin", stdin="battery staple\n")[0] == 0
     code, _, err = hub("user", "add", "alice", "--domains", "east", stdin="another one\n")
