@@ -218,6 +218,7 @@ class HubWorker(ThreadWorker):  # type: ignore[misc]
         if not isinstance(conn.sock, DeadlineSocket):
             conn.sock = DeadlineSocket.adopt(conn.sock)
         conn.sock.setblocking(False)
+        conn.sock.continued = False
         conn.seen_at = time.monotonic()
         conn.timeout = conn.seen_at + LIMITS.read_timeout
         self.filling.append(conn)
