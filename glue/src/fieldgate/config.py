@@ -694,7 +694,7 @@ def _check_csv(cfg: Config, key: str, c: CsvOptions) -> None:
         raise _fail(cfg, f"{key}.columns", "empty: name every column (- for one not read)")
     seen: set[str] = set()
     for i, col in enumerate(c.columns):
-        if col not in ("-", "ts", "device") and not METRIC_RE.match(col):
+        if col not in ("-", "ts", "device") and not METRIC_RE.fullmatch(col):
             raise _fail(
                 cfg,
                 f"{key}.columns[{i}]",
@@ -818,7 +818,7 @@ def _coerce(tp: Any, value: Any, key: str, path: str, meta: Any) -> Any:
             hint = " (quote it)" if isinstance(value, int | float) else ""
             raise ConfigError(f"{path}: {key}: expected a string, got {_describe(value)}{hint}")
         pattern = meta.get("pattern") if meta else None
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             raise ConfigError(f"{path}: {key}: {value!r} is not a valid value here")
         return value
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug, not an operator error

@@ -114,7 +114,7 @@ def resolve_device(devices: DevicesConfig, name: str) -> tuple[str, DeviceConfig
         raise SampleError(
             f"unknown device {_quoted(name)}: not in devices.list (devices.allow_unknown is false)"
         )
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise SampleError(f"device name {_quoted(name)} is not valid ({ALLOWED['name']})")
     return name, None
 
@@ -229,7 +229,7 @@ def check_metric_name(name: Any) -> str:
     """A valid metric name, or SampleError."""
     if name in _GOOD_METRICS:
         return name
-    if not isinstance(name, str) or not METRIC_RE.match(name):
+    if not isinstance(name, str) or not METRIC_RE.fullmatch(name):
         shown = repr(name) if len(repr(name)) <= 40 else repr(name)[:37] + "..."
         raise SampleError(f"metric name {shown} is not valid ({ALLOWED['metric']})")
     if len(_GOOD_METRICS) < 10_000:
