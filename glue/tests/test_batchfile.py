@@ -110,6 +110,11 @@ def test_manifest_keys_in_contract_order() -> None:
     ]  # fmt: skip
     assert m["created_at"] == "2026-01-01T00:00:00.123000Z"
     assert batchfile.check_manifest(dict(m, mode="TEST")) is not None
+    # what a gateway writes is exactly what the hub accepts: a key added to one side only
+    # would get every batch refused
+    assert set(m) == batchfile.MANIFEST_KEYS
+    with pytest.raises(BatchFileError, match="manifest: unknown key 'note'"):
+        batchfile.check_manifest(dict(m, note="x"))
 
 
 @pytest.mark.parametrize(
@@ -124,6 +129,7 @@ def test_manifest_keys_in_contract_order() -> None:
         ({"mode": "PASS"}, "manifest: mode must be LIVE or TEST"),
         ({"type": ""}, "manifest: type must be a name"),
         ({"type": "a\x00b"}, "manifest: type must be a name"),
+        ({"serial": "GW-1\n"}, "manifest: serial must be a gateway serial"),
     ],
 )
 def test_check_manifest_names_the_field(change: dict[str, Any], reason: str) -> None:
