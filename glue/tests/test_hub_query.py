@@ -36,7 +36,7 @@ def data_hub(hub: Hub) -> Iterator[tuple[Hub, tuple[str, str]]]:
     try:
         rows = [("TH-1", T0 + i * 10_000, "temperature", values(i)) for i in range(N)]
         rows += [("TH-1", T0 + i * 60_000, "humidity", 50.0 + i % 7) for i in range(1440)]
-        rows += [('od,d "dev"', T0, "m:0.tC", -0.0)]
+        rows += [("od.d-dev", T0, "m:0.tC", -0.0)]
         rows += [("TH-2", T0, "wide", 1.0), ("TH-2", T0 + 2 * 86_400_000, "wide", 2.0)]
         assert st.ingest(SERIAL, "b-1", iter(rows)) == len(rows)
     finally:
@@ -145,18 +145,18 @@ def test_extent(data_hub: tuple[Hub, tuple[str, str]]) -> None:
                 "last_ts": T0 + 2 * 86_400_000,
                 "count": 2,
             },
-            {"device": 'od,d "dev"', "metric": "m:0.tC", "first_ts": T0, "last_ts": T0, "count": 1},
+            {"device": "od.d-dev", "metric": "m:0.tC", "first_ts": T0, "last_ts": T0, "count": 1},
         ],
     }
     r = requests.get(
         f"{hub.url}/api/v1/extent",
-        params={"serial": SERIAL, "device": 'od,d "dev"', "format": "csv"},
+        params={"serial": SERIAL, "device": "od.d-dev", "format": "csv"},
         auth=auth,
         timeout=60,
     )
     assert list(csv.reader(io.StringIO(r.text))) == [
         ["device", "metric", "first_ts", "last_ts", "count"],
-        ['od,d "dev"', "m:0.tC", str(T0), str(T0), "1"],
+        ["od.d-dev", "m:0.tC", str(T0), str(T0), "1"],
     ]
 
 

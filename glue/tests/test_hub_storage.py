@@ -198,6 +198,7 @@ def test_opening_postgresql(pg_server: object, tmp_path: Path) -> None:
             str(secret),
             "--serial",
             "GW-1",
+            "--create",
             env=env,
         )
         assert r.returncode == 0, r.stderr

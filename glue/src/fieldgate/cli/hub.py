@@ -26,7 +26,8 @@ def _storage(args: argparse.Namespace) -> Iterator[HubStorage]:
     command has ``--create`` and it was given (a mistyped path must not become a new, empty
     hub database that the command then reports success on)."""
     create = getattr(args, "create", False)
-    if not create and not is_postgresql(args.db) and not Path(args.db).exists():
+    sqlite = not is_postgresql(args.db) and args.db_password_file is None  # else: its error
+    if not create and sqlite and not Path(args.db).exists():
         raise FieldgateError(
             f"hub database {args.db} does not exist (a mistyped --db?); --create creates a new one"
         )

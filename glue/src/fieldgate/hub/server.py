@@ -131,12 +131,12 @@ def serve(
         db = str(Path(db).resolve())
     if password_file:
         password_file = str(Path(password_file).resolve())
+    check_bind(host, port)  # before a new database is created for a hub that cannot start
     # create or migrate once, before the fork; a new database is said once, here
     st = open_storage(db, password_file=password_file)
     st.close()
     if st.created:
         log.info("hub database %s did not exist: created it", describe(db))
-    check_bind(host, port)
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     options = {
         "upload_ttl_secs": upload_ttl_secs,
