@@ -222,9 +222,26 @@ def locate_plugin(
         raise
 
 
-def conf_lines(plugin: Path) -> list[str]:
-    """The Mosquitto configuration lines that load the plugin (Mosquitto 2.0)."""
-    return [
-        f"# fieldgate: stamp each incoming message with its arrival time ({STAMP_PROPERTY})",
+def conf_lines(plugin: Path, refusals_file: Path | None = None) -> list[str]:
+    """The Mosquitto configuration lines that load the plugin (Mosquitto 2.0).
+
+    The plugin also has the broker save its persistence database within 0.5 s of a message
+    (docs/broker-persistence.md). With ``refusals_file`` it counts the publishes the broker's
+    ACL denied, per account, into that file (:mod:`fieldgate.refusals`); the broker must then
+    have an ``acl_file``, as the mosquitto role writes.
+    """
+    lines = [
+        f"# fieldgate: stamp each incoming message with its arrival time ({STAMP_PROPERTY}); "
+        "save the persistence database within 0.5 s of a message",
         f"plugin {plugin}",
     ]
+    if refusals_file is not None:
+        if not refusals_file.is_absolute():
+            raise PluginError(f"--refusals-file must be an absolute path, not {refusals_file}")
+        if any(c.isspace() for c in str(refusals_file)):
+            raise PluginError(f"--refusals-file must hold no white space: {str(refusals_file)!r}")
+        lines += [
+            "# count the publishes the ACL denies, per account (fieldgate status shows them)",
+            f"plugin_opt_refusals_file {refusals_file}",
+        ]
+    return lines

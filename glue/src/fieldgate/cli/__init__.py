@@ -220,6 +220,12 @@ COMMANDS: tuple[Command, ...] = (
             arg("--plugin", metavar="FILE", help="a prebuilt plugin to use as is"),
             arg("--cache-dir", metavar="DIR", help="where to build it if need be"),
             arg("--cc", metavar="CC", help="build with this (cross) compiler"),
+            arg(
+                "--refusals-file",
+                metavar="FILE",
+                help="also count the publishes the broker's ACL denies into FILE "
+                "(mqtt.broker_refusals_file; the broker needs an acl_file)",
+            ),
         ),
         config=False,
     ),

@@ -19,5 +19,6 @@ def broker_conf(args: argparse.Namespace) -> int:
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         cc=args.cc,
     )
-    print("\n".join(conf_lines(plugin)))
+    refusals = Path(args.refusals_file) if args.refusals_file else None
+    print("\n".join(conf_lines(plugin, refusals)))
     return 0

@@ -26,6 +26,30 @@
  * cannot be done (out of memory), the message is refused unacknowledged and the publisher
  * sends it again: never passed on with a client's stamp, never passed on unstamped.
  *
+ * Prompt saves (issue 15): Mosquitto saves its persistence database either every N changes
+ * (autosave_on_changes true: up to N - 1 acknowledged messages lost by a killed broker, and
+ * every save rewrites the whole backlog, so a long collector outage turns into a write storm)
+ * or every autosave_interval + 1 whole seconds whether or not anything changed. The plugin
+ * asks for a save the way mosquitto(8) documents, SIGUSR1, when a message arrived since the
+ * last save and at least plugin_opt_save_ms (default 500; 0: never) have passed since the
+ * last request: on the message itself or on the broker's next loop pass (MOSQ_EVT_TICK, at
+ * least every 100 ms). The broker writes the database at the end of that pass. A broker killed
+ * therefore loses at most the messages of the last save_ms plus one save; an idle broker writes
+ * nothing. When one save takes long (a large backlog on slow storage), the next waits twice
+ * that long, so saving never takes more than a third of the broker's time.
+ *
+ * Refusals (issue 15): Mosquitto acknowledges a PUBLISH its ACL denies and drops it, and says
+ * so only in its debug log (every packet). With plugin_opt_refusals_file PATH the plugin counts
+ * them per account (the first 256 accounts by name, the rest together) and writes the counts as
+ * JSON to PATH (written to PATH.tmp, renamed; mode 0644; at most once a second, only after a
+ * change; `fieldgate status` reads it). It learns the outcome by registering an ACL check that
+ * decides nothing (MOSQ_ERR_PLUGIN_DEFER, so the acl_file decides: it needs one, as the role
+ * writes; without an acl_file every check deferred is a denial) and is asked first: a PUBLISH
+ * that passes is followed at once by its message event; one that is not is a denial. The
+ * write checks that are not a client's PUBLISH are told apart: a will (checked right after the
+ * client's disconnect event) and the source of a retained message (checked right after a
+ * subscription's check).
+ *
  * Loaded with the configuration line
  *
  *     plugin /path/to/fieldgate_stamp.so
@@ -39,6 +63,9 @@
  */
 
 #include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/stat.h>
 #include <inttypes.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -58,9 +85,32 @@ static const char fg_build[] = "fieldgate_stamp build " FG_STAMP_BUILD;
 
 #define FG_PROPERTY "fg-ts"
 #define FG_DEFAULT_SLOTS 16384u
+#define FG_DEFAULT_SAVE_MS 500
+#define FG_MAX_ACCOUNTS 256
+#define FG_NAME_MAX 64
+#define FG_TOPIC_MAX 128
+#define FG_REFUSALS_EVERY_MS 1000
+#define FG_MAX_SAVE_MS 3600000
 #define FG_MAX_SLOTS (1u << 24)
 #define FG_WARN_AHEAD_MS 1000
 #define FG_WARN_EVERY_MS 60000
+
+struct fg_refusal {
+	char account[FG_NAME_MAX + 1];   /* username ("" for none) */
+	char client[FG_NAME_MAX + 1];    /* the last client id it used */
+	char topic[FG_TOPIC_MAX + 1];    /* the last topic denied */
+	uint64_t denied;
+	int64_t last_ms;
+};
+
+/* A write check waiting for its outcome. */
+struct fg_pending {
+	const struct mosquitto *client;  /* compared, never dereferenced */
+	char account[FG_NAME_MAX + 1];
+	char client_id[FG_NAME_MAX + 1];
+	char topic[FG_TOPIC_MAX + 1];
+	int active;
+};
 
 struct fg_state {
 	mosquitto_plugin_id_t *pid;
@@ -69,6 +119,23 @@ struct fg_state {
 	int64_t next_ahead_warning;
 	int64_t next_forged_warning;
 	uint64_t forged;           /* client-supplied fg-ts properties removed so far */
+	int64_t save_ms;           /* least time between save requests; 0 = none */
+	int dirty;                 /* a message arrived since the last save request */
+	int64_t requested;         /* when the last save was requested (CLOCK_MONOTONIC ms), or 0 */
+	int64_t next_save;         /* no request before this (monotonic ms) */
+	int saving;                /* requested; the save runs before the next tick */
+	char *refusals_file;       /* NULL: refusals not counted */
+	char *refusals_tmp;
+	struct fg_refusal *refusals;
+	unsigned n_refusals;
+	uint64_t other_denied;     /* accounts beyond FG_MAX_ACCOUNTS */
+	uint64_t total_denied;
+	int64_t since_ms;
+	int refusals_dirty;
+	int64_t next_refusals_write;
+	struct fg_pending pending;
+	const struct mosquitto *will_of;  /* the client whose will is checked next */
+	int in_subscribe;          /* retained messages' sources are checked now */
 };
 
 static struct fg_state fg;
@@ -79,6 +146,167 @@ static int64_t now_ms(void)
 
 	clock_gettime(CLOCK_REALTIME, &ts);
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Ask the broker for a save (SIGUSR1: it writes the database at the end of this loop pass)
+ * when a message is waiting for one and the last request is long enough ago. */
+static void maybe_save(struct fg_state *st, int64_t now)
+{
+	if(!st->save_ms || !st->dirty || st->saving || now < st->next_save) return;
+	st->dirty = 0;
+	st->saving = 1;
+	st->requested = now;
+	raise(SIGUSR1);
+}
+
+/* Copy at most max bytes of src, as JSON-safe printable ASCII ('"', '\\' and others: '?'). */
+static void safe_copy(char *dst, const char *src, size_t max)
+{
+	size_t i = 0;
+
+	for(; src && src[i] && i < max; i++){
+		unsigned char c = (unsigned char)src[i];
+		dst[i] = (c < 0x20 || c > 0x7e || c == '"' || c == '\\') ? '?' : (char)c;
+	}
+	dst[i] = '\0';
+}
+
+static void record_denial(struct fg_state *st, const struct fg_pending *p)
+{
+	struct fg_refusal *r = NULL;
+
+	for(unsigned i = 0; i < st->n_refusals; i++){
+		if(!strcmp(st->refusals[i].account, p->account)){
+			r = &st->refusals[i];
+			break;
+		}
+	}
+	if(!r && st->n_refusals < FG_MAX_ACCOUNTS){
+		r = &st->refusals[st->n_refusals++];
+		memcpy(r->account, p->account, sizeof(r->account));
+	}
+	st->total_denied++;
+	st->refusals_dirty = 1;
+	if(!r){
+		st->other_denied++;
+		return;
+	}
+	r->denied++;
+	r->last_ms = now_ms();
+	memcpy(r->client, p->client_id, sizeof(r->client));
+	memcpy(r->topic, p->topic, sizeof(r->topic));
+}
+
+/* A pending write check that got no message event was denied. */
+static void resolve_pending(struct fg_state *st)
+{
+	if(st->pending.active){
+		st->pending.active = 0;
+		record_denial(st, &st->pending);
+	}
+}
+
+static void write_refusals(struct fg_state *st)
+{
+	FILE *f;
+	int ok;
+
+	f = fopen(st->refusals_tmp, "w");
+	if(!f){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "fieldgate_stamp: cannot write %s: %s",
+				st->refusals_tmp, strerror(errno));
+		return;
+	}
+	fchmod(fileno(f), 0644);
+	fprintf(f, "{\"since_ms\": %" PRId64 ", \"written_ms\": %" PRId64 ", \"denied\": %" PRIu64
+			", \"other_accounts_denied\": %" PRIu64 ", \"accounts\": [",
+			st->since_ms, now_ms(), st->total_denied, st->other_denied);
+	for(unsigned i = 0; i < st->n_refusals; i++){
+		const struct fg_refusal *r = &st->refusals[i];
+		fprintf(f, "%s\n {\"account\": \"%s\", \"client\": \"%s\", \"denied\": %" PRIu64
+				", \"last_topic\": \"%s\", \"last_ms\": %" PRId64 "}",
+				i ? "," : "", r->account, r->client, r->denied, r->topic, r->last_ms);
+	}
+	fputs("]}\n", f);
+	ok = !ferror(f);
+	ok = (fclose(f) == 0) && ok;
+	if(!ok || rename(st->refusals_tmp, st->refusals_file)){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "fieldgate_stamp: cannot write %s: %s",
+				st->refusals_file, strerror(errno));
+		remove(st->refusals_tmp);
+	}
+}
+
+static int on_acl_check(int event, void *event_data, void *userdata)
+{
+	struct mosquitto_evt_acl_check *ed = event_data;
+	struct fg_state *st = userdata;
+
+	(void)event;
+	resolve_pending(st);
+	if(ed->access == MOSQ_ACL_SUBSCRIBE){
+		st->in_subscribe = 1;
+	}else if(ed->access == MOSQ_ACL_WRITE){
+		if(ed->client == st->will_of){
+			st->will_of = NULL;  /* its will, after its disconnect */
+		}else if(!st->in_subscribe){
+			st->pending.active = 1;
+			st->pending.client = ed->client;
+			safe_copy(st->pending.account, mosquitto_client_username(ed->client), FG_NAME_MAX);
+			safe_copy(st->pending.client_id, mosquitto_client_id(ed->client), FG_NAME_MAX);
+			safe_copy(st->pending.topic, ed->topic, FG_TOPIC_MAX);
+		}
+	}
+	return MOSQ_ERR_PLUGIN_DEFER;
+}
+
+static int on_disconnect(int event, void *event_data, void *userdata)
+{
+	struct mosquitto_evt_disconnect *ed = event_data;
+	struct fg_state *st = userdata;
+
+	(void)event;
+	resolve_pending(st);
+	st->in_subscribe = 0;
+	st->will_of = ed->client;
+	return MOSQ_ERR_SUCCESS;
+}
+
+static int on_tick(int event, void *event_data, void *userdata)
+{
+	struct fg_state *st = userdata;
+	int64_t now = mono_ms();
+
+	(void)event;
+	(void)event_data;
+	if(st->saving){
+		/* the pass that ended just now wrote the database: the next save waits save_ms, or
+		 * twice as long as this one took */
+		int64_t took = now - st->requested;
+		int64_t wait = 2 * took > st->save_ms ? 2 * took : st->save_ms;
+		st->saving = 0;
+		st->next_save = st->requested + wait;
+	}
+	maybe_save(st, now);
+	if(st->refusals_file){
+		resolve_pending(st);
+		st->in_subscribe = 0;
+		st->will_of = NULL;
+		if(st->refusals_dirty && now >= st->next_refusals_write){
+			st->refusals_dirty = 0;
+			st->next_refusals_write = now + FG_REFUSALS_EVERY_MS;
+			write_refusals(st);
+		}
+	}
+	return MOSQ_ERR_SUCCESS;
 }
 
 /* FNV-1a, 64 bit: topics are short; any reasonable spread will do. */
@@ -217,6 +445,12 @@ static int on_message(int event, void *event_data, void *userdata)
 	char value[24];
 
 	(void)event;
+	if(st->refusals_file){
+		if(st->pending.active && st->pending.client == ed->client) st->pending.active = 0;
+		resolve_pending(st);
+		st->in_subscribe = 0;
+		st->will_of = NULL;
+	}
 	now = now_ms();
 	last = &st->last[topic_hash(ed->topic) & st->mask];
 	stamp = now > (int64_t)*last ? now : (int64_t)*last + 1;
@@ -255,8 +489,11 @@ static int on_message(int event, void *event_data, void *userdata)
 		/* Only out of memory: refused (not acknowledged), so the publisher sends it again. */
 		mosquitto_log_printf(MOSQ_LOG_ERR,
 				"fieldgate_stamp: could not stamp a message on '%s' (error %d); message refused", ed->topic, rc);
+		return rc;
 	}
-	return rc;
+	st->dirty = 1;
+	maybe_save(st, mono_ms());
+	return MOSQ_ERR_SUCCESS;
 }
 
 int mosquitto_plugin_version(int supported_version_count, const int *supported_versions)
@@ -265,6 +502,18 @@ int mosquitto_plugin_version(int supported_version_count, const int *supported_v
 		if(supported_versions[i] == 5) return 5;
 	}
 	return -1;
+}
+
+static int parse_save_ms(const char *text, int64_t *ms)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(text, &end, 10);
+	if(errno || end == text || *end || v < 0 || v > FG_MAX_SAVE_MS) return MOSQ_ERR_INVAL;
+	*ms = v;
+	return MOSQ_ERR_SUCCESS;
 }
 
 static int parse_slots(const char *text, uint32_t *slots)
@@ -281,10 +530,34 @@ static int parse_slots(const char *text, uint32_t *slots)
 	return MOSQ_ERR_SUCCESS;
 }
 
+static void unregister_all(struct fg_state *st)
+{
+	mosquitto_callback_unregister(st->pid, MOSQ_EVT_MESSAGE, on_message, NULL);
+	if(st->save_ms || st->refusals_file) mosquitto_callback_unregister(st->pid, MOSQ_EVT_TICK, on_tick, NULL);
+	if(st->refusals_file){
+		mosquitto_callback_unregister(st->pid, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
+		mosquitto_callback_unregister(st->pid, MOSQ_EVT_DISCONNECT, on_disconnect, NULL);
+	}
+}
+
+static void cleanup_state(struct fg_state *st)
+{
+	mosquitto_free(st->last);
+	mosquitto_free(st->refusals_file);
+	mosquitto_free(st->refusals_tmp);
+	mosquitto_free(st->refusals);
+	st->last = NULL;
+	st->refusals_file = NULL;
+	st->refusals_tmp = NULL;
+	st->refusals = NULL;
+}
+
 int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 		struct mosquitto_opt *opts, int opt_count)
 {
 	uint32_t slots = FG_DEFAULT_SLOTS;
+	int64_t save_ms = FG_DEFAULT_SAVE_MS;
+	const char *refusals_file = NULL;
 	int rc;
 
 	for(int i = 0; i < opt_count; i++){
@@ -295,9 +568,23 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 						FG_MAX_SLOTS, opts[i].value);
 				return MOSQ_ERR_INVAL;
 			}
+		}else if(!strcmp(opts[i].key, "refusals_file")){
+			if(opts[i].value[0] != '/'){
+				mosquitto_log_printf(MOSQ_LOG_ERR,
+						"fieldgate_stamp: plugin_opt_refusals_file must be an absolute path, not '%s'", opts[i].value);
+				return MOSQ_ERR_INVAL;
+			}
+			refusals_file = opts[i].value;
+		}else if(!strcmp(opts[i].key, "save_ms")){
+			if(parse_save_ms(opts[i].value, &save_ms)){
+				mosquitto_log_printf(MOSQ_LOG_ERR,
+						"fieldgate_stamp: plugin_opt_save_ms must be milliseconds from 0 to %d, not '%s'",
+						FG_MAX_SAVE_MS, opts[i].value);
+				return MOSQ_ERR_INVAL;
+			}
 		}else{
 			mosquitto_log_printf(MOSQ_LOG_ERR,
-					"fieldgate_stamp: unknown option plugin_opt_%s (known: plugin_opt_slots)", opts[i].key);
+					"fieldgate_stamp: unknown option plugin_opt_%s (known: plugin_opt_slots, plugin_opt_save_ms, plugin_opt_refusals_file)", opts[i].key);
 			return MOSQ_ERR_INVAL;
 		}
 	}
@@ -307,16 +594,40 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 	if(!fg.last) return MOSQ_ERR_NOMEM;
 	fg.mask = slots - 1;
 	fg.pid = identifier;
+	fg.save_ms = save_ms;
+	fg.since_ms = now_ms();
+	if(refusals_file){
+		size_t len = strlen(refusals_file);
+		fg.refusals_file = mosquitto_strdup(refusals_file);
+		fg.refusals_tmp = mosquitto_malloc(len + 5);
+		fg.refusals = mosquitto_calloc(FG_MAX_ACCOUNTS, sizeof(struct fg_refusal));
+		if(!fg.refusals_file || !fg.refusals_tmp || !fg.refusals){
+			cleanup_state(&fg);
+			return MOSQ_ERR_NOMEM;
+		}
+		memcpy(fg.refusals_tmp, refusals_file, len);
+		memcpy(fg.refusals_tmp + len, ".tmp", 5);
+	}
 	rc = mosquitto_callback_register(identifier, MOSQ_EVT_MESSAGE, on_message, NULL, &fg);
+	if(!rc && (save_ms || refusals_file)){
+		rc = mosquitto_callback_register(identifier, MOSQ_EVT_TICK, on_tick, NULL, &fg);
+	}
+	if(!rc && refusals_file){
+		rc = mosquitto_callback_register(identifier, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, &fg);
+		if(!rc) rc = mosquitto_callback_register(identifier, MOSQ_EVT_DISCONNECT, on_disconnect, NULL, &fg);
+	}
 	if(rc){
-		mosquitto_free(fg.last);
-		fg.last = NULL;
+		unregister_all(&fg);
+		cleanup_state(&fg);
 		return rc;
 	}
 	*user_data = &fg;
 	mosquitto_log_printf(MOSQ_LOG_INFO,
-			"%s: stamping every incoming message with " FG_PROPERTY " (%u slots, %zu bytes)",
-			fg_build, slots, (size_t)slots * sizeof(uint64_t));
+			"%s: stamping every incoming message with " FG_PROPERTY " (%u slots, %zu bytes); "
+			"saving the persistence database within %" PRId64 " ms of a message (0: never); "
+			"refusals counted in %s",
+			fg_build, slots, (size_t)slots * sizeof(uint64_t), save_ms,
+			refusals_file ? refusals_file : "(nowhere)");
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -327,8 +638,8 @@ int mosquitto_plugin_cleanup(void *user_data, struct mosquitto_opt *opts, int op
 	(void)opts;
 	(void)opt_count;
 	if(!st) return MOSQ_ERR_SUCCESS;
-	mosquitto_callback_unregister(st->pid, MOSQ_EVT_MESSAGE, on_message, NULL);
-	mosquitto_free(st->last);
-	st->last = NULL;
+	if(st->refusals_file && st->refusals_dirty) write_refusals(st);
+	unregister_all(st);
+	cleanup_state(st);
 	return MOSQ_ERR_SUCCESS;
 }
