@@ -127,6 +127,9 @@ class MqttConfig:
     commit_max_messages: int = field(default=1000, metadata=_range(1, 100000))
     commit_max_ms: int = field(default=200, metadata=_range(1, 60000))
     reconnect_max_secs: int = field(default=60, metadata=_range(1, 3600))
+    #: Where the broker's plugin counts the publishes its ACL denied (``fieldgate broker-conf
+    #: --refusals-file``); ``status`` shows them. None: not shown.
+    broker_refusals_file: str | None = None
     #: Device topics and formats beside ``<topic_prefix>/<device>/readings`` (docs/inputs.md).
     inputs: list[MqttInput] = field(default_factory=list)
 

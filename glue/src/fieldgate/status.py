@@ -18,6 +18,7 @@ from fieldgate.config import Config
 from fieldgate.fsutil import disk_usage_percent, free_bytes, human_bytes
 from fieldgate.inputs import STATE_PREFIX, InputCounts
 from fieldgate.modbus.report import modbus_status, render_modbus
+from fieldgate.refusals import broker_refusals, render_refusals
 
 
 def _iso(ms: int | None) -> str | None:
@@ -32,6 +33,7 @@ def collect_status(cfg: Config) -> dict[str, Any]:
     result: dict[str, Any] = {"site": cfg.site.serial, "store": {"path": str(path)}}
     disk_dir = path.parent if path.parent.exists() else Path("/")
     result["disk"] = _disk(cfg, disk_dir)
+    result["broker_refusals"] = broker_refusals(cfg.mqtt.broker_refusals_file)
     if not path.exists() or path.stat().st_size == 0:  # (SQLite makes the file, then the schema)
         result["store"]["exists"] = False
         result["collector"] = _collector(path, None)
@@ -223,6 +225,7 @@ def render_text(s: dict[str, Any]) -> str:
         lines.append(f"store           {st['path']} (not created yet: no reading received)")
         lines.append(f"disk            {_disk_text(d)}")
         lines.append(f"collector       {_collector_text(s['collector'])}")
+        lines.extend(render_refusals(s.get("broker_refusals")))
         return "\n".join(lines) + "\n"
     lines.append(
         f"store           {st['path']} ({st['size_bytes']} bytes, schema {st['schema_version']})"
@@ -240,6 +243,7 @@ def render_text(s: dict[str, Any]) -> str:
         lines.append(f"poller          {_fact_text(s['poller']['state'])}")
     lines.extend(render_modbus(s.get("modbus")))
     lines.extend(_inputs_text(s["inputs"]))
+    lines.extend(render_refusals(s.get("broker_refusals")))
     b = s["batches"]
     age = "" if b["oldest_pending"] is None else f", oldest from {b['oldest_pending']}"
     lines.append(f"batches         {b['pending']} pending{age}, {b['uploaded']} uploaded")
