@@ -298,6 +298,11 @@ mosquitto_listeners:
   - port: 70000
 EOF
 
+# the collector's listener would share 127.0.0.1:1883 with the example's loopback device listener
+expect_bad collector-port-taken "mosquitto_collector_port" <<'EOF'
+fieldgate_mqtt_port: 1883
+EOF
+
 expect_bad rule-port-out-of-range "shorewall_rules[0].dport" <<'EOF'
 shorewall_rules:
   - action: ACCEPT
