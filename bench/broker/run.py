@@ -25,9 +25,14 @@ while the collector is away, and what each autosave setting costs:
 - cost: the flood publish rate of ``--flood`` messages on top of an existing backlog of 0 and
   ``--backlog`` messages (the collector away for a while), against persistence without autosave.
 
+- idle: with that backlog and nothing arriving, what the broker writes in ``--idle`` seconds
+  (``/proc/PID/io`` write_bytes: the write amplification of saves nobody needed).
+
 Settings: ``periodic`` = ``autosave_on_changes false`` + ``autosave_interval 1``;
-``changes-N`` = ``autosave_on_changes true`` + ``autosave_interval N`` (the role's default N is
-100). No timing is asserted; the script prints figures and ratios.
+``changes-N`` = ``autosave_on_changes true`` + ``autosave_interval N`` (the role's earlier
+default N was 100); ``plugin`` = ``autosave_interval 0`` + the fieldgate plugin, which asks for
+a save (SIGUSR1) within 500 ms of a message (what the mosquitto role deploys since issue 15).
+Only ``plugin`` loads the plugin. No timing is asserted; the script prints figures and ratios.
 
 Run from the repository root:
 
@@ -64,6 +69,7 @@ PERSISTENCE = {
     "none": "persistence false\n",
     "quiet": "persistence true\nautosave_interval 86400\n",
     "periodic": "persistence true\nautosave_on_changes false\nautosave_interval 1\n",
+    "plugin": "persistence true\nautosave_interval 0\n",
 }
 
 
@@ -133,6 +139,14 @@ class Broker:
             self.proc.send_signal(sig)
             self.proc.wait(120)
             self.proc = None
+
+    def written(self) -> int:
+        """Bytes the broker caused to be written to storage so far."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+        return 0
 
     def cpu_secs(self) -> float:
         assert self.proc is not None
@@ -324,9 +338,20 @@ def part_stamp(work: Path, n: int, rounds: int) -> None:
 
 
 def part_loss(
-    work: Path, rate: float, secs: float, trials: int, flood: int, backlog: int
+    work: Path,
+    rate: float,
+    secs: float,
+    trials: int,
+    flood: int,
+    backlog: int,
+    idle: float,
 ) -> None:
-    settings = ["periodic", "changes-1", "changes-10", "changes-100"]
+    lines = plugin_lines()
+    settings = ["plugin", "periodic", "changes-1", "changes-10", "changes-100"]
+
+    def broker(d: Path, setting: str, **kw: int) -> Broker:
+        return Broker(d, setting, lines if setting == "plugin" else "", **kw)
+
     base_n = int(rate * secs)
     rnd = random.Random(
         16
@@ -339,7 +364,7 @@ def part_loss(
         lost = []
         for t in range(trials):
             n = base_n + rnd.randrange(100)
-            b = Broker(work / f"loss-{setting}-{t}", setting)
+            b = broker(work / f"loss-{setting}-{t}", setting)
             b.start()
             register(b.port, "collector", mqtt.MQTTv311)
             _s, acked = publish(b.port, n, rate)
@@ -370,18 +395,29 @@ def part_loss(
                 publish(filler.port, pre)
                 filler.stop()
                 db_mb = (d / "mosquitto.db").stat().st_size / 1e6
-                b = Broker(d, setting, port=filler.port)
+                b = broker(d, setting, port=filler.port)
             else:
-                b = Broker(d, setting)
+                b = broker(d, setting)
             b.start()
             if not pre:
                 register(b.port, "collector", mqtt.MQTTv311)
+            w0, c0 = b.written(), b.cpu_secs()
             secs, acked = publish(b.port, flood)
+            wrote, cpu = (b.written() - w0) / 1e6, b.cpu_secs() - c0
+            extra = ""
+            if pre:
+                time.sleep(1.5)  # the last save requested by the flood
+                w0 = b.written()
+                time.sleep(idle)
+                extra = f", idle {idle:g} s: {(b.written() - w0) / 1e6:6.1f} MB written"
             b.stop()
             r = acked / secs
             base.setdefault(pre, r)
-            row.append(f"backlog {pre:>6}: {r:8.0f} msgs/s = {r / base[pre]:.3f}x")
-        print(f"{setting:12} " + "   ".join(row))
+            row.append(
+                f"backlog {pre:>6}: {r:8.0f} msgs/s = {r / base[pre]:.3f}x, "
+                f"{wrote:7.1f} MB written, broker CPU {cpu:5.2f} s{extra}"
+            )
+        print(f"{setting:12} " + "\n             ".join(row))
     print(
         f"(a backlog of {backlog} messages is a {db_mb:.1f} MB mosquitto.db, rewritten by each save)"
     )
@@ -450,6 +486,7 @@ def main() -> int:
     ap.add_argument(
         "--instr-messages", type=int, default=20_000, help="instr: messages"
     )
+    ap.add_argument("--idle", type=float, default=5, help="cost: idle seconds measured")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fieldgate-bench-broker-"))
@@ -459,7 +496,15 @@ def main() -> int:
         if args.part in ("instr", "all"):
             part_instructions(work, args.instr_messages)
         if args.part in ("loss", "all"):
-            part_loss(work, args.rate, args.secs, args.trials, args.flood, args.backlog)
+            part_loss(
+                work,
+                args.rate,
+                args.secs,
+                args.trials,
+                args.flood,
+                args.backlog,
+                args.idle,
+            )
     finally:
         if args.keep:
             print(f"work directory kept: {work}")

@@ -32,6 +32,10 @@ COLLECTOR_USER = "collector"
 COLLECTOR_PASSWORD = "collector-secret"
 SENSOR_USER = "sensor"
 SENSOR_PASSWORD = "sensor-secret"
+#: The persistence lines of the mosquitto role when the fieldgate plugin is loaded: no autosave
+#: of Mosquitto's own; the plugin asks for a save within 0.5 s of a message
+#: (docs/broker-persistence.md).
+DEPLOYED_AUTOSAVE = "autosave_interval 0\n"
 
 
 def free_port() -> int:
@@ -71,7 +75,11 @@ class Broker:
     """A real Mosquitto on a free loopback port with a password file and persistence.
 
     ``stamp`` (default) loads what ``fieldgate broker-conf`` prints, as gateways do; ``env``
-    is added to mosquitto's environment.
+    is added to mosquitto's environment. ``autosave`` holds the persistence lines (default: a
+    save after every change; :data:`DEPLOYED_AUTOSAVE` is what the mosquitto role writes when
+    the plugin is loaded). ``device_listener`` adds a second loopback listener on
+    ``device_port`` as the role writes device listeners (the client id is the account name),
+    while ``port`` stays the collector's listener.
     """
 
     workdir: Path
@@ -81,6 +89,9 @@ class Broker:
     extra_conf: str = ""
     stamp: bool = True
     env: dict[str, str] = field(default_factory=dict)
+    autosave: str = "autosave_on_changes true\nautosave_interval 1\n"
+    device_listener: bool = False
+    device_port: int = field(default_factory=free_port)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -98,10 +109,7 @@ class Broker:
             "allow_anonymous false\n"
             f"password_file {self.passwd}\n"
             "persistence true\n"
-            f"persistence_location {self.workdir}/\n"
-            "autosave_on_changes true\n"
-            "autosave_interval 1\n"
-            "max_queued_messages 0\n"
+            f"persistence_location {self.workdir}/\n" + self.autosave + "max_queued_messages 0\n"
             "max_queued_bytes 0\n"
             "max_inflight_messages 20\n"
             f"log_dest file {self.log}\n"
@@ -110,6 +118,11 @@ class Broker:
             + ("user root\n" if os.geteuid() == 0 else "")
             + (broker_conf() if self.stamp else "")
             + self.extra_conf
+            + (
+                f"listener {self.device_port} {self.host}\nuse_username_as_clientid true\n"
+                if self.device_listener
+                else ""
+            )
         )
         return conf
 
@@ -123,6 +136,8 @@ class Broker:
         )
         try:
             wait_for_port(self.host, self.port)
+            if self.device_listener:
+                wait_for_port(self.host, self.device_port)
         except TimeoutError:
             self.proc.kill()
             err = self.proc.communicate()[1].decode(errors="replace")
@@ -160,13 +175,15 @@ def publish(
     username: str = SENSOR_USER,
     password: str = SENSOR_PASSWORD,
     client_id: str = "",
+    port: int | None = None,
 ) -> None:
-    """Publish (topic, payload) pairs at ``qos`` and wait until the broker has every one."""
+    """Publish (topic, payload) pairs at ``qos`` and wait until the broker has every one
+    (on ``port``, default the broker's first listener)."""
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
     client.username_pw_set(username, password)
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)
-    client.connect(broker.host, broker.port)
+    client.connect(broker.host, port or broker.port)
     client.loop_start()
     try:
         infos = [client.publish(t, p, qos=qos) for t, p in messages]

@@ -248,6 +248,18 @@ def test_broker_conf_builds_the_plugin_and_prints_the_lines(tmp_path: Path) -> N
     assert so.name.startswith(f"fieldgate_stamp-{fgbroker.source_digest()}-")
     assert fgbroker.built_from(so) == fgbroker.source_digest()
     built = so.stat().st_mtime_ns
+    # with a refusals file, two lines more: a comment and the plugin's option
+    r2 = run_fieldgate(
+        "broker-conf", "--cache-dir", str(cache), "--refusals-file", "/run/fg/refusals.json"
+    )
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout.splitlines()[:2] == lines
+    assert r2.stdout.splitlines()[3] == "plugin_opt_refusals_file /run/fg/refusals.json"
+    r3 = run_fieldgate("broker-conf", "--cache-dir", str(cache), "--refusals-file", "rel.json")
+    assert r3.returncode != 0
+    assert r3.stderr == (
+        "fieldgate: error: --refusals-file must be an absolute path, not rel.json\n"
+    )
     again = run_fieldgate("broker-conf", "--cache-dir", str(cache))
     assert again.stdout == r.stdout
     assert so.stat().st_mtime_ns == built, "rebuilt although an identical build existed"

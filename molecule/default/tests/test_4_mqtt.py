@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 from support import (
+    CONFIG_PATH,
+    FIELDGATE,
     GATEWAYS,
     device_password,
     gateway_config,
@@ -68,3 +73,12 @@ def test_device_cannot_publish_as_another_device(sensor, net):
         == []
     )
     assert sql(gw, db, f"SELECT reason FROM rejected WHERE payload LIKE '%{ts}%forged%'") == []
+    # ... but not without a trace: the broker's plugin counted the denial, status names the account
+    def refused() -> dict[str, Any] | None:
+        status = json.loads(gw.check_output(f"{FIELDGATE} --config {CONFIG_PATH} status --json"))
+        by_account = {a["account"]: a for a in status["broker_refusals"]["accounts"]}
+        return by_account.get(me)
+
+    mine = wait_for("the denial counted for the device's account", refused)
+    assert mine["denied"] >= 1
+    assert mine["last_topic"] == f"{prefix}/{victim}/readings"

@@ -1,0 +1,335 @@
+"""The broker on a bad day (issue 15): a device account cannot take the collector's session,
+and a killed broker loses at most the last half second of acknowledged readings.
+
+Real Mosquitto (the plugin ``fieldgate broker-conf`` names), the real collector, real stores.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from support import (
+    DEPLOYED_AUTOSAVE,
+    MOSQUITTO_PASSWD,
+    SENSOR_PASSWORD,
+    SENSOR_USER,
+    Broker,
+    Collector,
+    ConfigFactory,
+    publish,
+    reading_payload,
+    run_fieldgate,
+    wait_until,
+)
+
+TOPIC = "fieldgate/TH-001/readings"
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+# Another device's account: the one that attacks
+INTRUDER, INTRUDER_PASSWORD = "TH-002", "th-002-secret"
+
+
+def collector_id(config: Path) -> str:
+    return str(yaml.safe_load(config.read_text())["mqtt"]["client_id"])
+
+
+def publish_paced(
+    host: str, port: int, n: int, rate: float, *, first: int = 0, client_id: str = ""
+) -> int:
+    """n QoS 1 readings (distinct timestamps from ``first``), ``rate`` a second, each one
+    waited for; returns how many the broker acknowledged."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+    c.username_pw_set(SENSOR_USER, SENSOR_PASSWORD)
+    c.connect(host, port)
+    c.loop_start()
+    acked = 0
+    started = time.monotonic()
+    try:
+        for i in range(n):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            info = c.publish(TOPIC, reading_payload(T0 + (first + i) * 1000, t=float(i)), qos=1)
+            info.wait_for_publish(timeout=30)
+            acked += info.is_published()
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return acked
+
+
+def connect_as(host: str, port: int, client_id: str, *, clean: bool) -> str:
+    """Connect with another device's account and ``client_id`` (MQTT 3.1.1), then
+    disconnect; the broker's CONNACK result as text."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
+    c.username_pw_set(INTRUDER, INTRUDER_PASSWORD)
+    result: dict[str, str] = {}
+    done = threading.Event()
+
+    def on_connect(_c: mqtt.Client, _u: object, _f: object, rc: object, _p: object) -> None:
+        result["rc"] = str(rc)
+        done.set()
+
+    c.on_connect = on_connect
+    c.connect(host, port)
+    c.loop_start()
+    try:
+        assert done.wait(10), "no CONNACK"
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return result["rc"]
+
+
+def settled(collector: Collector, quiet: float = 3.0, timeout: float = 60) -> int:
+    """The collector's stored readings once nothing new arrived for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = collector.readings(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = collector.readings()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return now
+    raise AssertionError(f"the store kept changing for {timeout} s")
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[Broker]:
+    """A broker laid out as the mosquitto role lays it out: the collector's listener (``port``)
+    and a device listener (``device_port``) whose client ids are the account names; with a
+    second device account, the intruder's."""
+    broker = Broker(tmp_path / "broker", device_listener=True)
+    subprocess.run(
+        [MOSQUITTO_PASSWD, "-b", str(broker.passwd), INTRUDER, INTRUDER_PASSWORD], check=True
+    )
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def offline_session(config: Path, tmp_path: Path) -> Collector:
+    """Start the collector until it holds its subscriptions, then stop it: its persistent
+    session stays on the broker and queues what arrives."""
+    collector = Collector(config, tmp_path / "collect.log")
+    collector.start()
+    collector.subscribed()
+    assert collector.stop() == 0
+    return collector
+
+
+# -- the collector's session cannot be taken ------------------------------------------------
+
+
+@pytest.mark.parametrize("clean", [True, False], ids=["clean-session", "persistent"])
+def test_device_account_with_the_collectors_id_does_not_touch_its_queue(
+    guarded: Broker, config_file: ConfigFactory, tmp_path: Path, clean: bool
+) -> None:
+    """Issue 15 item 1: with a clean session the queued messages were gone (0/40 stored)."""
+    config = config_file(broker=guarded)
+    collector = offline_session(config, tmp_path)
+    assert publish_paced(guarded.host, guarded.device_port, 40, 1000) == 40
+    cid = collector_id(config)
+    assert connect_as(guarded.host, guarded.device_port, cid, clean=clean) == "Success"
+    # the broker renamed the device's connection after its account
+    log = guarded.log.read_text()
+    assert f"as {INTRUDER} (" in log
+    assert f"as {cid} (p2, c{int(clean)}" not in log
+
+    collector.start()
+    wait_until(lambda: collector.readings() == 40, timeout=60, what="40 readings stored")
+    assert settled(collector) == 40
+
+
+def test_the_collectors_listener_is_what_makes_the_difference(
+    guarded: Broker, config_file: ConfigFactory, tmp_path: Path
+) -> None:
+    """The control: the same attack on a listener that keeps client ids (the collector's own,
+    hence bound to the loopback) empties the queue. This is the hole the device listeners close."""
+    config = config_file(broker=guarded)
+    collector = offline_session(config, tmp_path)
+    assert publish_paced(guarded.host, guarded.device_port, 40, 1000) == 40
+    assert connect_as(guarded.host, guarded.port, collector_id(config), clean=True) == "Success"
+    collector.start()
+    assert settled(collector) == 0
+
+
+def test_repeated_takeovers_do_not_kick_the_collector(
+    guarded: Broker, config_file: ConfigFactory, tmp_path: Path
+) -> None:
+    """Issue 15 item 1: repeated takeovers kicked the collector off (20/60 stored)."""
+    config = config_file(broker=guarded)
+    cid = collector_id(config)
+    collector = Collector(config, tmp_path / "collect.log")
+    collector.start()
+    collector.subscribed()
+    stop = threading.Event()
+    attempts = {"n": 0}
+
+    def attack() -> None:
+        while not stop.is_set():
+            connect_as(guarded.host, guarded.device_port, cid, clean=attempts["n"] % 2 == 0)
+            attempts["n"] += 1
+            time.sleep(0.05)
+
+    attacker = threading.Thread(target=attack)
+    attacker.start()
+    try:
+        assert publish_paced(guarded.host, guarded.device_port, 60, 30) == 60
+    finally:
+        stop.set()
+        attacker.join(30)
+    assert attempts["n"] >= 10
+    wait_until(lambda: collector.readings() == 60, timeout=60, what="60 readings stored")
+    assert settled(collector) == 60
+    assert collector.alive()
+    assert f"Client {cid} already connected" not in guarded.log.read_text()
+    collector.stop()
+
+
+# -- the broker's window of loss --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("autosave", "extra", "kept"),
+    [
+        (DEPLOYED_AUTOSAVE, "", True),
+        ("autosave_on_changes true\nautosave_interval 100\n", "plugin_opt_save_ms 0\n", False),
+    ],
+    ids=["deployed", "mosquitto-every-100-changes"],
+)
+def test_broker_killed_after_a_quiet_second_loses_nothing(
+    tmp_path: Path, config_file: ConfigFactory, autosave: str, extra: str, kept: bool
+) -> None:
+    """250 readings at 100/s with the collector stopped, a second of quiet, the broker
+    SIGKILLed: the deployed settings keep all 250; Mosquitto's own saves every 100 changes
+    (the role's earlier setting, the plugin's saves off: the control) lose the readings since
+    the last hundredth change (the collector's own session changes count too)."""
+    broker = Broker(tmp_path / "broker", autosave=autosave, extra_conf=extra)
+    broker.start()
+    try:
+        config = config_file(broker=broker)
+        collector = offline_session(config, tmp_path)
+        assert publish_paced(broker.host, broker.port, 250, 100) == 250
+        time.sleep(1.0)
+        broker.stop(signal.SIGKILL)
+        broker.start()
+        collector.start()
+        stored = settled(collector)
+        collector.stop()
+        if kept:
+            assert stored == 250
+        else:
+            assert 150 <= stored < 250
+    finally:
+        broker.stop()
+
+
+def test_broker_killed_while_readings_arrive_loses_under_a_second(
+    tmp_path: Path, config_file: ConfigFactory
+) -> None:
+    """Readings at 100/s with the collector stopped, the broker SIGKILLed right after an
+    acknowledgement, three times: each kill loses at most the last second (100 readings)."""
+    broker = Broker(tmp_path / "broker", autosave=DEPLOYED_AUTOSAVE)
+    broker.start()
+    try:
+        config = config_file(broker=broker)
+        collector = offline_session(config, tmp_path)
+        sent = 0
+        for n in (230, 270, 310):
+            assert publish_paced(broker.host, broker.port, n, 100, first=sent) == n
+            sent += n
+            broker.stop(signal.SIGKILL)
+            broker.start()
+        collector.start()
+        stored = settled(collector)
+        collector.stop()
+    finally:
+        broker.stop()
+    print(f"acknowledged {sent}, stored {stored}, lost {sent - stored} in 3 kills")
+    assert sent - 3 * 100 <= stored <= sent
+
+
+# -- refusals made visible --------------------------------------------------------------------
+
+
+def test_denied_publishes_are_counted_and_named_by_status(
+    tmp_path: Path, config_file: ConfigFactory
+) -> None:
+    """Issue 15 item 6: a publish to a topic the account may not use, or with an extra topic
+    level, was acknowledged and dropped without a trace on the gateway."""
+    acl = tmp_path / "acl"
+    acl.write_text(
+        f"user {SENSOR_USER}\ntopic write {TOPIC}\n\n"
+        f"user {INTRUDER}\ntopic write fieldgate/{INTRUDER}/readings\n\n"
+        "user collector\ntopic read fieldgate/+/readings\n"
+    )
+    refusals = tmp_path / "refusals.json"
+    broker = Broker(
+        tmp_path / "broker",
+        device_listener=True,
+        extra_conf=f"acl_file {acl}\nplugin_opt_refusals_file {refusals}\n",
+    )
+    subprocess.run(
+        [MOSQUITTO_PASSWD, "-b", str(broker.passwd), INTRUDER, INTRUDER_PASSWORD], check=True
+    )
+    broker.start()
+    try:
+        config = config_file(
+            broker=broker, overrides={"mqtt": {"broker_refusals_file": str(refusals)}}
+        )
+        status = run_fieldgate("status", config=config)
+        assert status.returncode == 0, status.stderr
+        assert "broker refused  nothing" in status.stdout
+        collector = Collector(config, tmp_path / "collect.log")
+        collector.start()
+        collector.subscribed()
+        port = broker.device_port
+        publish(broker, [(TOPIC, reading_payload(T0 + i, t=1.0)) for i in range(5)], port=port)
+        publish(broker, [("fieldgate/TH-002/readings", reading_payload(T0, t=1.0))] * 3, port=port)
+        publish(broker, [(TOPIC + "/extra", reading_payload(T0, t=1.0))] * 2, port=port)
+        intruder = [(TOPIC, reading_payload(T0 + 99, t=1.0))]
+        publish(broker, intruder, username=INTRUDER, password=INTRUDER_PASSWORD, port=port)
+        wait_until(lambda: collector.readings() == 5, timeout=30, what="5 readings stored")
+        wait_until(
+            lambda: refusals.exists() and json.loads(refusals.read_text())["denied"] == 6,
+            timeout=30,
+            what="6 denials counted",
+        )
+        assert settled(collector, quiet=1.5) == 5
+        collector.stop()
+
+        status = run_fieldgate("status", "--json", config=config)
+        assert status.returncode == 0, status.stderr
+        got = json.loads(status.stdout)["broker_refusals"]
+        assert got["state"] == "counted"
+        assert got["denied"] == 6
+        assert [(a["account"], a["denied"], a["last_topic"]) for a in got["accounts"]] == [
+            (SENSOR_USER, 5, TOPIC + "/extra"),
+            (INTRUDER, 1, TOPIC),
+        ]
+        text = run_fieldgate("status", config=config).stdout
+        assert "broker refused  6 publishes denied by its ACL since " in text
+        assert f"  {SENSOR_USER}         5 denied, last on '{TOPIC}/extra' at " in text
+        assert f"  {INTRUDER}         1 denied, last on '{TOPIC}' at " in text
+    finally:
+        broker.stop()
+
+
+def test_status_says_when_the_refusals_file_is_not_the_plugins(
+    tmp_path: Path, config_file: ConfigFactory
+) -> None:
+    bad = tmp_path / "refusals.json"
+    bad.write_text('{"denied": "many"}')
+    config = config_file(overrides={"mqtt": {"broker_refusals_file": str(bad)}})
+    text = run_fieldgate("status", config=config).stdout
+    assert f"broker refused  unknown: {bad}: not the plugin's counts" in text
