@@ -622,7 +622,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 		return rc;
 	}
 	*user_data = &fg;
-	mosquitto_log_printf(MOSQ_LOG_INFO,
+	mosquitto_log_printf(MOSQ_LOG_NOTICE,
 			"%s: stamping every incoming message with " FG_PROPERTY " (%u slots, %zu bytes); "
 			"saving the persistence database within %" PRId64 " ms of a message (0: never); "
 			"refusals counted in %s",
