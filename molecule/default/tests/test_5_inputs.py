@@ -42,8 +42,13 @@ def count(host: Any, db: str, where: str) -> int:
 
 def test_the_broker_loads_what_broker_conf_prints():
     gw = get_host(GW)
-    printed = gw.check_output(f"{FIELDGATE} broker-conf --plugin {PLUGIN}")
+    # the role asks with the file where the plugin counts refusals, which status reads
+    refusals = gateway_config(gw)["mqtt"]["broker_refusals_file"]
+    printed = gw.check_output(
+        f"{FIELDGATE} broker-conf --plugin {PLUGIN} --refusals-file {refusals}"
+    )
     assert f"plugin {PLUGIN}" in printed
+    assert f"plugin_opt_refusals_file {refusals}" in printed
     dropin = gw.file("/etc/mosquitto/conf.d/30-fieldgate-stamp.conf")
     assert dropin.content_string.strip() == printed.strip()
     # the running broker has the plugin loaded (it was restarted after the drop-in came)
