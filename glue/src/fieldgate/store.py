@@ -149,6 +149,19 @@ def iso_now() -> str:
     return iso_utc(now_ms())
 
 
+def age_text(secs: float | None) -> str:
+    """An age as people read it: ``42 s``, ``5 min``, ``3 h``, ``2 d``; ``never``."""
+    if secs is None:
+        return "never"
+    if secs < 120:
+        return f"{secs:.0f} s"
+    if secs < 7200:
+        return f"{secs / 60:.0f} min"
+    if secs < 172800:
+        return f"{secs / 3600:.0f} h"
+    return f"{secs / 86400:.0f} d"
+
+
 @dataclass(frozen=True)
 class Schema:
     """A database's migrations and the ``meta`` key that records how far it is migrated.

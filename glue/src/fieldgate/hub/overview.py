@@ -145,16 +145,3 @@ def view(d: dict[str, Any], now: int) -> GatewayView:
         rows=int(d.get("rows") or 0),
         batches=int(d.get("batches") or 0),
     )
-
-
-def age_text(secs: float | None) -> str:
-    """An age as people read it: ``42 s``, ``5 min``, ``3 h``, ``2 d``; ``never``."""
-    if secs is None:
-        return "never"
-    if secs < 120:
-        return f"{secs:.0f} s"
-    if secs < 7200:
-        return f"{secs / 60:.0f} min"
-    if secs < 172800:
-        return f"{secs / 3600:.0f} h"
-    return f"{secs / 86400:.0f} d"

@@ -38,11 +38,11 @@ from markupsafe import Markup, escape
 from fieldgate import __version__
 from fieldgate.hub import auth
 from fieldgate.hub.fleet import visible_gateway
-from fieldgate.hub.overview import STATES, GatewayView, age_text, view
+from fieldgate.hub.overview import STATES, GatewayView, view
 from fieldgate.hub.query import parse_time
 from fieldgate.hub.sqlstore import ROLLUP_MS
 from fieldgate.hub.web import ApiError, storage
-from fieldgate.store import iso_utc, now_ms
+from fieldgate.store import age_text, iso_utc, now_ms
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 

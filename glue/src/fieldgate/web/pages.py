@@ -18,15 +18,8 @@ from fieldgate.web.queries import DeviceDay, Latest
 
 
 def age_text(ms: int) -> str:
-    """A duration as a person reads an age: ``12 s``, ``5 min``, ``3 h``, ``2 d``."""
-    secs = max(0, ms) / 1000
-    if secs < 120:
-        return f"{secs:.0f} s"
-    if secs < 7200:
-        return f"{secs / 60:.0f} min"
-    if secs < 172800:
-        return f"{secs / 3600:.0f} h"
-    return f"{secs / 86400:.0f} d"
+    """A duration in milliseconds as :func:`fieldgate.store.age_text` writes an age."""
+    return store.age_text(max(0, ms) / 1000)
 
 
 def finite(value: float) -> float | None:
