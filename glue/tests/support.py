@@ -196,6 +196,32 @@ def publish(
         client.loop_stop()
 
 
+def publish_denied(
+    broker: Broker,
+    messages: Sequence[tuple[str, bytes | str]],
+    *,
+    username: str = SENSOR_USER,
+    password: str = SENSOR_PASSWORD,
+    port: int | None = None,
+) -> None:
+    """Publish each (topic, payload) at QoS 1 on a connection of its own and never send it
+    again. Mosquitto 2.0.11 (Debian 12) acknowledges a PUBLISH its ACL denies and then closes
+    the connection; paho's background loop would reconnect and resend a message whose
+    acknowledgement it had not read yet, and the broker would see (and the plugin count) that
+    message twice."""
+    for topic, payload in messages:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        client.username_pw_set(username, password)
+        client.connect(broker.host, port or broker.port)
+        info = client.publish(topic, payload, qos=1)
+        deadline = time.monotonic() + 60
+        # the acknowledgement, or the broker closing the connection, ends it
+        while not info.is_published() and client.loop(timeout=0.1) == mqtt.MQTT_ERR_SUCCESS:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no answer from the broker to a PUBLISH on {topic!r}")
+        client.disconnect()
+
+
 def v311_session(broker: Broker, client_id: str, topic: str) -> None:
     """Leave a persistent MQTT 3.1.1 session (clean session off) subscribed to ``topic`` at
     QoS 1 on the broker, as the collector of earlier versions did."""

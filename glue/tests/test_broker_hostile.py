@@ -26,6 +26,7 @@ from support import (
     Collector,
     ConfigFactory,
     publish,
+    publish_denied,
     reading_payload,
     run_fieldgate,
     wait_until,
@@ -295,10 +296,12 @@ def test_denied_publishes_are_counted_and_named_by_status(
         collector.subscribed()
         port = broker.device_port
         publish(broker, [(TOPIC, reading_payload(T0 + i, t=1.0)) for i in range(5)], port=port)
-        publish(broker, [("fieldgate/TH-002/readings", reading_payload(T0, t=1.0))] * 3, port=port)
-        publish(broker, [(TOPIC + "/extra", reading_payload(T0, t=1.0))] * 2, port=port)
+        denied = [("fieldgate/TH-002/readings", reading_payload(T0, t=1.0))] * 3
+        publish_denied(
+            broker, denied + [(TOPIC + "/extra", reading_payload(T0, t=1.0))] * 2, port=port
+        )
         intruder = [(TOPIC, reading_payload(T0 + 99, t=1.0))]
-        publish(broker, intruder, username=INTRUDER, password=INTRUDER_PASSWORD, port=port)
+        publish_denied(broker, intruder, username=INTRUDER, password=INTRUDER_PASSWORD, port=port)
         wait_until(lambda: collector.readings() == 5, timeout=30, what="5 readings stored")
         wait_until(
             lambda: refusals.exists() and json.loads(refusals.read_text())["denied"] == 6,
