@@ -7,6 +7,10 @@ milliseconds). The server runs as the ``postgres`` system user when the tests ru
 (PostgreSQL refuses to run as root) and as the current user otherwise. It is tuned for
 tests (no fsync): the tests kill the hub, never PostgreSQL. The benchmark starts its own,
 durable one with the same helper (``durable=True``).
+
+A killed test run does no teardown, so each server has a watchdog: a shell in a session of
+its own that waits for the process that started the server and, once it is gone, stops the
+server and removes its directory (``stop()`` ends the watchdog first).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class PgServer:
     port: int = field(default_factory=_free_port)
     durable: bool = False
     proc: subprocess.Popen[bytes] | None = None
+    watchdog: subprocess.Popen[bytes] | None = None
     _names: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
@@ -122,9 +127,26 @@ class PgServer:
                 check=False,
             )
             if ok.returncode == 0:
+                self._watch(os.getpid())
                 return
             time.sleep(0.05)
         raise RuntimeError(f"postgres did not answer in 30 s: {self.log_tail()}")
+
+    def _watch(self, owner: int) -> None:
+        """Stop the server and remove its directory once process ``owner`` has ended."""
+        assert self.proc is not None
+        script = (
+            'tail --pid="$1" -f /dev/null; kill -INT -- "-$2" 2>/dev/null; '
+            'for _ in $(seq 100); do kill -0 -- "-$2" 2>/dev/null || break; sleep 0.1; done; '
+            'kill -KILL -- "-$2" 2>/dev/null; rm -rf -- "$3"'
+        )
+        self.watchdog = subprocess.Popen(
+            ["sh", "-c", script, "pg-watchdog", str(owner), str(self.proc.pid), str(self.root)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def log_tail(self) -> str:
         log = self.root / "postgres.log"
@@ -178,6 +200,10 @@ class PgServer:
         self.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     def stop(self) -> None:
+        if self.watchdog is not None:
+            os.killpg(self.watchdog.pid, signal.SIGKILL)
+            self.watchdog.wait()
+            self.watchdog = None
         if self.proc is not None and self.proc.poll() is None:
             # SIGINT: PostgreSQL's fast shutdown (disconnect clients, checkpoint, exit)
             os.killpg(self.proc.pid, signal.SIGINT)
