@@ -136,6 +136,39 @@ def test_sqlite_ingests_queue_on_a_lock_file_the_hub_user_can_open(tmp_path: Pat
     st.close()
 
 
+def test_sqlite_refuses_a_bad_batch_before_it_waits_for_the_lock(tmp_path: Path) -> None:
+    # a batch is read and checked before its ingest queues for the write lock: a hostile
+    # name or a wrong count is refused while another ingest holds the lock (it would wait
+    # for as long as that took if it were refused inside the transaction)
+    db = tmp_path / "hub.db"
+    st = open_storage(str(db))
+    assert st.ingest("GW-Q", "b-0", iter([("D", 0, "t", 1.0)])) == 1
+    refused: list[str] = []
+
+    def bad_batches() -> None:
+        for rows, expected in (
+            ([("D", 1, "t", 1.0), ("bad name", 2, "t", 1.0)], None),
+            ([("D", 1, "t", 1.0), ("D", 2, "t", 1.0)], 3),
+        ):
+            try:
+                st.ingest("GW-Q", f"b-{len(refused) + 1}", iter(rows), expected_rows=expected)
+            except IngestError as exc:
+                refused.append(str(exc))
+
+    with (tmp_path / "hub.db-ingest").open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        t = threading.Thread(target=bad_batches)
+        t.start()
+        t.join(120)  # under any load: it never needs the lock held here
+        assert not t.is_alive(), "an ingest of a bad batch waited for the ingest lock"
+    assert len(refused) == 2
+    assert "'bad name' is not acceptable" in refused[0]
+    assert "announces 3 readings but readings.csv holds 2" in refused[1]
+    assert query_db(str(db), "SELECT COUNT(*) FROM readings") == [(1,)]
+    assert query_db(str(db), "SELECT COUNT(*) FROM batches") == [(1,)]
+    st.close()
+
+
 def test_an_old_sqlite_hub_database_is_migrated(tmp_path: Path) -> None:
     """A hub database of schema version 1 (one wide readings table) keeps every reading,
     batch and key when this version opens it."""

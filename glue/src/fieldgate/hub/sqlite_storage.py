@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fieldgate import store
 from fieldgate.batchfile import Columns
-from fieldgate.hub.sqlstore import READINGS_VIEW, SqlHubStorage
+from fieldgate.hub.sqlstore import READINGS_VIEW, SqlHubStorage, check_names
 
 #: Schema migrations: version -> SQL that brings a hub database from version-1 to version.
 MIGRATIONS: dict[int, str] = {
@@ -188,6 +186,54 @@ HUB_SCHEMA = store.Schema(
 )
 
 
+#: The connection's staging tables (temporary: its own, in no other connection's way).
+STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS stage (
+    series INTEGER NOT NULL,                    -- series.id, or provisional (< 0)
+    ts     INTEGER NOT NULL,
+    value  REAL    NOT NULL
+);
+CREATE TEMP TABLE IF NOT EXISTS stage_rollups (
+    series   INTEGER NOT NULL,
+    bucket   INTEGER NOT NULL,
+    min      REAL    NOT NULL,
+    max      REAL    NOT NULL,
+    sum      REAL    NOT NULL,
+    count    INTEGER NOT NULL
+);
+CREATE TEMP TABLE IF NOT EXISTS stage_series (
+    tmp INTEGER PRIMARY KEY,                    -- a provisional id
+    id  INTEGER NOT NULL                        -- the series' id
+);
+"""
+#: The staging tables' page cache (KiB, negative): a batch of 50,000 readings stays in
+#: memory; a larger one spills to a temporary file.
+STAGE_CACHE = -16384
+STAGE_INSERT = "INSERT INTO temp.stage (series, ts, value) VALUES (?, ?, ?)"
+#: The staged readings' statistics per series and rollup bucket (ROLLUP_MS wide).
+STAGE_ROLLUPS = (
+    "INSERT INTO temp.stage_rollups "
+    "SELECT series, (ts / 600000) * 600000 AS slot, MIN(value), MAX(value), SUM(value), "
+    "COUNT(*) FROM temp.stage GROUP BY series, slot"
+)
+#: The staged statistics added to the rollups (when every staged reading was new).
+ROLLUP_ADD = (
+    "INSERT INTO rollups (series, bucket, min, max, sum, count) "
+    "SELECT series, bucket, min, max, sum, count FROM temp.stage_rollups WHERE true "
+    "ON CONFLICT (series, bucket) DO UPDATE SET min = min(rollups.min, excluded.min), "
+    "max = max(rollups.max, excluded.max), sum = rollups.sum + excluded.sum, "
+    "count = rollups.count + excluded.count"
+)
+
+
+class _Staged(NamedTuple):
+    """A batch staged by :meth:`SqliteHubStorage._stage`."""
+
+    ids: dict[tuple[str, str], int]  # (device, metric) -> series id (or provisional)
+    new: dict[tuple[str, str], int]  # the series not in the database: provisional ids
+    seen: int  # readings staged
+
+
 class SqliteHubStorage(SqlHubStorage):
     """:class:`~fieldgate.hub.storage.HubStorage` over one SQLite file."""
 
@@ -211,6 +257,8 @@ class SqliteHubStorage(SqlHubStorage):
         self.conn.execute("PRAGMA cache_size = -65536")
 
     _ingest_lock: int | None = None
+    _staging = False  # the connection's staging tables exist
+    _all_new = False  # the batch being ingested stored every staged reading
 
     def _x(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self.conn.execute(sql, params)
@@ -246,53 +294,111 @@ class SqliteHubStorage(SqlHubStorage):
             self._ingest_lock = None
         super().close()
 
-    def _insert_rows(
-        self, serial: str, seq: int, chunks: Iterable[Columns], ids: dict[tuple[str, str], int]
-    ) -> tuple[int, dict[int, tuple[int, int, int]]]:
-        # Each chunk goes in with one executemany in arrival order, inside a savepoint: when
-        # every reading was new (the change count says so; nearly always) the new readings
-        # per series are the chunk's own counts. Otherwise (a reading already held) the
-        # chunk is rolled back and inserted again series by series, each series' change
-        # count being exactly how many of its readings were new. The series' first and last
-        # ts are read from the samples index afterwards (two lookups per series).
+    def _stage(self, serial: str, chunks: Iterator[Columns]) -> tuple[_Staged, int]:
+        # Before the lock, in a transaction of the connection's own temporary tables only
+        # (other writers are not held up): the readings are parsed (the batch's SHA-256
+        # checked after the last one), their names checked once per distinct (device,
+        # metric), staged as (series id, ts, value), and their statistics per series and
+        # rollup bucket gathered. Series new to the database get provisional negative ids
+        # until they are created inside the batch's transaction.
         conn = self.conn
-        insert = (
-            "INSERT INTO samples (series, ts, value, batch) "  # noqa: S608 (an integer)
-            f"VALUES (?, ?, ?, {int(seq)}) ON CONFLICT DO NOTHING"
-        )
-        new: Counter[int] = Counter()
+        if not self._staging:
+            conn.execute(f"PRAGMA temp.cache_size = {STAGE_CACHE}")
+            conn.executescript(STAGING)
+            self._staging = True
+        ids = dict(self._series_ids.get(serial, ()))
+        new: dict[tuple[str, str], int] = {}
         seen = 0
-        for cols in chunks:
-            sids = [*map(ids.__getitem__, self._pairs(serial, cols, ids))]
-            seen += len(sids)
-            conn.execute("SAVEPOINT chunk")
-            before = conn.total_changes
-            conn.executemany(insert, zip(sids, cols.ts, cols.values, strict=True))
-            if conn.total_changes - before == len(sids):
-                conn.execute("RELEASE chunk")
-                new.update(sids)
-            else:
-                conn.execute("ROLLBACK TO chunk")
-                conn.execute("RELEASE chunk")
-                rows = sorted(zip(sids, cols.ts, cols.values, strict=True), key=itemgetter(0))
-                start = 0
-                for sid, n in sorted(Counter(sids).items()):
-                    before = conn.total_changes
-                    conn.executemany(insert, rows[start : start + n])
-                    new[sid] += conn.total_changes - before
-                    start += n
-                del rows
-            # freed before the next chunk is parsed, which then reuses the memory while
-            # it is in the CPU's caches (holding it costs ~0.5 µs per reading)
-            del cols, sids
-        # one min() or max() per statement: SQLite answers each from the index's end
-        span = (
-            "SELECT (SELECT min(ts) FROM samples WHERE series = ?1), "
-            "(SELECT max(ts) FROM samples WHERE series = ?1)"
+        conn.execute("DELETE FROM temp.stage")
+        conn.execute("DELETE FROM temp.stage_rollups")
+        conn.execute("BEGIN")
+        try:
+            for cols in chunks:
+                sids = [*map(ids.get, zip(cols.devices, cols.metrics, strict=True))]
+                if None in sids:
+                    for pair in dict.fromkeys(zip(cols.devices, cols.metrics, strict=True)):
+                        if pair not in ids:
+                            ids[pair] = self._known_series(serial, *pair) or -(len(new) + 1)
+                            if ids[pair] < 0:
+                                new[pair] = ids[pair]
+                    sids = [*map(ids.__getitem__, zip(cols.devices, cols.metrics, strict=True))]
+                seen += len(sids)
+                conn.executemany(STAGE_INSERT, zip(sids, cols.ts, cols.values, strict=True))
+                # freed before the next chunk is parsed, which then reuses the memory while
+                # it is in the CPU's caches (holding it costs ~0.5 µs per reading)
+                del cols, sids
+            conn.execute(STAGE_ROLLUPS)
+            conn.execute("COMMIT")
+        except BaseException:
+            store.rollback_quietly(conn)
+            raise
+        return _Staged(ids, new, seen), seen
+
+    def _known_series(self, serial: str, device: str, metric: str) -> int | None:
+        """The id of a series the database holds (committed: it never goes away), or None;
+        the names are checked first."""
+        check_names(device, metric)
+        row = self.conn.execute(
+            "SELECT id FROM series WHERE serial = ? AND device = ? AND metric = ?",
+            (serial, device, metric),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _insert_rows(
+        self, serial: str, seq: int, staged: _Staged, ids: dict[tuple[str, str], int]
+    ) -> tuple[int, dict[int, tuple[int, int, int]]]:
+        # One INSERT … SELECT moves the staged readings into samples, skipping those held.
+        # When it stored every staged reading (the change count says so; nearly always) the
+        # staged statistics are exactly what the batch added. Otherwise (a reading already
+        # held, or one twice in the batch) the new readings per series are counted from
+        # samples by this batch's seq, and the rollups of their span are rebuilt.
+        conn = self.conn
+        ids.update(staged.ids)
+        if staged.new:
+            for pair, tmp in sorted(staged.new.items()):
+                ids[pair] = self._series_id(serial, *pair)
+                conn.execute(
+                    "INSERT INTO temp.stage_series (tmp, id) VALUES (?, ?)", (tmp, ids[pair])
+                )
+            for table in ("stage", "stage_rollups"):
+                conn.execute(
+                    f"UPDATE temp.{table} SET series = "  # noqa: S608 (constant names)
+                    "(SELECT id FROM temp.stage_series WHERE tmp = series) WHERE series < 0"
+                )
+            conn.execute("DELETE FROM temp.stage_series")
+        before = conn.total_changes
+        conn.execute(
+            "INSERT INTO samples (series, ts, value, batch) "  # noqa: S608 (an integer)
+            f"SELECT series, ts, value, {int(seq)} FROM temp.stage WHERE true "
+            "ON CONFLICT DO NOTHING"
         )
-        return seen, {
-            sid: (n, *conn.execute(span, (sid,)).fetchone()) for sid, n in new.items() if n
-        }
+        self._all_new = conn.total_changes - before == staged.seen
+        if self._all_new:
+            # the series' whole span, two lookups each (the span of the new readings would
+            # cost two aggregates per reading; only the rebuild below needs it)
+            rows = conn.execute(
+                "SELECT series, SUM(count), "
+                "(SELECT min(ts) FROM samples WHERE series = r.series), "
+                "(SELECT max(ts) FROM samples WHERE series = r.series) "
+                "FROM temp.stage_rollups r GROUP BY series"
+            ).fetchall()
+        else:
+            rows = conn.execute(
+                "SELECT t.series, COUNT(DISTINCT t.ts), MIN(t.ts), MAX(t.ts) FROM temp.stage t "
+                "JOIN samples r ON r.series = t.series AND r.ts = t.ts WHERE r.batch = ? "
+                "GROUP BY t.series",
+                (seq,),
+            ).fetchall()
+        conn.execute("DELETE FROM temp.stage")
+        return staged.seen, {int(s): (int(n), int(lo), int(hi)) for s, n, lo, hi in rows}
+
+    def _add_rollups(self, per_series: dict[int, tuple[int, int, int]]) -> None:
+        """When every staged reading was new, the staged statistics are added to the
+        rollups; otherwise the new readings' buckets are rebuilt from the samples."""
+        if self._all_new:
+            self.conn.execute(ROLLUP_ADD)
+        else:
+            super()._add_rollups(per_series)
 
     def readings(self, series_id: int, start: int, end: int) -> Iterator[tuple[int, float]]:
         # keyset pages: each a short read of its own, so a long download never pins the WAL

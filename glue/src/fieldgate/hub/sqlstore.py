@@ -121,6 +121,13 @@ def check_names(device: str, metric: str) -> None:
     check_metric(metric)
 
 
+def _check_count(seen: int, expected: int | None) -> None:
+    if expected is not None and seen != expected:
+        raise IngestError(
+            f"the manifest announces {expected} readings but readings.csv holds {seen}"
+        )
+
+
 def _placeholders(n: int) -> str:
     return ", ".join("?" * n)
 
@@ -138,9 +145,9 @@ class SqlHubStorage(ABC):
     conn: Any
 
     def __init__(self) -> None:
-        #: (serial, device, metric) -> series id, for series committed to the database
+        #: serial -> (device, metric) -> series id, for series committed to the database
         #: (series rows are never deleted, so their ids stay valid).
-        self._series_ids: dict[tuple[str, str, str], int] = {}
+        self._series_ids: dict[str, dict[tuple[str, str], int]] = {}
 
     # What a backend provides --------------------------------------------------------------
 
@@ -160,13 +167,20 @@ class SqlHubStorage(ABC):
         """The transaction of one batch's ingest (by default :meth:`_tx`)."""
         return self._tx()
 
+    def _stage(self, serial: str, chunks: Iterator[Columns]) -> tuple[Any, int | None]:
+        """What may be done with a batch's readings before its transaction begins: what
+        :meth:`_insert_rows` is then given, and how many readings were read (None: not
+        yet). By default nothing: the readings are read inside the transaction."""
+        return chunks, None
+
     @abstractmethod
     def _insert_rows(
-        self, serial: str, seq: int, chunks: Iterable[Columns], ids: dict[tuple[str, str], int]
+        self, serial: str, seq: int, staged: Any, ids: dict[tuple[str, str], int]
     ) -> tuple[int, dict[int, tuple[int, int, int]]]:
-        """Insert a batch's readings under ``batches.seq`` ``seq``: how many rows were read,
-        and per series id with new rows (how many, and a first and last ts that the series'
-        range must include).
+        """Insert a batch's readings (``staged``: what :meth:`_stage` returned) under
+        ``batches.seq`` ``seq``: how many rows were read, and per series id with new rows
+        (how many, and a first and last ts that the series' range must include: those of
+        the new readings whenever the base :meth:`_add_rollups` is to rebuild from them).
         ``ids`` collects the series ids used, (device, metric) -> id."""
 
     @abstractmethod
@@ -175,8 +189,9 @@ class SqlHubStorage(ABC):
 
     def _add_rollups(self, per_series: dict[int, tuple[int, int, int]]) -> None:
         """Bring the rollups up to date with a batch's new readings (per series: new rows,
-        first and last ts): here, each touched bucket rebuilt from the samples (correct
-        whatever the batch repeated); a backend may do it cheaper."""
+        first and last ts of the new ones): here, each bucket from the first to the last
+        rebuilt from the samples (correct whatever the batch repeated); a backend may do it
+        cheaper."""
         self._rebuild_rollups({sid: (lo, hi + 1) for sid, (_, lo, hi) in per_series.items()})
 
     def _rebuild_rollups(self, spans: dict[int, tuple[int, int]]) -> None:
@@ -204,19 +219,9 @@ class SqlHubStorage(ABC):
             (serial, now_ms(), DEFAULT_DOMAIN),
         )
 
-    def _pairs(
-        self, serial: str, cols: Columns, ids: dict[tuple[str, str], int]
-    ) -> Iterator[tuple[str, str]]:
-        """The chunk's (device, metric) of each reading; every distinct one is given its
-        series id in ``ids`` first (names checked once per series, not per reading)."""
-        for pair in dict.fromkeys(zip(cols.devices, cols.metrics, strict=True)):
-            if pair not in ids:
-                ids[pair] = self._series_id(serial, *pair)
-        return zip(cols.devices, cols.metrics, strict=True)
-
     def _series_id(self, serial: str, device: str, metric: str) -> int:
         """The id of a series, created if new (inside the caller's transaction)."""
-        known = self._series_ids.get((serial, device, metric))
+        known = self._series_ids.get(serial, {}).get((device, metric))
         if known is not None:
             return known
         check_names(device, metric)
@@ -347,6 +352,11 @@ class SqlHubStorage(ABC):
         flag = 1 if test else 0
         m = manifest or {}
         ids: dict[tuple[str, str], int] = {}
+        if self.stored_batch(serial, batch_id) is not None:  # the readings are not read
+            return None
+        staged, counted = self._stage(serial, columns_of(rows))
+        if counted is not None:  # refused before any lock is taken
+            _check_count(counted, expected_rows)
         with self._ingest_tx():
             self._ensure_gateway(serial)
             # the batch's row first: its unique key decides which of concurrent ingests of
@@ -368,11 +378,8 @@ class SqlHubStorage(ABC):
             if claimed is None:
                 return None
             seq = int(claimed[0])
-            seen, per_series = self._insert_rows(serial, seq, columns_of(rows), ids)
-            if expected_rows is not None and seen != expected_rows:
-                raise IngestError(
-                    f"the manifest announces {expected_rows} readings but readings.csv holds {seen}"
-                )
+            seen, per_series = self._insert_rows(serial, seq, staged, ids)
+            _check_count(seen, expected_rows)
             new = sum(n for n, _, _ in per_series.values())
             self._many(
                 f"UPDATE series SET count = count + ?, "
@@ -387,8 +394,7 @@ class SqlHubStorage(ABC):
                 "batches = batches + 1, last_batch_id = ?, last_seen = ? WHERE serial = ?",
                 (new, new * flag, batch_id, now_ms(), serial),
             )
-        for (device, metric), sid in ids.items():  # committed: safe to remember
-            self._series_ids[(serial, device, metric)] = sid
+        self._series_ids.setdefault(serial, {}).update(ids)  # committed: safe to remember
         return new
 
     def touch(self, serial: str) -> None:

@@ -205,7 +205,9 @@ class HubStorage(Protocol):
         expected_rows: int | None = None,
     ) -> int | None:
         """Store the readings of one batch exactly once; how many were new, or None when the
-        batch ``(serial, batch_id)`` is already stored (then ``rows`` is not read).
+        batch ``(serial, batch_id)`` is already stored (then ``rows`` is not read, unless
+        another call stored it meanwhile: a backend may read them before it takes the
+        write lock).
 
         All or nothing, in one transaction: a reading already held for
         ``(serial, device, ts, metric)`` is skipped, so readings sent in several batches
