@@ -318,9 +318,10 @@ class SqliteHubStorage(SqlHubStorage):
                 if None in sids:
                     for pair in dict.fromkeys(zip(cols.devices, cols.metrics, strict=True)):
                         if pair not in ids:
-                            ids[pair] = self._known_series(serial, *pair) or -(len(new) + 1)
-                            if ids[pair] < 0:
-                                new[pair] = ids[pair]
+                            known = self._known_series(serial, *pair)
+                            if known is None:
+                                known = new[pair] = -(len(new) + 1)
+                            ids[pair] = known
                     sids = [*map(ids.__getitem__, zip(cols.devices, cols.metrics, strict=True))]
                 seen += len(sids)
                 conn.executemany(STAGE_INSERT, zip(sids, cols.ts, cols.values, strict=True))
@@ -375,7 +376,7 @@ class SqliteHubStorage(SqlHubStorage):
         self._all_new = conn.total_changes - before == staged.seen
         if self._all_new:
             # the series' whole span, two lookups each (the span of the new readings would
-            # cost two aggregates per reading; only the rebuild below needs it)
+            # cost two more aggregates per reading; only a rebuild, the other branch, needs it)
             rows = conn.execute(
                 "SELECT series, SUM(count), "
                 "(SELECT min(ts) FROM samples WHERE series = r.series), "
