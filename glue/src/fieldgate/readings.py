@@ -22,7 +22,7 @@ from typing import Any
 
 from fieldgate import store
 from fieldgate.config import Config, DeviceConfig, DevicesConfig
-from fieldgate.formats.common import Decoded, SampleError, integer, load_json
+from fieldgate.formats.common import Decoded, SampleError, integer, load_json, scan_json
 from fieldgate.formats.common import kind as _json_kind
 from fieldgate.names import ALLOWED, METRIC_RE, NAME_RE
 
@@ -34,11 +34,8 @@ RFC3339_RE = re.compile(
 #: How much of an oversized payload is kept in ``rejected`` (the reason says it was cut).
 REJECTED_PAYLOAD_KEEP = 4096
 
-#: The same statement as ``store.insert_readings``, run once for many messages.
-INSERT_READING_SQL = (
-    "INSERT OR IGNORE INTO readings (device, ts, metric, value, received_at, source) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
-)
+#: The statement of ``store.insert_readings`` (one reading; the benchmarks' baselines use it).
+INSERT_READING_SQL = store.INSERT_READING_SQL
 
 #: At most this many sample reasons are spelled out in one rejection reason.
 MAX_REASONS = 5
@@ -517,6 +514,61 @@ def parse_payload(
     return outcome
 
 
+def native_rows(
+    payload: bytes, serial: str, at: int, rules: Rules, *, source: str, into: list[object]
+) -> bool:
+    """The usual native payload's readings, added to ``into`` as
+    :func:`store.insert_reading_rows` takes them (six values per reading); False, with
+    ``into`` unchanged, for any other payload.
+
+    The usual payload: one JSON object (nothing around it) whose ``ts`` is an integer within
+    the time bounds and whose ``metrics`` is a non-empty object of metric names already
+    found valid and finite numbers. For such a payload of device ``serial`` (resolved from
+    the topic; not a CSV device) received at ``at``, :func:`parse_payload` gives exactly
+    these readings and no reason; every other payload goes through :func:`parse_payload`,
+    which says what is wrong. The cheap path skips the calls that spell out reasons.
+    """
+    if len(payload) > rules.max_payload_bytes:
+        return False
+    try:
+        text = payload.decode()
+        doc, end = scan_json(text, 0)
+    except (ValueError, StopIteration, RecursionError):
+        return False
+    if end != len(text) or type(doc) is not dict:
+        return False
+    ts = doc.get("ts")
+    metrics = doc.get("metrics")
+    devices = rules.devices
+    if (
+        type(ts) is not int
+        or type(metrics) is not dict
+        or not metrics
+        or not devices.min_ts_secs * 1000 <= ts <= at + devices.max_future_secs * 1000
+    ):
+        return False
+    good = _GOOD_METRICS
+    rows: list[object] = []
+    for name, raw in metrics.items():
+        if name not in good:
+            return False
+        kind = type(raw)
+        if kind is float:
+            if not _isfinite(raw):
+                return False
+            value = raw
+        elif kind is int:
+            try:
+                value = float(raw)
+            except OverflowError:
+                return False
+        else:
+            return False
+        rows += (serial, ts, name, value, at, source)
+    into += rows
+    return True
+
+
 def _summarise(problems: list[str], total: int) -> str:
     if total == 1:
         return problems[0]
@@ -562,18 +614,27 @@ class Received:
     input: str = ""
 
 
-def _insert_readings(conn: sqlite3.Connection, items: list[Received], source: str) -> int:
-    before = conn.total_changes
-    # One statement for the readings of many messages: far cheaper than one per message.
-    conn.executemany(
-        INSERT_READING_SQL,
-        (
-            (d, ts, m, v, item.received_at, source)
-            for item in items
-            for d, ts, m, v in item.outcome.readings
-        ),
-    )
-    return conn.total_changes - before
+def reading_rows(items: Iterable[Received], source: str, into: list[object]) -> None:
+    """Add the readings of messages to ``into`` as :func:`store.insert_reading_rows` takes
+    them (six values per reading), in order."""
+    for item in items:
+        at = item.received_at
+        for d, ts, m, v in item.outcome.readings:
+            into += (d, ts, m, v, at, source)
+
+
+def store_rejections(conn: sqlite3.Connection, items: Iterable[Received], source: str) -> None:
+    """Keep every message of ``items`` that has a reason in ``rejected``, with the reason."""
+    for item in items:
+        if item.outcome.reason is not None:
+            store.insert_rejected(
+                conn,
+                source=source,
+                topic=item.topic,
+                payload=rejected_payload(item.payload),
+                reason=item.outcome.reason,
+                received_at=item.received_at,
+            )
 
 
 def store_outcomes(
@@ -586,28 +647,19 @@ def store_outcomes(
     """Insert the readings and rejections of many messages (call inside one transaction).
 
     Returns how many readings were new; with ``new_by_input``, also adds each input's new
-    readings there (one statement per input of the batch).
+    readings there (the readings of each input of the batch are inserted together).
     """
     items = list(items)
-    if new_by_input is None:
-        new = _insert_readings(conn, items, source)
-    else:
-        groups: dict[str, list[Received]] = {}
-        for item in items:
-            groups.setdefault(item.input, []).append(item)
-        new = 0
-        for key, group in groups.items():
-            got = _insert_readings(conn, group, source)
-            new_by_input[key] = new_by_input.get(key, 0) + got
-            new += got
+    groups: dict[str, list[Received]] = {}
     for item in items:
-        if item.outcome.reason is not None:
-            store.insert_rejected(
-                conn,
-                source=source,
-                topic=item.topic,
-                payload=rejected_payload(item.payload),
-                reason=item.outcome.reason,
-                received_at=item.received_at,
-            )
+        groups.setdefault(item.input, []).append(item)
+    new = 0
+    for key, group in groups.items():
+        flat: list[object] = []
+        reading_rows(group, source, flat)
+        got = store.insert_reading_rows(conn, flat)
+        if new_by_input is not None:
+            new_by_input[key] = new_by_input.get(key, 0) + got
+        new += got
+    store_rejections(conn, items, source)
     return new

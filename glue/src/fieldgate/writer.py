@@ -35,8 +35,16 @@ from fieldgate import store
 from fieldgate.config import Config
 from fieldgate.diskguard import is_disk_full
 from fieldgate.errors import FieldgateError
-from fieldgate.inputs import Counters, InputCounts, InputTable, read_message
-from fieldgate.readings import Outcome, Received, Rules, store_outcomes
+from fieldgate.formats import SampleError
+from fieldgate.inputs import TOPIC_CACHE_MAX, Counters, InputCounts, InputTable, read_message
+from fieldgate.readings import (
+    Outcome,
+    Received,
+    Rules,
+    native_rows,
+    reading_rows,
+    store_rejections,
+)
 
 log = logging.getLogger("fieldgate.collector.writer")
 
@@ -71,6 +79,8 @@ class MessageReader:
         self.counters = Counters.from_state(state)
         self._fallback: dict[str, int] = {}
         self._warned = False
+        #: Topics -> :meth:`native_target` (devices publish on the same few topics).
+        self._native: dict[str, tuple[str, str] | None] = {}
 
     def stand_in(self, topic: str, received_at: int) -> int:
         """The collector's receive time as a stamp: like the broker's, strictly increasing
@@ -107,18 +117,54 @@ class MessageReader:
             reason = f"internal error while validating: {exc!r}"
             return Received(topic, payload, at, Outcome(device=None, reason=reason))
 
+    def native_target(self, topic: str) -> tuple[str, str] | None:
+        """(input key, device serial) of a topic whose payloads may take the native fast
+        path (:func:`fieldgate.readings.native_rows`): the native input's topic of a device
+        that resolves and is not a CSV device; None for every other topic."""
+        try:
+            return self._native[topic]
+        except KeyError:
+            pass
+        target = None
+        found = self.table.match(topic)
+        if found is not None and found[0].decoder is None:
+            try:
+                serial, dev_cfg = self.rules.resolve(found[1] or "")
+            except SampleError:
+                serial, dev_cfg = None, None
+            if serial is not None and (dev_cfg is None or dev_cfg.format != "csv"):
+                target = (found[0].key, serial)
+        if len(self._native) >= TOPIC_CACHE_MAX:
+            self._native.clear()
+        self._native[topic] = target
+        return target
+
     def count(
-        self, received: list[Received], stamps: list[int | None], new: dict[str, int]
+        self,
+        received: list[Received],
+        stamps: list[int | None],
+        plain: dict[str, int],
+        new: dict[str, int],
     ) -> dict[str, InputCounts]:
-        """Add a batch to the per-input counters; returns the previous values of those
-        touched (to undo should the commit fail)."""
+        """Add a batch to the per-input counters: the messages read the long way
+        (``received``, with their stamps), the number of plain ones (native fast path: no
+        skipped value, no reason, no stamp needed) per input, the new readings per input.
+        Returns the previous values of those touched (to undo should the commit fail)."""
         before: dict[str, InputCounts] = {}
+        counters = self.counters
+
+        def touch(key: str) -> InputCounts:
+            c = counters.get(key)
+            if key not in before:
+                before[key] = InputCounts(**c.__dict__)
+            return c
+
+        for key, n in plain.items():
+            touch(key).messages += n
         for r, stamp in zip(received, stamps, strict=True):
             if not r.input:
                 continue
-            c = self.counters.get(r.input)
-            if r.input not in before:
-                before[r.input] = InputCounts(**c.__dict__)
+            c = touch(r.input)
             c.messages += 1
             c.skipped += r.outcome.skipped
             if r.outcome.reason is not None:
@@ -127,21 +173,52 @@ class MessageReader:
                 c.unstamped += 1
         for key, n in new.items():
             if key:
-                self.counters.get(key).readings += n
+                touch(key).readings += n
         return before
 
 
 def commit_batch(
     conn: sqlite3.Connection, reader: MessageReader, items: list[Item]
 ) -> tuple[Any, ...]:
-    """Validate and store one batch in one transaction; the reply for the collector."""
-    received = [reader.read(topic, payload, at, stamp) for topic, payload, at, stamp in items]
+    """Validate and store one batch in one transaction; the reply for the collector.
+
+    The usual native message goes straight into its input's rows
+    (:func:`fieldgate.readings.native_rows`); every other one is read the long way
+    (:meth:`MessageReader.read`: device formats, reasons). Each input's readings are
+    inserted in arrival order with one multi-row statement per 128 of them.
+    """
+    rows: dict[str, list[object]] = {}
+    plain: dict[str, int] = {}
+    received: list[Received] = []
+    stamps: list[int | None] = []
+    rules = reader.rules
+    target = reader.native_target
+    for topic, payload, at, stamp in items:
+        fast = target(topic)
+        if fast is not None:
+            key = fast[0]
+            into = rows.get(key)
+            if into is None:
+                into = rows[key] = []
+            if native_rows(payload, fast[1], at, rules, source=SOURCE, into=into):
+                plain[key] = plain.get(key, 0) + 1
+                continue
+        r = reader.read(topic, payload, at, stamp)
+        received.append(r)
+        stamps.append(stamp)
+        if r.outcome.readings:
+            reading_rows((r,), SOURCE, rows.setdefault(r.input, []))
     new_by_input: dict[str, int] = {}
     before: dict[str, InputCounts] = {}
     try:
         conn.execute("BEGIN IMMEDIATE")
-        new = store_outcomes(conn, received, source=SOURCE, new_by_input=new_by_input)
-        before = reader.count(received, [item[3] for item in items], new_by_input)
+        new = 0
+        for key, flat in rows.items():
+            got = store.insert_reading_rows(conn, flat)
+            new_by_input[key] = got
+            new += got
+        store_rejections(conn, received, SOURCE)
+        before = reader.count(received, stamps, plain, new_by_input)
         for key, value in reader.counters.changed():
             store.set_state(conn, key, value)
         conn.execute("COMMIT")

@@ -165,6 +165,10 @@ def _reject_constant(token: str) -> float:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+#: The decoder's C scanner: ``scan_json(text, 0)`` is (the document, where it ends) for text
+#: that starts with a JSON value (no leading space); it raises StopIteration, ValueError
+#: or RecursionError where :func:`load_json` would say why (the fast paths fall back to it).
+scan_json = _DECODER.scan_once
 
 
 def load_json(text: str) -> Any:
