@@ -91,6 +91,20 @@ def test_a_value_that_is_no_stamp_gives_none(value: str) -> None:
     assert got is not None and got[4] is None
 
 
+@pytest.mark.parametrize("value", ["1767225600123", "0767225600123", "1767225600x23"])
+@pytest.mark.parametrize("payload", [b"", PAYLOAD, b"x" * 70_000])
+def test_the_usual_layout_decodes_as_any_other(value: str, payload: bytes) -> None:
+    """A QoS 1 PUBLISH whose only property is the stamp (read without walking the
+    properties) decodes as the same message with one more property does."""
+    usual = decode(publish(props=stamped(("fg-ts", value)), payload=payload, mid=65535, dup=True))
+    props = stamped(("fg-ts", value))
+    props.PayloadFormatIndicator = 0
+    other = decode(publish(props=props, payload=payload, mid=65535, dup=True))
+    assert usual == other
+    assert usual is not None and usual[:4] == (65535, 1, TOPIC.encode(), payload)
+    assert usual[4] == (int(value) if value[0] == "1" and value.isdigit() else None)
+
+
 def test_qos0_has_no_packet_id_and_no_stamp_without_properties() -> None:
     assert decode(publish(qos=0)) == (0, 0, TOPIC.encode(), PAYLOAD, None)
 

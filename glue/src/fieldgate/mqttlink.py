@@ -144,8 +144,9 @@ class MqttLink:
         self.client = self._make_client(password)
         #: Read and acknowledge through mqttwire (else through paho's public API).
         self.lean = all(hasattr(self.client, name) for name in PAHO_INTERNALS)
-        #: Bytes read from the socket and not yet cut into packets, and that socket.
-        self._buf = bytearray()
+        #: Bytes read from the socket and not yet cut into packets, and that socket (bytes,
+        #: not a bytearray: its slices are the topics and payloads kept, without a copy more).
+        self._buf = b""
         self._buf_sock: object = None
         self._buf_at = 0
         #: The last read stopped at its limit: complete packets may wait in the buffer.
@@ -391,7 +392,7 @@ class MqttLink:
         """Read what the socket holds (when ``readable``) and take at most ``limit``
         messages from the buffer; other packets go to paho."""
         if self._buf_sock is not sock:  # a new connection: nothing of the old one is kept
-            self._buf = bytearray()
+            self._buf = b""
             self._buf_sock = sock
             self._more = False
         if readable and not self._more:  # (a packet larger than a read takes several)
@@ -412,7 +413,7 @@ class MqttLink:
         return self._take(limit)
 
     def _paho_read(self) -> mqtt.MQTTErrorCode:
-        self._buf = bytearray()
+        self._buf = b""
         self._more = False
         return self.client.loop_read()
 
@@ -442,7 +443,7 @@ class MqttLink:
             done = end
             got = decode(buf, first, start, end) if first & 0xF0 == mqttwire.PUBLISH else None
             if got is None:
-                rc = self._to_paho(first, buf[start:end])
+                rc = self._to_paho(first, bytearray(buf[start:end]))
                 if rc != mqtt.MQTT_ERR_SUCCESS or self._buf_sock is not self.client.socket():
                     break
                 continue
@@ -457,7 +458,8 @@ class MqttLink:
                     topics.clear()
                 topics[raw_topic] = topic
             append((mid, qos, topic, payload, at, stamp))
-        del buf[:done]
+        if self._buf is buf:  # (a connection lost meanwhile starts empty)
+            self._buf = buf[done:]
         return rc
 
     def _to_paho(self, first: int, body: bytearray) -> mqtt.MQTTErrorCode:

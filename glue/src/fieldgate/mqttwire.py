@@ -44,6 +44,13 @@ _PUBLISH_PROPERTIES: dict[int, int] = {
     0x23: 2,  # Topic Alias
 }
 
+#: What follows the packet id of the usual PUBLISH from a broker with the stamp plugin: a
+#: Property Length of 23 and one User Property, ``fg-ts`` with a value of 13 bytes (the
+#: stamp itself follows: 13 bytes, then the payload).
+_STAMP_ONLY = bytes([23, _USER_PROPERTY, 0, len(_STAMP_NAME)]) + _STAMP_NAME + bytes([0, 13])
+#: Where the stamp's 13 bytes start, counted from the packet id.
+_STAMPED_AT = 2 + len(_STAMP_ONLY)
+
 Cut = tuple[int, int, int]
 """(first byte, start of the variable header, end) of one packet in a buffer."""
 
@@ -96,6 +103,15 @@ def decode_publish(
     if qos > 1 or end - start < 2:
         return None
     j = start + 2 + ((buf[start] << 8) | buf[start + 1])
+    if qos and j + _STAMPED_AT + 13 <= end and buf[j + 2 : j + _STAMPED_AT] == _STAMP_ONLY:
+        # the usual one: QoS 1, the arrival stamp its only property
+        return (
+            (buf[j] << 8) | buf[j + 1],
+            1,
+            bytes(buf[start + 2 : j]),
+            bytes(buf[j + _STAMPED_AT + 13 : end]),
+            stamp_value(buf[j + _STAMPED_AT : j + _STAMPED_AT + 13]),
+        )
     if j + 2 * qos + 1 > end:
         return None
     topic = bytes(buf[start + 2 : j])
