@@ -156,7 +156,13 @@ def read_message(
     except SampleError as exc:
         return Outcome(device=None, reason=str(exc))
     return decoded_outcome(
-        decoded, device, rules.devices, stamp=stamp, now_ms=now_ms, keep=inp.keep
+        decoded,
+        device,
+        rules.devices,
+        stamp=stamp,
+        now_ms=now_ms,
+        keep=inp.keep,
+        resolve=rules.resolve,
     )
 
 

@@ -332,6 +332,7 @@ def decoded_outcome(
     stamp: int,
     now_ms: int,
     keep: Callable[[str], bool] | None = None,
+    resolve: Callable[[str], tuple[str, DeviceConfig | None]] | None = None,
 ) -> Outcome:
     """Validate what a device format decoded (docs/inputs.md): the same rules as the native
     format, per reading.
@@ -339,15 +340,20 @@ def decoded_outcome(
     ``device_name`` is the topic's ``{device}`` (or the input's ``device``); a sample's own
     ``device`` (a CSV column) must name the same device when both are given. A sample
     without its own time takes ``stamp``, the broker's arrival stamp. ``keep`` is the
-    input's include/exclude filter. A sample that cannot be stored, a bad metric name, a
-    value that is not finite or a second value for the same key in one message is a
-    problem: the rest is stored and the message also goes to ``rejected`` with the
-    reasons. A message that yields no reading is rejected with the reason.
+    input's include/exclude filter; ``resolve`` resolves ``device_name`` as
+    :func:`resolve_device` does (:meth:`Rules.resolve`, which remembers). A sample that
+    cannot be stored, a bad metric name, a value that is not finite or a second value for
+    the same key in one message is a problem: the rest is stored and the message also goes
+    to ``rejected`` with the reasons. A message that yields no reading is rejected with the
+    reason.
     """
     serial: str | None = None
     if device_name is not None:
         try:
-            serial, _ = resolve_device(devices, device_name)
+            if resolve is None:
+                serial, _ = resolve_device(devices, device_name)
+            else:
+                serial, _ = resolve(device_name)
         except SampleError as exc:
             return Outcome(device=None, reason=str(exc), skipped=decoded.skipped)
     outcome = Outcome(device=serial, skipped=decoded.skipped)

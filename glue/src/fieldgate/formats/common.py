@@ -173,6 +173,12 @@ scan_json = _DECODER.scan_once
 
 def load_json(text: str) -> Any:
     """A JSON document; SampleError ``bad JSON: …`` (NaN and Infinity are not JSON)."""
+    try:  # the usual document, nothing around it: the C scanner alone
+        doc, end = scan_json(text, 0)
+        if end == len(text):
+            return doc
+    except (ValueError, StopIteration, RecursionError):
+        pass  # read again below, which says what is wrong
     try:
         return _DECODER.decode(text)
     except SampleError as exc:
