@@ -299,7 +299,12 @@ def test_wrong_password_keeps_retrying_with_one_clear_line(
     line = next(x for x in c.log.read_text().splitlines() if "refused the login" in x)
     assert f"broker 127.0.0.1:{mosquitto.port} refused the login: bad user name or password" in line
     assert "Xq9-not-the-password" not in c.log.read_text()
-    assert state(c.db).startswith("connecting: broker 127.0.0.1")
+    # the state is written beside the log line, not necessarily before it
+    wait_until(
+        lambda: (state(c.db) or "").startswith("connecting: broker 127.0.0.1"),
+        timeout=30,
+        what="the connecting state",
+    )
     assert c.stop() == 0
 
 
