@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -336,3 +338,198 @@ def test_status_says_when_the_refusals_file_is_not_the_plugins(
     config = config_file(overrides={"mqtt": {"broker_refusals_file": str(bad)}})
     text = run_fieldgate("status", config=config).stdout
     assert f"broker refused  unknown: {bad}: not the plugin's counts" in text
+
+
+# -- protocol errors made visible -------------------------------------------------------------
+
+
+def _mqtt_string(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("!H", len(raw)) + raw
+
+
+def connect_packet(username: str, password: str) -> bytes:
+    """An MQTT 3.1.1 CONNECT (clean session, keepalive 60) with a user name and password."""
+    body = _mqtt_string("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 60)
+    body += _mqtt_string("raw") + _mqtt_string(username) + _mqtt_string(password)
+    return bytes([0x10, len(body)]) + body
+
+
+def raw_session(
+    port: int, *, login: tuple[str, str] | None = None, then: bytes = b"", disconnect: bool = False
+) -> bytes:
+    """A raw TCP client: optionally log in (and wait for the CONNACK), send ``then``, and
+    wait until the broker closes the connection (or send DISCONNECT and close it); the
+    CONNACK's bytes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        connack = b""
+        if login is not None:
+            s.sendall(connect_packet(*login))
+            while len(connack) < 4:
+                chunk = s.recv(4 - len(connack))
+                assert chunk, "the broker closed the connection before its CONNACK"
+                connack += chunk
+        if then:
+            s.sendall(then)
+        if disconnect:
+            s.sendall(b"\xe0\x00")
+        try:
+            while s.recv(4096):  # until the broker closes it
+                pass
+        except ConnectionResetError:  # closed with garbage of ours unread
+            pass
+        return connack
+
+
+CONNACK_OK = b"\x20\x02\x00\x00"
+
+
+def counts(refusals: Path) -> dict[str, object]:
+    """The plugin's file (empty before its first write: it is renamed into place)."""
+    return json.loads(refusals.read_text()) if refusals.exists() else {}
+
+
+@pytest.fixture
+def logged(tmp_path: Path) -> Iterator[tuple[Broker, Path]]:
+    """The deployed layout with the plugin counting refusals and reading the broker's log."""
+    acl = tmp_path / "acl"
+    acl.write_text(
+        f"user {SENSOR_USER}\ntopic write {TOPIC}\n\n"
+        f"user {INTRUDER}\ntopic write fieldgate/{INTRUDER}/readings\n"
+    )
+    refusals = tmp_path / "refusals.json"
+    broker = Broker(tmp_path / "broker", device_listener=True)
+    broker.extra_conf = (
+        f"acl_file {acl}\nplugin_opt_refusals_file {refusals}\nplugin_opt_broker_log {broker.log}\n"
+    )
+    subprocess.run(
+        [MOSQUITTO_PASSWD, "-b", str(broker.passwd), INTRUDER, INTRUDER_PASSWORD], check=True
+    )
+    broker.start()
+    wait_until(
+        lambda: counts(refusals).get("broker_log_state") == "reading",
+        timeout=60,
+        what="the plugin reading the broker's log",
+    )
+    yield broker, refusals
+    broker.stop()
+
+
+def test_protocol_errors_are_counted_and_named_by_status(
+    logged: tuple[Broker, Path], config_file: ConfigFactory
+) -> None:
+    """Issue 15: a device that breaks the protocol was disconnected with a line in the
+    broker's log only. Each kind below is one dropped connection, named by the account (or,
+    before a login, the address); a clean disconnect and a wrong password are not counted."""
+    broker, refusals = logged
+    port = broker.device_port
+    sensor = (SENSOR_USER, SENSOR_PASSWORD)
+    config = config_file(broker=broker, overrides={"mqtt": {"broker_refusals_file": str(refusals)}})
+    text = run_fieldgate("status", config=config).stdout
+    assert "broker dropped  nothing (no connection closed for a protocol error)" in text
+
+    raw_session(port, then=b"\xff\xff\xff\xff\xff garbage")  # before a login
+    raw_session(port, then=b"GET / HTTP/1.1\r\nHost: gateway\r\n\r\n")  # not MQTT at all
+    assert raw_session(port, login=sensor, then=b"\xff\x00garbage") == CONNACK_OK
+    assert raw_session(port, login=sensor, then=connect_packet(*sensor)) == CONNACK_OK
+    # a PUBLISH whose topic length runs past the packet
+    assert raw_session(port, login=sensor, then=b"\x30\x02\x00\x09") == CONNACK_OK
+    intruder = (INTRUDER, INTRUDER_PASSWORD)
+    # a PUBLISH with QoS 3 (both QoS bits set)
+    assert raw_session(port, login=intruder, then=b"\x36\x05\x00\x01a\x00\x01") == CONNACK_OK
+    # not counted: a clean session, a wrong password
+    assert raw_session(port, login=sensor, disconnect=True) == CONNACK_OK
+    assert raw_session(port, login=(SENSOR_USER, "wrong")) == b"\x20\x02\x00\x05"
+
+    wait_until(
+        lambda: counts(refusals).get("protocol_errors") == 6,
+        timeout=60,
+        what="6 protocol errors counted",
+    )
+    log = broker.log.read_text()
+    assert log.count("disconnected due to protocol error.") == 4
+    assert log.count("disconnected due to malformed packet.") == 2
+    assert "Client sensor disconnected." in log
+    assert "disconnected, not authorised." in log
+
+    status = run_fieldgate("status", "--json", config=config)
+    assert status.returncode == 0, status.stderr
+    got = json.loads(status.stdout)["broker_refusals"]
+    assert got["denied"] == 0
+    p = got["protocol_errors"]
+    assert (p["log"], p["state"], p["dropped"], p["other_sources"]) == (
+        str(broker.log),
+        "reading",
+        6,
+        0,
+    )
+    assert [
+        (s["source"], s["account"], s["address"], s["errors"], s["last_error"])
+        for s in p["sources"]
+    ] == [
+        (SENSOR_USER, SENSOR_USER, "127.0.0.1", 3, "malformed packet"),
+        ("127.0.0.1", "", "127.0.0.1", 2, "protocol error"),
+        (INTRUDER, INTRUDER, "127.0.0.1", 1, "malformed packet"),
+    ]
+    text = run_fieldgate("status", config=config).stdout
+    assert "broker refused  nothing (no publish denied by its ACL)" in text
+    assert "broker dropped  6 connections for protocol errors since " in text
+    # names in a column as wide as the longest, "(no login) 127.0.0.1"
+    assert (
+        f"  {SENSOR_USER:<20}         3 dropped from 127.0.0.1, last: malformed packet at " in text
+    )
+    assert "  (no login) 127.0.0.1         2 dropped, last: protocol error at " in text
+    assert f"  {INTRUDER:<20}         1 dropped from 127.0.0.1, last: malformed packet at " in text
+
+
+def test_protocol_errors_are_counted_across_a_log_rotation(logged: tuple[Broker, Path]) -> None:
+    """logrotate renames the log, then reloads the broker (Debian's postrotate), which only
+    then opens a new file: errors before the reload land in the renamed file, errors after it
+    in the new one, and every one is counted once."""
+    broker, refusals = logged
+    port = broker.device_port
+    sensor = (SENSOR_USER, SENSOR_PASSWORD)
+    raw_session(port, login=sensor, then=b"\xff\x00")
+    wait_until(lambda: counts(refusals).get("protocol_errors") == 1, what="1 counted")
+    broker.log.rename(broker.log.with_name("mosquitto.log.1"))
+    raw_session(port, login=sensor, then=b"\xff\x00")  # still written to the renamed file
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGHUP)
+    wait_until(broker.log.exists, what="the broker reopening its log")
+    raw_session(port, login=sensor, then=b"\xff\x00")
+    raw_session(port, then=b"\xff\x00")
+    wait_until(lambda: counts(refusals).get("protocol_errors") == 4, what="4 counted")
+    sources = {s["source"]: s["errors"] for s in counts(refusals)["protocol_error_sources"]}
+    assert sources == {SENSOR_USER: 3, "127.0.0.1": 1}
+    assert "Client <unknown> disconnected due to protocol error." in broker.log.read_text()
+
+
+def test_status_says_when_the_plugin_reads_another_log(
+    tmp_path: Path, config_file: ConfigFactory
+) -> None:
+    """The log the plugin is told to read must be the broker's own (its start notice must
+    appear in it): a wrong path is reported, not a silent zero."""
+    acl = tmp_path / "acl"
+    acl.write_text(f"user {SENSOR_USER}\ntopic write {TOPIC}\n")
+    refusals, other = tmp_path / "refusals.json", tmp_path / "other.log"
+    other.write_text("")
+    broker = Broker(
+        tmp_path / "broker",
+        extra_conf=f"acl_file {acl}\nplugin_opt_refusals_file {refusals}\n"
+        f"plugin_opt_broker_log {other}\n",
+    )
+    broker.start()
+    try:
+        wait_until(
+            lambda: counts(refusals).get("broker_log_state") == "foreign",
+            what="the plugin finding the log foreign",
+        )
+        config = config_file(overrides={"mqtt": {"broker_refusals_file": str(refusals)}})
+        text = run_fieldgate("status", config=config).stdout
+        assert (
+            f"broker dropped  unknown: {other}: the plugin's start notice did not appear in it"
+            in text
+        )
+        assert f"fieldgate_stamp: {other}: the plugin's start notice" in broker.log.read_text()
+    finally:
+        broker.stop()

@@ -260,6 +260,19 @@ def test_broker_conf_builds_the_plugin_and_prints_the_lines(tmp_path: Path) -> N
     assert r3.stderr == (
         "fieldgate: error: --refusals-file must be an absolute path, not rel.json\n"
     )
+    # with the broker's log as well, two more (the counts go into the refusals file)
+    log = "/var/log/mosquitto/mosquitto.log"
+    r4 = run_fieldgate(
+        "broker-conf", "--cache-dir", str(cache), "--refusals-file", "/run/fg/refusals.json",
+        "--broker-log", log,
+    )  # fmt: skip
+    assert r4.returncode == 0, r4.stderr
+    assert r4.stdout.splitlines()[:4] == r2.stdout.splitlines()
+    assert r4.stdout.splitlines()[5:] == [f"plugin_opt_broker_log {log}"]
+    r5 = run_fieldgate("broker-conf", "--cache-dir", str(cache), "--broker-log", log)
+    assert r5.stderr == (
+        "fieldgate: error: --broker-log needs --refusals-file (the counts are written there)\n"
+    )
     again = run_fieldgate("broker-conf", "--cache-dir", str(cache))
     assert again.stdout == r.stdout
     assert so.stat().st_mtime_ns == built, "rebuilt although an identical build existed"

@@ -7,6 +7,9 @@ packages from anywhere but the base tree, which has Python. The protocol parts u
 
   probe.py port HOST PORT                 prints open | closed | filtered
   probe.py connect HOST PORT [-u U -P P]  prints the CONNACK return code (0 = accepted)
+  probe.py garbage HOST PORT -u U -P P   logs in, then sends bytes that are no MQTT packet;
+                                          prints the CONNACK code once the broker has closed
+                                          the connection (a protocol error it logs)
   probe.py publish HOST PORT -u U -P P -t TOPIC -m PAYLOAD [-m ...]
                                           publishes each payload with QoS 1, waits for PUBACK;
                                           exit 0 only when every message was acknowledged
@@ -167,7 +170,8 @@ def main() -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("port")
     ps = sub.add_parser("stream")
-    for sp in (pp, sub.add_parser("connect"), sub.add_parser("publish"), ps):
+    connect, garbage, publish = (sub.add_parser(c) for c in ("connect", "garbage", "publish"))
+    for sp in (pp, connect, garbage, publish, ps):
         sp.add_argument("host")
         sp.add_argument("port", type=int)
         sp.add_argument("--timeout", type=float, default=3.0)
@@ -191,6 +195,16 @@ def main() -> int:
     if a.cmd == "connect":
         print(code)
         sock.close()
+        return 0
+    if a.cmd == "garbage":
+        sock.sendall(b"\xff\x00")  # packet type 15 (reserved in MQTT 3.1.1)
+        try:
+            while sock.recv(4096):  # until the broker closes the connection
+                pass
+        except ConnectionResetError:
+            pass
+        sock.close()
+        print(code)
         return 0
     if code != 0:
         print(f"connection refused by the broker: CONNACK {code}", file=sys.stderr)

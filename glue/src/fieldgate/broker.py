@@ -222,26 +222,43 @@ def locate_plugin(
         raise
 
 
-def conf_lines(plugin: Path, refusals_file: Path | None = None) -> list[str]:
+def _plugin_path_option(option: str, path: Path) -> None:
+    if not path.is_absolute():
+        raise PluginError(f"--{option} must be an absolute path, not {path}")
+    if any(c.isspace() for c in str(path)):
+        raise PluginError(f"--{option} must hold no white space: {str(path)!r}")
+
+
+def conf_lines(
+    plugin: Path, refusals_file: Path | None = None, broker_log: Path | None = None
+) -> list[str]:
     """The Mosquitto configuration lines that load the plugin (Mosquitto 2.0).
 
     The plugin also has the broker save its persistence database within 0.5 s of a message
     (docs/broker-persistence.md). With ``refusals_file`` it counts the publishes the broker's
     ACL denied, per account, into that file (:mod:`fieldgate.refusals`); the broker must then
-    have an ``acl_file``, as the mosquitto role writes.
+    have an ``acl_file``, as the mosquitto role writes. With ``broker_log`` as well (the
+    broker's ``log_dest file``, with notices) it counts the connections dropped for protocol
+    errors, per account or source address, into the same file.
     """
     lines = [
         f"# fieldgate: stamp each incoming message with its arrival time ({STAMP_PROPERTY}); "
         "save the persistence database within 0.5 s of a message",
         f"plugin {plugin}",
     ]
+    if broker_log is not None and refusals_file is None:
+        raise PluginError("--broker-log needs --refusals-file (the counts are written there)")
     if refusals_file is not None:
-        if not refusals_file.is_absolute():
-            raise PluginError(f"--refusals-file must be an absolute path, not {refusals_file}")
-        if any(c.isspace() for c in str(refusals_file)):
-            raise PluginError(f"--refusals-file must hold no white space: {str(refusals_file)!r}")
+        _plugin_path_option("refusals-file", refusals_file)
         lines += [
             "# count the publishes the ACL denies, per account (fieldgate status shows them)",
             f"plugin_opt_refusals_file {refusals_file}",
+        ]
+    if broker_log is not None:
+        _plugin_path_option("broker-log", broker_log)
+        lines += [
+            "# count the connections dropped for protocol errors, from the broker's log "
+            "(it must be log_dest file there, with log_type notice)",
+            f"plugin_opt_broker_log {broker_log}",
         ]
     return lines

@@ -1,4 +1,5 @@
-"""What the gateway's broker refused: publishes its ACL denied, counted per account.
+"""What the gateway's broker refused: publishes its ACL denied, counted per account, and
+connections it dropped for protocol errors, counted per source.
 
 Mosquitto acknowledges a PUBLISH its ACL denies (a topic the account may not use, an extra
 topic level) and drops it, naming it only in its debug log. The fieldgate broker plugin counts
@@ -7,6 +8,10 @@ and writes the counts since the broker started as JSON, at most once a second, o
 change; ``mqtt.broker_refusals_file`` names that file for ``fieldgate status``. Reading it is
 cheap and bounded: one small file (the plugin keeps at most 256 accounts), refused beyond
 :data:`MAX_BYTES`.
+
+Protocol errors (a malformed packet, a second CONNECT, an oversize packet) are counted when
+the plugin also reads the broker's log (``plugin_opt_broker_log``, ``fieldgate broker-conf
+--broker-log``): Mosquitto 2.0.11 names the reason only there (docs/broker-security.md).
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from typing import Any
 
 from fieldgate import store
 
-#: The plugin writes at most 256 accounts of ~400 bytes each.
-MAX_BYTES = 256 * 1024
+#: The plugin writes at most 256 accounts of ~400 bytes each, and 256 sources of ~500.
+MAX_BYTES = 512 * 1024
 
 
 def broker_refusals(path: str | None) -> dict[str, Any] | None:
@@ -26,7 +31,10 @@ def broker_refusals(path: str | None) -> dict[str, Any] | None:
 
     ``{"file", "state": "none" | "counted" | "unreadable", "since", "denied", "accounts":
     [{"account", "client", "denied", "last_topic", "last"}], "other_accounts_denied"}``;
-    ``none``: the broker has refused nothing since the file was configured.
+    ``none``: the broker has refused nothing since the file was configured. When the plugin
+    reads the broker's log, also ``"protocol_errors": {"log", "state": "reading" | "foreign"
+    | "unreadable", "error", "dropped", "other_sources", "sources": [{"source", "account",
+    "client", "address", "errors", "last_error", "last"}]}``.
     """
     if not path:
         return None
@@ -54,7 +62,7 @@ def broker_refusals(path: str | None) -> dict[str, Any] | None:
             for a in data["accounts"]
         ]
         accounts.sort(key=lambda a: (-a["denied"], a["account"]))
-        return {
+        counted = {
             **result,
             "state": "counted",
             "since": store.iso_utc(int(data["since_ms"])),
@@ -62,8 +70,70 @@ def broker_refusals(path: str | None) -> dict[str, Any] | None:
             "other_accounts_denied": int(data["other_accounts_denied"]),
             "accounts": accounts,
         }
+        if "broker_log" in data:
+            counted["protocol_errors"] = _protocol_errors(data)
+        return counted
     except (ValueError, KeyError, TypeError) as exc:
         return {**result, "state": "unreadable", "error": f"not the plugin's counts ({exc})"}
+
+
+def _protocol_errors(data: dict[str, Any]) -> dict[str, Any]:
+    sources = [
+        {
+            "source": str(s["source"]),
+            "account": str(s["account"]),
+            "client": str(s["client"]),
+            "address": str(s["address"]),
+            "errors": int(s["errors"]),
+            "last_error": str(s["last_error"]),
+            "last": store.iso_utc(int(s["last_ms"])),
+        }
+        for s in data["protocol_error_sources"]
+    ]
+    sources.sort(key=lambda s: (-s["errors"], s["source"]))
+    state = str(data["broker_log_state"])
+    if state not in ("reading", "foreign", "unreadable"):
+        raise ValueError(f"broker_log_state {state!r}")
+    return {
+        "log": str(data["broker_log"]),
+        "state": state,
+        "error": str(data["broker_log_error"]) or None,
+        "dropped": int(data["protocol_errors"]),
+        "other_sources": int(data["other_sources_protocol_errors"]),
+        "sources": sources,
+    }
+
+
+def _source_name(s: dict[str, Any]) -> str:
+    """The account, or before a login the address the packet came from."""
+    if s["account"]:
+        return s["account"]
+    if s["address"]:
+        return f"(no login) {s['address']}"
+    return f"client {s['client']}"
+
+
+def _protocol_lines(r: dict[str, Any]) -> list[str]:
+    p = r.get("protocol_errors")
+    if p is None:
+        return []
+    if p["state"] != "reading":
+        return [f"broker dropped  unknown: {p['log']}: {p['error']}"]
+    if not p["dropped"]:
+        return ["broker dropped  nothing (no connection closed for a protocol error)"]
+    lines = [f"broker dropped  {p['dropped']} connections for protocol errors since {r['since']}"]
+    names = [_source_name(s) for s in p["sources"]]
+    width = max(len(n) for n in names) if names else 0
+    for name, s in zip(names, p["sources"], strict=True):
+        client = "" if s["client"] in (s["account"], "<unknown>") else f" as client {s['client']}"
+        origin = f" from {s['address']}" if s["address"] and s["account"] else ""
+        lines.append(
+            f"  {name:<{width}}  {s['errors']:>8} dropped{client}{origin}, last: "
+            f"{s['last_error']} at {s['last']}"
+        )
+    if p["other_sources"]:
+        lines.append(f"  (other sources) {p['other_sources']:>8} dropped")
+    return lines
 
 
 def render_refusals(r: dict[str, Any] | None) -> list[str]:
@@ -73,7 +143,7 @@ def render_refusals(r: dict[str, Any] | None) -> list[str]:
     if r["state"] == "unreadable":
         return [f"broker refused  unknown: {r['file']}: {r['error']}"]
     if r["state"] == "none" or not r["denied"]:
-        return ["broker refused  nothing (no publish denied by its ACL)"]
+        return ["broker refused  nothing (no publish denied by its ACL)", *_protocol_lines(r)]
     lines = [f"broker refused  {r['denied']} publishes denied by its ACL since {r['since']}"]
     width = max(len(a["account"] or "(no account)") for a in r["accounts"]) if r["accounts"] else 0
     for a in r["accounts"]:
@@ -85,4 +155,4 @@ def render_refusals(r: dict[str, Any] | None) -> list[str]:
         )
     if r["other_accounts_denied"]:
         lines.append(f"  (other accounts) {r['other_accounts_denied']:>8} denied")
-    return lines
+    return lines + _protocol_lines(r)

@@ -82,3 +82,26 @@ def test_device_cannot_publish_as_another_device(sensor, net):
     mine = wait_for("the denial counted for the device's account", refused)
     assert mine["denied"] >= 1
     assert mine["last_topic"] == f"{prefix}/{victim}/readings"
+
+
+def test_protocol_error_is_counted_and_names_the_device(sensor, net):
+    """A device that sends what is no MQTT packet is disconnected; the plugin finds why in
+    the broker's log (/var/log/mosquitto/mosquitto.log) and status names the account."""
+    gw = get_host("gw1")
+    me = host_vars("gw1")["fieldgate_devices"][0]["serial"]
+    address = net["hosts"]["gw1"]["nets"]["sensor"]
+
+    def dropped() -> int:
+        status = json.loads(gw.check_output(f"{FIELDGATE} --config {CONFIG_PATH} status --json"))
+        p = status["broker_refusals"]["protocol_errors"]
+        assert p["state"] == "reading", p
+        return sum(s["errors"] for s in p["sources"] if s["account"] == me)
+
+    before = wait_for("the plugin reading the broker's log", lambda: (dropped(),))[0]
+    code = sensor.check_output(
+        "fieldgate-probe garbage %s 1883 -u %s -P %s", address, me, device_password("gw1", me)
+    )
+    assert code == "0"
+    wait_for("the protocol error counted for the device", lambda: dropped() == before + 1)
+    text = gw.check_output(f"{FIELDGATE} --config {CONFIG_PATH} status")
+    assert f"  {me} " in text.split("broker dropped")[1]

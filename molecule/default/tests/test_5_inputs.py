@@ -42,13 +42,16 @@ def count(host: Any, db: str, where: str) -> int:
 
 def test_the_broker_loads_what_broker_conf_prints():
     gw = get_host(GW)
-    # the role asks with the file where the plugin counts refusals, which status reads
+    # the role asks with the file where the plugin counts refusals, which status reads, and
+    # the broker's log, where the plugin finds the protocol errors
     refusals = gateway_config(gw)["mqtt"]["broker_refusals_file"]
+    log = "/var/log/mosquitto/mosquitto.log"
     printed = gw.check_output(
-        f"{FIELDGATE} broker-conf --plugin {PLUGIN} --refusals-file {refusals}"
+        f"{FIELDGATE} broker-conf --plugin {PLUGIN} --refusals-file {refusals} --broker-log {log}"
     )
     assert f"plugin {PLUGIN}" in printed
     assert f"plugin_opt_refusals_file {refusals}" in printed
+    assert f"plugin_opt_broker_log {log}" in printed
     dropin = gw.file("/etc/mosquitto/conf.d/30-fieldgate-stamp.conf")
     assert dropin.content_string.strip() == printed.strip()
     # the running broker has the plugin loaded (it was restarted after the drop-in came)

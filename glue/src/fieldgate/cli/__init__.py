@@ -226,6 +226,13 @@ COMMANDS: tuple[Command, ...] = (
                 help="also count the publishes the broker's ACL denies into FILE "
                 "(mqtt.broker_refusals_file; the broker needs an acl_file)",
             ),
+            arg(
+                "--broker-log",
+                metavar="FILE",
+                help="also count the connections the broker drops for protocol errors, read "
+                "from its log FILE (its log_dest file, with log_type notice) into the "
+                "--refusals-file",
+            ),
         ),
         config=False,
     ),

@@ -20,5 +20,6 @@ def broker_conf(args: argparse.Namespace) -> int:
         cc=args.cc,
     )
     refusals = Path(args.refusals_file) if args.refusals_file else None
-    print("\n".join(conf_lines(plugin, refusals)))
+    broker_log = Path(args.broker_log) if args.broker_log else None
+    print("\n".join(conf_lines(plugin, refusals, broker_log)))
     return 0

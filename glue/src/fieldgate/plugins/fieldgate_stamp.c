@@ -50,6 +50,22 @@
  * client's disconnect event) and the source of a retained message (checked right after a
  * subscription's check).
  *
+ * Protocol errors (issue 15): a client that breaks the protocol (a malformed packet, a packet
+ * out of place such as a second CONNECT, an oversize packet) is disconnected, and Mosquitto
+ * 2.0.11 tells a plugin nothing about why: its MOSQ_EVT_DISCONNECT always carries reason -1
+ * (src/context.c, context__disconnect: plugin__handle_disconnect(context, -1)). The reason is
+ * only in the notice do_disconnect (src/loop.c) logs just before, "Client <id> disconnected due
+ * to malformed packet." and the like. With plugin_opt_broker_log PATH (the broker's `log_dest
+ * file`, with `log_type notice` and `connection_messages true`) the plugin reads that log from
+ * where it stood at start: in its disconnect event the line naming the reason is the last one
+ * written (the broker is one thread and writes its log line-buffered), so it counts the error
+ * under the disconnecting client's account and address, the source the client sent the packet
+ * from even when it never logged in. It checks once that its own start notice reached PATH
+ * (else the counts say the log is not the broker's) and, as the broker reopens its log only
+ * when it reloads (logrotate's postrotate), finishes the old file and opens PATH again on the
+ * tick after a reload. The counts are in the refusals file, beside the denials (the first 256
+ * sources, the rest together).
+ *
  * Loaded with the configuration line
  *
  *     plugin /path/to/fieldgate_stamp.so
@@ -63,6 +79,7 @@
  */
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -71,6 +88,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
@@ -94,6 +112,8 @@ static const char fg_build[] = "fieldgate_stamp build " FG_STAMP_BUILD;
 #define FG_MAX_SLOTS (1u << 24)
 #define FG_WARN_AHEAD_MS 1000
 #define FG_WARN_EVERY_MS 60000
+#define FG_ADDRESS_MAX 64
+#define FG_LINE_MAX 1024
 
 struct fg_refusal {
 	char account[FG_NAME_MAX + 1];   /* username ("" for none) */
@@ -102,6 +122,21 @@ struct fg_refusal {
 	uint64_t denied;
 	int64_t last_ms;
 };
+
+/* Connections dropped for protocol errors, per source: the account, or before a login the
+ * address (or, for a line whose disconnect event the plugin did not get, the client id). */
+struct fg_proto {
+	char source[FG_NAME_MAX + 1];
+	char account[FG_NAME_MAX + 1];   /* "" before a login */
+	char client[FG_NAME_MAX + 1];
+	char address[FG_ADDRESS_MAX + 1];
+	char kind[FG_NAME_MAX + 1];      /* the last error, in the broker's words */
+	uint64_t errors;
+	int64_t last_ms;
+};
+
+/* The broker's log as the plugin reads it. */
+enum fg_log_state { FG_LOG_OFF, FG_LOG_CHECKING, FG_LOG_READING, FG_LOG_FOREIGN, FG_LOG_UNREADABLE };
 
 /* A write check waiting for its outcome. */
 struct fg_pending {
@@ -136,6 +171,18 @@ struct fg_state {
 	struct fg_pending pending;
 	const struct mosquitto *will_of;  /* the client whose will is checked next */
 	int in_subscribe;          /* retained messages' sources are checked now */
+	char *log_path;            /* NULL: protocol errors not counted */
+	int log_fd;
+	enum fg_log_state log_state;
+	char log_error[160];
+	int reloaded;              /* the broker reopened its log in this loop pass */
+	char line[FG_LINE_MAX + 1];
+	size_t line_len;
+	int line_long;             /* the line being read is longer than FG_LINE_MAX: skipped */
+	struct fg_proto *protos;
+	unsigned n_protos;
+	uint64_t other_proto;      /* sources beyond FG_MAX_ACCOUNTS */
+	uint64_t total_proto;
 };
 
 static struct fg_state fg;
@@ -214,6 +261,180 @@ static void resolve_pending(struct fg_state *st)
 	}
 }
 
+/* What Mosquitto 2.0.11's do_disconnect logs after "Client <id> disconnected due to " when a
+ * client broke the protocol or the broker's limits (src/loop.c); its other reasons (closed
+ * its connection, not authorised, keepalive, out of memory, administrative) are not counted. */
+static const char *const fg_protocol_kinds[] = {
+	"malformed packet",
+	"protocol error",
+	"oversize packet",
+	"oversize payload",
+	"QoS too high or retain not supported",
+};
+
+static void log_failed(struct fg_state *st, enum fg_log_state state, const char *what)
+{
+	if(st->log_fd >= 0) close(st->log_fd);
+	st->log_fd = -1;
+	st->log_state = state;
+	snprintf(st->log_error, sizeof(st->log_error), "%s", what);
+	st->refusals_dirty = 1;
+	mosquitto_log_printf(MOSQ_LOG_WARNING, "fieldgate_stamp: %s: %s; protocol errors not counted",
+			st->log_path, what);
+}
+
+static void record_protocol_error(struct fg_state *st, const char *id, const char *kind,
+		const struct mosquitto *client)
+{
+	struct fg_proto *r = NULL;
+	char account[FG_NAME_MAX + 1] = "", client_id[FG_NAME_MAX + 1], address[FG_ADDRESS_MAX + 1] = "";
+	char source[FG_NAME_MAX + 1];
+	const char *own = client ? mosquitto_client_id(client) : NULL;
+
+	safe_copy(client_id, id, FG_NAME_MAX);
+	/* the line of the client whose disconnect event this is (its id, or "<unknown>" before
+	 * a login): named by its account and address */
+	if(client && !strcmp(id, own ? own : "<unknown>")){
+		safe_copy(account, mosquitto_client_username(client), FG_NAME_MAX);
+		safe_copy(address, mosquitto_client_address(client), FG_ADDRESS_MAX);
+	}
+	if(account[0]) memcpy(source, account, sizeof(source));
+	else if(address[0] && !own) memcpy(source, address, sizeof(source));
+	else memcpy(source, client_id, sizeof(source));
+
+	for(unsigned i = 0; i < st->n_protos; i++){
+		if(!strcmp(st->protos[i].source, source)){
+			r = &st->protos[i];
+			break;
+		}
+	}
+	if(!r && st->n_protos < FG_MAX_ACCOUNTS){
+		r = &st->protos[st->n_protos++];
+		memcpy(r->source, source, sizeof(r->source));
+	}
+	st->total_proto++;
+	st->refusals_dirty = 1;
+	if(!r){
+		st->other_proto++;
+		return;
+	}
+	r->errors++;
+	r->last_ms = now_ms();
+	memcpy(r->account, account, sizeof(r->account));
+	memcpy(r->client, client_id, sizeof(r->client));
+	memcpy(r->address, address, sizeof(r->address));
+	safe_copy(r->kind, kind, FG_NAME_MAX);
+}
+
+/* One line of the broker's log: "[<timestamp>: ]Client <id> disconnected due to <kind>." with
+ * a kind of fg_protocol_kinds. Only a line that starts so counts ("Client " at its start or
+ * right after the timestamp's ": "), so a client id inside another line cannot fake one. */
+static void log_line(struct fg_state *st, char *line, const struct mosquitto *client)
+{
+	static const char client_word[] = "Client ", due[] = " disconnected due to ";
+	char *id, *kind, *p, *end;
+	size_t len;
+
+	if(st->log_state == FG_LOG_CHECKING){
+		if(strstr(line, fg_build)) st->log_state = FG_LOG_READING;
+		return;
+	}
+	id = strstr(line, client_word);
+	if(!id || (id != line && (id - line < 2 || id[-2] != ':' || id[-1] != ' '))) return;
+	id += sizeof(client_word) - 1;
+	kind = NULL;
+	for(p = strstr(id, due); p; p = strstr(p + 1, due)) kind = p;  /* the last one */
+	if(!kind) return;
+	len = strlen(kind);
+	end = kind + len - 1;
+	if(*end != '.') return;
+	*kind = '\0';
+	*end = '\0';
+	kind += sizeof(due) - 1;
+	for(size_t i = 0; i < sizeof(fg_protocol_kinds) / sizeof(fg_protocol_kinds[0]); i++){
+		if(!strcmp(kind, fg_protocol_kinds[i])){
+			record_protocol_error(st, id, kind, client);
+			return;
+		}
+	}
+}
+
+/* Read what the broker logged since the last call, line by line. */
+static void read_log(struct fg_state *st, const struct mosquitto *client)
+{
+	char buf[8192];
+	ssize_t n;
+
+	if(st->log_fd < 0) return;
+	while((n = read(st->log_fd, buf, sizeof(buf))) > 0){
+		for(ssize_t i = 0; i < n; i++){
+			if(buf[i] == '\n'){
+				if(!st->line_long){
+					st->line[st->line_len] = '\0';
+					log_line(st, st->line, client);
+				}
+				st->line_len = 0;
+				st->line_long = 0;
+			}else if(st->line_len < FG_LINE_MAX){
+				st->line[st->line_len++] = buf[i];
+			}else{
+				st->line_long = 1;
+			}
+		}
+	}
+	if(n < 0 && errno != EINTR && errno != EAGAIN) log_failed(st, FG_LOG_UNREADABLE, strerror(errno));
+}
+
+static int open_log(struct fg_state *st, int at_end)
+{
+	int fd = open(st->log_path, O_RDONLY | O_CLOEXEC);
+
+	if(fd < 0){
+		char what[160];
+		snprintf(what, sizeof(what), "cannot read it: %s", strerror(errno));
+		log_failed(st, FG_LOG_UNREADABLE, what);
+		return -1;
+	}
+	if(at_end && lseek(fd, 0, SEEK_END) < 0){
+		int err = errno;
+		close(fd);
+		log_failed(st, FG_LOG_UNREADABLE, strerror(err));
+		return -1;
+	}
+	if(st->log_fd >= 0) close(st->log_fd);
+	st->log_fd = fd;
+	st->line_len = 0;
+	st->line_long = 0;
+	return 0;
+}
+
+/* On the tick after a reload the broker writes to PATH opened anew (logrotate renamed the
+ * old file): finish the old one, then follow. A file cut short is read from its start. */
+static void follow_log(struct fg_state *st)
+{
+	struct stat now, cur;
+
+	if(st->log_fd < 0) return;
+	if(st->reloaded){
+		st->reloaded = 0;
+		read_log(st, NULL);
+		if(st->log_fd >= 0 && !stat(st->log_path, &now) && !fstat(st->log_fd, &cur)
+				&& (now.st_dev != cur.st_dev || now.st_ino != cur.st_ino)){
+			if(open_log(st, 0)) return;
+		}
+	}
+	if(!fstat(st->log_fd, &cur) && cur.st_size < lseek(st->log_fd, 0, SEEK_CUR)){
+		lseek(st->log_fd, 0, SEEK_SET);
+		st->line_len = 0;
+		st->line_long = 0;
+	}
+	read_log(st, NULL);
+	if(st->log_state == FG_LOG_CHECKING){
+		log_failed(st, FG_LOG_FOREIGN, "the plugin's start notice did not appear in it: not the "
+				"broker's log_dest file, or log_type notice is off");
+	}
+}
+
 static void write_refusals(struct fg_state *st)
 {
 	FILE *f;
@@ -235,7 +456,24 @@ static void write_refusals(struct fg_state *st)
 				", \"last_topic\": \"%s\", \"last_ms\": %" PRId64 "}",
 				i ? "," : "", r->account, r->client, r->denied, r->topic, r->last_ms);
 	}
-	fputs("]}\n", f);
+	fputs("]", f);
+	if(st->log_path){
+		static const char *const states[] = {"off", "checking", "reading", "foreign", "unreadable"};
+		fprintf(f, ",\n \"broker_log\": \"%s\", \"broker_log_state\": \"%s\", \"broker_log_error\": \"%s\""
+				", \"protocol_errors\": %" PRIu64 ", \"other_sources_protocol_errors\": %" PRIu64
+				", \"protocol_error_sources\": [",
+				st->log_path, states[st->log_state], st->log_error, st->total_proto, st->other_proto);
+		for(unsigned i = 0; i < st->n_protos; i++){
+			const struct fg_proto *r = &st->protos[i];
+			fprintf(f, "%s\n {\"source\": \"%s\", \"account\": \"%s\", \"client\": \"%s\", "
+					"\"address\": \"%s\", \"errors\": %" PRIu64 ", \"last_error\": \"%s\", "
+					"\"last_ms\": %" PRId64 "}",
+					i ? "," : "", r->source, r->account, r->client, r->address, r->errors,
+					r->kind, r->last_ms);
+		}
+		fputs("]", f);
+	}
+	fputs("}\n", f);
 	ok = !ferror(f);
 	ok = (fclose(f) == 0) && ok;
 	if(!ok || rename(st->refusals_tmp, st->refusals_file)){
@@ -277,6 +515,18 @@ static int on_disconnect(int event, void *event_data, void *userdata)
 	resolve_pending(st);
 	st->in_subscribe = 0;
 	st->will_of = ed->client;
+	/* the broker logged why just before (src/loop.c, do_disconnect) */
+	if(st->log_state == FG_LOG_READING) read_log(st, ed->client);
+	return MOSQ_ERR_SUCCESS;
+}
+
+static int on_reload(int event, void *event_data, void *userdata)
+{
+	struct fg_state *st = userdata;
+
+	(void)event;
+	(void)event_data;
+	st->reloaded = 1;  /* the broker reopens its log after this event, in this loop pass */
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -300,6 +550,7 @@ static int on_tick(int event, void *event_data, void *userdata)
 		resolve_pending(st);
 		st->in_subscribe = 0;
 		st->will_of = NULL;
+		if(st->log_path) follow_log(st);
 		if(st->refusals_dirty && now >= st->next_refusals_write){
 			st->refusals_dirty = 0;
 			st->next_refusals_write = now + FG_REFUSALS_EVERY_MS;
@@ -538,6 +789,7 @@ static void unregister_all(struct fg_state *st)
 		mosquitto_callback_unregister(st->pid, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
 		mosquitto_callback_unregister(st->pid, MOSQ_EVT_DISCONNECT, on_disconnect, NULL);
 	}
+	if(st->log_path) mosquitto_callback_unregister(st->pid, MOSQ_EVT_RELOAD, on_reload, NULL);
 }
 
 static void cleanup_state(struct fg_state *st)
@@ -546,6 +798,12 @@ static void cleanup_state(struct fg_state *st)
 	mosquitto_free(st->refusals_file);
 	mosquitto_free(st->refusals_tmp);
 	mosquitto_free(st->refusals);
+	mosquitto_free(st->log_path);
+	mosquitto_free(st->protos);
+	if(st->log_fd >= 0) close(st->log_fd);
+	st->log_fd = -1;
+	st->log_path = NULL;
+	st->protos = NULL;
 	st->last = NULL;
 	st->refusals_file = NULL;
 	st->refusals_tmp = NULL;
@@ -558,6 +816,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 	uint32_t slots = FG_DEFAULT_SLOTS;
 	int64_t save_ms = FG_DEFAULT_SAVE_MS;
 	const char *refusals_file = NULL;
+	const char *broker_log = NULL;
 	int rc;
 
 	for(int i = 0; i < opt_count; i++){
@@ -575,6 +834,13 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 				return MOSQ_ERR_INVAL;
 			}
 			refusals_file = opts[i].value;
+		}else if(!strcmp(opts[i].key, "broker_log")){
+			if(opts[i].value[0] != '/'){
+				mosquitto_log_printf(MOSQ_LOG_ERR,
+						"fieldgate_stamp: plugin_opt_broker_log must be an absolute path, not '%s'", opts[i].value);
+				return MOSQ_ERR_INVAL;
+			}
+			broker_log = opts[i].value;
 		}else if(!strcmp(opts[i].key, "save_ms")){
 			if(parse_save_ms(opts[i].value, &save_ms)){
 				mosquitto_log_printf(MOSQ_LOG_ERR,
@@ -584,12 +850,19 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 			}
 		}else{
 			mosquitto_log_printf(MOSQ_LOG_ERR,
-					"fieldgate_stamp: unknown option plugin_opt_%s (known: plugin_opt_slots, plugin_opt_save_ms, plugin_opt_refusals_file)", opts[i].key);
+					"fieldgate_stamp: unknown option plugin_opt_%s (known: plugin_opt_slots, plugin_opt_save_ms, plugin_opt_refusals_file, plugin_opt_broker_log)", opts[i].key);
 			return MOSQ_ERR_INVAL;
 		}
 	}
 
+	if(broker_log && !refusals_file){
+		mosquitto_log_printf(MOSQ_LOG_ERR,
+				"fieldgate_stamp: plugin_opt_broker_log needs plugin_opt_refusals_file (the counts are written there)");
+		return MOSQ_ERR_INVAL;
+	}
+
 	memset(&fg, 0, sizeof(fg));
+	fg.log_fd = -1;
 	fg.last = mosquitto_calloc(slots, sizeof(uint64_t));
 	if(!fg.last) return MOSQ_ERR_NOMEM;
 	fg.mask = slots - 1;
@@ -608,6 +881,18 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 		memcpy(fg.refusals_tmp, refusals_file, len);
 		memcpy(fg.refusals_tmp + len, ".tmp", 5);
 	}
+	if(broker_log){
+		fg.log_path = mosquitto_strdup(broker_log);
+		fg.protos = mosquitto_calloc(FG_MAX_ACCOUNTS, sizeof(struct fg_proto));
+		if(!fg.log_path || !fg.protos){
+			cleanup_state(&fg);
+			return MOSQ_ERR_NOMEM;
+		}
+		/* from where the log stands now: the start notice below is the first line read */
+		fg.log_state = FG_LOG_CHECKING;
+		open_log(&fg, 1);
+		fg.refusals_dirty = 1;  /* the file says from the start whether the log is read */
+	}
 	rc = mosquitto_callback_register(identifier, MOSQ_EVT_MESSAGE, on_message, NULL, &fg);
 	if(!rc && (save_ms || refusals_file)){
 		rc = mosquitto_callback_register(identifier, MOSQ_EVT_TICK, on_tick, NULL, &fg);
@@ -615,6 +900,9 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 	if(!rc && refusals_file){
 		rc = mosquitto_callback_register(identifier, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, &fg);
 		if(!rc) rc = mosquitto_callback_register(identifier, MOSQ_EVT_DISCONNECT, on_disconnect, NULL, &fg);
+	}
+	if(!rc && broker_log){
+		rc = mosquitto_callback_register(identifier, MOSQ_EVT_RELOAD, on_reload, NULL, &fg);
 	}
 	if(rc){
 		unregister_all(&fg);
@@ -625,9 +913,9 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 	mosquitto_log_printf(MOSQ_LOG_NOTICE,
 			"%s: stamping every incoming message with " FG_PROPERTY " (%u slots, %zu bytes); "
 			"saving the persistence database within %" PRId64 " ms of a message (0: never); "
-			"refusals counted in %s",
+			"refusals counted in %s; protocol errors read from %s",
 			fg_build, slots, (size_t)slots * sizeof(uint64_t), save_ms,
-			refusals_file ? refusals_file : "(nowhere)");
+			refusals_file ? refusals_file : "(nowhere)", broker_log ? broker_log : "(nowhere)");
 	return MOSQ_ERR_SUCCESS;
 }
 
