@@ -25,6 +25,8 @@ from support import (
 from werkzeug.serving import BaseWSGIServer, make_server
 from werkzeug.wrappers import Request, Response
 
+from fieldgate.redact import without_userinfo
+
 T0 = 1_767_225_600_000
 
 
@@ -164,6 +166,38 @@ def test_once_names_dead_slow_and_bad_nodes_and_stores_the_rest(
     db = db_of(config)
     assert count_rows(db, "readings") == 2
     assert count_rows(db, "rejected", "source = 'poll:junk' AND reason LIKE 'bad JSON%'") == 1
+
+
+def test_a_nodes_credentials_reach_no_row_and_no_log(
+    config_file: ConfigFactory, nodes: Nodes
+) -> None:
+    """Issue 15: a poll URL with user:password@ was kept whole in the rejected row's topic."""
+    secret_url = nodes.base.replace("http://", "http://fg-reader:s3cret-Pa55@") + "/garbage"
+    config = poll_config(config_file, [{"name": "junk", "url": secret_url, "device": "TH-002"}])
+    r = run_fieldgate("poll", "--once", config=config)
+    assert r.returncode == 1, r
+    assert nodes.hits["/garbage"] == 1  # the credentials were used: only their text is gone
+    assert "s3cret" not in r.stderr and "fg-reader" not in r.stderr, r.stderr
+    conn = sqlite3.connect(str(db_of(config)))
+    rows = conn.execute("SELECT topic, source, reason, payload FROM rejected").fetchall()
+    dump = "\n".join(conn.iterdump())
+    conn.close()
+    assert [(t, s) for t, s, _r, _p in rows] == [(f"{nodes.base}/garbage", "poll:junk")]
+    assert "s3cret" not in dump and "fg-reader" not in dump
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://u:p@host:8080/a?b=c", "http://host:8080/a?b=c"),
+        ("https://user@host/x", "https://host/x"),
+        ("http://u:p@ss@host/x@y", "http://host/x@y"),  # up to the last @ before the path
+        ("http://host/path?to=a@b", "http://host/path?to=a@b"),  # an @ after the host stays
+        ("http://[::1]:80/x", "http://[::1]:80/x"),
+    ],
+)
+def test_without_userinfo(url: str, shown: str) -> None:
+    assert without_userinfo(url) == shown
 
 
 def test_a_hanging_node_does_not_hold_up_the_others(

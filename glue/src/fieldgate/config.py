@@ -26,6 +26,7 @@ from fieldgate.errors import ConfigError
 from fieldgate.journal import JOURNAL_SOCKET
 from fieldgate.modbus.registers import map_problems
 from fieldgate.names import METRIC_RE, NAME_RE
+from fieldgate.redact import without_userinfo
 from fieldgate.topics import Template, overlap, parse_template
 
 DEFAULT_CONFIG_PATH = "/etc/fieldgate/fieldgate.yaml"
@@ -187,6 +188,11 @@ class PollNode(FormatOptions):
     #: The device the node's readings belong to (serial or alias).
     device: str = field(metadata={"pattern": NAME_RE})
     timeout_secs: float | None = field(default=None, metadata=_range(0.1, 600))
+
+    @property
+    def shown_url(self) -> str:
+        """The URL as messages and stored rows name it: without any user:password@."""
+        return without_userinfo(self.url)
 
 
 # --- Modbus (poll.modbus, docs/contract.md §10; the map checks are in

@@ -141,7 +141,7 @@ class Poller:
                 stamp=at,
                 now_ms=at,
             )
-            item = Received(node.url, fetched.body, at, outcome)
+            item = Received(node.shown_url, fetched.body, at, outcome)
             try:
                 with store.transaction(self.conn):
                     new = store_outcomes(self.conn, [item], source=f"poll:{node.name}")
@@ -222,7 +222,9 @@ class Poller:
             level = (
                 logging.INFO if result.ok and "rejected" not in result.detail else logging.WARNING
             )
-            log.log(level, "node %s (%s): %s", fetched.node.name, fetched.node.url, result.detail)
+            log.log(
+                level, "node %s (%s): %s", fetched.node.name, fetched.node.shown_url, result.detail
+            )
             self.publish_state("running")
 
     def close(self) -> None:

@@ -8,6 +8,9 @@ user info. So the client names a credential URL by its origin only and passes ev
 it makes from one through :func:`redact` with that URL; messages of ``urllib3`` and
 ``requests`` themselves, which the client does not word, lose every URL's path and query
 (:class:`RedactingFilter`, on every log handler).
+
+A polled node's URL may carry ``user:password@``: :func:`without_userinfo` is how it is
+shown and stored (the ``rejected`` row's topic, the poller's log lines).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ UPLOAD_TOKEN_RE = re.compile(r"(/api/v1/uploads/)[^\s?/#'\"]+")
 TOKEN_MIN_CHARS = 12
 HIDDEN = "…"
 #: An absolute URL in running text: scheme, optional user info, host, then path and query.
+#: The user info of an absolute URL: up to the last ``@`` before the path, query or fragment.
+USERINFO_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@")
 URL_RE = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^\s/?#@'\"]*@)?([^\s/?#'\"]*)([^\s'\")>]*)")
 
 
@@ -37,6 +42,11 @@ def origin(url: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{parts.scheme}://{host}{port}/{HIDDEN}" if parts.scheme else HIDDEN
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` without its ``user:password@`` (the rest as it is: it names the node)."""
+    return USERINFO_RE.sub(r"\1", url)
 
 
 def redact(text: str, *credentials: str) -> str:
