@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import email.utils
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from support import (
     ConfigFactory,
     Hub,
@@ -30,8 +34,9 @@ from support import (
 
 from fieldgate import batches, batchfile, store
 from fieldgate.config import Config, load_config
+from fieldgate.hub.uploads import PIN_SERIAL_LIMIT
 from fieldgate.membership import OF_BATCH
-from fieldgate.uploader import HubClient, Transient
+from fieldgate.uploader import HubClient, Transient, _retry_after
 
 SERIAL = "GW-TEST"
 T0 = 1_767_225_600_000
@@ -519,6 +524,34 @@ def test_register_reads_the_pin_from_standard_input_or_a_file(
     assert key_file.read_text().strip() not in ("", first)
 
 
+def test_register_names_the_rate_limit_and_when_to_retry_in_one_line(
+    hub: Hub, config_file: ConfigFactory
+) -> None:
+    """Issue 15 leftover: a 429 from the hub (too many attempts for this serial) said only
+    the HTTP status; the line names the limit and the hub's Retry-After."""
+    config = gateway_config(config_file, hub.url)
+    key_file = Path(load_config(str(config)).upload.key_file)
+    key_file.unlink()
+    pin = hub.pin(SERIAL)
+    for i in range(PIN_SERIAL_LIMIT):
+        r = requests.post(
+            f"{hub.url}/api/v1/register", json={"pin": f"wrong-{i}", "serial": SERIAL}, timeout=60
+        )
+        assert r.status_code == 403
+    r = run_fieldgate("register", "--pin-file", "-", config=config, stdin=pin + "\n")
+    assert r.returncode == 1
+    line = one_line_error(r.stderr)
+    m = re.fullmatch(
+        rf"fieldgate: error: the hub at {re.escape(hub.url)} refused the registration: "
+        r"rate limited, retry after (\d+) s \(too many registration attempts for this "
+        r"gateway; try again in (\d+) s\)",
+        line,
+    )
+    assert m, line
+    assert 0 < int(m[1]) <= 15 * 60 and m[1] == m[2]
+    assert not key_file.exists()
+
+
 @pytest.mark.parametrize(
     ("stdin", "says"),
     [
@@ -681,3 +714,20 @@ def test_hub_killed_mid_ingest_then_back_nothing_lost_or_doubled(
             proc.wait()
     assert hub_rows(hub) == set(data)
     assert hub.query("SELECT COUNT(*), SUM(new_rows) FROM batches") == [(30, 60_000)]
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("120", 120), (None, None), ("soon", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0)],
+)
+def test_retry_after_is_read_as_seconds_or_a_date(header: str | None, seconds: int | None) -> None:
+    resp = requests.Response()
+    resp.status_code = 429
+    if header is not None:
+        resp.headers["Retry-After"] = header
+    assert _retry_after(resp) == seconds
+    future = email.utils.format_datetime(
+        datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=90), usegmt=True
+    )
+    resp.headers["Retry-After"] = future
+    assert 0 < (_retry_after(resp) or 0) <= 91

@@ -24,8 +24,10 @@ regenerated from the store when its readings are still there.
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import fcntl
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -178,9 +180,33 @@ class HubClient:
         resp = self._request("POST", url, json={"pin": pin, "serial": serial})
         if resp.status_code == 201 and _json(resp).get("gateway_key"):
             return str(_json(resp)["gateway_key"])
+        if resp.status_code == 429:
+            # too many attempts for this serial or address: waiting is the only fix
+            wait = _retry_after(resp)
+            when = f"retry after {wait} s" if wait is not None else "retry later"
+            said = _json(resp).get("error")
+            raise FieldgateError(
+                f"the hub at {self.cfg.upload.url} refused the registration: rate limited, "
+                f"{when}" + (f" ({said})" if said else "")
+            )
         raise FieldgateError(
             f"the hub at {self.cfg.upload.url} refused the registration: {_hub_error(resp)}"
         )
+
+
+def _retry_after(resp: requests.Response) -> int | None:
+    """``Retry-After`` in seconds (delay-seconds or an HTTP date), None when absent or
+    unreadable."""
+    value = resp.headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return int(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0, math.ceil(when.timestamp() - time.time()))
 
 
 def _json(resp: requests.Response) -> dict[str, Any]:
