@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 import requests
-from support import Hub
+from support import Hub, make_user, query_db
 from test_hub import SERIAL, make_batch, offer, register
 
+from fieldgate.hub.auth import USER_LIMIT
 from fieldgate.hub.uploads import PIN_SERIAL_LIMIT
 
 #: Requests fired at once in each race.
@@ -134,3 +135,47 @@ def test_registrations_of_one_gateway_at_once_leave_one_valid_key(busy_hub: Hub)
     assert hub.query(
         "SELECT COUNT(*) FROM gateway_keys WHERE serial = ? AND revoked_at IS NULL", (SERIAL,)
     ) == [(1,)]
+
+
+def test_a_burst_of_wrong_passwords_gets_exactly_the_limit_checked(busy_hub: Hub) -> None:
+    """Issue 15 leftover: the limit was checked before the failure was recorded, so attempts
+    sent at once all passed the check. Now the check and the record are one transaction:
+    of 30 wrong passwords at once (4 workers of 4 threads), exactly the limit are checked."""
+    hub = busy_hub
+    name, password = make_user(hub.db, "eve", ["east"])
+    racers = 3 * USER_LIMIT
+    answers = race(
+        racers,
+        lambda _: requests.get(
+            f"{hub.url}/api/v1/gateways",
+            auth=(name, "wrong"),
+            headers={"Connection": "close"},
+            timeout=120,
+        ),
+    )
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [401] * USER_LIMIT + [429] * (racers - USER_LIMIT)
+    assert query_db(hub.db, "SELECT COUNT(*) FROM login_failures WHERE key = ?", ("user:eve",)) == [
+        (USER_LIMIT,)
+    ]
+    # the right password, too, waits for the window now
+    r = requests.get(f"{hub.url}/api/v1/gateways", auth=(name, password), timeout=60)
+    assert r.status_code == 429
+
+
+def test_right_passwords_at_once_all_pass_and_leave_no_count(busy_hub: Hub) -> None:
+    """A burst of good logins from one address: each is recorded while it is checked and
+    taken back when it passed, so none is refused and none stays counted."""
+    hub = busy_hub
+    name, password = make_user(hub.db, "eve", ["east"])
+    answers = race(
+        30,
+        lambda _: requests.get(
+            f"{hub.url}/api/v1/gateways",
+            auth=(name, password),
+            headers={"Connection": "close"},
+            timeout=120,
+        ),
+    )
+    assert [r.status_code for r in answers] == [200] * 30
+    assert query_db(hub.db, "SELECT COUNT(*) FROM login_failures") == [(0,)]

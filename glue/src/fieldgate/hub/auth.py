@@ -11,7 +11,10 @@ Failed logins are rate-limited per user name and per client address in the datab
 the limits hold across workers: after :data:`USER_LIMIT` failures for one name, or
 :data:`ADDRESS_LIMIT` from one address, within :data:`WINDOW_MS`, further attempts get
 ``429`` with ``Retry-After`` (seconds) until the oldest failure leaves the window, without
-the password being checked. A success clears the name's failures.
+the password being checked. The check and the record are one step (the attempt is recorded
+as a failure before its password is checked, in the same transaction as the count), so a
+burst of attempts at once gets exactly as many password checks as the limit leaves. A
+success takes its attempt back and clears the name's failures.
 
 Gateways do not log in: their endpoints (:mod:`fieldgate.hub.uploads`) use gateway keys.
 """
@@ -80,23 +83,17 @@ def client_address() -> str:
     return request.remote_addr or "unknown"
 
 
-def refuse_over_limit(
-    counts: dict[str, tuple[int, int]],
-    limits: dict[str, int],
-    now: int,
-    window_ms: int,
-    what: str,
-    *,
-    allowed: int,
-) -> None:
-    """429 with ``Retry-After`` (seconds until the oldest counted event leaves the window)
-    when a key has more than ``limits[key] + allowed - 1`` events (``counts``: key ->
-    (count, oldest), :meth:`~fieldgate.hub.storage.HubStorage.login_failures`).
-    ``allowed`` 0: the limit is reached at the limit (failures so far); 1: one more may
-    pass (the count includes this attempt). Keys are ``kind:value``; the message names
-    the kind."""
+def claim_or_refuse(
+    limits: dict[str, int], now: int, window_ms: int, what: str
+) -> dict[str, tuple[int, int]]:
+    """Record this attempt under every key of ``limits`` (key -> most attempts in the
+    window), or refuse it with 429 and ``Retry-After`` (seconds until the oldest counted
+    attempt leaves the window) when a key has reached its limit; atomic across workers
+    (:meth:`~fieldgate.hub.storage.HubStorage.claim_attempt`). Keys are ``kind:value``;
+    the message names the kind. The counts before this attempt (key -> (count, oldest))."""
+    counts = storage().claim_attempt(limits, now, since=now - window_ms)
     for key, (count, oldest) in counts.items():
-        if count >= limits[key] + allowed:
+        if count >= limits[key]:
             wait = max(1, math.ceil((oldest + window_ms - now) / 1000))
             kind = key.partition(":")[0]
             whom = {"user": "this user name", "serial": "this gateway"}.get(kind, "this address")
@@ -105,6 +102,7 @@ def refuse_over_limit(
                 f"too many {what} for {whom}; try again in {wait} s",
                 {"Retry-After": str(wait)},
             )
+    return counts
 
 
 def authenticate(name: str, password: str) -> Caller:
@@ -115,14 +113,13 @@ def authenticate(name: str, password: str) -> Caller:
     st = storage()
     now = now_ms()
     keys = {f"user:{name}": USER_LIMIT, f"addr:{client_address()}": ADDRESS_LIMIT}
-    failures = st.login_failures(keys, now - WINDOW_MS)
-    refuse_over_limit(failures, keys, now, WINDOW_MS, "failed logins", allowed=0)
+    before = claim_or_refuse(keys, now, WINDOW_MS, "failed logins")  # a failure until it passes
     user = st.user(name)
     if not settings().verified.verify(name, password, user.password_hash if user else None):
-        st.add_login_failure(keys, now, forget_before=now - WINDOW_MS)
         raise ApiError(401, REFUSED, {"WWW-Authenticate": REALM})
     assert user is not None
-    if f"user:{name}" in failures:
+    st.forget_attempt(keys, now)
+    if f"user:{name}" in before:
         st.clear_login_failures(f"user:{name}")
     return _caller_of(user, "basic")
 

@@ -265,6 +265,9 @@ class PgHubStorage(SqlHubStorage):
     """:class:`~fieldgate.hub.storage.HubStorage` over a PostgreSQL database."""
 
     for_update = " FOR UPDATE"
+    # conflicts with itself (one claim at a time) and with plain inserts and deletes
+    lock_login_failures = "LOCK TABLE login_failures IN SHARE ROW EXCLUSIVE MODE"
+    row_id = "ctid"
     least = "least"
     greatest = "greatest"
     #: Readings fetched per round trip when streaming from the server-side cursor.

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -138,6 +138,11 @@ class SqlHubStorage(ABC):
 
     #: Appended to a SELECT that must lock the rows it reads (PostgreSQL: `` FOR UPDATE``).
     for_update = ""
+    #: Run first in :meth:`claim_attempt`'s transaction so that claims run one at a time
+    #: (SQLite: none needed, BEGIN IMMEDIATE takes the write lock already).
+    lock_login_failures = ""
+    #: The column that names one row of a table without a key (SQLite: ``rowid``).
+    row_id = "rowid"
     #: The two-argument minimum and maximum of the dialect.
     least = "min"
     greatest = "max"
@@ -541,12 +546,28 @@ class SqlHubStorage(ABC):
         ).fetchall()
         return {k: (int(n), int(oldest)) for k, n, oldest in rows}
 
-    def add_login_failure(self, keys: Iterable[str], at: int, *, forget_before: int) -> None:
+    def claim_attempt(
+        self, limits: Mapping[str, int], at: int, *, since: int
+    ) -> dict[str, tuple[int, int]]:
         with self._tx():
-            self._x("DELETE FROM login_failures WHERE at < ?", (forget_before,))
-            self._many(
-                "INSERT INTO login_failures (key, at) VALUES (?, ?)", [(k, at) for k in keys]
-            )
+            if self.lock_login_failures:
+                self._x(self.lock_login_failures)
+            self._x("DELETE FROM login_failures WHERE at < ?", (since,))
+            counts = self.login_failures(limits, since)
+            if all(counts.get(k, (0, 0))[0] < limit for k, limit in limits.items()):
+                self._many(
+                    "INSERT INTO login_failures (key, at) VALUES (?, ?)", [(k, at) for k in limits]
+                )
+        return counts
+
+    def forget_attempt(self, keys: Iterable[str], at: int) -> None:
+        with self._tx():
+            for key in keys:
+                self._x(
+                    f"DELETE FROM login_failures WHERE {self.row_id} IN (SELECT {self.row_id} "
+                    "FROM login_failures WHERE key = ? AND at = ? LIMIT 1)",
+                    (key, at),
+                )
 
     def clear_login_failures(self, key: str) -> None:
         with self._tx():

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -284,8 +284,19 @@ class HubStorage(Protocol):
         """For each key with failures at or after ``since`` (epoch ms): (count, oldest)."""
         ...
 
-    def add_login_failure(self, keys: Iterable[str], at: int, *, forget_before: int) -> None:
-        """Record a failed login under every key; drops failures older than ``forget_before``."""
+    def claim_attempt(
+        self, limits: Mapping[str, int], at: int, *, since: int
+    ) -> dict[str, tuple[int, int]]:
+        """Check and record an attempt at once, atomically across workers and processes:
+        the counts since ``since`` (as :meth:`login_failures`) before this attempt; when
+        every key is under its limit, the attempt is recorded under every key (as a failure
+        until :meth:`forget_attempt`), so of attempts made at once exactly as many pass as
+        the limits leave room for. Drops failures older than ``since``."""
+        ...
+
+    def forget_attempt(self, keys: Iterable[str], at: int) -> None:
+        """Remove one attempt :meth:`claim_attempt` recorded at ``at`` under each key (it
+        succeeded: it was no failure)."""
         ...
 
     def clear_login_failures(self, key: str) -> None: ...

@@ -22,7 +22,7 @@ from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected
 
 from fieldgate import batchfile
-from fieldgate.hub.auth import client_address, refuse_over_limit
+from fieldgate.hub.auth import claim_or_refuse, client_address
 from fieldgate.hub.storage import IngestError
 from fieldgate.hub.web import (
     ApiError,
@@ -73,19 +73,12 @@ PIN_ADDRESS_LIMIT = 30
 def limit_registrations(serial: str) -> None:
     """Count this registration attempt, or refuse it with 429 and ``Retry-After``.
 
-    The count lives in the database (shared by every worker and hub process) and is
-    written before the PIN is checked, then read again: of guesses sent at once, each sees
-    at least the attempts committed before it, its own included, so no number of parallel
-    guesses gets more than the limit checked. An attempt that is refused at once (the
-    limit was reached already) writes nothing."""
-    st = storage()
-    now = now_ms()
+    The count lives in the database (shared by every worker and hub process); counting and
+    recording are one transaction, before the PIN is checked, so of guesses sent at once
+    exactly as many are checked as the limit leaves room for. An attempt that is refused
+    (the limit was reached already) writes nothing."""
     keys = {f"serial:{serial}": PIN_SERIAL_LIMIT, f"pinaddr:{client_address()}": PIN_ADDRESS_LIMIT}
-    since = now - PIN_WINDOW_MS
-    what = "registration attempts"
-    refuse_over_limit(st.login_failures(keys, since), keys, now, PIN_WINDOW_MS, what, allowed=0)
-    st.add_login_failure(keys, now, forget_before=since)
-    refuse_over_limit(st.login_failures(keys, since), keys, now, PIN_WINDOW_MS, what, allowed=1)
+    claim_or_refuse(keys, now_ms(), PIN_WINDOW_MS, "registration attempts")
 
 
 @uploads.post("/register")
