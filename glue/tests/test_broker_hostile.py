@@ -533,3 +533,25 @@ def test_status_says_when_the_plugin_reads_another_log(
         assert f"fieldgate_stamp: {other}: the plugin's start notice" in broker.log.read_text()
     finally:
         broker.stop()
+
+
+@pytest.mark.parametrize(
+    ("path", "extra"),
+    [("relative.log", ""), ('/tmp/a"b.log', ""), ("/tmp/x.log", "no refusals file")],
+    ids=["relative", "quote", "without-refusals-file"],
+)
+def test_the_plugin_refuses_a_broker_log_it_cannot_use(
+    tmp_path: Path, path: str, extra: str
+) -> None:
+    refusals = "" if extra else f"plugin_opt_refusals_file {tmp_path}/refusals.json\n"
+    broker = Broker(tmp_path / "broker", extra_conf=f"{refusals}plugin_opt_broker_log {path}\n")
+    with pytest.raises(RuntimeError, match="mosquitto did not start"):
+        broker.start()
+    log = broker.log.read_text()
+    if extra:
+        assert "plugin_opt_broker_log needs plugin_opt_refusals_file" in log
+    else:
+        assert (
+            "plugin_opt_broker_log must be an absolute path without quotes, backslashes or "
+            f"control characters, not '{path}'" in log
+        )

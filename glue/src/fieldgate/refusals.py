@@ -32,9 +32,10 @@ def broker_refusals(path: str | None) -> dict[str, Any] | None:
     ``{"file", "state": "none" | "counted" | "unreadable", "since", "denied", "accounts":
     [{"account", "client", "denied", "last_topic", "last"}], "other_accounts_denied"}``;
     ``none``: the broker has refused nothing since the file was configured. When the plugin
-    reads the broker's log, also ``"protocol_errors": {"log", "state": "reading" | "foreign"
-    | "unreadable", "error", "dropped", "other_sources", "sources": [{"source", "account",
-    "client", "address", "errors", "last_error", "last"}]}``.
+    reads the broker's log, also ``"protocol_errors": {"log", "state", "error", "dropped",
+    "other_sources", "sources": [{"source", "account", "client", "address", "errors",
+    "last_error", "last"}]}`` with ``state`` ``reading``, ``foreign``, ``unreadable`` or
+    ``checking`` (the broker stopped before it read its log).
     """
     if not path:
         return None
@@ -92,7 +93,7 @@ def _protocol_errors(data: dict[str, Any]) -> dict[str, Any]:
     ]
     sources.sort(key=lambda s: (-s["errors"], s["source"]))
     state = str(data["broker_log_state"])
-    if state not in ("reading", "foreign", "unreadable"):
+    if state not in ("checking", "reading", "foreign", "unreadable"):
         raise ValueError(f"broker_log_state {state!r}")
     return {
         "log": str(data["broker_log"]),

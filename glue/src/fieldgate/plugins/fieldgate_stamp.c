@@ -336,7 +336,10 @@ static void log_line(struct fg_state *st, char *line, const struct mosquitto *cl
 	size_t len;
 
 	if(st->log_state == FG_LOG_CHECKING){
-		if(strstr(line, fg_build)) st->log_state = FG_LOG_READING;
+		if(strstr(line, fg_build)){
+			st->log_state = FG_LOG_READING;
+			st->log_error[0] = '\0';
+		}
 		return;
 	}
 	id = strstr(line, client_word);
@@ -835,9 +838,12 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 			}
 			refusals_file = opts[i].value;
 		}else if(!strcmp(opts[i].key, "broker_log")){
-			if(opts[i].value[0] != '/'){
+			/* (written into the JSON as it is: no quote, backslash or control character) */
+			int plain = opts[i].value[0] == '/' && !strpbrk(opts[i].value, "\"\\");
+			for(const char *c = opts[i].value; plain && *c; c++) plain = (unsigned char)*c >= 0x20;
+			if(!plain){
 				mosquitto_log_printf(MOSQ_LOG_ERR,
-						"fieldgate_stamp: plugin_opt_broker_log must be an absolute path, not '%s'", opts[i].value);
+						"fieldgate_stamp: plugin_opt_broker_log must be an absolute path without quotes, backslashes or control characters, not '%s'", opts[i].value);
 				return MOSQ_ERR_INVAL;
 			}
 			broker_log = opts[i].value;
@@ -890,6 +896,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 		}
 		/* from where the log stands now: the start notice below is the first line read */
 		fg.log_state = FG_LOG_CHECKING;
+		snprintf(fg.log_error, sizeof(fg.log_error), "not read yet: the broker stopped before its first loop pass");
 		open_log(&fg, 1);
 		fg.refusals_dirty = 1;  /* the file says from the start whether the log is read */
 	}
