@@ -454,6 +454,8 @@ def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
 
 Reading = tuple[str, int, str, float]
 """(device, ts epoch ms, metric, value)"""
+ReadingRow = tuple[str, int, str, float, int, str]
+"""(device, ts epoch ms, metric, value, received_at epoch ms, source): a ``readings`` row"""
 
 #: One reading into ``readings``; one already stored (same device, ts, metric) is ignored.
 INSERT_READING_SQL = (
@@ -512,11 +514,14 @@ def insert_readings(
     Returns how many rows were new. Does not commit: call inside :func:`transaction`.
     """
     received_at = now_ms() if received_at is None else received_at
-    before = conn.total_changes
-    conn.executemany(
-        INSERT_READING_SQL, ((d, ts, m, v, received_at, source) for d, ts, m, v in readings)
-    )
-    return conn.total_changes - before
+    return insert_rows(conn, ((d, ts, m, v, received_at, source) for d, ts, m, v in readings))
+
+
+def insert_rows(conn: sqlite3.Connection, rows: Iterable[ReadingRow]) -> int:
+    """:func:`insert_readings` of rows already complete: (device, ts, metric, value,
+    received_at, source), many per statement (:func:`insert_reading_rows`). Returns how many
+    were new; does not commit."""
+    return insert_reading_rows(conn, [value for row in rows for value in row])
 
 
 def insert_rejected(

@@ -21,12 +21,17 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
 
 import serial
 from pymodbus.client import ModbusSerialClient, ModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 from pymodbus.framer import FramerRTU
+from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu.bit_message import ReadCoilsResponse, ReadDiscreteInputsResponse
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersResponse,
+    ReadInputRegistersResponse,
+)
 
 from fieldgate.config import ModbusDevice
 from fieldgate.modbus.plan import Read
@@ -56,6 +61,45 @@ def quiet_pymodbus() -> None:
     """Keep pymodbus's own log lines out of fieldgate's log unless the level is DEBUG."""
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         _PYMODBUS_LOG.setLevel(logging.CRITICAL)
+
+
+class _Raw:
+    """A read answer kept as the bytes the device sent (registers 2 bytes each, big-endian;
+    bits packed 8 a byte, the first in the lowest bit): the poller decodes every value from
+    this one buffer, so pymodbus does not build a list of ints (or bools) first, nor format
+    it for a DEBUG line that is not written (its decoder calls ``str(pdu)`` for every
+    answer). Registered with the client for function codes 1-4 (pymodbus's
+    ``client.register``, meant for custom responses)."""
+
+    raw = b""
+
+    def decode(self, data: bytes) -> None:
+        size = data[0]
+        if size >= len(data):  # as pymodbus's own register decode refuses it
+            raise ValueError(f"byte count {size} > length of packet {len(data)}")
+        self.raw = bytes(data[1 : 1 + size])
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}(dev_id={self.dev_id}, {len(self.raw)} bytes)"  # type: ignore[attr-defined]
+
+
+class _RawCoils(_Raw, ReadCoilsResponse):
+    pass
+
+
+class _RawDiscrete(_Raw, ReadDiscreteInputsResponse):
+    pass
+
+
+class _RawHolding(_Raw, ReadHoldingRegistersResponse):
+    pass
+
+
+class _RawInput(_Raw, ReadInputRegistersResponse):
+    pass
+
+
+_RAW_RESPONSES: tuple[type[ModbusPDU], ...] = (_RawCoils, _RawDiscrete, _RawHolding, _RawInput)
 
 
 class ReadError(Exception):
@@ -158,14 +202,18 @@ class BusClient:
                 retries=0,
                 trace_packet=self._trace,
             )
+        for response in _RAW_RESPONSES:
+            self.client.register(response)
 
     def _trace(self, sending: bool, data: bytes) -> bytes:
         if not sending:
             self._received = data  # pymodbus passes the whole answer buffer so far
         return data
 
-    def read(self, unit: int, read: Read, timeout: float) -> Sequence[int] | Sequence[bool]:
-        """The words (or bits) of one planned read; ReadError on any failure."""
+    def read(self, unit: int, read: Read, timeout: float) -> bytes:
+        """The answer's data of one planned read, as the device sent it: ``read.count``
+        registers of 2 bytes (big-endian), or ``read.count`` bits packed 8 a byte (the first
+        in the lowest bit of the first byte); ReadError on any failure."""
         what = read.describe()
         # the sync clients read their timeout from comm_params for every connect and receive
         self.client.comm_params.timeout_connect = timeout
@@ -202,12 +250,15 @@ class BusClient:
             code = getattr(response, "exception_code", 0)
             name = EXCEPTION_NAMES.get(code, "unknown exception")
             raise ReadError("exception", f"Modbus exception {code} ({name}) reading {what}")
-        field = "bits" if read.table in ("coil", "discrete") else "registers"
-        values = getattr(response, field, None) or []
-        if len(values) < read.count:
+        raw: bytes = getattr(response, "raw", b"")
+        if read.table in ("coil", "discrete"):
+            got, size = len(raw) * 8, (read.count + 7) // 8
+        else:
+            got, size = len(raw) // 2, 2 * read.count
+        if got < read.count:
             self.close()
-            raise ReadError("io", f"short answer reading {what}: {len(values)} of {read.count}")
-        return values[: read.count]
+            raise ReadError("io", f"short answer reading {what}: {got} of {read.count}")
+        return raw[:size]
 
     def _no_answer(self, exc: ModbusException, what: str, timeout: float) -> ReadError:
         got = self._received

@@ -47,7 +47,7 @@ from fieldgate.daemon import StopFlag
 from fieldgate.errors import ConfigError
 from fieldgate.modbus.client import BusClient, ReadError, quiet_pymodbus
 from fieldgate.modbus.plan import Read, Span, plan_reads
-from fieldgate.modbus.registers import BIT_TABLES, Decoder, describe_words, pack_registers
+from fieldgate.modbus.registers import BIT_TABLES, Decoder, describe_words, registers_at
 from fieldgate.modbus.report import STATE_KEY, device_key
 from fieldgate.retry import Backoff
 
@@ -143,7 +143,9 @@ class Polled:
     target: Target
     ts: int  # the poll time: epoch ms when it started
     finished_at: int = 0
-    readings: list[store.Reading] = field(default_factory=list)
+    #: the readings as the store's rows: (device, ts, metric, value, received_at, source),
+    #: received_at when the answer of its read arrived
+    readings: list[store.ReadingRow] = field(default_factory=list)
     bad: list[str] = field(default_factory=list)  # one text per non-finite value
     bad_raw: dict[str, str] = field(default_factory=dict)  # metric -> raw words
     error: str | None = None
@@ -179,10 +181,11 @@ def poll_device(client: BusClient, t: Target) -> Polled:
 
 def _poll_device(client: BusClient, t: Target) -> Polled:
     polled = Polled(t, store.now_ms())
+    device, ts, source, rows = t.device, polled.ts, t.source, polled.readings
     for read in t.reads:
         before = client.requests
         try:
-            words = client.read(t.cfg.unit, read, t.timeout)
+            data = client.read(t.cfg.unit, read, t.timeout)
         except ReadError as exc:
             polled.requests += client.requests - before
             polled.errors += 1
@@ -191,18 +194,18 @@ def _poll_device(client: BusClient, t: Target) -> Polled:
             if exc.kind != "exception":
                 break  # not answering: the rest of this poll would only wait as long again
             continue
+        received = store.now_ms()
         polled.requests += client.requests - before
         polled.answered += 1
         bits = read.table in BIT_TABLES
-        data = b"" if bits else pack_registers(words)
-        for i in read.members:
+        for i in read.members:  # every value decoded from the answer's bytes
             d = t.decoders[i]
             at = d.address - read.start
-            value = d.value(words[at : at + 1]) if bits else d.value_at(data, at)
-            if math.isfinite(value):
-                polled.readings.append((t.device, polled.ts, d.metric, value))
-            else:
-                raw = describe_words(words[at : at + d.width])
+            value = d.bit_value_at(data, at) if bits else d.value_at(data, at)
+            if math.isfinite(value):  # the row as the store takes it
+                rows.append((device, ts, d.metric, value, received, source))
+            else:  # only registers: a bit times a finite scale is finite
+                raw = describe_words(registers_at(data, at, d.width))
                 shown = "NaN" if math.isnan(value) else str(value)
                 polled.bad.append(f"{d.metric} ({d.type} {d.table} {d.address}): {shown} ({raw})")
                 polled.bad_raw[d.metric] = raw
@@ -519,9 +522,7 @@ class ModbusPoller:
         transaction): (log level, log detail, new readings)."""
         reason, level, detail = self._account(polled)
         t = polled.target
-        new = store.insert_readings(
-            conn, polled.readings, source=t.source, received_at=polled.finished_at
-        )
+        new = store.insert_rows(conn, polled.readings)
         if reason is not None:
             store.insert_rejected(
                 conn,

@@ -214,11 +214,21 @@ class Decoder:
         """:meth:`value` of the entry at register ``index`` of one read's ``data``."""
         return float(self.raw_at(data, index)) * self.scale + self.offset
 
+    def bit_value_at(self, data: bytes, index: int) -> float:
+        """:meth:`value` of the bit ``index`` of one read's ``data`` as a coil or discrete
+        input answer packs them: 8 a byte, the first in the lowest bit (V1.1b3, §6.1)."""
+        return float(data[index >> 3] >> (index & 7) & 1) * self.scale + self.offset
+
 
 def pack_registers(words: Sequence[int] | Sequence[bool]) -> bytes:
     """The registers of an answer as the device sent them: 2 bytes each, big-endian. A poll
     packs each read once and decodes every value of it from there (:meth:`Decoder.value_at`)."""
     return struct.pack(f">{len(words)}H", *words)
+
+
+def registers_at(data: bytes, index: int, count: int) -> tuple[int, ...]:
+    """``count`` registers from register ``index`` of one read's ``data``."""
+    return struct.unpack_from(f">{count}H", data, 2 * index)
 
 
 def describe_words(words: Sequence[int] | Sequence[bool]) -> str:
