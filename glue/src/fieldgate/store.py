@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -514,7 +514,7 @@ def insert_readings(
     Returns how many rows were new. Does not commit: call inside :func:`transaction`.
     """
     received_at = now_ms() if received_at is None else received_at
-    return insert_rows(conn, ((d, ts, m, v, received_at, source) for d, ts, m, v in readings))
+    return insert_rows(conn, [(d, ts, m, v, received_at, source) for d, ts, m, v in readings])
 
 
 def insert_rows(conn: sqlite3.Connection, rows: Iterable[ReadingRow]) -> int:
