@@ -58,6 +58,40 @@ def test_the_tee_sees_every_byte_sqlite_writes_and_changes_none(tmp_path: Path) 
     assert max(len(d) for _, d in seen) == teevfs.GATHER_BYTES
 
 
+def test_in_order_the_file_grows_front_to_back_and_is_written_into_only_at_the_end(
+    tmp_path: Path,
+) -> None:
+    """What fusefat needs: no write past the end of the file (the gap is filled with zeros
+    first), and no write inside the file while it still grows (SQLite's backup writes
+    page 1 at its commit, before the last pages)."""
+    db = tmp_path / "store.db"
+    fill(db, 40_000)
+    seen: list[tuple[int, bytes]] = []
+    with teevfs.TeeVfs(
+        lambda offset, data: seen.append((offset, bytes(data))), in_order=True
+    ) as vfs:
+        backup(db, tmp_path / "tee.db", vfs)
+    backup(db, tmp_path / "plain.db")
+    copy = (tmp_path / "tee.db").read_bytes()
+    assert copy == (tmp_path / "plain.db").read_bytes()
+    # SQLite's own order writes page 2 first and page 1 before the last pages:
+    plain: list[int] = []
+    with teevfs.TeeVfs(lambda offset, data: plain.append(offset)) as vfs:
+        backup(db, tmp_path / "sqlite-order.db", vfs)
+    assert plain[0] > 0 and plain.index(0) < len(plain) - 1
+    # in order: every growing write starts at the end (the zero fill of page 1 is not
+    # observed, so the first starts at page 2), and the writes inside come last
+    end, inside = 4096, []
+    for k, (offset, data) in enumerate(seen):
+        if offset < end:
+            inside.append(k)
+        else:
+            assert offset == end, (k, offset, end)
+            end = offset + len(data)
+    assert inside and inside == list(range(len(seen) - len(inside), len(seen)))
+    assert end == len(copy)
+
+
 def test_a_failing_observer_fails_the_backup_with_its_own_error(tmp_path: Path) -> None:
     db = tmp_path / "store.db"
     fill(db, 20_000)

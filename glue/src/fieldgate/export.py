@@ -22,9 +22,11 @@ How, and why this way:
   that of the bytes read back. A cheap structural check (header, schema) runs on the
   copy; ``export.verify: quick_check | integrity_check`` adds that SQLite check of the
   snapshot while the drive syncs (never a second full pass over the drive).
-- **Drivers that need order.** fusefat corrupts files written out of order, and SQLite
-  writes page 1 last: for it the snapshot is taken beside the store and copied onto the
-  drive front to back (the copy is what is observed then).
+- **Drivers that need order.** fusefat corrupts files extended out of order, and SQLite
+  writes page 1 last: for it the VFS writes the snapshot front to back (a write past the
+  end of the file fills the gap with zeros first; page 1 then lands inside the file).
+  Only where the VFS cannot be used is the snapshot taken beside the store and copied
+  onto the drive front to back (the copy is what is observed then).
 - **Nothing partial under a final name.** Everything is written inside a hidden staging
   directory ``.export-<serial>-<ts>.partial`` on the target itself (same filesystem, so the
   final step is a rename), synced, read back, and only then renamed into place; a failure
@@ -230,7 +232,8 @@ COPY_CHUNK = 1 << 20
 #: Test seams (tests only; production never sets them). ``PAUSE_ENV`` names a step at which
 #: the export waits: it creates ``<$PAUSE_DIR_ENV>/<step>.paused`` and goes on once
 #: ``<step>.resume`` exists there (at most ``PAUSE_MAX_SECS``). ``WRITE_ORDER_ENV`` set to
-#: ``swap-first-chunks`` makes the front-to-back copy write its second chunk first.
+#: ``sqlite-order`` writes the snapshot in SQLite's own order even where the driver needs
+#: it front to back (the damage fusefat then does must be found).
 PAUSE_ENV = "FIELDGATE_TEST_PAUSE_AT"
 PAUSE_DIR_ENV = "FIELDGATE_TEST_PAUSE_DIR"
 PAUSE_MAX_SECS = 300
@@ -353,18 +356,24 @@ def snapshot(store_path: Path, dest: Path, *, busy_timeout_ms: int = 30000) -> i
 
 
 def snapshot_onto(
-    store_path: Path, dest: Path, writeback: Writeback, *, busy_timeout_ms: int = 30000
+    store_path: Path,
+    dest: Path,
+    writeback: Writeback,
+    *,
+    busy_timeout_ms: int = 30000,
+    in_order: bool = False,
 ) -> Written:
     """SQLite's backup straight into ``dest`` on the drive, every write it makes observed
     (:mod:`fieldgate.teevfs`) and the drive kept busy; the header set to rollback-journal
-    mode. Returns what was written."""
+    mode. ``in_order``: the file only grows front to back (for drivers that need it).
+    Returns what was written."""
     written = Written(page_size_of(store_path, busy_timeout_ms))
 
     def observe(offset: int, data: memoryview) -> None:
         written.record(offset, data)
         writeback.written(offset + len(data))
 
-    with TeeVfs(observe) as vfs:
+    with TeeVfs(observe, in_order=in_order) as vfs:
         backup(store_path, dest, busy_timeout_ms=busy_timeout_ms, vfs=vfs)
     first = rollback_journal_header(written.first_page)
     if first != written.first_page:
@@ -384,25 +393,15 @@ def write_at(fd: int, data: bytes | memoryview, offset: int) -> None:
 def copy_front_to_back(src: Path, dest: Path, writeback: Writeback, page_size: int) -> Written:
     """Copy ``src`` into the new file ``dest`` in order, front to back; what was written.
 
-    For drivers that cannot take SQLite's write pattern (fusefat). The test seam
-    ``WRITE_ORDER_ENV`` writes the second chunk before the first, to prove that the
-    damage such a driver then does is found.
+    For drivers that cannot take SQLite's write pattern (fusefat) where the observing VFS
+    cannot be used (:func:`fieldgate.teevfs.available`).
     """
     written = Written(page_size)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
         with src.open("rb") as f:
-            chunks = iter(lambda: f.read(COPY_CHUNK), b"")
-            if os.environ.get(WRITE_ORDER_ENV) == "swap-first-chunks":
-                head = [b for _, b in zip(range(2), chunks, strict=False)]
-                order = [(COPY_CHUNK, head[1]), (0, head[0])] if len(head) == 2 else []
-                for offset, block in order:
-                    written.record(offset, block)
-                    write_at(fd, block, offset)
-                offset = COPY_CHUNK * len(order)
-            else:
-                offset = 0
-            for block in chunks:
+            offset = 0
+            for block in iter(lambda: f.read(COPY_CHUNK), b""):
                 written.record(offset, block)
                 write_at(fd, block, offset)
                 offset += len(block)
@@ -516,14 +515,16 @@ def stage_export(
     note: Note = _no_note,
     *,
     sequential: bool = False,
+    in_order: bool = False,
     device_fd: int | None = None,
 ) -> dict:
     """Write, sync and verify the three files inside ``staging`` (``.partial`` names).
 
     1. The snapshot: SQLite's backup straight onto the drive, each write observed
-       (``sequential``: taken beside the store and copied front to back, for drivers that
-       corrupt files written out of order); ``export.verify`` may add a PRAGMA check of
-       the snapshot, run while the drive syncs.
+       (``in_order``: the file growing front to back, for drivers that corrupt files
+       extended out of order; ``sequential``: taken beside the store and copied front to
+       back, where the observing VFS cannot be used); ``export.verify`` may add a PRAGMA
+       check of the snapshot, run while the drive syncs.
     2. The site config; then the drive's device is flushed (``device_fd``: see
        :class:`Writeback`).
     3. Both files read back from the device and compared with what was written; the
@@ -564,9 +565,12 @@ def stage_export(
                 f"{human_bytes(written.size)} in {time.monotonic() - started:.2f} s"
             )
         else:
-            written = snapshot_onto(store_path, db_tmp, writeback, busy_timeout_ms=timeout)
+            written = snapshot_onto(
+                store_path, db_tmp, writeback, busy_timeout_ms=timeout, in_order=in_order
+            )
+            how = " front to back" if in_order else ""
             note(
-                f"snapshot written: {human_bytes(written.size)} "
+                f"snapshot written{how}: {human_bytes(written.size)} "
                 f"in {time.monotonic() - started:.2f} s"
             )
             started = time.monotonic()
@@ -789,7 +793,9 @@ def export_to(
         isolate = drop
     mount = mount_of(directory)
     fstype = mount.fstype if mount else ""
-    sequential = fstype in SEQUENTIAL_ONLY or not teevfs.available()
+    # without the observing VFS: a snapshot beside the store, copied front to back
+    sequential = not teevfs.available()
+    in_order = fstype in SEQUENTIAL_ONLY and os.environ.get(WRITE_ORDER_ENV) != "sqlite-order"
     if sequential:
         local_need = export_size(store_path) + SMALL_FILES_BYTES
         if free_bytes(store_path.parent) < local_need:
@@ -805,7 +811,15 @@ def export_to(
     note(f"writing export {names.ts} into {directory}")
 
     def stage() -> dict:
-        return stage_export(cfg, staging, names, note, sequential=sequential, device_fd=device_fd)
+        return stage_export(
+            cfg,
+            staging,
+            names,
+            note,
+            sequential=sequential,
+            in_order=in_order,
+            device_fd=device_fd,
+        )
 
     try:
         if drop:

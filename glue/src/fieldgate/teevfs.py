@@ -10,6 +10,13 @@ it as a main database keeps the default I/O methods except those that see its by
 - consecutive writes are gathered into writes of up to :data:`GATHER_BYTES` (a FUSE
   driver takes SQLite's page-sized writes one request each), and each gathered write is
   shown to the observer, then written;
+- with ``in_order``, a write that would start past the end of the file first fills the gap
+  with zeros (not shown to the observer: a page never written reads back as zeros), and a
+  write inside the file (SQLite's backup writes page 1 at its commit, before the last
+  pages behind it) waits until SQLite next reads, syncs, asks for the size, truncates,
+  sends a file control or closes: the file only ever grows front to back, and is written
+  into only once it has stopped growing. fusefat loses a file that is extended out of
+  order, or extended again after its first cluster was rewritten, and takes this order;
 - reads, size queries, truncation, syncs, file controls and close first write out what
   is gathered, so SQLite always reads its own writes; the memory-mapped fetch methods are
   withheld (the file is never read through a mapping that would miss gathered bytes).
@@ -164,7 +171,12 @@ class _Open:
         self.address = ctypes.addressof(self.buffer)
         self.start = 0
         self.length = 0
+        self.end = 0  # the file's size as written through the VFS (for ``in_order``)
+        self.held: list[tuple[int, bytes]] = []  # writes inside the file, for later
 
+
+#: Zeros that fill a gap before a write past the end of a file (``in_order``).
+_ZEROS = (ctypes.c_char * GATHER_BYTES)()
 
 _names = itertools.count(1)
 #: VFSes left with files open when their context closed: SQLite may still call them.
@@ -179,12 +191,13 @@ class TeeVfs:
     (``?vfs=<name>`` in a URI filename: :func:`fieldgate.store.connect_unjournaled`).
     """
 
-    def __init__(self, observer: Observer) -> None:
+    def __init__(self, observer: Observer, *, in_order: bool = False) -> None:
         lib = _library()
         if lib is None:
             raise RuntimeError("libsqlite3 cannot be reached through ctypes")
         self._lib = lib
         self.observer = observer
+        self.in_order = in_order
         self.name = f"fieldgate-tee-{next(_names)}"
         self.failure: BaseException | None = None
         self._files: dict[int, _Open] = {}
@@ -255,7 +268,11 @@ class TeeVfs:
                     if name_ != "xOpen":
                         setattr(ours, name_, ctypes.cast(callback, _ptr))
                 self._methods[slot[0]] = ours
-            self._files[file] = _Open(original)
+            opened = _Open(original)
+            size = ctypes.c_int64(0)
+            if opened.file_size(file, ctypes.addressof(size)) == SQLITE_OK:
+                opened.end = size.value
+            self._files[file] = opened
             slot[0] = ctypes.addressof(ours)
             return rc
         except BaseException as exc:
@@ -266,8 +283,25 @@ class TeeVfs:
         if not f.length:
             return SQLITE_OK
         length, f.length = f.length, 0
-        self.observer(f.start, memoryview(f.buffer)[:length])
-        return f.write(file, f.address, length, f.start)
+        return self._put(file, f, f.address, memoryview(f.buffer)[:length], f.start)
+
+    def _put(self, file: int, f: _Open, address: int, data: memoryview, offset: int) -> int:
+        """Observe and write ``data`` (at ``address``) at ``offset``; with ``in_order``, a
+        gap between the file's end and ``offset`` is filled with zeros first."""
+        if self.in_order and offset + len(data) <= f.end:
+            f.held.append((offset, bytes(data)))  # written when the file stops growing
+            return SQLITE_OK
+        while self.in_order and f.end < offset:
+            n = min(GATHER_BYTES, offset - f.end)
+            rc = f.write(file, ctypes.addressof(_ZEROS), n, f.end)
+            if rc != SQLITE_OK:
+                return rc
+            f.end += n
+        self.observer(offset, data)
+        rc = f.write(file, address, len(data), offset)
+        if rc == SQLITE_OK:
+            f.end = max(f.end, offset + len(data))
+        return rc
 
     def _write(self, file: int, data: int, amount: int, offset: int) -> int:
         try:
@@ -280,8 +314,7 @@ class TeeVfs:
             if rc != SQLITE_OK:
                 return rc
             if amount > GATHER_BYTES:
-                self.observer(offset, memoryview(ctypes.string_at(data, amount)))
-                return f.write(file, data, amount, offset)
+                return self._put(file, f, data, memoryview(ctypes.string_at(data, amount)), offset)
             ctypes.memmove(f.address, data, amount)
             f.start, f.length = offset, amount
             return SQLITE_OK
@@ -289,8 +322,15 @@ class TeeVfs:
             return self._failed(exc)
 
     def _flushed(self, file: int) -> tuple[_Open, int]:
+        """Write out what is gathered, then what was held (``in_order``)."""
         f = self._files[file]
-        return f, self._flush(file, f)
+        rc = self._flush(file, f)
+        while rc == SQLITE_OK and f.held:
+            offset, data = f.held.pop(0)
+            self.observer(offset, memoryview(data))
+            buffer = ctypes.create_string_buffer(data, len(data))
+            rc = f.write(file, ctypes.addressof(buffer), len(data), offset)
+        return f, rc
 
     def _close(self, file: int) -> int:
         try:
@@ -316,7 +356,13 @@ class TeeVfs:
         return self._after_flush(file, lambda f: f.read(file, data, amount, offset))
 
     def _truncate(self, file: int, size: int) -> int:
-        return self._after_flush(file, lambda f: f.truncate(file, size))
+        def truncate(f: _Open) -> int:
+            rc = f.truncate(file, size)
+            if rc == SQLITE_OK:
+                f.end = min(f.end, size)
+            return rc
+
+        return self._after_flush(file, truncate)
 
     def _sync(self, file: int, flags: int) -> int:
         return self._after_flush(file, lambda f: f.sync(file, flags))
