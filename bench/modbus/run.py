@@ -22,7 +22,9 @@ that stored the last of their readings (all 3,000 readings inserted, the devices
 the summary updated, one durable commit); both plans run the same poller, client, decoding
 and store, only the plan of requests differs. Prints the medians of ``--rounds`` rounds
 (default 15) and their ratio (target: the running poller's coalesced round >= 10x faster
-than its round with one request per value; the ``--once`` ratios are printed too), the CPU share
+than its round with one request per value; the ``--once`` ratios are printed too), the CPU
+seconds a ``--once`` round costs (the poller with its store, and the simulated devices:
+steadier than wall time on a loaded machine; printed, not a target), the CPU share
 (target <= 5 %), checks every round stored 3,000 readings, and exits 1 when a target is
 missed. ``--latency-ms`` delays every answer of the simulated devices, as a real device's
 turnaround would (default 0: loopback and the simulator's own cost only). No timing here is
@@ -180,13 +182,17 @@ def write_config(work: Path, ports: list[int], interval: float) -> Path:
     return path
 
 
-def one_round(poller: Any) -> tuple[float, float, int, int]:
+def one_round(poller: Any, servers: int) -> tuple[float, float, int, int, float]:
     """One round: wall seconds (reads and store), seconds until every device was read (from
-    the first poll's start to the last poll's end, ms resolution), requests, readings."""
+    the first poll's start to the last poll's end, ms resolution), requests, readings, and
+    the CPU seconds it cost: this process (the poller and its store) and the simulated
+    devices' process (pid ``servers``, in clock ticks)."""
     before = sum(s.requests for s in poller.stats.values())
+    cpu, ticks = time.process_time(), cpu_ticks(servers)
     started = time.perf_counter()
     results = poller.once()
     wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu + (cpu_ticks(servers) - ticks) / CLK_TCK
     failed = [r for r in results if not r.ok]
     if failed:
         raise SystemExit(f"bench: {len(failed)} devices failed: {failed[0].detail}")
@@ -194,7 +200,7 @@ def one_round(poller: Any) -> tuple[float, float, int, int]:
     read = (max(s.last_success for s in stats) - min(s.last_poll for s in stats)) / 1000
     requests = sum(s.requests for s in stats) - before
     time.sleep(0.01)  # the next round gets its own poll time
-    return wall, read, requests, sum(r.new_readings for r in results)
+    return wall, read, requests, sum(r.new_readings for r in results), cpu
 
 
 def daemon_rounds(config: Path, n: int) -> dict[bool, list[float]]:
@@ -340,12 +346,12 @@ def main() -> int:
         config = write_config(work, ports, interval=10)
         coalesced = ModbusPoller(load_config(str(config)))
         single = ModbusPoller(load_config(str(config)), coalesce=False)
-        one_round(coalesced)  # warm-up: first connections
-        one_round(single)
+        one_round(coalesced, servers.pid)  # warm-up: first connections
+        one_round(single, servers.pid)
         c_rounds, s_rounds = [], []
         for _ in range(args.rounds):  # alternating, so both see the same machine load
-            c_rounds.append(one_round(coalesced))
-            s_rounds.append(one_round(single))
+            c_rounds.append(one_round(coalesced, servers.pid))
+            s_rounds.append(one_round(single, servers.pid))
         n = args.devices
         latency = f", answers delayed {args.latency_ms:g} ms" if args.latency_ms else ""
         print(
@@ -370,6 +376,14 @@ def main() -> int:
                 f"  rounds (ms), {label}: "
                 + " ".join(f"{r[0] * 1000:.0f}" for r in runs)
             )
+        # CPU seconds do not wait for a core: the steadier figure on a loaded machine
+        c_cpu = sum(r[4] for r in c_rounds) / len(c_rounds)
+        s_cpu = sum(r[4] for r in s_rounds) / len(s_rounds)
+        print(
+            f"CPU per --once round (poller and store + simulated devices, mean of "
+            f"{args.rounds}): coalesced {c_cpu * 1000:.1f} ms, one request per value "
+            f"{s_cpu * 1000:.1f} ms ({s_cpu / c_cpu:.1f}x)"
+        )
         daemon = daemon_rounds(config, n=args.rounds)
         c_daemon, s_daemon = daemon[True], daemon[False]
         print(
