@@ -163,3 +163,28 @@ def test_a_refused_heartbeat_never_stops_the_uploads(
     assert "413" in text
     admin = make_user(hub.db, "admin", admin=True)
     assert summary(hub, "GW-TEST", admin)["last_heartbeat"] is None
+
+
+def test_the_fleet_shows_the_last_pull_run_and_a_failed_one_needs_attention(hub: Hub) -> None:
+    key = register(hub, "GW-PULL")
+    admin = make_user(hub.db, "admin", admin=True)
+    status = {
+        "site": "GW-PULL",
+        "upload": {"interval_secs": 300},
+        "collector": {"state": {"value": "running"}},
+        "pull": {"state": "recorded", "result": "failed", "changed": 2, "age_secs": 60.0},
+    }
+    assert beat(hub, key, status).status_code == 204
+    page = requests.get(f"{hub.url}/", auth=admin, timeout=30).text
+    assert 'data-serial="GW-PULL" data-state="attention"' in page
+    assert '<td class="pull">pull failed, 2 changed, ' in page
+    status["pull"] = {**status["pull"], "result": "ok", "changed": 0}
+    assert beat(hub, key, status).status_code == 204
+    page = requests.get(f"{hub.url}/", auth=admin, timeout=30).text
+    assert 'data-serial="GW-PULL" data-state="ok"' in page
+    assert '<td class="pull">pull ok, 0 changed, ' in page
+    # a gateway converged by push (no pull run recorded) shows none
+    status["pull"] = {"state": "none"}
+    assert beat(hub, key, status).status_code == 204
+    page = requests.get(f"{hub.url}/", auth=admin, timeout=30).text
+    assert '<td class="pull">\u2013</td>' in page

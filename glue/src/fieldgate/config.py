@@ -374,6 +374,15 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class PullConfig:
+    """Pull mode: where ``fieldgate pull-run`` records the gateway's last ``ansible-pull``
+    (docs/pull-mode.md); ``status`` and the heartbeat report it."""
+
+    #: None: not shown (the gateway is converged by push only).
+    result_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``path`` is where it was read from."""
 
@@ -387,6 +396,7 @@ class Config:
     disk: DiskConfig = field(default_factory=DiskConfig)
     log: LogConfig = field(default_factory=LogConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    pull: PullConfig = field(default_factory=PullConfig)
     path: str = field(default="", metadata={"internal": True})
     raw: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})
 

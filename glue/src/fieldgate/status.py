@@ -18,6 +18,7 @@ from fieldgate.config import Config
 from fieldgate.fsutil import disk_usage_percent, free_bytes, human_bytes
 from fieldgate.inputs import STATE_PREFIX, InputCounts
 from fieldgate.modbus.report import modbus_status, render_modbus
+from fieldgate.pull import pull_status, render_pull
 from fieldgate.refusals import broker_refusals, render_refusals
 
 
@@ -34,6 +35,7 @@ def collect_status(cfg: Config) -> dict[str, Any]:
     disk_dir = path.parent if path.parent.exists() else Path("/")
     result["disk"] = _disk(cfg, disk_dir)
     result["broker_refusals"] = broker_refusals(cfg.mqtt.broker_refusals_file)
+    result["pull"] = pull_status(cfg.pull.result_file)
     if not path.exists() or path.stat().st_size == 0:  # (SQLite makes the file, then the schema)
         result["store"]["exists"] = False
         result["collector"] = _collector(path, None)
@@ -226,6 +228,7 @@ def render_text(s: dict[str, Any]) -> str:
         lines.append(f"disk            {_disk_text(d)}")
         lines.append(f"collector       {_collector_text(s['collector'])}")
         lines.extend(render_refusals(s.get("broker_refusals")))
+        lines.extend(render_pull(s.get("pull")))
         return "\n".join(lines) + "\n"
     lines.append(
         f"store           {st['path']} ({st['size_bytes']} bytes, schema {st['schema_version']})"
@@ -257,6 +260,7 @@ def render_text(s: dict[str, Any]) -> str:
     lines.append(f"usb export      {_fact_text(s['export']['state'], 'normal_operation')}")
     if s["export"]["last_result"]:
         lines.append(f"last export     {_fact_text(s['export']['last_result'])}")
+    lines.extend(render_pull(s.get("pull")))
     if s["power"]["last_event"]:
         lines.append(f"power           {_fact_text(s['power']['last_event'])}")
     if s["devices"]:

@@ -237,6 +237,22 @@ COMMANDS: tuple[Command, ...] = (
         config=False,
     ),
     Command(
+        "pull-run",
+        "commands:pull_run",
+        "Run the given ansible-pull command line (after --), pass its output through and "
+        "record its outcome (result, changed count, duration) in --result-file for status.",
+        (
+            arg(
+                "--result-file",
+                required=True,
+                metavar="FILE",
+                help="where the outcome is written (pull.result_file of the configuration)",
+            ),
+            arg("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ..."),
+        ),
+        config=False,
+    ),
+    Command(
         "hub serve",
         "hub:serve",
         "Serve the hub API over HTTP (uploads from gateways, the read API for users).",

@@ -203,3 +203,11 @@ def check_config(cfg: Config, args: argparse.Namespace) -> int:
     for node in cfg.poll.nodes:
         print(f"poll node {node.name} ({node.format}): {node.url} for device {node.device}")
     return 0
+
+
+def pull_run(args: argparse.Namespace) -> int:
+    """``fieldgate pull-run --result-file FILE -- COMMAND ...`` (the pull timer's service)."""
+    from fieldgate.pull import run_and_record
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    return run_and_record(argv, Path(args.result_file))

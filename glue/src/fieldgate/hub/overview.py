@@ -11,7 +11,8 @@ A gateway's last contact is its last heartbeat or batch (``last_seen``: both set
   registered,
 - ``attention`` when it answers but something needs a look: an upload error newer than
   the last success, readings the hub refused, the collector not running, an export error,
-  the disk at :data:`DISK_WARN_PERCENT` or more;
+  the disk at :data:`DISK_WARN_PERCENT` or more, its last pull run (``ansible-pull``,
+  docs/pull-mode.md) failed;
 - ``ok`` otherwise.
 
 The status is whatever the gateway sent: every field is read defensively (a missing or
@@ -71,6 +72,9 @@ class GatewayView:
     collector: str | None
     export: str | None
     last_error: str | None
+    pull: str | None  # "ok" | "failed": its last pull run; None: converged by push
+    pull_changed: float | None
+    pull_age_secs: float | None
     rows: int  # readings the hub holds
     batches: int  # batches the hub stored
 
@@ -97,6 +101,9 @@ def brief(status: Any) -> dict[str, Any]:
         "last_error": _text(_get(status, "upload", "last_error", "value")),
         "error_at": _text(_get(status, "upload", "last_error", "updated")) or "",
         "success_at": _text(_get(status, "upload", "last_success", "updated")) or "",
+        "pull": _text(_get(status, "pull", "result")),
+        "pull_changed": _number(_get(status, "pull", "changed")),
+        "pull_age_secs": _number(_get(status, "pull", "age_secs")),
     }
 
 
@@ -121,6 +128,7 @@ def view(d: dict[str, Any], now: int) -> GatewayView:
         or (collector is not None and collector != "running")
         or b.get("export") == "error"
         or (disk is not None and disk >= DISK_WARN_PERCENT)
+        or b.get("pull") == "failed"
     ):
         state = "attention"
     else:
@@ -142,6 +150,12 @@ def view(d: dict[str, Any], now: int) -> GatewayView:
         collector=collector if isinstance(collector, str) else None,
         export=b.get("export") if isinstance(b.get("export"), str) else None,
         last_error=error if isinstance(error, str) else None,
+        pull=b.get("pull") if b.get("pull") in ("ok", "failed") else None,
+        pull_changed=_number(b.get("pull_changed")),
+        # its age when the heartbeat left the gateway, plus the heartbeat's own age
+        pull_age_secs=None
+        if _number(b.get("pull_age_secs")) is None or beat is None
+        else _number(b.get("pull_age_secs")) + max(0.0, (now - beat) / 1000),
         rows=int(d.get("rows") or 0),
         batches=int(d.get("batches") or 0),
     )

@@ -196,6 +196,10 @@ def _fleet_row(v: GatewayView, href: str) -> Markup:
     pending = f" <small>({v.pending_batches:.0f} batches)</small>" if v.pending_batches else ""
     refused = f" <small>({v.refused_by_hub:.0f} by the hub)</small>" if v.refused_by_hub else ""
     disk = NONE if v.disk_percent is None else f"{v.disk_percent:.0f} %"
+    pull = NONE
+    if v.pull is not None:
+        changed = "" if v.pull_changed is None else f", {v.pull_changed:.0f} changed"
+        pull = f"pull {v.pull}{changed}, {age_text(v.pull_age_secs)} ago"
     return Markup(  # noqa: S704 (every value is escaped or a number formatted here)
         f'<tr class="gateway {state}" data-serial="{serial}" data-state="{state}">'
         f'<th scope="row"><a href="{e(href + quote(v.serial, safe=""))}">{serial}</a></th>'
@@ -204,7 +208,8 @@ def _fleet_row(v: GatewayView, href: str) -> Markup:
         f'<td class="num">{_count(v.backlog)}{pending}</td>'
         f'<td class="num">{_count(v.rejected)}{refused}</td>'
         f'<td class="num">{disk}</td><td>{e(v.collector or NONE)}</td>'
-        f'<td>{e(v.export or NONE)}</td><td class="num">{v.rows}</td>'
+        f'<td>{e(v.export or NONE)}</td><td class="pull">{e(pull)}</td>'
+        f'<td class="num">{v.rows}</td>'
         f'<td>{e(v.domain)}</td><td class="err">{e(v.last_error or "")}</td></tr>\n'
     )
 
