@@ -122,6 +122,20 @@ def atomic_write(
         f.write(data)
 
 
+def read_small_file(path: str | Path, max_bytes: int) -> bytes | None:
+    """The content of a small file another program writes (a status record), None when it
+    does not exist; ``ValueError`` when it is larger than ``max_bytes`` (never read whole),
+    ``OSError`` for any other failure to read it."""
+    try:
+        with Path(path).open("rb") as f:
+            raw = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        return None
+    if len(raw) > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes")
+    return raw
+
+
 def unlink_durably(path: Path) -> None:
     """Remove ``path`` (if it is there) and make the removal durable."""
     with contextlib.suppress(FileNotFoundError):

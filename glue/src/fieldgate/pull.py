@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from fieldgate import store
 from fieldgate.errors import FieldgateError
-from fieldgate.fsutil import atomic_write
+from fieldgate.fsutil import atomic_write, read_small_file
 
 #: The result file is a few hundred bytes; anything larger is not ours.
 MAX_BYTES = 16 * 1024
@@ -179,15 +179,14 @@ def pull_status(path: str | None) -> dict[str, Any] | None:
         return None
     result: dict[str, Any] = {"file": path}
     try:
-        with Path(path).open("rb") as f:
-            raw = f.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        return {**result, "state": "none"}
+        raw = read_small_file(path, MAX_BYTES)
     except OSError as exc:
         return {**result, "state": "unreadable", "error": exc.strerror or str(exc)}
+    except ValueError as exc:
+        return {**result, "state": "unreadable", "error": f"not a pull-run result ({exc})"}
+    if raw is None:
+        return {**result, "state": "none"}
     try:
-        if len(raw) > MAX_BYTES:
-            raise ValueError(f"larger than {MAX_BYTES} bytes")
         data = json.loads(raw)
         if data["result"] not in ("ok", "failed"):
             raise ValueError(f"result {data['result']!r}")

@@ -17,10 +17,10 @@ the plugin also reads the broker's log (``plugin_opt_broker_log``, ``fieldgate b
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from fieldgate import store
+from fieldgate.fsutil import read_small_file
 
 #: The plugin writes at most 256 accounts of ~400 bytes each, and 256 sources of ~500.
 MAX_BYTES = 512 * 1024
@@ -40,17 +40,15 @@ def broker_refusals(path: str | None) -> dict[str, Any] | None:
     if not path:
         return None
     result: dict[str, Any] = {"file": path}
-    p = Path(path)
     try:
-        with p.open("rb") as f:
-            raw = f.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        return {**result, "state": "none", "denied": 0, "accounts": []}
+        raw = read_small_file(path, MAX_BYTES)
     except OSError as exc:
         return {**result, "state": "unreadable", "error": exc.strerror or str(exc)}
+    except ValueError as exc:
+        return {**result, "state": "unreadable", "error": f"not the plugin's counts ({exc})"}
+    if raw is None:
+        return {**result, "state": "none", "denied": 0, "accounts": []}
     try:
-        if len(raw) > MAX_BYTES:
-            raise ValueError(f"larger than {MAX_BYTES} bytes")
         data = json.loads(raw)
         accounts = [
             {
