@@ -562,6 +562,10 @@ class SqlHubStorage(ABC):
 
     def forget_attempt(self, keys: Iterable[str], at: int) -> None:
         with self._tx():
+            # under the claim's lock too: two attempts of one key in one millisecond have
+            # equal rows, and two unlocked deletes on PostgreSQL would pick the same one
+            if self.lock_login_failures:
+                self._x(self.lock_login_failures)
             for key in keys:
                 self._x(
                     f"DELETE FROM login_failures WHERE {self.row_id} IN (SELECT {self.row_id} "
