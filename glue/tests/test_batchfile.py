@@ -91,11 +91,14 @@ def test_columns_in_chunks_are_the_rows_of_the_file(chunk_chars: int) -> None:
         ("TH-1,1,,1\n", "reading out of range"),
     ],
 )
-def test_a_bad_line_is_named_in_whichever_chunk_it_is(bad: str, reason: str) -> None:
+@pytest.mark.parametrize("chunk_chars", [256, 1 << 20])  # many chunks; one
+def test_a_bad_line_is_named_in_whichever_chunk_it_is(
+    bad: str, reason: str, chunk_chars: int
+) -> None:
     lines = batchfile.render_csv([("TH-1", T0 + i, "t", 1.0) for i in range(1000)]).decode()
     text = "".join([*lines.splitlines(keepends=True)[:700], bad, *lines.splitlines(True)[701:]])
     with pytest.raises(BatchFileError, match=f"line 701: {reason}"):
-        list(batchfile.parse_csv_columns(io.StringIO(text, newline=""), 256))
+        list(batchfile.parse_csv_columns(io.StringIO(text, newline=""), chunk_chars))
 
 
 def test_decode_csv_refuses_non_utf8() -> None:
