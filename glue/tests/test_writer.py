@@ -185,7 +185,7 @@ def test_native_rows_takes_a_payload_only_with_the_long_paths_result(
     rules = Rules.from_config(config(tmp_path))
     device = topic.split("/")[1] if topic.startswith("fieldgate/") else ""
     if not device or device in ("XX-9", "CSV-1"):
-        return  # the writer sends these topics the long way (test_native_target)
+        return  # the writer sends these topics the long way (test_fast_target)
     serial, _ = rules.resolve(device)
     outcome = parse_payload(device, payload, rules, now_ms=AT)  # (learns valid metric names)
     into: list[object] = ["before"]
@@ -208,15 +208,18 @@ def test_native_rows_takes_the_usual_payload(tmp_path: Path) -> None:
     assert into == [*first, "TH-001", T0, "humidity", 40.5, AT, "mqtt"]
 
 
-def test_native_target(tmp_path: Path) -> None:
+def test_fast_target(tmp_path: Path) -> None:
     reader = MessageReader(config(tmp_path), {})
-    native = "fieldgate/{device}/readings"
-    assert reader.native_target(NATIVE) == (native, "TH-001")
-    assert reader.native_target("fieldgate/roof/readings") == (native, "TH-001")
-    assert reader.native_target("fieldgate/CSV-1/readings") is None
-    assert reader.native_target("fieldgate/XX-9/readings") is None
-    assert reader.native_target("tele/TH-001/SENSOR") is None
-    assert reader.native_target("somewhere/else") is None
+    native, tasmota = reader.table.inputs
+    key = "fieldgate/{device}/readings"
+    assert reader.fast_target(NATIVE) == (key, "TH-001", native, None)
+    assert reader.fast_target("fieldgate/roof/readings") == (key, "TH-001", native, None)
+    assert reader.fast_target("fieldgate/CSV-1/readings") is None
+    assert reader.fast_target("fieldgate/XX-9/readings") is None
+    assert reader.fast_target("tele/roof/SENSOR") == (tasmota.key, "TH-001", tasmota, None)
+    assert reader.fast_target("tele/CSV-1/SENSOR") == (tasmota.key, "CSV-1", tasmota, None)
+    assert reader.fast_target("tele/XX-9/SENSOR") is None
+    assert reader.fast_target("somewhere/else") is None
 
 
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 63, 64, 127, 128, 129, 255, 256, 300, 1000])

@@ -23,7 +23,14 @@ from typing import Any
 
 from fieldgate.config import Config, FormatOptions
 from fieldgate.formats import DECODERS, NATIVE, Decoder, Options, SampleError, options_from
-from fieldgate.readings import Outcome, Rules, decode_payload, decoded_outcome, parse_payload
+from fieldgate.readings import (
+    Outcome,
+    Rules,
+    decode_payload,
+    decoded_outcome,
+    decoded_rows,
+    parse_payload,
+)
 from fieldgate.topics import Template, parse_template
 
 #: A topic seen this often is matched from the cache; the cache is emptied when full.
@@ -164,6 +171,41 @@ def read_message(
         keep=inp.keep,
         resolve=rules.resolve,
     )
+
+
+def device_rows(
+    inp: Input,
+    serial: str,
+    metric: str | None,
+    payload: bytes,
+    rules: Rules,
+    *,
+    stamp: int,
+    at: int,
+    source: str,
+    into: list[object],
+) -> int | None:
+    """The store writer's cheap path for a device format's usual message: its readings
+    added to ``into`` (:func:`fieldgate.readings.decoded_rows`) and the number of values
+    that were not readings; None, with ``into`` unchanged, for any other message.
+
+    The payload is read by the input's one decoder, as :func:`read_message` reads it, for a
+    device ``serial`` already resolved from the topic and the broker's arrival ``stamp``;
+    only the validation that spells out reasons is left out. A message it declines (too
+    large, not UTF-8, not the format, anything :func:`decoded_rows` declines, even an
+    unexpected error) is read again by :func:`read_message`, which says why.
+    """
+    if len(payload) > rules.max_payload_bytes or inp.decoder is None:
+        return None
+    try:
+        decoded = inp.decoder(payload.decode(), inp.options, metric)
+    except Exception:  # read_message reads it again and gives the reason
+        return None
+    if decoded_rows(
+        decoded, serial, rules, stamp=stamp, at=at, keep=inp.keep, source=source, into=into
+    ):
+        return decoded.skipped
+    return None
 
 
 @dataclass

@@ -575,6 +575,70 @@ def native_rows(
     return True
 
 
+def decoded_rows(
+    decoded: Decoded,
+    serial: str,
+    rules: Rules,
+    *,
+    stamp: int,
+    at: int,
+    keep: Callable[[str], bool] | None,
+    source: str,
+    into: list[object],
+) -> bool:
+    """The readings of a device format's usual decoded payload, added to ``into`` as
+    :func:`store.insert_reading_rows` takes them (six values per reading); False, with
+    ``into`` unchanged, for any other.
+
+    The usual decoded payload: no sample with an error or naming a device other than the
+    topic's, every sample's own time within the time bounds, every value kept by ``keep``
+    a metric name already found valid and a finite number, no key (time, name) twice, at
+    least one reading. For it, of device ``serial`` (resolved from the topic) received at ``at``
+    with the broker's arrival stamp ``stamp``, :func:`decoded_outcome` gives exactly these
+    readings and no reason; every other one goes through :func:`decoded_outcome`, which
+    says what is wrong. Values that are not readings (``decoded.skipped``) are the
+    caller's to count.
+    """
+    devices = rules.devices
+    lo = devices.min_ts_secs * 1000
+    hi = at + devices.max_future_secs * 1000
+    good = _GOOD_METRICS
+    finite = _isfinite
+    samples = decoded.samples
+    one = len(samples) == 1
+    seen: set[object] = set()
+    rows: list[object] = []
+    for sample in samples:
+        if sample.error is not None:
+            return False
+        named = sample.device
+        if named is not None:  # a CSV device column: the topic's device, else the long way
+            try:
+                if not named or rules.resolve(named)[0] != serial:
+                    return False
+            except SampleError:
+                return False
+        ts = sample.ts
+        if ts is None:
+            ts = stamp
+        elif not lo <= ts <= hi:
+            return False
+        for name, value in sample.values:
+            if keep is not None and not keep(name):
+                continue
+            if name not in good or not finite(value):
+                return False
+            key = name if one else (ts, name)
+            if key in seen:
+                return False
+            seen.add(key)
+            rows += (serial, ts, name, value, at, source)
+    if not rows:
+        return False
+    into += rows
+    return True
+
+
 def _summarise(problems: list[str], total: int) -> str:
     if total == 1:
         return problems[0]

@@ -36,7 +36,15 @@ from fieldgate.config import Config
 from fieldgate.diskguard import is_disk_full
 from fieldgate.errors import FieldgateError
 from fieldgate.formats import SampleError
-from fieldgate.inputs import TOPIC_CACHE_MAX, Counters, InputCounts, InputTable, read_message
+from fieldgate.inputs import (
+    TOPIC_CACHE_MAX,
+    Counters,
+    Input,
+    InputCounts,
+    InputTable,
+    device_rows,
+    read_message,
+)
 from fieldgate.readings import (
     Outcome,
     Received,
@@ -69,6 +77,10 @@ UNSTAMPED_WARNING = (
 #: Topics whose last stand-in stamp is remembered (strictly increasing per topic).
 FALLBACK_TOPICS_MAX = 100_000
 
+Target = tuple[str, str, Input, str | None]
+"""(input key, device serial, input, the topic's ``{metric}``) of a topic whose messages
+may take a cheap path (:meth:`MessageReader.fast_target`)."""
+
 
 class MessageReader:
     """Reads the messages of batches: input, decoding, validation, time, counters."""
@@ -79,8 +91,8 @@ class MessageReader:
         self.counters = Counters.from_state(state)
         self._fallback: dict[str, int] = {}
         self._warned = False
-        #: Topics -> :meth:`native_target` (devices publish on the same few topics).
-        self._native: dict[str, tuple[str, str] | None] = {}
+        #: Topics -> :meth:`fast_target` (devices publish on the same few topics).
+        self._targets: dict[str, Target | None] = {}
 
     def stand_in(self, topic: str, received_at: int) -> int:
         """The collector's receive time as a stamp: like the broker's, strictly increasing
@@ -117,26 +129,29 @@ class MessageReader:
             reason = f"internal error while validating: {exc!r}"
             return Received(topic, payload, at, Outcome(device=None, reason=reason))
 
-    def native_target(self, topic: str) -> tuple[str, str] | None:
-        """(input key, device serial) of a topic whose payloads may take the native fast
-        path (:func:`fieldgate.readings.native_rows`): the native input's topic of a device
-        that resolves and is not a CSV device; None for every other topic."""
+    def fast_target(self, topic: str) -> Target | None:
+        """Where a topic's messages may take a cheap path: the native input's topic of a
+        device that resolves and is not a CSV device (:func:`fieldgate.readings.native_rows`),
+        or a device format's topic whose device resolves
+        (:func:`fieldgate.inputs.device_rows`); None for every other topic."""
         try:
-            return self._native[topic]
+            return self._targets[topic]
         except KeyError:
             pass
         target = None
         found = self.table.match(topic)
-        if found is not None and found[0].decoder is None:
+        if found is not None and found[1] is not None:
+            inp, name, metric = found
             try:
-                serial, dev_cfg = self.rules.resolve(found[1] or "")
+                serial, dev_cfg = self.rules.resolve(name)
             except SampleError:
                 serial, dev_cfg = None, None
-            if serial is not None and (dev_cfg is None or dev_cfg.format != "csv"):
-                target = (found[0].key, serial)
-        if len(self._native) >= TOPIC_CACHE_MAX:
-            self._native.clear()
-        self._native[topic] = target
+            native_csv = inp.decoder is None and dev_cfg is not None and dev_cfg.format == "csv"
+            if serial is not None and not native_csv:
+                target = (inp.key, serial, inp, metric)
+        if len(self._targets) >= TOPIC_CACHE_MAX:
+            self._targets.clear()
+        self._targets[topic] = target
         return target
 
     def count(
@@ -145,11 +160,13 @@ class MessageReader:
         stamps: list[int | None],
         plain: dict[str, int],
         new: dict[str, int],
+        skipped: dict[str, int] | None = None,
     ) -> dict[str, InputCounts]:
         """Add a batch to the per-input counters: the messages read the long way
-        (``received``, with their stamps), the number of plain ones (native fast path: no
-        skipped value, no reason, no stamp needed) per input, the new readings per input.
-        Returns the previous values of those touched (to undo should the commit fail)."""
+        (``received``, with their stamps), the number of plain ones (cheap paths: no reason,
+        the broker's stamp where one was needed) and of their values that were not
+        readings (``skipped``) per input, the new readings per input. Returns the previous
+        values of those touched (to undo should the commit fail)."""
         before: dict[str, InputCounts] = {}
         counters = self.counters
 
@@ -161,6 +178,8 @@ class MessageReader:
 
         for key, n in plain.items():
             touch(key).messages += n
+        for key, n in (skipped or {}).items():
+            touch(key).skipped += n
         for r, stamp in zip(received, stamps, strict=True):
             if not r.input:
                 continue
@@ -182,27 +201,48 @@ def commit_batch(
 ) -> tuple[Any, ...]:
     """Validate and store one batch in one transaction; the reply for the collector.
 
-    The usual native message goes straight into its input's rows
-    (:func:`fieldgate.readings.native_rows`); every other one is read the long way
-    (:meth:`MessageReader.read`: device formats, reasons). Each input's readings are
-    inserted in arrival order with one multi-row statement per 128 of them.
+    The usual message goes straight into its input's rows: a native one through
+    :func:`fieldgate.readings.native_rows`, a device format's (with the broker's arrival
+    stamp) through its decoder and :func:`fieldgate.inputs.device_rows`; every other one
+    is read the long way (:meth:`MessageReader.read`: reasons, stand-in stamps), which
+    stores exactly what the cheap paths would have. Each input's readings are inserted in
+    arrival order with one multi-row statement per 128 of them.
     """
     rows: dict[str, list[object]] = {}
     plain: dict[str, int] = {}
+    skipped: dict[str, int] = {}
     received: list[Received] = []
     stamps: list[int | None] = []
     rules = reader.rules
-    target = reader.native_target
+    target = reader.fast_target
     for topic, payload, at, stamp in items:
         fast = target(topic)
         if fast is not None:
-            key = fast[0]
+            key, serial, inp, metric = fast
             into = rows.get(key)
             if into is None:
                 into = rows[key] = []
-            if native_rows(payload, fast[1], at, rules, source=SOURCE, into=into):
-                plain[key] = plain.get(key, 0) + 1
-                continue
+            if inp.decoder is None:
+                if native_rows(payload, serial, at, rules, source=SOURCE, into=into):
+                    plain[key] = plain.get(key, 0) + 1
+                    continue
+            elif stamp is not None:
+                n = device_rows(
+                    inp,
+                    serial,
+                    metric,
+                    payload,
+                    rules,
+                    stamp=stamp,
+                    at=at,
+                    source=SOURCE,
+                    into=into,
+                )
+                if n is not None:
+                    plain[key] = plain.get(key, 0) + 1
+                    if n:
+                        skipped[key] = skipped.get(key, 0) + n
+                    continue
         r = reader.read(topic, payload, at, stamp)
         received.append(r)
         stamps.append(stamp)
@@ -218,7 +258,7 @@ def commit_batch(
             new_by_input[key] = got
             new += got
         store_rejections(conn, received, SOURCE)
-        before = reader.count(received, stamps, plain, new_by_input)
+        before = reader.count(received, stamps, plain, new_by_input, skipped)
         for key, value in reader.counters.changed():
             store.set_state(conn, key, value)
         conn.execute("COMMIT")
