@@ -15,7 +15,7 @@ import typing
 import pytest
 
 from fieldgate.config import Format
-from fieldgate.formats import DECODERS, FORMAT_NAMES, CsvSpec, Options, SampleError
+from fieldgate.formats import DECODERS, FORMAT_NAMES, CsvSpec, Options, SampleError, common
 from fieldgate.formats.common import Decoded, datetime_ms, zone
 
 UTC = Options()
@@ -551,6 +551,27 @@ def test_zone_less_local_times_across_a_daylight_saving_change() -> None:
     assert (
         datetime_ms("2026-01-01 00:00:00.5Z", berlin, "t") == ms("2026-01-01T00:00:00+00:00") + 500
     )
+
+
+def read_time(text: str, tz: dt.tzinfo) -> int | str:
+    try:
+        return datetime_ms(text, tz, "t")
+    except SampleError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("tz", ["UTC", "Europe/Berlin", "America/St_Johns"])
+def test_a_time_of_a_minute_already_read_is_read_as_without_it(tz: str) -> None:
+    zone_ = zone(tz)
+    seconds = [f"{i:02d}" for i in range(60)] + ["60", "99", "5a", "\u0663\u0663", "1 "]
+    for minute in ("2026-01-01T00:00", "2026-03-29 02:30", "2026-10-25T02:59", "2024-02-29T23:59"):
+        for ss in seconds:
+            text = f"{minute}:{ss}"
+            common._MINUTES.clear()
+            fresh = read_time(text, zone_)
+            assert read_time(f"{minute}:00", zone_) == read_time(f"{minute}:00", zone_)
+            assert read_time(text, zone_) == fresh, text
+    assert read_time("2026-03-29T02:30:15", zone("Europe/Berlin")) == ms("2026-03-29T01:30:15Z")
 
 
 def test_unknown_zone_is_refused() -> None:

@@ -144,7 +144,18 @@ def _flatten(
     for key, value in obj.items():
         if skip and key in skip:
             continue
-        name = f"{prefix}{key}"
+        name = f"{prefix}{key}" if prefix else key
+        t = type(value)
+        if t is float:  # the usual values first, as number() takes them
+            if _isfinite(value):
+                out.append((name, value))
+                continue
+        elif t is int:
+            try:
+                out.append((name, float(value)))
+                continue
+            except OverflowError:
+                pass  # number() says it is not a reading
         if isinstance(value, dict):
             _flatten(value, f"{name}.", out, d)
             continue
@@ -267,10 +278,26 @@ def _offset_secs(tz: dt.tzinfo, local: dt.datetime, minute_key: str) -> int:
     return got
 
 
+#: Per zone, UTC epoch ms of second 0 of the local minutes (``YYYY-MM-DD[T ]HH:MM:``) of
+#: zone-less times read lately: another time of such a minute is that plus its seconds.
+_MINUTES: dict[dt.tzinfo, dict[str, int]] = {}
+
+
 def _fast_datetime_ms(t: str, tz: dt.tzinfo) -> int | None:
     """``datetime.fromisoformat`` (C) for texts shaped ``YYYY-MM-DD[T ]HH:MM:SS…``; None
-    for anything else (then the regular expression decides)."""
-    if len(t) < 19 or t[4] != "-" or t[10] not in "T " or t[13] != ":" or t[16] != ":":
+    for anything else (then the regular expression decides). A zone-less
+    ``…HH:MM:SS`` of a minute already read (what a device sends, time after time) is its
+    minute's time plus the seconds 00-59, exactly what ``fromisoformat`` gives."""
+    n = len(t)
+    if n == 19:
+        minutes = _MINUTES.get(tz)
+        if minutes is not None:
+            base = minutes.get(t[:17])
+            if base is not None:
+                tens, ones = t[17], t[18]
+                if "0" <= tens <= "5" and "0" <= ones <= "9":
+                    return base + ((ord(tens) - 48) * 10 + ord(ones) - 48) * 1000
+    if n < 19 or t[4] != "-" or t[10] not in "T " or t[13] != ":" or t[16] != ":":
         return None
     try:
         d = dt.datetime.fromisoformat(t)
@@ -278,7 +305,13 @@ def _fast_datetime_ms(t: str, tz: dt.tzinfo) -> int | None:
         return None
     if d.tzinfo is None:
         offset = 0 if tz is dt.UTC else _offset_secs(tz, d, t[:16])
-        return ((d - _EPOCH) // _SECOND - offset) * 1000 + d.microsecond // 1000
+        ms = ((d - _EPOCH) // _SECOND - offset) * 1000 + d.microsecond // 1000
+        if n == 19:
+            minutes = _MINUTES.setdefault(tz, {})
+            if len(minutes) >= 4096:
+                minutes.clear()
+            minutes[t[:17]] = ms - d.second * 1000
+        return ms
     return (d - _EPOCH_UTC) // _SECOND * 1000 + d.microsecond // 1000
 
 
@@ -314,6 +347,10 @@ def time_ms(value: Any, unit: str, tz: dt.tzinfo, what: str) -> int:
     """A payload's time: an epoch number in ``unit``, or a date-time text."""
     if isinstance(value, str):
         t = value.strip()
+        # a date-time's shape (a ':' at 13) is never a number: the usual text first
+        fast = _fast_datetime_ms(t, tz)
+        if fast is not None:
+            return fast
         if NUMBER_RE.match(t):
             return epoch_text_ms(t, unit, what)
         return datetime_ms(t, tz, what)
@@ -346,32 +383,6 @@ def objects(doc: Any, what: str) -> Iterator[tuple[str, Any]]:
         raise SampleError(f"expected {what}, got {kind(doc)}")
 
 
-def object_sample(
-    obj: dict[str, Any],
-    *,
-    ts_key: str,
-    ts_unit: str,
-    opts: Any,
-    metric: str | None,
-    into: Decoded,
-    label: str = "",
-) -> Sample:
-    """A JSON object as one sample: every key a metric (nested objects flattened), except
-    ``ts_key``, which, when present, is the sample's own time (unless the input ignores
-    payload times)."""
-    ts = None
-    skip = _NOTHING
-    if ts_key in obj:
-        skip = _skip_set(ts_key)
-        if opts.payload_time:
-            try:
-                ts = time_ms(obj[ts_key], ts_unit, opts.tz, ts_key)
-            except SampleError as exc:
-                return Sample([], label=label, error=str(exc))
-    values = flatten(obj, f"{metric}." if metric else "", into, skip)
-    return Sample(values, ts=ts, label=label)
-
-
 _NOTHING: frozenset[str] = frozenset()
 _SKIP_SETS: dict[str, frozenset[str]] = {}
 
@@ -386,13 +397,25 @@ def _skip_set(key: str) -> frozenset[str]:
 def decode_object(
     text: str, opts: Any, metric: str | None, *, what: str, ts_key: str, ts_unit: str
 ) -> Decoded:
-    """A payload that is one JSON object (Tasmota, Zigbee2MQTT): one sample, its time in
-    ``ts_key`` if present (epoch in ``ts_unit`` or a date-time)."""
+    """A payload that is one JSON object (Tasmota, Zigbee2MQTT): one sample, every key a
+    metric (nested objects flattened), except ``ts_key``, which, when present, is the
+    sample's own time (epoch in ``ts_unit`` or a date-time; unless the input ignores
+    payload times)."""
     doc = load_json(text)
-    if not isinstance(doc, dict):
+    if type(doc) is not dict:
         raise SampleError(f"expected a {what} JSON object, got {kind(doc)}")
     d = Decoded()
-    d.samples.append(
-        object_sample(doc, ts_key=ts_key, ts_unit=ts_unit, opts=opts, metric=metric, into=d)
-    )
+    ts = None
+    skip = _NOTHING
+    if ts_key in doc:
+        skip = _skip_set(ts_key)
+        if opts.payload_time:
+            try:
+                ts = time_ms(doc[ts_key], ts_unit, opts.tz, ts_key)
+            except SampleError as exc:
+                d.samples.append(Sample([], error=str(exc)))
+                return d
+    values: list[tuple[str, float]] = []
+    _flatten(doc, f"{metric}." if metric else "", values, d, skip)
+    d.samples.append(Sample(values, ts))
     return d
