@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from test_hostile_readings import INPUTS, TEMPLATES, TOPICS, hostile_payloads, mutate
-from test_writer import long_path, stored
+from test_writer import AT, T0, long_path, stored
 
 from fieldgate import store
 from fieldgate.config import Config, parse_config
@@ -18,8 +18,6 @@ from fieldgate.inputs import device_rows, read_message
 from fieldgate.readings import Rules
 from fieldgate.writer import MessageReader, commit_batch
 
-T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
-AT = T0 + 3_600_000  # when the batch is received
 ISEMS = "isems-7;1;{ts};FF-ESP32-1A;3600;0;20.1;17.3;13.2;95;100;21.5;11.9;14.6;7.2;10;52.5"
 
 

@@ -199,13 +199,12 @@ def device_rows(
         return None
     try:
         decoded = inp.decoder(payload.decode(), inp.options, metric)
+        took = decoded_rows(
+            decoded, serial, rules, stamp=stamp, at=at, keep=inp.keep, source=source, into=into
+        )
     except Exception:  # read_message reads it again and gives the reason
         return None
-    if decoded_rows(
-        decoded, serial, rules, stamp=stamp, at=at, keep=inp.keep, source=source, into=into
-    ):
-        return decoded.skipped
-    return None
+    return decoded.skipped if took else None
 
 
 @dataclass
