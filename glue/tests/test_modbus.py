@@ -8,7 +8,10 @@ import itertools
 import json
 import math
 import signal
+import socket
 import sqlite3
+import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,8 +41,8 @@ from support import (
     wait_until,
 )
 
-from fieldgate.config import load_config
-from fieldgate.modbus.client import BusClient
+from fieldgate.config import load_config, parse_config
+from fieldgate.modbus.client import BusClient, ReadError
 from fieldgate.modbus.plan import Read
 from fieldgate.modbus.poller import build_targets, poll_device
 
@@ -613,3 +616,83 @@ def test_an_unexpected_error_is_a_failed_poll_not_a_dead_bus(
         assert poll_device(client, target).readings[0][2:4] == ("x", 5.0)
     finally:
         client.close()
+
+
+def _odd_peer(answer: Any) -> tuple[int, threading.Thread]:
+    """A Modbus TCP peer on loopback that takes one connection, reads one 12-byte request and
+    does ``answer(request) -> bytes | None`` with it: those bytes sent, or None to close."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                request = b""
+                while len(request) < 12:
+                    request += conn.recv(12 - len(request))
+                reply = answer(request)
+                if reply is None:
+                    return
+                conn.sendall(reply)
+                conn.recv(1)  # until the client closes (it does after any failure)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return port, thread
+
+
+def _mbap(tid: int, unit: int, pdu: bytes) -> bytes:
+    return struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind", "text"),
+    [
+        (lambda _r: None, "connect", "closed the connection reading holding 0-1"),
+        (
+            lambda r: _mbap(int.from_bytes(r[:2], "big") + 1, 1, b"\x03\x04\x00\x00\x00\x05"),
+            "io",
+            "unusable answer reading holding 0-1: answer for unit 1, transaction 2 "
+            "(asked unit 1, transaction 1)",
+        ),
+        (lambda r: _mbap(1, 7, b"\x03\x04\x00\x00\x00\x05"), "io", "answer for unit 7"),
+        (lambda r: _mbap(1, 1, b"\x03\x05\x00\x00\x00\x05"), "io", "garbled answer"),
+        (lambda r: _mbap(1, 1, b"\x04\x04\x00\x00\x00\x05"), "io", "garbled answer"),
+        (lambda r: _mbap(1, 1, b"\x03\x04\x00")[:9], "io", "garbled answer"),  # then silence
+        (lambda r: _mbap(1, 1, b"\x83\x02"), "exception", "exception 2 (illegal data address)"),
+        (lambda r: b"\x00\x01\x00\x07\x00\x03\x01\x03\x00", "io", "not a Modbus TCP header"),
+    ],
+)
+def test_odd_tcp_answers_are_failed_reads(answer: Any, kind: str, text: str) -> None:
+    port, thread = _odd_peer(answer)
+    cfg = parse_config(
+        {
+            "site": {"serial": "GW"},
+            "devices": {"allow_unknown": True},
+            "poll": {
+                "modbus": [
+                    {
+                        "device": "ODD",
+                        "host": "127.0.0.1",
+                        "port": port,
+                        "registers": [
+                            {"metric": "x", "address": 0, "table": "holding", "type": "uint32"}
+                        ],
+                    }
+                ]
+            },
+        },
+        "/etc/fieldgate/fieldgate.yaml",
+    )
+    (target,) = build_targets(cfg)
+    client = BusClient(target.cfg)
+    try:
+        with pytest.raises(ReadError) as caught:
+            client.read(1, target.reads[0], 0.5)
+        assert caught.value.kind == kind
+        assert text in str(caught.value)
+    finally:
+        client.close()
+    thread.join(10)
+    assert not thread.is_alive()
