@@ -12,7 +12,14 @@ import pytest
 from pymodbus.client import ModbusTcpClient
 
 from fieldgate.modbus.plan import Read, Span, plan_reads
-from fieldgate.modbus.registers import TYPES, WIDTH, Decoder, describe_words, pack_registers
+from fieldgate.modbus.registers import (
+    TYPES,
+    WIDTH,
+    Decoder,
+    answer_struct,
+    describe_words,
+    pack_registers,
+)
 
 
 def spans(table: str, *pairs: tuple[int, int]) -> list[Span]:
@@ -253,3 +260,40 @@ def test_decoding_agrees_with_pymodbus(type_: str, order: str) -> None:
 def test_describe_words() -> None:
     assert describe_words([0x7FC0, 0]) == "0x7fc0 0x0000"
     assert describe_words([True, False]) == "1 0"
+
+
+def test_one_struct_per_answer_decodes_as_value_by_value() -> None:
+    # the poller unpacks a whole answer at once where it can; the values must be the same
+    regs = [
+        Reg("a", 10, "holding", "int16", scale=0.5, offset=-1),
+        Reg("b", 11, "holding", "uint32"),
+        Reg("c", 20, "holding", "float64"),  # after a hole of 7 unused registers
+        Reg("d", 24, "holding", "uint16", "little"),  # one register: word order is moot
+        Reg("e", 25, "holding", "float32", scale=10.0),
+    ]
+    decoders = [Decoder.of(r) for r in regs]
+    rng = random.Random(11)
+    words = [rng.randrange(0x10000) for _ in range(17)]
+    words[10:14] = struct.unpack(">4H", struct.pack(">d", -1.25))  # c and e finite
+    words[15:17] = struct.unpack(">2H", struct.pack(">f", 230.5))
+    data = pack_registers(words)
+    whole = answer_struct(decoders, 10)
+    assert whole is not None
+    by_value = [d.value_at(data, d.address - 10) for d in decoders]
+    assert [
+        float(raw) * d.scale + d.offset
+        for d, raw in zip(decoders, whole.unpack_from(data), strict=True)
+    ] == by_value
+
+
+@pytest.mark.parametrize(
+    "regs",
+    [
+        [Reg("a", 0, "holding", "int32", "little")],  # its words must be swapped first
+        [Reg("a", 0, "holding", "bool")],  # 0 or 1, not the register's number
+        [Reg("a", 0, "coil", None)],  # bits
+        [Reg("a", 0, "holding", "int32"), Reg("b", 1, "holding", "int16")],  # overlapping
+    ],
+)
+def test_answers_one_struct_cannot_decode_go_value_by_value(regs: list[Reg]) -> None:
+    assert answer_struct([Decoder.of(r) for r in regs], 0) is None

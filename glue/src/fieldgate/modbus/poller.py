@@ -35,11 +35,13 @@ import logging
 import math
 import os
 import sqlite3
+import struct
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from fieldgate import store
 from fieldgate.config import Config, ModbusDevice
@@ -47,7 +49,13 @@ from fieldgate.daemon import StopFlag
 from fieldgate.errors import ConfigError
 from fieldgate.modbus.client import BusClient, ReadError, quiet_pymodbus
 from fieldgate.modbus.plan import Read, Span, plan_reads
-from fieldgate.modbus.registers import BIT_TABLES, Decoder, describe_words, registers_at
+from fieldgate.modbus.registers import (
+    BIT_TABLES,
+    Decoder,
+    answer_struct,
+    describe_words,
+    registers_at,
+)
 from fieldgate.modbus.report import STATE_KEY, device_key
 from fieldgate.retry import Backoff
 
@@ -79,6 +87,13 @@ class Target:
     @property
     def source(self) -> str:
         return f"modbus:{self.device}"
+
+    @cached_property
+    def answers(self) -> tuple[struct.Struct | None, ...]:
+        """Per read: one struct for every value of its answer, or None (decoded one by one)."""
+        return tuple(
+            answer_struct([self.decoders[i] for i in r.members], r.start) for r in self.reads
+        )
 
     @property
     def where(self) -> str:
@@ -182,7 +197,8 @@ def poll_device(client: BusClient, t: Target) -> Polled:
 def _poll_device(client: BusClient, t: Target) -> Polled:
     polled = Polled(t, store.now_ms())
     device, ts, source, rows = t.device, polled.ts, t.source, polled.readings
-    for read in t.reads:
+    decoders, answers = t.decoders, t.answers
+    for n, read in enumerate(t.reads):
         before = client.requests
         try:
             data = client.read(t.cfg.unit, read, t.timeout)
@@ -197,22 +213,37 @@ def _poll_device(client: BusClient, t: Target) -> Polled:
         received = store.now_ms()
         polled.requests += client.requests - before
         polled.answered += 1
+        whole = answers[n]
+        if whole is not None:  # every value of the answer unpacked at once
+            for i, raw in zip(read.members, whole.unpack_from(data), strict=True):
+                d = decoders[i]
+                value = float(raw) * d.scale + d.offset
+                if math.isfinite(value):  # the row as the store takes it
+                    rows.append((device, ts, d.metric, value, received, source))
+                else:
+                    _bad(polled, d, value, data, d.address - read.start)
+            continue
         bits = read.table in BIT_TABLES
         for i in read.members:  # every value decoded from the answer's bytes
-            d = t.decoders[i]
+            d = decoders[i]
             at = d.address - read.start
             value = d.bit_value_at(data, at) if bits else d.value_at(data, at)
-            if math.isfinite(value):  # the row as the store takes it
+            if math.isfinite(value):
                 rows.append((device, ts, d.metric, value, received, source))
             else:  # only registers: a bit times a finite scale is finite
-                raw = describe_words(registers_at(data, at, d.width))
-                shown = "NaN" if math.isnan(value) else str(value)
-                polled.bad.append(f"{d.metric} ({d.type} {d.table} {d.address}): {shown} ({raw})")
-                polled.bad_raw[d.metric] = raw
+                _bad(polled, d, value, data, at)
     if polled.errors > 1 and polled.error is not None:
         polled.error += f" (and {polled.errors - 1} more failed reads)"
     polled.finished_at = store.now_ms()
     return polled
+
+
+def _bad(polled: Polled, d: Decoder, value: float, data: bytes, at: int) -> None:
+    """Note a value that is not finite (at register ``at`` of its read's answer)."""
+    raw = describe_words(registers_at(data, at, d.width))
+    shown = "NaN" if math.isnan(value) else str(value)
+    polled.bad.append(f"{d.metric} ({d.type} {d.table} {d.address}): {shown} ({raw})")
+    polled.bad_raw[d.metric] = raw
 
 
 class Handoff:

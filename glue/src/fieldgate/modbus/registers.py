@@ -220,6 +220,25 @@ class Decoder:
         return float(data[index >> 3] >> (index & 7) & 1) * self.scale + self.offset
 
 
+def answer_struct(decoders: Sequence[Decoder], start: int) -> struct.Struct | None:
+    """One struct that unpacks the raw values of ``decoders`` (in that order) from the answer
+    of a register read from ``start``, the unused registers between them skipped: one
+    ``unpack_from`` per answer instead of one per value. None when one struct cannot: bits,
+    ``bool`` on a register (0 or 1, not the number), little-endian word order of a value
+    wider than a register, or values not in ascending, non-overlapping order (the same
+    registers read as two metrics)."""
+    fmt, at = [">"], start
+    for d in decoders:
+        if d.table in BIT_TABLES or d.type == "bool" or (d.little and d.width > 1):
+            return None
+        if d.address < at:
+            return None
+        skip = 2 * (d.address - at)
+        fmt.append(f"{skip}x{_STRUCT[d.type].format[1:]}" if skip else _STRUCT[d.type].format[1:])
+        at = d.address + d.width
+    return struct.Struct("".join(fmt))
+
+
 def pack_registers(words: Sequence[int] | Sequence[bool]) -> bytes:
     """The registers of an answer as the device sent them: 2 bytes each, big-endian. A poll
     packs each read once and decodes every value of it from there (:meth:`Decoder.value_at`)."""
