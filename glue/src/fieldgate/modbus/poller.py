@@ -514,19 +514,22 @@ class ModbusPoller:
         then gets a commit of its own)."""
         deadline = time.monotonic() + ROUND_HOLD_SECS
         stored: list[tuple[Polled, int, str, int]] = []
+        #: device -> its fact, written as its poll is stored (not all after the last poll)
+        facts: dict[str, str] = {}
         with store.transaction(conn):
             while True:
                 for polled in polls:
                     stored.append((polled, *self._store_poll(conn, polled)))
+                    device = polled.target.device
+                    facts[device] = self.stats[device].fact()
                 remaining = deadline - time.monotonic()
                 if complete or remaining <= 0 or len(stored) >= MAX_BATCH:
                     break
                 polls, complete = self.handoff.take(remaining, MAX_BATCH - len(stored))
-            devices = dict.fromkeys(p.target.device for p, _, _, _ in stored)
             store.set_states(
                 conn,
                 [
-                    *((device_key(d), self.stats[d].fact()) for d in devices),
+                    *((device_key(d), fact) for d, fact in facts.items()),
                     (STATE_KEY, f"{prefix}: {self.summary()}"),
                 ],
             )
