@@ -9,15 +9,24 @@ each filesystem, on a fresh image on a loop device, it times with cold caches:
 - ``cp`` of the database file, then the sync that puts it on the device: ``fsync`` of the
   copy and, under FUSE, ``fdatasync`` of the block device the driver writes through
   (fusefat does not pass ``fsync`` on; without it the copy sits in the device's cache);
-- ``fieldgate export --to``: snapshot, sync, read-back from the device and comparison with
-  what was written, site config, checksum file, renames.
+- the export as a gateway runs it: ``usb-watch`` is a resident daemon (supervisor starts it
+  at boot), so the export is :func:`fieldgate.export.export_to` called in a process that
+  has already imported fieldgate and read its configuration, the snapshot in a forked
+  child exactly as ``usb-watch`` forks it (``isolate=True``, the drive's device passed for
+  FUSE): snapshot, sync, read-back from the device and comparison with what was written,
+  site config, checksum file, renames. Timed from the request to the returned result,
+  fork and child included. ``--path cli`` times ``fieldgate export --to`` instead (a new
+  Python process from cold caches, as an operator running the command by hand waits for).
 
 Prints every time, the ratios export / (cp + sync) (target: <= 1.3), the steps the export
 logged, what the writer committed meanwhile and the load average (the machine is shared).
 Needs root (loop devices, mounts, dropping the page cache). From the repository root:
 
     .venv/bin/python bench/export/run.py [--size-mb 500] [--rate 1000] [--workdir DIR]
-        [--fs ext4,vfat,exfat] [--verify readback]
+        [--fs ext4,vfat,exfat] [--verify readback] [--path resident|cli]
+
+Mounting the drive, reading ``Password.txt`` and unmounting are outside both timings
+(``cp`` needs a mounted drive too).
 """
 
 from __future__ import annotations
@@ -72,6 +81,33 @@ while not stop:
     i += batch
     time.sleep(max(0.0, period - (time.monotonic() - started)))
 print(json.dumps({"rows": i, "commits": commits, "longest_commit_s": round(longest, 4)}))
+"""
+
+
+RESIDENT = """
+import json, resource, sys, time
+from fieldgate.config import load_config
+from fieldgate.export import export_to
+
+def cpu():
+    return sum(
+        r.ru_utime + r.ru_stime
+        for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
+
+cfg = load_config(sys.argv[1])
+log = open(sys.argv[2], "a+", buffering=1)  # the forked child notes its steps here too
+print("ready", flush=True)
+for line in sys.stdin:
+    target, device = line.split()
+    log.truncate(0)
+    begun, used = time.monotonic(), cpu()
+    note = lambda text: log.write(f"{time.monotonic() - begun:.3f} {text}\\n")
+    export_to(cfg, target, note=note, isolate=True, device=device)
+    secs, used = time.monotonic() - begun, cpu() - used
+    log.seek(0)
+    lines = log.read().splitlines()
+    print(json.dumps({"secs": secs, "cpu": used, "lines": lines}), flush=True)
 """
 
 
@@ -215,9 +251,10 @@ def log_time(line: str) -> float | None:
 def timed_export(
     config: Path, target: Path
 ) -> tuple[float, float, list[str], tuple[float, float]]:
-    """Run ``fieldgate export``: its time, CPU seconds, the step lines it logged, and the
-    seconds from the process's start to its first log line (the interpreter, imports and
-    configuration, from cold caches) and from the first to the last log line."""
+    """Run ``fieldgate export`` (a new process): its time, CPU seconds, the step lines it
+    logged, and the seconds from the process's start to its first log line (the
+    interpreter, imports and configuration, from cold caches) and from the first to the
+    last log line."""
     drop_caches()
     env = {"FIELDGATE_CONFIG": str(config), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     cpu = cpu_seconds()
@@ -237,6 +274,53 @@ def timed_export(
     stamps = [t for t in map(log_time, lines) if t is not None]
     phases = (stamps[0] - wall_start, stamps[-1] - stamps[0]) if stamps else (0.0, 0.0)
     return secs, cpu, steps, phases
+
+
+class Resident:
+    """A process like ``usb-watch``: fieldgate imported and the configuration read once;
+    each request is one :func:`fieldgate.export.export_to` with the forked child."""
+
+    def __init__(self, config: Path) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                RESIDENT,
+                str(config),
+                str(config.with_suffix(".log")),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the resident exporter did not start")
+
+    def export(
+        self, target: Path, device: str
+    ) -> tuple[float, float, list[str], tuple[float, float]]:
+        """Export with cold caches: time, CPU seconds (the process and its forked child),
+        step lines, and (request to the first step, first to last step) in seconds."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        drop_caches()
+        self.proc.stdin.write(f"{target} {device}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(
+                f"the resident exporter failed (exit {self.proc.wait()})"
+            )
+        r = json.loads(line)
+        stamps = [float(text.split(" ", 1)[0]) for text in r["lines"]]
+        steps = [t.split(" ", 1)[1] for t in r["lines"] if " in " in t]
+        phases = (stamps[0], stamps[-1] - stamps[0]) if stamps else (0.0, 0.0)
+        return r["secs"], r["cpu"], steps, phases
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(60)
 
 
 def checksums_ok(target: Path) -> bool:
@@ -281,6 +365,13 @@ def main() -> int:
     )
     ap.add_argument("--fs", default=",".join(FILESYSTEMS), help="filesystems, in order")
     ap.add_argument("--verify", default="readback", help="export.verify for the export")
+    ap.add_argument(
+        "--path",
+        choices=("resident", "cli"),
+        default="resident",
+        help="the export in a resident process as usb-watch runs it (default), "
+        "or fieldgate export --to as a new process",
+    )
     args = ap.parse_args()
     filesystems = [f for f in args.fs.split(",") if f]
     unknown = set(filesystems) - set(FILESYSTEMS)
@@ -291,6 +382,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="fieldgate-bench-export-", dir=args.workdir))
     writer: subprocess.Popen[str] | None = None
+    resident: Resident | None = None
     results: dict[str, dict] = {}
     try:
         db = work / "data_store.db"
@@ -314,6 +406,8 @@ def main() -> int:
         assert writer.stdout is not None
         assert writer.stdout.readline().strip() == "ready"
         time.sleep(2)  # ingest settles
+        if args.path == "resident":
+            resident = Resident(config)
         load_before = load()
 
         for fstype in filesystems:
@@ -323,7 +417,10 @@ def main() -> int:
                 )
                 target = point / "export"
                 target.mkdir()
-                secs, export_cpu, steps, phases = timed_export(config, target)
+                if resident is not None:
+                    secs, export_cpu, steps, phases = resident.export(target, loop)
+                else:
+                    secs, export_cpu, steps, phases = timed_export(config, target)
                 results[fstype] = {
                     "cp": copied,
                     "cp_sync": synced,
@@ -341,6 +438,9 @@ def main() -> int:
                 flush=True,
             )
 
+        if resident is not None:
+            resident.close()
+            resident = None
         writer.send_signal(signal.SIGTERM)
         out, _ = writer.communicate(timeout=60)
         report = json.loads(out.strip().splitlines()[-1])
@@ -365,9 +465,14 @@ def main() -> int:
             )
         for fstype, r in results.items():
             start, steps_secs = r["phases"]
+            first = (
+                "request to its first step"
+                if args.path == "resident"
+                else "process start to its first log line"
+            )
             print(
-                f"{LABELS[fstype]}: export steps (verify: {args.verify}); process start to "
-                f"its first log line {start:.2f} s, first to last log line {steps_secs:.2f} s "
+                f"{LABELS[fstype]}: export steps ({args.path}, verify: {args.verify}); "
+                f"{first} {start:.2f} s, first to last step {steps_secs:.2f} s "
                 f"(ratio of that part alone {steps_secs / r['cp_sync']:.2f})"
             )
             for step in r["steps"]:
@@ -378,6 +483,9 @@ def main() -> int:
         )
         return 0 if ok else 1
     finally:
+        if resident is not None:
+            resident.proc.kill()
+            resident.proc.wait()
         if writer is not None:
             writer.kill()
             writer.wait()
