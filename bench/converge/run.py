@@ -299,6 +299,10 @@ def main() -> int:
                     + f"{r['wall'] / base['wall']:8.2f} {r['ctl_cpu'] / base['ctl_cpu']:14.2f} "
                     f"{r['host_cpu'] / max(base['host_cpu'], 0.01):12.2f}"
                 )
+            if size == 1:
+                print(
+                    f"  idempotent site.yml, 1 gateway + hub: {site['wall']:.1f} s (target <= 20 s)"
+                )
             if args.profile:
                 print("  slowest tasks:")
                 for line in profile_lines(site["log"], 15):
