@@ -18,6 +18,8 @@ ruff format --check glue bench scripts
 mapfile -t role_py < <(find roles -name '*.py')
 ruff check --config scripts/ruff.toml "${role_py[@]}"
 ruff format --check --config scripts/ruff.toml "${role_py[@]}"
+# Molecule's tests and test-host tools are formatted as the glue is.
+ruff format --check --config scripts/ruff.toml molecule
 
 stage "ansible lint and syntax"
 bash scripts/lint.sh

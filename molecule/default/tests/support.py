@@ -142,9 +142,7 @@ def native_devices(gateway: str) -> list[str]:
 
 def hub_serve_args(hub: Any) -> list[str]:
     """The command line of the running `fieldgate hub serve`."""
-    return hub.check_output(
-        "pgrep -a -f 'fieldgate hub serve' | grep -v pgrep | head -n 1"
-    ).split()
+    return hub.check_output("pgrep -a -f 'fieldgate hub serve' | grep -v pgrep | head -n 1").split()
 
 
 def hub_db(hub: Any) -> str:

@@ -65,9 +65,9 @@ def test_hub_runs_on_postgresql_with_its_password_in_a_file(host):
     assert host.service("postgresql").is_running
     assert host.service("postgresql").is_enabled
     # the schema is the hub's, owned by its role; the admin of the inventory exists
-    assert sql(host, hub_db(host), "SELECT tableowner FROM pg_tables WHERE tablename = 'samples'") == [
-        {"tableowner": "fieldgate_hub"}
-    ]
+    assert sql(
+        host, hub_db(host), "SELECT tableowner FROM pg_tables WHERE tablename = 'samples'"
+    ) == [{"tableowner": "fieldgate_hub"}]
     users = json.loads(hub_command(host, "user", "list", "--json"))
     admin = group_vars("hubs")["hub_admin_user"]
     assert [(u["name"], u["admin"]) for u in users if u["name"] == admin] == [(admin, True)]

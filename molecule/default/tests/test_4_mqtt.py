@@ -73,6 +73,7 @@ def test_device_cannot_publish_as_another_device(sensor, net):
         == []
     )
     assert sql(gw, db, f"SELECT reason FROM rejected WHERE payload LIKE '%{ts}%forged%'") == []
+
     # ... but not without a trace: the broker's plugin counted the denial, status names the account
     def refused() -> dict[str, Any] | None:
         status = json.loads(gw.check_output(f"{FIELDGATE} --config {CONFIG_PATH} status --json"))

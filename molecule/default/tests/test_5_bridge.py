@@ -54,6 +54,9 @@ def test_readings_published_at_the_gateway_reach_the_central_broker(sensor, hub,
 
     # the gateway's own store has each reading once (two metrics each), and no more arrive
     rows = 2 * sent["n"]
-    wait_for("the readings in gw2's store", lambda: count(sent["host"], sent["db"], sent["where"]) == rows)
+    wait_for(
+        "the readings in gw2's store",
+        lambda: count(sent["host"], sent["db"], sent["where"]) == rows,
+    )
     time.sleep(3)
     assert count(sent["host"], sent["db"], sent["where"]) == rows

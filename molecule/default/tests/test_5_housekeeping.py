@@ -23,10 +23,10 @@ def test_prune_timer_is_scheduled(host):
 def test_prune_runs_as_the_service_user_and_says_what_it_did(host):
     since = host.check_output("date +%s")
     host.check_output("systemctl start fieldgate-prune.service")
-    assert host.check_output("systemctl show fieldgate-prune.service -p User --value") == "fieldgate"
-    said = host.check_output(
-        f"journalctl -t fieldgate-prune --since @{since} --no-pager -o cat"
+    assert (
+        host.check_output("systemctl show fieldgate-prune.service -p User --value") == "fieldgate"
     )
+    said = host.check_output(f"journalctl -t fieldgate-prune --since @{since} --no-pager -o cat")
     assert "pruned 0 readings uploaded before" in said
     assert "(retention 90 days)" in said
     # the same lines under the unit's name
@@ -50,9 +50,13 @@ def test_logs_are_bounded(host):
 @pytest.mark.parametrize("gw", ["gw1", "gw2"])
 def test_journal_switch(gw):
     host = get_host(gw)
-    seen = host.run(f"journalctl -t fieldgate-collect --no-pager -o cat | grep -c -F '{COLLECTOR_STARTED}'")
+    seen = host.run(
+        f"journalctl -t fieldgate-collect --no-pager -o cat | grep -c -F '{COLLECTOR_STARTED}'"
+    )
     if host_vars(gw).get("fieldgate_log_journal"):
-        assert int(seen.stdout.strip() or 0) >= 1, "the collector's start line is not in the journal"
+        assert int(seen.stdout.strip() or 0) >= 1, (
+            "the collector's start line is not in the journal"
+        )
         # journald files the programs under the unit that runs them (supervisor.service)
         by_unit = host.run(
             "journalctl -u supervisor.service -t fieldgate-collect --no-pager -o cat"

@@ -120,7 +120,9 @@ def test_device_formats_reach_the_hub_exactly_once(sensor, hub, net):
     assert len(stamps) == 3
     assert start <= stamps[0] and stamps[-1] <= published
     # the collector never fell back to its own receive time
-    status = json.loads(gw.check_output(f"FIELDGATE_CONFIG=/etc/fieldgate/fieldgate.yaml {FIELDGATE} status --json"))
+    status = json.loads(
+        gw.check_output(f"FIELDGATE_CONFIG=/etc/fieldgate/fieldgate.yaml {FIELDGATE} status --json")
+    )
     zigbee_input = next(i for i in status["inputs"] if i["topic"] == "zigbee2mqtt/{device}")
     assert zigbee_input["messages"] >= 3
     assert zigbee_input["unstamped"] == 0
