@@ -10,9 +10,13 @@ readings, alternating the layouts ``--passes`` times:
   ``(series, ts)`` WITHOUT ROWID, staged in a temporary table, rollups and series upkeep);
 - ``blocks``: a prototype of readings stored per series in blocks, one row per series and
   batch (``ts`` and ``value`` as packed arrays), with the same upkeep of series counts and
-  rollups, and a check that each block starts after its series' last reading. Only the ingest's common path
-  (each block starts after its series' last reading held) exists here; the read API, retention, the ``readings`` view and
-  PostgreSQL do not. It says what such a layout could save, nothing more.
+  rollups, and a check that each block starts after its series' last reading. Only the
+  ingest's common path (each block starts after its series' last reading held) exists
+  here; the read API, retention, the ``readings`` view and PostgreSQL do not. It says
+  what such a layout could save, nothing more;
+- ``json``: the same blocks with each block's readings as one JSON text ``[[ts, value],
+  …]``, so that a view over ``json_each`` gives plain SQL the contract's ``readings``
+  columns; the bench reads every reading back through it and compares them exactly.
 
 The budget for the hub (issue 17: uploader + hub <= 2x the baseline's CPU) is printed
 beside them: 2x the baseline's 1.7-2.3 CPU-s less the uploader's 2.0-2.3, the hub's parse
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import fcntl
+import json
 import operator
 import os
 import sqlite3
@@ -90,8 +95,8 @@ CREATE TABLE blocks (
     last_ts  INTEGER NOT NULL,
     n        INTEGER NOT NULL,
     batch    INTEGER NOT NULL,
-    ts       BLOB    NOT NULL,                  -- array('q'), ascending, no repeats
-    value    BLOB    NOT NULL                   -- array('d')
+    ts       BLOB    NOT NULL,                  -- array('q'), ascending, no repeats; or JSON
+    value    BLOB    NOT NULL                   -- array('d'); or empty
 );
 CREATE UNIQUE INDEX blocks_key ON blocks (series, first_ts);
 CREATE TABLE rollups (series INTEGER NOT NULL, bucket INTEGER NOT NULL, min REAL NOT NULL,
@@ -112,6 +117,7 @@ def _blocks_ingest(
     ids: dict[tuple[str, str], int],
     n: int,
     chunks: list,
+    enc: str,
 ) -> None:
     # before the lock: the batch's readings grouped per series (a stable sort of the row
     # numbers by series id: a series' readings keep their order, which is time order as a
@@ -157,9 +163,19 @@ def _blocks_ingest(
                 raise ValueError(
                     "a reading twice in one batch: the slow path is not built"
                 )
-        blocks.append(
-            (sid, t[0], t[-1], len(t), array("q", t).tobytes(), array("d", v).tobytes())
-        )
+        if enc == "json":  # one text [[ts, value], …]: SQL's json_each reads it
+            blocks.append((sid, t[0], t[-1], len(t), json.dumps([*zip(t, v)]), b""))
+        else:
+            blocks.append(
+                (
+                    sid,
+                    t[0],
+                    t[-1],
+                    len(t),
+                    array("q", t).tobytes(),
+                    array("d", v).tobytes(),
+                )
+            )
         upkeep.append((len(t), t[0], t[0], t[-1], t[-1], sid))
         a = 0
         while a < len(t):
@@ -203,7 +219,17 @@ def _blocks_ingest(
         fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def run_blocks(path: Path, data: list[list[Columns]]) -> float:
+#: The contract's readings over JSON blocks: what outside tests and tools SELECT.
+JSON_VIEW = """
+CREATE VIEW readings AS
+    SELECT s.serial, s.device, json_extract(p.value, '$[0]') AS ts, s.metric,
+        json_extract(p.value, '$[1]') AS value, b.batch_id
+    FROM blocks k JOIN series s ON s.id = k.series JOIN batches b ON b.seq = k.batch,
+        json_each(k.ts) p
+"""
+
+
+def run_blocks(path: Path, data: list[list[Columns]], enc: str = "packed") -> float:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
@@ -213,14 +239,41 @@ def run_blocks(path: Path, data: list[list[Columns]]) -> float:
     ids: dict[tuple[str, str], int] = {}
     cpu = time.process_time()
     for n, chunks in enumerate(data):
-        _blocks_ingest(conn, lock, ids, n, chunks)
+        _blocks_ingest(conn, lock, ids, n, chunks, enc)
     cpu = time.process_time() - cpu
     held = conn.execute("SELECT SUM(n) FROM blocks").fetchone()[0]
+    if enc == "json":
+        conn.execute(JSON_VIEW)
+        _check_view(conn, data)
     os.close(lock)
     conn.close()
     if held != sum(len(c.ts) for chunks in data for c in chunks):
         raise SystemExit(f"bench: blocks hold {held} readings")
     return cpu
+
+
+def run_json(path: Path, data: list[list[Columns]]) -> float:
+    return run_blocks(path, data, "json")
+
+
+def _check_view(conn: sqlite3.Connection, data: list[list[Columns]]) -> None:
+    """The view holds every reading exactly (values compared as Python floats)."""
+    cpu = time.process_time()
+    got = conn.execute("SELECT device, ts, metric, value FROM readings").fetchall()
+    cpu = time.process_time() - cpu
+    want = [
+        r
+        for chunks in data
+        for c in chunks
+        for r in zip(c.devices, c.ts, c.metrics, c.values)
+    ]
+    if sorted(got) != sorted(want):
+        raise SystemExit(
+            "bench: the JSON blocks' readings view differs from what was stored"
+        )
+    print(
+        f"  the readings view of the JSON blocks: {len(got)} rows, exact, {cpu:.2f} CPU-s"
+    )
 
 
 def main() -> int:
@@ -232,16 +285,18 @@ def main() -> int:
     data = batches(args.rows, args.batch_rows)
     per_m = 1_000_000 / args.rows
     print(f"load average {Path('/proc/loadavg').read_text().split()[:3]}")
-    got: dict[str, list[float]] = {"hub": [], "blocks": []}
+    layouts = (("hub", run_hub), ("blocks", run_blocks), ("json", run_json))
+    got: dict[str, list[float]] = {name: [] for name, _ in layouts}
     with tempfile.TemporaryDirectory(prefix="fg-hubsql-") as tmp:
         for p in range(args.passes):
-            for name, fn in (("hub", run_hub), ("blocks", run_blocks)):
+            for name, fn in layouts:
                 cpu = fn(Path(tmp) / f"{name}-{p}.db", data) * per_m
                 got[name].append(cpu)
                 print(f"pass {p + 1} {name:6s}: {cpu:.2f} CPU-s per million readings")
-    hub, blocks = (min(got[k]) for k in ("hub", "blocks"))
+    hub, blocks, js = (min(got[k]) for k in ("hub", "blocks", "json"))
     print(
-        f"best: hub {hub:.2f}, blocks {blocks:.2f} CPU-s per million ({blocks / hub:.2f}x)"
+        f"best: hub {hub:.2f}, blocks {blocks:.2f} ({blocks / hub:.2f}x), "
+        f"json blocks {js:.2f} ({js / hub:.2f}x) CPU-s per million"
     )
     print(
         "the hub's storage budget (issue 17): about 0.0-0.9 CPU-s per million readings"
