@@ -434,16 +434,18 @@ def run_arrow(path: Path, texts: list[bytes]) -> float:
             fcntl.flock(lock, fcntl.LOCK_UN)
     cpu = time.process_time() - cpu
     stored = sorted(
-        r
-        for t_blob, v_blob in conn.execute("SELECT ts, value FROM blocks")
-        for r in zip(array("q", t_blob), array("d", v_blob), strict=True)
+        (device, ts, metric, value)
+        for device, metric, t_blob, v_blob in conn.execute(
+            "SELECT s.device, s.metric, b.ts, b.value FROM blocks b JOIN series s ON s.id = b.series"
+        )
+        for ts, value in zip(array("q", t_blob), array("d", v_blob), strict=True)
     )
     os.close(lock)
     conn.close()
     sent = sorted(
-        (int(ts), float(value))
+        (device, int(ts), metric, float(value))
         for text in texts
-        for _, ts, _, value in (
+        for device, ts, metric, value in (
             line.split(",") for line in text.decode().splitlines()[1:]
         )
     )
