@@ -14,7 +14,7 @@ from pathlib import Path
 
 from support import ConfigFactory, Hub, batch_of_each_reading, run_fieldgate
 
-from fieldgate import batches, batchfile, membership, prune, store
+from fieldgate import batches, batchfile, membership, prune, status, store
 from fieldgate.config import Config, load_config
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -29,8 +29,13 @@ def readings(n: int, start: int = 0) -> list[store.Reading]:
 
 
 def insert(conn: sqlite3.Connection, rows: list[store.Reading]) -> None:
+    """Into a store of this schema with its counters; into a replayed older one with the
+    statement every schema's writer ran."""
     with store.transaction(conn):
-        store.insert_readings(conn, rows, source="mqtt", received_at=T0)
+        if store.schema_version(conn) < store.SCHEMA_VERSION:
+            conn.executemany(store.INSERT_READING_SQL, [(*r, T0, "mqtt") for r in rows])
+        else:
+            store.insert_readings(conn, rows, source="mqtt", received_at=T0)
 
 
 def make_cfg(config_file: ConfigFactory, **upload: object) -> Config:
@@ -123,7 +128,9 @@ def assert_migrated(
     db: Path, before: list[tuple[str | None, tuple[object, ...]]]
 ) -> sqlite3.Connection:
     conn = store.open_store(db, "GW-TEST")
-    assert store.schema_version(conn) == store.SCHEMA_VERSION == 2
+    assert store.schema_version(conn) == store.SCHEMA_VERSION == 3
+    # status's counters (schema 3) hold what the rows say
+    assert status.store_counts(conn) == status.scan_counts(conn)
     columns = [r[1] for r in conn.execute("PRAGMA table_info(readings)")]
     assert columns == ["id", "device", "ts", "metric", "value", "received_at", "source"]
     sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'readings'").fetchone()[0]
@@ -172,6 +179,7 @@ def test_ids_are_never_reused_after_the_newest_readings_are_deleted(
     assert (nxt.rows, nxt.first_id, nxt.last_id) == (30, 101, 130)
     data, _ = batchfile.read_zip(Path(cfg.upload.pending_dir) / nxt.file)
     assert data == batchfile.render_csv(readings(30, start=1000))
+    assert status.store_counts(conn) == status.scan_counts(conn)  # status's counters
     conn.close()
 
 
@@ -190,6 +198,7 @@ def test_batch_ranges_follow_each_other_and_cover_every_batched_reading(
         == [b.batch_id for b in cut for _ in range(b.rows)] + [None] * 10
     )
     assert membership.watermark(conn) == 60 and membership.count_unbatched(conn) == 10
+    assert status.store_counts(conn) == status.scan_counts(conn)  # status's counters
     conn.close()
 
 
@@ -229,6 +238,7 @@ def test_a_cut_raced_by_another_cut_is_refused_and_cut_again(config_file: Config
     mine = batches.cut_batch(conn, cfg)
     assert mine is not None and (mine.first_id, mine.last_id, mine.rows) == (51, 80, 30)
     assert batch_of_each_reading(conn) == [theirs.batch_id] * 50 + [mine.batch_id] * 30
+    assert status.store_counts(conn) == status.scan_counts(conn)  # status's counters
     other.close()
     conn.close()
 
@@ -254,6 +264,7 @@ def test_prune_of_the_newest_batches_lowers_the_watermark_and_loses_nothing(
     assert (nxt.rows, nxt.first_id, nxt.last_id) == (15, 101, 115)
     data, _ = batchfile.read_zip(Path(cfg.upload.pending_dir) / nxt.file)
     assert data == batchfile.render_csv(readings(10, start=1000) + readings(5, start=2000))
+    assert status.store_counts(conn) == status.scan_counts(conn)  # status's counters
     conn.close()
 
 
@@ -277,6 +288,7 @@ def test_merge_while_batches_are_pending_adds_only_unbatched_readings(
     assert membership.count_unbatched(conn) == 20
     rows = membership.readings_of(conn, pending.first_id, pending.last_id)
     assert batchfile.csv_sha256(batchfile.render_csv(rows)) == pending.sha256
+    assert status.store_counts(conn) == status.scan_counts(conn)  # status's counters
     conn.close()
 
 
@@ -318,8 +330,8 @@ def test_migration_of_a_store_whose_ids_were_reused(config_file: ConfigFactory) 
     assert conn.execute("SELECT MIN(id), MAX(id) FROM readings").fetchone() == (1, 30)
     e = v1_cut(conn, 2, 20)
     # and a reading naming a batch that was never recorded
+    insert(conn, readings(3, start=200))
     with store.transaction(conn):
-        store.insert_readings(conn, readings(3, start=200), source="mqtt", received_at=T0)
         conn.execute("UPDATE readings SET batch_id = 'ghost' WHERE id > 30")
     before = v1_members(conn)
     conn.close()
@@ -327,6 +339,7 @@ def test_migration_of_a_store_whose_ids_were_reused(config_file: ConfigFactory) 
     conn = assert_migrated(db, before)
     assert ranges(conn) == {d.batch_id: (1, 0), e.batch_id: (1, 20)}
     assert membership.count_unbatched(conn) == 13
+    assert status.store_counts(conn) == status.scan_counts(conn)  # status's counters
     conn.close()
 
 

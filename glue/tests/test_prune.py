@@ -8,7 +8,7 @@ from pathlib import Path
 
 from support import ConfigFactory, Hub, batch_of_each_reading, run_fieldgate
 
-from fieldgate import batches, membership, prune, store
+from fieldgate import batches, membership, prune, status, store
 from fieldgate.config import Config, load_config
 
 T0 = 1_767_225_600_000
@@ -67,6 +67,7 @@ def test_prune_deletes_only_uploaded_readings_older_than_retention(
     # the batch sequence lives on: no batch id is ever used twice
     (later,) = batches.cut_all(conn, cfg)
     assert later.batch_id.startswith("00000005-")
+    assert status.store_counts(conn) == status.scan_counts(conn)  # status's counters
     conn.close()
     assert hub.readings("GW-TEST") == 3000  # the hub keeps everything
 
@@ -183,12 +184,31 @@ def test_old_rejected_messages_and_events_go_newer_ones_stay(config_file: Config
                 "INSERT INTO events (at, kind, message) VALUES (?, 'test', ?)",
                 (now - age_days * DAY, f"{age_days} days old"),
             )
+        for age_days in (30, 0):  # one reason, one message pruned and one kept
+            store.insert_rejected(
+                conn,
+                source="mqtt",
+                topic=None,
+                payload=b"",
+                reason="empty payload",
+                received_at=now - age_days * DAY,
+            )
     r = prune.prune(conn, cfg, now_ms=now)
-    assert (r.rejected, r.events) == (2, 2)
+    assert (r.rejected, r.events) == (3, 2)
     assert [row[0] for row in conn.execute("SELECT reason FROM rejected ORDER BY id")] == [
         "bad JSON (9 days old)",
         "bad JSON (0 days old)",
+        "empty payload",
     ]
+    # status's counters follow: 3 left, each reason once
+    assert status.store_counts(conn) == status.scan_counts(conn)
+    assert status.store_counts(conn)[2:4] == (
+        3,
+        [
+            {"reason": r, "count": 1}
+            for r in sorted(["bad JSON (9 days old)", "bad JSON (0 days old)", "empty payload"])
+        ],
+    )
     kinds = [row[0] for row in conn.execute("SELECT message FROM events ORDER BY id")]
     assert kinds[:2] == ["9 days old", "0 days old"]
     assert kinds[2].startswith("pruned 0 readings of 0 batches")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from fieldgate import store
+from fieldgate import status, store
 from fieldgate.config import Config, parse_config
 from fieldgate.readings import Received, Rules, native_rows, parse_payload, rejected_payload
 from fieldgate.writer import MessageReader, commit_batch
@@ -167,6 +167,8 @@ def test_fast_path_stores_what_the_long_path_stores(tmp_path: Path) -> None:
         assert result[2] == len(bad)
         assert result[3] == bad[:3]
         assert stored(fast) == stored(slow)
+        # status's counters (the second time, every reading is a repeat)
+        assert status.store_counts(fast) == status.scan_counts(fast)
     readings, rejected, counters = stored(fast)
     assert readings[0] == ("TH-001", T0, "temperature", 21.5, AT, "mqtt")
     assert ("TH-001", T0 + 28, "t", 2.5, AT, "mqtt") in readings  # the alias's serial

@@ -187,6 +187,8 @@ def _record(conn: sqlite3.Connection, cfg: Config, batch: Batch, above: int) -> 
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             astuple(batch),
         )
+        # its readings are batched now (status's backlog counter)
+        conn.execute("UPDATE counts SET n = n - ? WHERE name = 'unbatched'", (batch.rows,))
         store.set_meta(conn, "last_batch_seq", str(int(batch.batch_id.split("-", 1)[0])))
 
 

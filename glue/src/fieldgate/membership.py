@@ -29,6 +29,8 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, NamedTuple
 
+from fieldgate import store
+
 #: ``WHERE`` condition on ``readings`` of an unbatched reading.
 UNBATCHED = "id > (SELECT COALESCE(MAX(last_id), 0) FROM batches)"
 #: ``WHERE`` condition on ``readings`` of the readings of the batch bound as ``?``.
@@ -83,9 +85,14 @@ def readings_of(conn: sqlite3.Connection, first_id: int | None, last_id: int | N
 
 def delete_readings_of(conn: sqlite3.Connection, first_id: int | None, last_id: int | None) -> int:
     """Delete the readings of the batch with that id range (inside the caller's
-    transaction); how many there were."""
+    transaction), taking them off ``device_counts``; how many there were."""
     if first_id is None or last_id is None:
         return 0
+    per_device = conn.execute(
+        "SELECT device, COUNT(*) FROM readings WHERE id BETWEEN ? AND ? GROUP BY device",
+        (first_id, last_id),
+    ).fetchall()
+    store.count_gone_readings(conn, per_device)
     return conn.execute(
         "DELETE FROM readings WHERE id BETWEEN ? AND ?", (first_id, last_id)
     ).rowcount

@@ -103,11 +103,20 @@ def prune(conn: sqlite3.Connection, cfg: Config, *, now_ms: int | None = None) -
 def _delete_older(conn: sqlite3.Connection, table: str, column: str, cutoff: int) -> int:
     """Delete the rows of ``table`` with ``column`` before ``cutoff``, a chunk at a time."""
     total = 0
+    chunk = f"SELECT id FROM {table} WHERE {column} < ? ORDER BY id LIMIT ?"  # noqa: S608 (constant names)
     while True:
         with store.transaction(conn):
+            if table == "rejected":  # off status's counters, in the same transaction
+                store.count_gone_rejected(
+                    conn,
+                    conn.execute(
+                        f"SELECT reason, COUNT(*) FROM rejected WHERE id IN ({chunk}) "  # noqa: S608 (a constant)
+                        "GROUP BY reason",
+                        (cutoff, CHUNK_ROWS),
+                    ).fetchall(),
+                )
             n = conn.execute(
-                f"DELETE FROM {table} WHERE id IN "  # noqa: S608 (constant names)
-                f"(SELECT id FROM {table} WHERE {column} < ? ORDER BY id LIMIT ?)",
+                f"DELETE FROM {table} WHERE id IN ({chunk})",  # noqa: S608 (constant names)
                 (cutoff, CHUNK_ROWS),
             ).rowcount
         total += n

@@ -50,6 +50,8 @@ def _load(conn: sqlite3.Connection, db: Path, source: str) -> int:
                 (source,),
             )
             new = conn.total_changes - before
+            if new:
+                store.count_new_readings(conn, new)
             store.add_event(conn, "restore", f"{new} new readings from {db.name}")
     finally:
         conn.execute("DETACH DATABASE src")

@@ -110,25 +110,12 @@ def _from_store(conn: sqlite3.Connection, cfg: Config) -> dict[str, Any]:
     now = store.now_ms()
     version = store.schema_version(conn)
     q = conn.execute
-    readings = q("SELECT COUNT(*) FROM readings").fetchone()[0]
-    backlog = membership.count_unbatched(conn)
-    rejected = q("SELECT COUNT(*) FROM rejected").fetchone()[0]
-    reasons = [
-        {"reason": r, "count": n}
-        for r, n in q(
-            "SELECT reason, COUNT(*) AS n FROM rejected GROUP BY reason ORDER BY n DESC LIMIT 5"
-        )
-    ]
+    counted = store_counts if version >= 3 else scan_counts
+    readings, backlog, rejected, reasons, device_rows, batch_rows = counted(conn)
     devices = [
         {"device": d, "readings": n, "last_ts": ts, "last_reading": _iso(ts)}
-        for d, n, ts in q(
-            "SELECT device, COUNT(*), MAX(ts) FROM readings GROUP BY device ORDER BY device"
-        )
+        for d, n, ts in device_rows
     ]
-    batch_rows = {
-        s: (n, oldest)
-        for s, n, oldest in q("SELECT state, COUNT(*), MIN(created_at) FROM batches GROUP BY state")
-    }
     pending, oldest_pending = batch_rows.get("pending", (0, None))
     state = store.get_state(conn)
 
@@ -177,6 +164,62 @@ def _from_store(conn: sqlite3.Connection, cfg: Config) -> dict[str, Any]:
         "power": {"last_event": fact("power.last_event")},
         "events": events,
     }
+
+
+Counts = tuple[int, int, int, list[dict[str, Any]], list[Any], dict[str, tuple[int, int | None]]]
+"""The store's figures: readings, unbatched readings, rejected messages, the top five
+reasons (reason, count), each device's (device, readings, newest ts) and, per batch state
+(pending, uploaded), (batches, oldest created_at)."""
+
+
+def store_counts(conn: sqlite3.Connection) -> Counts:
+    """The store's figures from the counters kept as rows are written and deleted
+    (``device_counts``, ``counts``, ``rejected_reasons``: schema 3) and from index seeks:
+    the same cost on a store of any size."""
+    q = conn.execute
+    counts = dict(q("SELECT name, n FROM counts").fetchall())
+    reasons = [
+        {"reason": r, "count": n}
+        for r, n in q("SELECT reason, n FROM rejected_reasons ORDER BY n DESC, reason LIMIT 5")
+    ]
+    # each device's newest reading: a seek on the (device, ts, metric) unique index
+    devices = q(
+        "SELECT device, readings, (SELECT MAX(ts) FROM readings r WHERE r.device = c.device) "
+        "FROM device_counts c WHERE readings > 0 ORDER BY device"
+    ).fetchall()
+    # batches (state, created_at) index: pending batches are few; uploaded ones are pruned
+    # after store.retention_days
+    batch_rows = {
+        s: tuple(
+            q("SELECT COUNT(*), MIN(created_at) FROM batches WHERE state = ?", (s,)).fetchone()
+        )
+        for s in ("pending", "uploaded")
+    }
+    readings = sum(n for _, n, _ in devices)
+    return readings, counts["unbatched"], counts["rejected"], reasons, devices, batch_rows
+
+
+def scan_counts(conn: sqlite3.Connection) -> Counts:
+    """The same figures counted from the rows: a store of schema 2 or older, which status
+    (read-only) does not migrate; the collector migrates it when it starts."""
+    q = conn.execute
+    readings = q("SELECT COUNT(*) FROM readings").fetchone()[0]
+    backlog = membership.count_unbatched(conn)
+    rejected = q("SELECT COUNT(*) FROM rejected").fetchone()[0]
+    reasons = [
+        {"reason": r, "count": n}
+        for r, n in q(
+            "SELECT reason, COUNT(*) AS n FROM rejected GROUP BY reason "
+            "ORDER BY n DESC, reason LIMIT 5"
+        )
+    ]
+    devices = q(
+        "SELECT device, COUNT(*), MAX(ts) FROM readings GROUP BY device ORDER BY device"
+    ).fetchall()
+    batch_rows: dict[str, tuple[int, int | None]] = {"pending": (0, None), "uploaded": (0, None)}
+    for s, n, oldest in q("SELECT state, COUNT(*), MIN(created_at) FROM batches GROUP BY state"):
+        batch_rows[s] = (n, oldest)
+    return readings, backlog, rejected, reasons, devices, batch_rows
 
 
 def _inputs(cfg: Config, state: dict[str, tuple[str, int]]) -> list[dict[str, Any]]:

@@ -8,6 +8,9 @@ Tables (docs/contract.md §5):
 - ``meta``: ``site_serial``, ``schema_version`` and other facts about the store.
 - ``state``: small key/value facts the daemons publish for ``fieldgate status``.
 - ``events``: operational events worth showing an operator (power, disk guard, exports).
+- ``device_counts``, ``counts``, ``rejected_reasons``: what ``status`` counts (readings per
+  device, unbatched readings, rejected messages in all and per reason), kept as rows are
+  written and deleted, in the same transaction.
 
 Commits use ``synchronous=FULL``: a reading acknowledged to the broker survives a power cut.
 """
@@ -18,6 +21,7 @@ import datetime as dt
 import logging
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -126,6 +130,35 @@ MIGRATIONS: dict[int, str] = {
     DROP TABLE readings;
     ALTER TABLE readings_v2 RENAME TO readings;
     CREATE INDEX batches_last_id ON batches (last_id);
+    """,
+    # Counters for ``fieldgate status`` (fieldgate.status), so that it costs the same on a
+    # store of any size: kept in the transaction that writes or deletes what they count
+    # (insert_reading_rows, count_new_readings, insert_rejected, batches._record,
+    # membership.delete_readings_of, prune), filled here from the rows there are.
+    3: """
+    CREATE TABLE device_counts (
+        device   TEXT PRIMARY KEY,
+        readings INTEGER NOT NULL                -- rows of readings of this device
+    ) WITHOUT ROWID;
+    CREATE TABLE counts (
+        name TEXT PRIMARY KEY,                   -- unbatched, rejected
+        n    INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE rejected_reasons (
+        reason TEXT PRIMARY KEY,
+        n      INTEGER NOT NULL                  -- rows of rejected with this reason
+    );
+    CREATE INDEX rejected_reasons_n ON rejected_reasons (n);
+    CREATE INDEX batches_state ON batches (state, created_at);
+    INSERT INTO device_counts (device, readings)
+    SELECT device, COUNT(*) FROM readings GROUP BY device;
+    INSERT INTO counts (name, n) VALUES
+    ('unbatched', (
+        SELECT COUNT(*) FROM readings
+        WHERE id > (SELECT COALESCE(MAX(last_id), 0) FROM batches)
+    )),
+    ('rejected', (SELECT COUNT(*) FROM rejected));
+    INSERT INTO rejected_reasons (reason, n) SELECT reason, COUNT(*) FROM rejected GROUP BY reason;
     """,
 }
 
@@ -499,7 +532,48 @@ def insert_reading_rows(conn: sqlite3.Connection, flat: list[object]) -> int:
             conn.execute(_INSERT_ROWS_SQL[rows], flat[pos : pos + size])
             pos += size
         rows //= 2
-    return conn.total_changes - before
+    new = conn.total_changes - before
+    if new:
+        # every reading new (the usual case): the devices are in the list already
+        count_new_readings(conn, new, Counter(flat[0::6]) if 6 * new == end else None)
+    return new
+
+
+_ADD_DEVICE_COUNT = (
+    "INSERT INTO device_counts (device, readings) VALUES (?, ?) "
+    "ON CONFLICT (device) DO UPDATE SET readings = readings + excluded.readings"
+)
+
+
+def count_new_readings(
+    conn: sqlite3.Connection, new: int, per_device: Mapping[str, int] | None = None
+) -> None:
+    """Count the ``new`` readings the caller just inserted in ``device_counts`` and in the
+    unbatched readings (the counters ``status`` reads; same transaction as the insert).
+
+    ``per_device``: how many of them each device has, when the caller knows; else they are
+    counted in the store: new readings take ids above every id ever used, so they are the
+    ``new`` readings with the highest ids.
+    """
+    if per_device is None:
+        per_device = dict(
+            conn.execute(
+                "SELECT device, COUNT(*) FROM "
+                "(SELECT device FROM readings ORDER BY id DESC LIMIT ?) GROUP BY device",
+                (new,),
+            ).fetchall()
+        )
+    conn.executemany(_ADD_DEVICE_COUNT, per_device.items())
+    conn.execute("UPDATE counts SET n = n + ? WHERE name = 'unbatched'", (new,))
+
+
+def count_gone_readings(conn: sqlite3.Connection, per_device: Iterable[tuple[str, int]]) -> None:
+    """Take readings the caller deletes, (device, how many) pairs, off ``device_counts``."""
+    conn.executemany(
+        "UPDATE device_counts SET readings = readings - ? WHERE device = ?",
+        [(n, device) for device, n in per_device],
+    )
+    conn.execute("DELETE FROM device_counts WHERE readings <= 0")
 
 
 def insert_readings(
@@ -534,6 +608,7 @@ def insert_rejected(
     received_at: int | None = None,
 ) -> None:
     """Keep a message that could not be stored as readings, with the reason."""
+    reason = storable(reason)
     conn.execute(
         "INSERT INTO rejected (received_at, source, topic, payload, reason) VALUES (?, ?, ?, ?, ?)",
         (
@@ -541,9 +616,27 @@ def insert_rejected(
             source,
             None if topic is None else storable(topic),
             payload,
-            storable(reason),
+            reason,
         ),
     )
+    conn.execute(_ADD_REASON, (reason, 1))
+    conn.execute(_ADD_REJECTED, (1,))
+
+
+_ADD_REASON = (
+    "INSERT INTO rejected_reasons (reason, n) VALUES (?, ?) "
+    "ON CONFLICT (reason) DO UPDATE SET n = n + excluded.n"
+)
+_ADD_REJECTED = "UPDATE counts SET n = n + ? WHERE name = 'rejected'"
+
+
+def count_gone_rejected(conn: sqlite3.Connection, per_reason: Iterable[tuple[str, int]]) -> None:
+    """Take rejected messages the caller deletes, (reason, how many) pairs, off the
+    counters ``status`` reads (same transaction as the delete)."""
+    per_reason = list(per_reason)
+    conn.executemany(_ADD_REASON, [(reason, -n) for reason, n in per_reason])
+    conn.execute(_ADD_REJECTED, (-sum(n for _, n in per_reason),))
+    conn.execute("DELETE FROM rejected_reasons WHERE n <= 0")
 
 
 def storable(text: str) -> str:
