@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,3 +123,30 @@ def test_read_from_device_drops_the_cache_where_direct_io_is_refused(
     monkeypatch.setattr(fsutil, "drop_cached_pages", dropped.append)
     assert b"".join(bytes(c) for c in fsutil.read_from_device(path)) == b"abc" * 5000
     assert len(dropped) == 1
+
+
+def test_load_small_json_names_each_cause(tmp_path: Path) -> None:
+    def parse(data: Any) -> dict[str, Any]:
+        return {"state": "read", "n": int(data["n"])}
+
+    path = tmp_path / "record.json"
+
+    def load() -> dict[str, Any]:
+        return fsutil.load_small_json(str(path), 64, "a record", parse, {"n": 0})
+
+    file = str(path)
+    assert load() == {"file": file, "state": "none", "n": 0}
+    path.write_text('{"n": 3}')
+    assert load() == {"file": file, "state": "read", "n": 3}
+    for text, error in (
+        ("x" * 65, "not a record (larger than 64 bytes)"),
+        ("{", "not a record (Expecting property name enclosed in double quotes: "),
+        ('{"n": "many"}', "not a record (invalid literal for int() with base 10: 'many')"),
+        ("[1]", "not a record (list indices must be integers or slices, not str)"),
+    ):
+        path.write_text(text)
+        got = load()
+        assert (got["state"], got["error"][: len(error)]) == ("unreadable", error), text
+    path.unlink()
+    path.mkdir()  # cannot be read as a file
+    assert load() == {"file": file, "state": "unreadable", "error": "Is a directory"}

@@ -26,16 +26,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import mmap
 import os
 import re
 import shutil
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 #: errno values of a filesystem that cannot fsync a directory (some FUSE drivers).
 _DIR_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
@@ -134,6 +135,33 @@ def read_small_file(path: str | Path, max_bytes: int) -> bytes | None:
     if len(raw) > max_bytes:
         raise ValueError(f"larger than {max_bytes} bytes")
     return raw
+
+
+def load_small_json(
+    path: str,
+    max_bytes: int,
+    what: str,
+    parse: Callable[[Any], dict[str, Any]],
+    absent: dict[str, Any],
+) -> dict[str, Any]:
+    """A small JSON record another program writes, as a part of ``status``, read by
+    :func:`read_small_file`: ``{"file": path, **parse(data)}``; when the file does not
+    exist, ``{"file", "state": "none", **absent}``; when it cannot be read or is not ``what``
+    (too large, not JSON, ``parse`` raises ValueError, KeyError or TypeError),
+    ``{"file", "state": "unreadable", "error"}``: one line naming the cause."""
+    result: dict[str, Any] = {"file": path}
+    try:
+        raw = read_small_file(path, max_bytes)
+    except OSError as exc:
+        return {**result, "state": "unreadable", "error": exc.strerror or str(exc)}
+    except ValueError as exc:
+        return {**result, "state": "unreadable", "error": f"not {what} ({exc})"}
+    if raw is None:
+        return {**result, "state": "none", **absent}
+    try:
+        return {**result, **parse(json.loads(raw))}
+    except (ValueError, KeyError, TypeError) as exc:
+        return {**result, "state": "unreadable", "error": f"not {what} ({exc})"}
 
 
 def unlink_durably(path: Path) -> None:

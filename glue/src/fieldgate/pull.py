@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from fieldgate import store
 from fieldgate.errors import FieldgateError
-from fieldgate.fsutil import atomic_write, read_small_file
+from fieldgate.fsutil import atomic_write, load_small_json
 
 #: The result file is a few hundred bytes; anything larger is not ours.
 MAX_BYTES = 16 * 1024
@@ -177,38 +177,28 @@ def pull_status(path: str | None) -> dict[str, Any] | None:
     """
     if not path:
         return None
-    result: dict[str, Any] = {"file": path}
-    try:
-        raw = read_small_file(path, MAX_BYTES)
-    except OSError as exc:
-        return {**result, "state": "unreadable", "error": exc.strerror or str(exc)}
-    except ValueError as exc:
-        return {**result, "state": "unreadable", "error": f"not a pull-run result ({exc})"}
-    if raw is None:
-        return {**result, "state": "none"}
-    try:
-        data = json.loads(raw)
-        if data["result"] not in ("ok", "failed"):
-            raise ValueError(f"result {data['result']!r}")
-        finished = int(data["finished_ms"])
-        commit = data.get("commit")
-        reason = data.get("reason")
-        return {
-            **result,
-            "state": "recorded",
-            "result": data["result"],
-            "last_run": store.iso_utc(finished),
-            "age_secs": round(max(0, store.now_ms() - finished) / 1000, 1),
-            "duration_secs": float(data["duration_secs"]),
-            "exit_code": int(data["exit_code"]),
-            "played": bool(data["played"]),
-            **{k: int(data[k]) for k in _COUNTS},
-            "commit": commit if isinstance(commit, str) and re.fullmatch("[0-9a-f]{40}", commit)
-            else None,
-            "reason": str(reason)[:REASON_CHARS] if reason is not None else None,
-        }  # fmt: skip
-    except (ValueError, KeyError, TypeError) as exc:
-        return {**result, "state": "unreadable", "error": f"not a pull-run result ({exc})"}
+    return load_small_json(path, MAX_BYTES, "a pull-run result", _recorded, {})
+
+
+def _recorded(data: Any) -> dict[str, Any]:
+    if data["result"] not in ("ok", "failed"):
+        raise ValueError(f"result {data['result']!r}")
+    finished = int(data["finished_ms"])
+    commit = data.get("commit")
+    reason = data.get("reason")
+    return {
+        "state": "recorded",
+        "result": data["result"],
+        "last_run": store.iso_utc(finished),
+        "age_secs": round(max(0, store.now_ms() - finished) / 1000, 1),
+        "duration_secs": float(data["duration_secs"]),
+        "exit_code": int(data["exit_code"]),
+        "played": bool(data["played"]),
+        **{k: int(data[k]) for k in _COUNTS},
+        "commit": commit if isinstance(commit, str) and re.fullmatch("[0-9a-f]{40}", commit)
+        else None,
+        "reason": str(reason)[:REASON_CHARS] if reason is not None else None,
+    }  # fmt: skip
 
 
 def render_pull(p: dict[str, Any] | None) -> list[str]:

@@ -16,11 +16,10 @@ the plugin also reads the broker's log (``plugin_opt_broker_log``, ``fieldgate b
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fieldgate import store
-from fieldgate.fsutil import read_small_file
+from fieldgate.fsutil import load_small_json
 
 #: The plugin writes at most 256 accounts of ~400 bytes each, and 256 sources of ~500.
 MAX_BYTES = 512 * 1024
@@ -39,41 +38,32 @@ def broker_refusals(path: str | None) -> dict[str, Any] | None:
     """
     if not path:
         return None
-    result: dict[str, Any] = {"file": path}
-    try:
-        raw = read_small_file(path, MAX_BYTES)
-    except OSError as exc:
-        return {**result, "state": "unreadable", "error": exc.strerror or str(exc)}
-    except ValueError as exc:
-        return {**result, "state": "unreadable", "error": f"not the plugin's counts ({exc})"}
-    if raw is None:
-        return {**result, "state": "none", "denied": 0, "accounts": []}
-    try:
-        data = json.loads(raw)
-        accounts = [
-            {
-                "account": str(a["account"]),
-                "client": str(a["client"]),
-                "denied": int(a["denied"]),
-                "last_topic": str(a["last_topic"]),
-                "last": store.iso_utc(int(a["last_ms"])),
-            }
-            for a in data["accounts"]
-        ]
-        accounts.sort(key=lambda a: (-a["denied"], a["account"]))
-        counted = {
-            **result,
-            "state": "counted",
-            "since": store.iso_utc(int(data["since_ms"])),
-            "denied": int(data["denied"]),
-            "other_accounts_denied": int(data["other_accounts_denied"]),
-            "accounts": accounts,
+    absent = {"denied": 0, "accounts": []}
+    return load_small_json(path, MAX_BYTES, "the plugin's counts", _counted, absent)
+
+
+def _counted(data: Any) -> dict[str, Any]:
+    accounts = [
+        {
+            "account": str(a["account"]),
+            "client": str(a["client"]),
+            "denied": int(a["denied"]),
+            "last_topic": str(a["last_topic"]),
+            "last": store.iso_utc(int(a["last_ms"])),
         }
-        if "broker_log" in data:
-            counted["protocol_errors"] = _protocol_errors(data)
-        return counted
-    except (ValueError, KeyError, TypeError) as exc:
-        return {**result, "state": "unreadable", "error": f"not the plugin's counts ({exc})"}
+        for a in data["accounts"]
+    ]
+    accounts.sort(key=lambda a: (-a["denied"], a["account"]))
+    counted = {
+        "state": "counted",
+        "since": store.iso_utc(int(data["since_ms"])),
+        "denied": int(data["denied"]),
+        "other_accounts_denied": int(data["other_accounts_denied"]),
+        "accounts": accounts,
+    }
+    if "broker_log" in data:
+        counted["protocol_errors"] = _protocol_errors(data)
+    return counted
 
 
 def _protocol_errors(data: dict[str, Any]) -> dict[str, Any]:
