@@ -399,11 +399,7 @@ def migrate(conn: sqlite3.Connection, label: str = "store", schema: Schema = STO
     ``label`` names the database in messages (its path).
     """
     current = schema_version(conn, schema.version_key)
-    if current > schema.version:
-        raise FieldgateError(
-            f"{label} has schema version {current}, newer than this fieldgate supports "
-            f"({schema.version}); upgrade fieldgate"
-        )
+    refuse_newer(current, schema, label)
     if current == schema.version:
         return current
     if current == 0 and not schema.adopt_foreign and _is_foreign(conn):
@@ -417,6 +413,16 @@ def migrate(conn: sqlite3.Connection, label: str = "store", schema: Schema = STO
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('created_at', ?)", (str(now_ms()),)
         )
     return schema.version
+
+
+def refuse_newer(current: int, schema: Schema, label: str) -> None:
+    """FieldgateError when a database's schema version ``current`` is newer than
+    ``schema``'s (a later fieldgate wrote it): for every backend's migrate."""
+    if current > schema.version:
+        raise FieldgateError(
+            f"{label} has schema version {current}, newer than this fieldgate supports "
+            f"({schema.version}); upgrade fieldgate"
+        )
 
 
 def _is_foreign(conn: sqlite3.Connection) -> bool:

@@ -16,6 +16,7 @@ from fieldgate.batchfile import MAX_ROWS
 from fieldgate.hub.auth import ADDRESS_LIMIT, USER_LIMIT, WINDOW_MS, require_user
 from fieldgate.hub.auth import MAX_NAME as MAX_USER_NAME
 from fieldgate.hub.query import MAX_BUCKETS, MAX_EVERY_SECS, MAX_NAME
+from fieldgate.hub.storage import LAST_BATCH_FIELDS
 from fieldgate.hub.uploads import MAX_HEARTBEAT_BYTES
 from fieldgate.names import PATTERNS
 
@@ -399,16 +400,7 @@ def document() -> dict[str, Any]:
 
 _BATCH = {
     "type": "object",
-    "required": [
-        "batch_id",
-        "rows",
-        "new_rows",
-        "first_ts",
-        "last_ts",
-        "mode",
-        "test",
-        "stored_at",
-    ],
+    "required": list(LAST_BATCH_FIELDS),
     "properties": {
         "batch_id": {"type": "string"},
         "rows": {"type": "integer"},

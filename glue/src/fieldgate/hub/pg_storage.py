@@ -225,11 +225,7 @@ def migrate(
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         current = schema_version(conn, schema.version_key)
-        if current > schema.version:
-            raise FieldgateError(
-                f"{label} has schema version {current}, newer than this fieldgate supports "
-                f"({schema.version}); upgrade fieldgate"
-            )
+        store.refuse_newer(current, schema, label)
         if current == schema.version:
             return current
         if current == 0:
