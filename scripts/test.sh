@@ -18,7 +18,8 @@ ruff format --check glue bench scripts
 mapfile -t role_py < <(find roles -name '*.py')
 ruff check --config scripts/ruff.toml "${role_py[@]}"
 ruff format --check --config scripts/ruff.toml "${role_py[@]}"
-# Molecule's tests and test-host tools are formatted as the glue is.
+# Molecule's tests and test-host tools follow the glue's rules and format.
+ruff check --config scripts/ruff.toml molecule
 ruff format --check --config scripts/ruff.toml molecule
 
 stage "ansible lint and syntax"

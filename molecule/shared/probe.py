@@ -87,7 +87,7 @@ def _recv(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def mqtt_connect(host: str, port: int, user: str | None, password: str | None,
+def mqtt_connect(host: str, port: int, user: str | None, password: str | None, *,
                  client_id: str, timeout: float) -> tuple[socket.socket, int]:  # fmt: skip
     """Open a session; returns the socket and the CONNACK return code (MQTT 3.1.1 §3.2.2.3)."""
     sock = socket.create_connection((host, port), timeout=timeout)
@@ -135,7 +135,7 @@ def stream(a: argparse.Namespace) -> int:
             if sock is None and time.monotonic() >= retry_at:
                 try:
                     sock, code = mqtt_connect(a.host, a.port, a.user, a.password,
-                                              a.client_id, a.timeout)  # fmt: skip
+                                              client_id=a.client_id, timeout=a.timeout)  # fmt: skip
                     if code != 0:
                         sock.close()
                         sock = None
@@ -191,7 +191,9 @@ def main() -> int:
     if a.cmd == "port":
         print(port_state(a.host, a.port, a.timeout))
         return 0
-    sock, code = mqtt_connect(a.host, a.port, a.user, a.password, a.client_id, a.timeout)
+    sock, code = mqtt_connect(
+        a.host, a.port, a.user, a.password, client_id=a.client_id, timeout=a.timeout
+    )
     if a.cmd == "connect":
         print(code)
         sock.close()

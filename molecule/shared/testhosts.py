@@ -41,11 +41,12 @@ Commands (all take --run-dir DIR, the directory holding state.json, keys and ove
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import platform
-import random
+import secrets
 import shutil
 import signal
 import socket
@@ -105,7 +106,7 @@ def log(msg: str) -> None:
 
 def run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run a command, capturing output; raise TestHostError with its stderr on failure."""
-    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)
     if check and res.returncode != 0:
         raise TestHostError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
     return res
@@ -173,7 +174,7 @@ def ensure_base(arch: str = NATIVE) -> Path:
     prefix = _base_prefix(arch)
     base = CACHE_DIR / f"{prefix}{key}"
     stamp = base / ".fieldgate-base-stamp"
-    with open(CACHE_DIR / ".lock", "w") as lockf:
+    with (CACHE_DIR / ".lock").open("w") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)
         if stamp.exists() and stamp.read_text().strip() == key:
             return base
@@ -282,8 +283,8 @@ def _pick_run_id() -> tuple[str, int]:
     routes = run(["ip", "-4", "route", "show", "table", "all"]).stdout
     spaces = set(run(["ip", "netns", "list"]).stdout.split())
     for _ in range(200):
-        rid = f"{random.randrange(16**4):04x}"
-        idx = random.randrange(1, 255)
+        rid = f"{secrets.randbelow(16**4):04x}"
+        idx = 1 + secrets.randbelow(254)
         if f"fgth-{rid}" in spaces:
             continue
         if any(f"10.{n}.{idx}." in routes for n in NETS.values()):
@@ -385,8 +386,9 @@ def _prepare_host(run_: Run, name: str, usb: bool) -> None:
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     pub = Path(run_.state["ssh_key"] + ".pub").read_text()
     (ssh_dir / "authorized_keys").write_text(pub)
-    os.chmod(ssh_dir / "authorized_keys", 0o600)
-    (root / "etc/machine-id").write_text(hashlib.md5(h["machine"].encode()).hexdigest() + "\n")
+    (ssh_dir / "authorized_keys").chmod(0o600)
+    machine_id = hashlib.md5(h["machine"].encode(), usedforsecurity=False).hexdigest()
+    (root / "etc/machine-id").write_text(machine_id + "\n")
     (root / "etc/hostname").write_text(name + "\n")
     lines = ["127.0.0.1 localhost", f"127.0.1.1 {name}"]
     for other, oh in run_.state["hosts"].items():
@@ -397,7 +399,7 @@ def _prepare_host(run_: Run, name: str, usb: bool) -> None:
         _native_netfilter(root, h["arch"])
     if usb:
         img = hd / "usb.img"
-        with open(img, "wb") as f:
+        with img.open("wb") as f:
             f.truncate(64 * 1024 * 1024)
         run(["mkfs.ext4", "-q", "-F", "-L", "FGEXPORT", str(img)])
         dev = run(["losetup", "--find", "--show", str(img)]).stdout.strip()
@@ -490,7 +492,7 @@ def _remove_cgroups(machine: str) -> None:
             continue
         for sub, _dirs, _files in sorted(os.walk(d), key=lambda t: -t[0].count("/")):
             try:
-                os.rmdir(sub)
+                Path(sub).rmdir()
             except OSError as exc:
                 log(f"cannot remove cgroup {sub}: {exc.strerror}")
 
@@ -498,15 +500,17 @@ def _remove_cgroups(machine: str) -> None:
 def _boot(run_: Run, name: str) -> None:
     """Start systemd-nspawn detached, attach its veths to the bridges, set the addresses."""
     h = run_.state["hosts"][name]
-    logf = open(_host_dir(run_, name) / "nspawn.log", "ab")
     cgroups = _cgroup_dirs(h["machine"])
     for d in cgroups:
         d.mkdir(exist_ok=True)
-    proc = subprocess.Popen(
-        _nspawn_cmd(run_, name), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-        start_new_session=True, preexec_fn=lambda: _enter_own_cgroup(cgroups),
-    )  # fmt: skip
-    logf.close()  # the child has its own descriptor
+    # the child has its own descriptor of the log: ours closes once it is started
+    with (_host_dir(run_, name) / "nspawn.log").open("ab") as logf:
+        # preexec_fn: nspawn must be in its own cgroup before it execs; this tool starts no
+        # threads, so the fork cannot inherit a lock another thread holds
+        proc = subprocess.Popen(
+            _nspawn_cmd(run_, name), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            start_new_session=True, preexec_fn=lambda: _enter_own_cgroup(cgroups),  # noqa: PLW1509
+        )  # fmt: skip
     h["pid"] = proc.pid
     h["leader"] = None
     run_.save()
@@ -523,7 +527,7 @@ def _boot(run_: Run, name: str) -> None:
     else:
         raise TestHostError(f"{name}: container did not start within 30 s")
     h["leader"] = leader
-    h["pidns"] = os.readlink(f"/proc/{leader}/ns/pid")
+    h["pidns"] = _pidns(leader)
     run_.save()
     for net, ifname in h["ifaces"].items():
         run(["ip", "link", "set", ifname, "netns", run_.netns])
@@ -536,10 +540,15 @@ def _boot(run_: Run, name: str) -> None:
         run([*inner, "ip", "link", "set", dev, "up"])
 
 
+def _pidns(pid: int | str) -> str:
+    """The PID namespace of a process (``pid:[4026531836]``); OSError when it is gone."""
+    return str(Path(f"/proc/{pid}/ns/pid").readlink())
+
+
 def _leader_of(nspawn_pid: int) -> int | None:
     """The container's PID 1 as seen from here: the child of nspawn in another PID namespace."""
     try:
-        own = os.readlink(f"/proc/{nspawn_pid}/ns/pid")
+        own = _pidns(nspawn_pid)
     except OSError:
         return None
     for task in Path(f"/proc/{nspawn_pid}/task").glob("*"):
@@ -549,7 +558,7 @@ def _leader_of(nspawn_pid: int) -> int | None:
             continue
         for kid in kids:
             try:
-                if os.readlink(f"/proc/{kid}/ns/pid") != own:
+                if _pidns(kid) != own:
                     return int(kid)
             except OSError:
                 continue
@@ -578,7 +587,7 @@ def _wait_ssh(run_: Run, name: str, timeout: float | None = None) -> None:
             continue
         res = subprocess.run(
             ["ssh", *SSH_OPTS, "-i", run_.state["ssh_key"], f"root@{h['address']}", "true"],
-            capture_output=True, text=True,
+            capture_output=True, text=True, check=False,
         )  # fmt: skip
         if res.returncode == 0:
             return
@@ -615,7 +624,7 @@ def pids_in_ns(pidns: str) -> list[int]:
         if not p.name.isdigit():
             continue
         try:
-            if os.readlink(p / "ns/pid") == pidns:
+            if str((p / "ns/pid").readlink()) == pidns:
                 found.append(int(p.name))
         except OSError:
             continue
@@ -659,10 +668,8 @@ def _stop_host(run_: Run, name: str, timeout: float | None = None) -> None:
             if not left:
                 break
             for p in left:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.1)
     if pid:
         _reap(pid)
@@ -674,10 +681,8 @@ def _stop_host(run_: Run, name: str, timeout: float | None = None) -> None:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 # What is kept of a host before it is destroyed: failed units, the journal of this boot, and
@@ -699,7 +704,7 @@ def save_journals(run_: Run, dest: Path) -> None:
         inner = ["nsenter", "-t", str(leader), "-a", "--"]
         out = subprocess.run(
             [*inner, "sh", "-c", SAVE_LOGS_SCRIPT],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         (dest / f"{name}.journal").write_text(out.stdout + out.stderr)
 

@@ -99,8 +99,8 @@ def test_readings_reach_the_store_and_the_hub_exactly_once(gw: Any, hub: Any) ->
     topic = f"{cfg['mqtt']['topic_prefix']}/{device['serial']}/readings"
     sensor = get_host("sensor")
     for _ in range(2):  # each reading published twice: the store keeps it once
-        res = publish(sensor, net["hosts"]["gw"]["nets"]["sensor"], device["serial"],
-                      device["mqtt_password"], topic, readings)  # fmt: skip
+        res = publish(sensor, net["hosts"]["gw"]["nets"]["sensor"],
+                      (device["serial"], device["mqtt_password"]), topic, readings)  # fmt: skip
         assert res.rc == 0, res.stderr
     where = f"device = '{device['serial']}' AND ts BETWEEN {base} AND {base + n - 1}"
     db = cfg["store"]["path"]

@@ -68,7 +68,7 @@ def sql(host: Any, db: str, query: str) -> list[dict[str, Any]]:
     postgres superuser over its Unix socket)."""
     if db.startswith("postgresql://"):
         name = urlsplit(db).path.lstrip("/")
-        wrapped = f"SELECT COALESCE(json_agg(t), '[]') FROM ({query}) t"
+        wrapped = f"SELECT COALESCE(json_agg(t), '[]') FROM ({query}) t"  # noqa: S608 (the caller's query, wrapped)
         out = host.check_output(
             "PGOPTIONS='-c default_transaction_read_only=on' runuser -u postgres --"
             " psql --no-psqlrc --quiet -At -v ON_ERROR_STOP=1 -d %s -c %s",
@@ -108,13 +108,16 @@ def probe_here(address: str, port: int, timeout: float = 2) -> str:
         return "filtered"
 
 
-def publish(sensor: Any, address: str, user: str, password: str, topic: str,
+def publish(sensor: Any, address: str, login: tuple[str, str], topic: str,
             messages: list[dict[str, Any]]) -> Any:  # fmt: skip
-    """Publish JSON readings (QoS 1) from the sensor host; returns testinfra's command result."""
+    """Publish JSON readings (QoS 1) from the sensor host as ``login`` (user, password);
+    returns testinfra's command result."""
+    user, password = login
     args = " ".join(f"-m {shlex.quote(json.dumps(m))}" for m in messages)
+    client = f"probe-{int(time.time() * 1000)}"
     return sensor.run(
         f"fieldgate-probe publish {shlex.quote(address)} 1883 -u {shlex.quote(user)} "
-        f"-P {shlex.quote(password)} -t {shlex.quote(topic)} -i probe-{int(time.time() * 1000)} {args}"
+        f"-P {shlex.quote(password)} -t {shlex.quote(topic)} -i {client} {args}"
     )
 
 
@@ -199,7 +202,7 @@ def send_readings(
     topic = f"{cfg['mqtt']['topic_prefix']}/{device}/readings"
     address = net["hosts"][gw]["nets"]["sensor"]
     for _ in range(repeat):
-        res = publish(sensor, address, device, device_password(gw, device), topic, readings)
+        res = publish(sensor, address, (device, device_password(gw, device)), topic, readings)
         assert res.rc == 0, res.stderr
     return {
         "host": host, "serial": cfg["site"]["serial"], "device": device, "base": base, "n": n,
@@ -209,7 +212,7 @@ def send_readings(
 
 
 def count(host: Any, db: str, where: str) -> int:
-    return sql(host, db, f"SELECT COUNT(*) AS n FROM readings WHERE {where}")[0]["n"]
+    return sql(host, db, f"SELECT COUNT(*) AS n FROM readings WHERE {where}")[0]["n"]  # noqa: S608 (the test's own values)
 
 
 def await_at_hub(hub: Any, sent: dict[str, Any]) -> list[dict[str, Any]]:
@@ -225,5 +228,5 @@ def await_at_hub(hub: Any, sent: dict[str, Any]) -> list[dict[str, Any]]:
     return sql(
         hub,
         hub_path,
-        f"SELECT metric, ts, value FROM readings WHERE {hub_where} ORDER BY ts, metric",
+        f"SELECT metric, ts, value FROM readings WHERE {hub_where} ORDER BY ts, metric",  # noqa: S608 (the test's own values)
     )

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from support import (
+    count,
     device_password,
     gateway_config,
     get_host,
@@ -34,10 +35,6 @@ def tasmota_payload(**sensors: dict[str, float]) -> tuple[dict[str, Any], int]:
     return {"Time": when.strftime("%Y-%m-%dT%H:%M:%S"), **sensors, "TempUnit": "C"}, int(
         when.timestamp() * 1000
     )
-
-
-def count(host: Any, db: str, where: str) -> int:
-    return sql(host, db, f"SELECT COUNT(*) AS n FROM readings WHERE {where}")[0]["n"]
 
 
 def test_the_broker_loads_what_broker_conf_prints():
@@ -69,7 +66,7 @@ def test_device_formats_reach_the_hub_exactly_once(sensor, hub, net):
     payload, tasmota_ts = tasmota_payload(AM2301={"Temperature": 21.5, "Humidity": 58.2})
     for _ in range(2):
         res = publish(
-            sensor, address, TASMOTA, device_password(GW, TASMOTA), f"tele/{TASMOTA}/SENSOR",
+            sensor, address, (TASMOTA, device_password(GW, TASMOTA)), f"tele/{TASMOTA}/SENSOR",
             [payload],
         )  # fmt: skip
         assert res.rc == 0, res.stderr
@@ -81,7 +78,7 @@ def test_device_formats_reach_the_hub_exactly_once(sensor, hub, net):
         for i in range(3)
     ]  # fmt: skip
     res = publish(
-        sensor, address, BRIDGE, device_password(GW, BRIDGE), f"zigbee2mqtt/{ZIGBEE}", states
+        sensor, address, (BRIDGE, device_password(GW, BRIDGE)), f"zigbee2mqtt/{ZIGBEE}", states
     )
     assert res.rc == 0, res.stderr
     published = now_ms()
@@ -97,7 +94,7 @@ def test_device_formats_reach_the_hub_exactly_once(sensor, hub, net):
 
     def at_hub(where: str) -> list[dict[str, Any]]:
         query = (
-            "SELECT metric, ts, value FROM readings "
+            "SELECT metric, ts, value FROM readings "  # noqa: S608 (the test's own values)
             f"WHERE serial = '{serial}' AND {where} ORDER BY ts, metric"
         )
         return sql(hub, hub_path, query)
@@ -140,11 +137,11 @@ def test_device_account_cannot_publish_on_another_devices_input(sensor, net):
     start = now_ms()
     password = device_password(GW, TASMOTA)
     forged = publish(
-        sensor, address, TASMOTA, password, f"zigbee2mqtt/{ZIGBEE}", [{"temperature": 99.25}]
+        sensor, address, (TASMOTA, password), f"zigbee2mqtt/{ZIGBEE}", [{"temperature": 99.25}]
     )
     assert forged.rc == 0, forged.stderr
     payload, ts = tasmota_payload(SI7021={"Temperature": 19.75})
-    genuine = publish(sensor, address, TASMOTA, password, f"tele/{TASMOTA}/SENSOR", [payload])
+    genuine = publish(sensor, address, (TASMOTA, password), f"tele/{TASMOTA}/SENSOR", [payload])
     assert genuine.rc == 0, genuine.stderr
     genuine_where = f"device = '{TASMOTA}' AND metric = 'SI7021.Temperature' AND ts = {ts}"
     wait_for("the genuine reading in the gateway store", lambda: count(gw, db, genuine_where))

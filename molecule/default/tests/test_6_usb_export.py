@@ -46,9 +46,8 @@ def udev_run_command(host, devnode: str, action: str) -> str:
 
 
 def led(host, led_path: str) -> dict[str, str]:
-    out = host.check_output(
-        f"cd {shlex.quote(led_path)} && grep -H . trigger brightness delay_on delay_off 2>/dev/null || true"
-    )
+    files = "trigger brightness delay_on delay_off"
+    out = host.check_output(f"cd {shlex.quote(led_path)} && grep -H . {files} 2>/dev/null || true")
     return dict(line.split(":", 1) for line in out.splitlines())
 
 
@@ -75,13 +74,17 @@ def test_export_to_usb_drive(sensor, net):
     assert gw.run(udev_run_command(gw, device, "add")).rc == 0
     try:
         check_export(
-            gw, device, serial, password, led_path, before, log_file, log_before, sent["where"]
-        )
+            gw, device=device, serial=serial, password=password, led_path=led_path,
+            before=before, log_file=log_file, log_before=log_before, where=sent["where"],
+        )  # fmt: skip
     finally:  # the drive is pulled in any case, so success/error do not hold past this test
         assert gw.run(udev_run_command(gw, device, "remove")).rc == 0
 
-    wait_for("the LED back to normal operation", lambda: led(gw, led_path).get("trigger") in ("none", None)
-             and led(gw, led_path).get("brightness", "0") != "0")  # fmt: skip
+    def normal() -> bool:
+        state = led(gw, led_path)
+        return state.get("trigger") in ("none", None) and state.get("brightness", "0") != "0"
+
+    wait_for("the LED back to normal operation", normal)
     lines = gw.check_output(f"tail -n +{log_before + 1} {shlex.quote(log_file)}").splitlines()
     order = [next((i for i, line in enumerate(lines) if f"led: {s}" in line), None)
              for s in ("in_progress", "success", "normal_operation")]  # fmt: skip
@@ -89,7 +92,7 @@ def test_export_to_usb_drive(sensor, net):
 
 
 def check_export(
-    gw, device, serial, password, led_path, before, log_file, log_before, where
+    gw, *, device, serial, password, led_path, before, log_file, log_before, where
 ) -> None:
     """The export finished with success, and the drive holds exactly what CONTRACT §7 says."""
 
@@ -121,7 +124,7 @@ def check_export(
         for name, digest in listed.items():
             assert hashlib.sha256((mnt / name).read_bytes()).hexdigest() == digest, name
         assert password not in (mnt / site[0]).read_text()
-        query = f"PRAGMA integrity_check; SELECT COUNT(*) FROM readings WHERE {where};"
+        query = f"PRAGMA integrity_check; SELECT COUNT(*) FROM readings WHERE {where};"  # noqa: S608 (the test's own values)
         check = subprocess.run(
             ["sqlite3", "-readonly", str(mnt / db[0]), query],
             capture_output=True,

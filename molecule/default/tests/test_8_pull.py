@@ -30,10 +30,11 @@ def _site_repo(tmp: Path, checkout_dir: str) -> Path:
         ["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "-z"],
         check=True, capture_output=True,
     ).stdout  # fmt: skip
-    subprocess.run(
-        f"tar -C {REPO} --null -T - -cf - | tar -C {repo} -xf -",
-        shell=True, input=files, check=True,
-    )  # fmt: skip
+    archive = subprocess.run(
+        ["tar", "-C", str(REPO), "--null", "-T", "-", "-cf", "-"],
+        input=files, check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    subprocess.run(["tar", "-C", str(repo), "-xf", "-"], input=archive, check=True)
     state = repo / SCENARIO / "pull-run/testhosts/state.json"
     state.parent.mkdir(parents=True)
     state.write_text(json.dumps(run_state()))

@@ -28,7 +28,7 @@ HOST_VARS = yaml.safe_load(
     (Path(__file__).resolve().parents[1] / "inventory/host_vars/gw.yml").read_text()
 )
 SENSOR_UNIT = "powercut-sensor"
-ACKED_FILE = "/var/tmp/powercut-acked"
+ACKED_FILE = "/var/tmp/powercut-acked"  # noqa: S108 (a file on the sensor test host)
 RATE = 20  # readings per second
 MOSQUITTO_LOG = "/var/log/mosquitto/mosquitto.log"  # Debian's mosquitto.conf: epoch-stamped
 # The order of one power cut in gw's journal: (identifier, start of the message).
@@ -64,7 +64,7 @@ def summary(ups) -> str:  # type: ignore[no-untyped-def]
 
 def stored(gw, db: str, device: str, since_ms: int) -> dict[int, int]:  # type: ignore[no-untyped-def]
     """seq -> how many rows of it the store holds (of the readings stamped after since_ms)."""
-    rows = sql(gw, db, f"SELECT CAST(value AS INTEGER) AS seq, COUNT(*) AS n FROM readings "
+    rows = sql(gw, db, f"SELECT CAST(value AS INTEGER) AS seq, COUNT(*) AS n FROM readings "  # noqa: S608 (the test's own values)
                        f"WHERE device = '{device}' AND metric = 'seq' AND ts > {since_ms} "
                        "GROUP BY value")  # fmt: skip
     return {r["seq"]: r["n"] for r in rows}
