@@ -15,8 +15,16 @@ import typing
 import pytest
 
 from fieldgate.config import Format
-from fieldgate.formats import DECODERS, FORMAT_NAMES, CsvSpec, Options, SampleError, common
-from fieldgate.formats.common import Decoded, datetime_ms, zone
+from fieldgate.formats import (
+    DECODERS,
+    FORMAT_NAMES,
+    CsvSpec,
+    Options,
+    SampleError,
+    common,
+    tasmota,
+)
+from fieldgate.formats.common import Decoded, datetime_ms, regex_datetime_ms, zone
 
 UTC = Options()
 BERLIN = Options(tz=zone("Europe/Berlin"))
@@ -572,6 +580,63 @@ def test_a_time_of_a_minute_already_read_is_read_as_without_it(tz: str) -> None:
             assert read_time(f"{minute}:00", zone_) == read_time(f"{minute}:00", zone_)
             assert read_time(text, zone_) == fresh, text
     assert read_time("2026-03-29T02:30:15", zone("Europe/Berlin")) == ms("2026-03-29T01:30:15Z")
+
+
+def slow_time(text: str, tz: dt.tzinfo) -> int | str:
+    """A payload's ``Time`` read by the regular expression alone (as ``time_ms``: stripped)."""
+    try:
+        return regex_datetime_ms(text.strip(), tz, "Time")
+    except SampleError as exc:
+        return str(exc)
+
+
+def tasmota_time(text: str, tz: dt.tzinfo) -> int | str | None:
+    """The time Tasmota's one reader gives a payload's ``Time`` (or its reason)."""
+    try:
+        return tasmota.read(json.dumps({"Time": text, "A": 1}), Options(tz=tz), None, [], [])
+    except SampleError as exc:
+        return str(exc)
+
+
+#: Local minutes whose seconds the fast path reads: a leap day, a year's end, the epoch,
+#: Berlin's daylight saving gap (02:30 does not exist) and repeated hour, St John's
+#: half-hour zone's gap.
+MINUTES = (
+    "2024-02-29T23:59",
+    "2026-12-31 23:59",
+    "1970-01-01T00:00",
+    "2026-03-29T02:30",
+    "2026-03-29T01:59",
+    "2026-10-25T02:00",
+    "2026-03-08T02:30",
+    "2026-01-01t00:00",
+)
+#: What follows a minute: every second, a leap second, nonsense, non-ASCII digits (Arabic-
+#: Indic, fullwidth), spaces, a sign, a fraction and zones.
+SECONDS = (
+    *(f"{i:02d}" for i in range(60)),
+    *("60", "61", "99", "5a", "-1", "+5", " 5", "5 ", "\u0663\u0663", "\uff11\uff12", "1"),
+    *("00.5", "00,25", "00Z", "00+01:00", "00 ", "000", "0\u0660"),
+)
+
+
+@pytest.mark.parametrize("tz", ["UTC", "Europe/Berlin", "America/St_Johns"])
+def test_the_fast_time_is_the_regular_expressions_time(tz: str) -> None:
+    """The fixed-layout fast path (``fromisoformat``, the minute cache, the seconds table)
+    gives what the regular expression gives for every text of a cached minute and of one
+    not yet read, as ``datetime_ms`` and as Tasmota's reader reads a payload's ``Time``."""
+    zone_ = zone(tz)
+    for minute in MINUTES:
+        for ss in SECONDS:
+            text = f"{minute}:{ss}"
+            slow = slow_time(text, zone_)
+            for warm in (False, True):
+                common._MINUTES.clear()
+                if warm:  # the minute is in the cache, as after a device's first message
+                    datetime_ms(f"{minute}:00", zone_, "t")
+                fast = common._fast_datetime_ms(text, zone_)
+                assert fast is None or fast == slow, (text, warm)
+                assert tasmota_time(text, zone_) == slow, (text, warm)
 
 
 def test_unknown_zone_is_refused() -> None:

@@ -108,6 +108,24 @@ MESSAGES: list[tuple[str, bytes]] = [
     ("tele/bad name/SENSOR", j(TASMOTA)),
     ("berlin/TH-001/SENSOR", j({**TASMOTA, "ENERGY": {"Power": 5}, "DS": {"Id": 7, "T": 3}})),
     ("berlin/TH-001/SENSOR", j({"Time": "2026-03-29T02:30:00", "ENERGY": {"Power": 5}})),
+    ("berlin/TH-001/SENSOR", j({"Time": "2026-10-25T02:30:00", "DS": {"Id": 7, "T": 3}})),
+    ("berlin/TH-001/SENSOR", j({"Time": "2026-01-01T00:00:13", "ENERGY": {"Power": 5}})),
+    *(  # the usual message of an input with include/exclude
+        ("berlin/TH-001/SENSOR", j({**TASMOTA, "Time": f"2026-01-01T00:00:2{i}", "ENERGY": {}}))
+        for i in range(3)
+    ),
+    # tasmota: the Time's fast path and what it must leave to the slow one
+    ("tele/TH-001/SENSOR", j({"Time": " 2026-01-01T00:00:14 ", "A": 1})),
+    ("tele/TH-001/SENSOR", j({"Time": "2026-01-01T00:00:60", "A": 1})),
+    ("tele/TH-001/SENSOR", j({"Time": "2026-01-01T00:00:\u0661\u0665", "A": 1})),
+    ("tele/TH-001/SENSOR", j({"Time": "2026-01-01t00:00:16", "A": 1})),
+    ("tele/TH-001/SENSOR", j({"Time": "2026-01-01T00:00:17.5", "A": 1})),
+    ("tele/TH-001/SENSOR", j({"Time": "2026-01-01T00:00:18+01:00", "A": 1})),
+    ("tele/TH-001/SENSOR", j({"Time": "1767225619", "A": 1})),
+    ("tele/TH-001/SENSOR", j({"Time": None, "A": 1})),
+    ("tele/TH-001/SENSOR", j({"Time": "2026-01-01T00:00:20", "X": {"Time": 5}, "Y": "z"})),
+    ("tele/TH-001/SENSOR", j({"Time": "2026-01-01T00:00:21", "A": 10**400, "B": [1]})),
+    ("tele/TH-001/SENSOR", j({"Time": "2026-01-01T00:00:22"})),
     # zigbee2mqtt
     ("zigbee2mqtt/TH-001", j({"temperature": 21.5, "humidity": 45.5})),
     ("zigbee2mqtt/TH-001", j({"temperature": 21.5, "humidity": 45.5})),  # a redelivery
@@ -137,6 +155,17 @@ MESSAGES: list[tuple[str, bytes]] = [
     ),
     ("shelly/TH-001/events/rpc", j({"method": "NotifyEvent", "params": {"ts": 1}})),
     ("shelly/TH-001/events/rpc", j({"method": "NotifyStatus", "params": {"x": 1}})),
+    (
+        "shelly/TH-001/events/rpc",
+        j({"method": "NotifyStatus", "params": {"ts": 1767225632, "a": {"b": 1}, "a.b": 2}}),
+    ),
+    (
+        "shelly/TH-001/events/rpc",
+        j({"method": "NotifyStatus", "params": {"ts": 5, "sys": 5, "wifi": {"ssid": "x"}}}),
+    ),
+    ("shelly/TH-001/events/rpc", j({"method": "NotifyStatus", "params": {"ts": "x", "a": 1}})),
+    ("shelly/TH-001/events/rpc", j({"method": "NotifyStatus", "params": {"id": 3, "s": "on"}})),
+    ("shelly/TH-001/events/rpc", j({"method": "NotifyStatus", "params": []})),
     # influx
     ("telegraf/TH-001", b"weather,loc=roof temperature=21.5,humidity=45i 1767225640000000000"),
     ("telegraf/TH-001", b"weather temperature=21.5\nweather temperature=22 1767225641000000000"),
@@ -196,7 +225,8 @@ def test_device_formats_store_what_the_long_path_stores(tmp_path: Path) -> None:
     items = [(t, p, AT, None if i % 5 == 4 else T0 + 500 + i) for i, (t, p) in enumerate(MESSAGES)]
     readings = check_same(tmp_path, items)
     assert ("TH-001", T0 + 1000, "AM2301.Temperature", 21.5, AT, "mqtt") in readings
-    assert ("TH-002", T0 + 500 + 37, "temperature", 23.5, AT, "mqtt") in readings
+    one = next(i for i, (t, _) in enumerate(MESSAGES) if t == "one/sensor")
+    assert ("TH-002", T0 + 500 + one, "temperature", 23.5, AT, "mqtt") in readings
     assert ("isems-7", T0 + 70_000, "voc", 20.1, AT, "mqtt") in readings
 
 

@@ -22,13 +22,23 @@ from fnmatch import translate
 from typing import Any
 
 from fieldgate.config import Config, FormatOptions
-from fieldgate.formats import DECODERS, NATIVE, Decoder, Options, SampleError, options_from
+from fieldgate.formats import (
+    DECODERS,
+    NATIVE,
+    OBJECT_READERS,
+    Decoder,
+    ObjectReader,
+    Options,
+    SampleError,
+    options_from,
+)
 from fieldgate.readings import (
     Outcome,
     Rules,
     decode_payload,
     decoded_outcome,
     decoded_rows,
+    pair_rows,
     parse_payload,
 )
 from fieldgate.topics import Template, parse_template
@@ -68,6 +78,8 @@ class Input:
     #: The device of a topic that names none (``mqtt.inputs[].device``, a poll node's).
     device: str | None = None
     keep: Callable[[str], bool] | None = None
+    #: The one reader ``decoder`` wraps, for a format whose payload is one object.
+    read: ObjectReader | None = None
 
     @classmethod
     def of(cls, key: str, template: Template, o: FormatOptions, device: str | None) -> Input:
@@ -79,6 +91,7 @@ class Input:
             options=options_from(o),
             device=device,
             keep=metric_filter(o.include, o.exclude),
+            read=OBJECT_READERS.get(o.format),
         )
 
 
@@ -186,18 +199,38 @@ def device_rows(
     into: list[object],
 ) -> int | None:
     """The store writer's cheap path for a device format's usual message: its readings
-    added to ``into`` (:func:`fieldgate.readings.decoded_rows`) and the number of values
-    that were not readings; None, with ``into`` unchanged, for any other message.
+    added to ``into`` and the number of values that were not readings; None, with ``into``
+    unchanged, for any other message.
 
     The payload is read by the input's one decoder, as :func:`read_message` reads it, for a
     device ``serial`` already resolved from the topic and the broker's arrival ``stamp``;
-    only the validation that spells out reasons is left out. A message it declines (too
-    large, not UTF-8, not the format, anything :func:`decoded_rows` declines, even an
-    unexpected error) is read again by :func:`read_message`, which says why.
+    only the validation that spells out reasons is left out. A format whose payload is one
+    object is read by the reader its decoder wraps (``inp.read``) straight into rows
+    (:func:`fieldgate.readings.pair_rows`), any other by its decoder
+    (:func:`fieldgate.readings.decoded_rows`). A message it declines (too large, not UTF-8,
+    not the format, anything those decline, even an unexpected error) is read again by
+    :func:`read_message`, which says why.
     """
     if len(payload) > rules.max_payload_bytes or inp.decoder is None:
         return None
     try:
+        read = inp.read
+        if read is not None:
+            pairs: list[object] = []
+            skipped: list[object] = []
+            ts = read(payload.decode(), inp.options, metric, pairs, skipped)
+            took = pair_rows(
+                pairs,
+                ts,
+                serial,
+                rules,
+                stamp=stamp,
+                at=at,
+                keep=inp.keep,
+                source=source,
+                into=into,
+            )
+            return len(skipped) if took else None
         decoded = inp.decoder(payload.decode(), inp.options, metric)
         took = decoded_rows(
             decoded, serial, rules, stamp=stamp, at=at, keep=inp.keep, source=source, into=into

@@ -639,6 +639,50 @@ def decoded_rows(
     return True
 
 
+def pair_rows(
+    pairs: list[Any],
+    ts: int | None,
+    serial: str,
+    rules: Rules,
+    *,
+    stamp: int,
+    at: int,
+    keep: Callable[[str], bool] | None,
+    source: str,
+    into: list[object],
+) -> bool:
+    """The readings of a one-sample payload read as flat pairs (``name, value, …``, every
+    value a finite float: an object format's :data:`~fieldgate.formats.ObjectReader`), with
+    its own time ``ts`` or None, added to ``into`` as :func:`store.insert_reading_rows`
+    takes them; False, with ``into`` unchanged, for any other.
+
+    The rules of :func:`decoded_rows` for that one sample: its time within the bounds,
+    every name kept by ``keep`` already found valid, no name twice, at least one reading.
+    The rows are built by list operations, with no tuple per reading.
+    """
+    if keep is not None:
+        kept: list[Any] = []
+        for i in range(0, len(pairs), 2):
+            if keep(pairs[i]):
+                kept += pairs[i : i + 2]
+        pairs = kept
+    names = pairs[0::2]
+    k = len(names)
+    if not k or not _GOOD_METRICS.issuperset(names) or (k > 1 and len(set(names)) != k):
+        return False
+    if ts is None:
+        ts = stamp
+    else:
+        devices = rules.devices
+        if not devices.min_ts_secs * 1000 <= ts <= at + devices.max_future_secs * 1000:
+            return False
+    rows: list[object] = [serial, ts, None, None, at, source] * k
+    rows[2::6] = names
+    rows[3::6] = pairs[1::2]
+    into += rows
+    return True
+
+
 def _summarise(problems: list[str], total: int) -> str:
     if total == 1:
         return problems[0]

@@ -24,7 +24,7 @@ from fieldgate.formats import (
     value,
     zigbee2mqtt,
 )
-from fieldgate.formats.common import Decoded, Sample, SampleError
+from fieldgate.formats.common import Decoded, ObjectReader, Sample, SampleError
 from fieldgate.formats.options import CsvSpec, Options, options_from
 
 Decoder = Callable[[str, Options, "str | None"], Decoded]
@@ -41,6 +41,14 @@ DECODERS: dict[str, Decoder] = {
     "thingsboard": thingsboard.decode,
 }
 
+#: The formats whose payload is one object, by name: the one reader each decoder above
+#: wraps, which the store writer's cheap path calls for rows without the decoded objects.
+OBJECT_READERS: dict[str, ObjectReader] = {
+    "tasmota": tasmota.read,
+    "zigbee2mqtt": zigbee2mqtt.read,
+    "shelly": shelly.read,
+}
+
 #: The native format of docs/contract.md §4 (parsed by fieldgate.readings).
 NATIVE = "fieldgate"
 
@@ -51,9 +59,11 @@ __all__ = [
     "DECODERS",
     "FORMAT_NAMES",
     "NATIVE",
+    "OBJECT_READERS",
     "CsvSpec",
     "Decoded",
     "Decoder",
+    "ObjectReader",
     "Options",
     "Sample",
     "SampleError",

@@ -14,7 +14,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -124,46 +124,42 @@ def text_number(text: str) -> float | None:
     return BOOLEAN_WORDS.get(t.lower())
 
 
-def flatten(
-    obj: dict[str, Any], prefix: str, into: Decoded, skip: frozenset[str] = frozenset()
-) -> list[tuple[str, float]]:
+def flatten(obj: dict[str, Any], prefix: str, into: Decoded) -> list[tuple[str, float]]:
     """The readings of a JSON object: nested objects joined with ``.``; every value that
-    is not a reading is counted in ``into``; top-level keys in ``skip`` are left out."""
-    values: list[tuple[str, float]] = []
-    _flatten(obj, prefix, values, into, skip)
-    return values
+    is not a reading is counted in ``into``."""
+    pairs: list[Any] = []
+    skipped: list[tuple[str, Any]] = []
+    flatten_pairs(obj, prefix, pairs, skipped)
+    for name, value in skipped:
+        into.skip(name, value)
+    return list(zip(pairs[0::2], pairs[1::2]))  # noqa: B905 (pairs: even)
 
 
-def _flatten(
-    obj: dict[str, Any],
-    prefix: str,
-    out: list[tuple[str, float]],
-    d: Decoded,
-    skip: frozenset[str] = frozenset(),
-) -> None:
+def flatten_pairs(obj: dict[str, Any], prefix: str, out: list[Any], skipped: list[Any]) -> None:
+    """Add the readings of a JSON object to ``out`` as flat pairs (``name, value, name,
+    value, …``: every value a finite float) and every value that is not a reading to
+    ``skipped`` as a ``(name, value)`` tuple."""
     for key, value in obj.items():
-        if skip and key in skip:
-            continue
         name = f"{prefix}{key}" if prefix else key
         t = type(value)
         if t is float:  # the usual values first, as number() takes them
             if _isfinite(value):
-                out.append((name, value))
+                out += (name, value)
                 continue
         elif t is int:
             try:
-                out.append((name, float(value)))
+                out += (name, float(value))
                 continue
             except OverflowError:
                 pass  # number() says it is not a reading
         if isinstance(value, dict):
-            _flatten(value, f"{name}.", out, d)
+            flatten_pairs(value, f"{name}.", out, skipped)
             continue
         v = number(value)
         if v is None:
-            d.skip(name, value)
+            skipped.append((name, value))
         else:
-            out.append((name, v))
+            out += (name, v)
 
 
 def join(prefix: str | None, name: str) -> str:
@@ -281,6 +277,8 @@ def _offset_secs(tz: dt.tzinfo, local: dt.datetime, minute_key: str) -> int:
 #: Per zone, UTC epoch ms of second 0 of the local minutes (``YYYY-MM-DD[T ]HH:MM:``) of
 #: zone-less times read lately: another time of such a minute is that plus its seconds.
 _MINUTES: dict[dt.tzinfo, dict[str, int]] = {}
+#: The seconds ``00``-``59`` of such a time (ASCII digits only), in ms.
+_SECONDS_MS: dict[str, int] = {f"{s:02d}": s * 1000 for s in range(60)}
 
 
 def _fast_datetime_ms(t: str, tz: dt.tzinfo) -> int | None:
@@ -294,9 +292,9 @@ def _fast_datetime_ms(t: str, tz: dt.tzinfo) -> int | None:
         if minutes is not None:
             base = minutes.get(t[:17])
             if base is not None:
-                tens, ones = t[17], t[18]
-                if "0" <= tens <= "5" and "0" <= ones <= "9":
-                    return base + ((ord(tens) - 48) * 10 + ord(ones) - 48) * 1000
+                secs = _SECONDS_MS.get(t[17:])
+                if secs is not None:
+                    return base + secs
     if n < 19 or t[4] != "-" or t[10] not in "T " or t[13] != ":" or t[16] != ":":
         return None
     try:
@@ -320,6 +318,12 @@ def datetime_ms(text: str, tz: dt.tzinfo, what: str) -> int:
     fast = _fast_datetime_ms(text, tz)
     if fast is not None:
         return fast
+    return regex_datetime_ms(text, tz, what)
+
+
+def regex_datetime_ms(text: str, tz: dt.tzinfo, what: str) -> int:
+    """:func:`datetime_ms` by the regular expression alone, without the fast path and its
+    cache (which give the same for every text they take; the tests compare them)."""
     m = DATETIME_RE.match(text.strip())
     if not m:
         raise SampleError(f"{what}: {shown(text)} is not a date-time (ISO 8601)")
@@ -383,39 +387,67 @@ def objects(doc: Any, what: str) -> Iterator[tuple[str, Any]]:
         raise SampleError(f"expected {what}, got {kind(doc)}")
 
 
-_NOTHING: frozenset[str] = frozenset()
-_SKIP_SETS: dict[str, frozenset[str]] = {}
+class TimeError(SampleError):
+    """The payload's own time cannot be read: the message's one sample is bad (its other
+    values are neither read nor counted)."""
 
 
-def _skip_set(key: str) -> frozenset[str]:
-    got = _SKIP_SETS.get(key)
-    if got is None:
-        got = _SKIP_SETS[key] = frozenset((key,))
-    return got
+#: What a key that is not in a document gives (``dict.pop``).
+_ABSENT = object()
 
 
-def decode_object(
-    text: str, opts: Any, metric: str | None, *, what: str, ts_key: str, ts_unit: str
-) -> Decoded:
-    """A payload that is one JSON object (Tasmota, Zigbee2MQTT): one sample, every key a
-    metric (nested objects flattened), except ``ts_key``, which, when present, is the
-    sample's own time (epoch in ``ts_unit`` or a date-time; unless the input ignores
-    payload times)."""
+def read_object(
+    text: str,
+    opts: Any,
+    metric: str | None,
+    out: list[Any],
+    skipped: list[Any],
+    *,
+    what: str,
+    ts_key: str,
+    ts_unit: str,
+) -> int | None:
+    """A payload that is one JSON object (Tasmota, Zigbee2MQTT), read once for both of the
+    store writer's paths: one sample, every key a metric (nested objects flattened), except
+    ``ts_key``, which, when present, is the sample's own time (epoch in ``ts_unit`` or a
+    date-time; unless the input ignores payload times).
+
+    Adds the readings to ``out`` as flat pairs (``name, value, …``, every value a finite
+    float) and the values that are not readings to ``skipped`` (``(name, value)``), and
+    returns the sample's own time (UTC epoch ms) or None. SampleError: the payload is not
+    one object; :class:`TimeError`: its time cannot be read (then nothing is added).
+    :func:`decode_object` turns this into :class:`Decoded` for the long path;
+    :func:`fieldgate.inputs.device_rows` turns it into store rows.
+    """
     doc = load_json(text)
     if type(doc) is not dict:
         raise SampleError(f"expected a {what} JSON object, got {kind(doc)}")
-    d = Decoded()
     ts = None
-    skip = _NOTHING
-    if ts_key in doc:
-        skip = _skip_set(ts_key)
-        if opts.payload_time:
+    raw = doc.pop(ts_key, _ABSENT)  # a fresh document: the time is not a reading
+    if raw is not _ABSENT and opts.payload_time:
+        if type(raw) is str and len(raw) == 19:  # the usual zone-less time, as time_ms reads it
+            ts = _fast_datetime_ms(raw, opts.tz)
+        if ts is None:
             try:
-                ts = time_ms(doc[ts_key], ts_unit, opts.tz, ts_key)
+                ts = time_ms(raw, ts_unit, opts.tz, ts_key)
             except SampleError as exc:
-                d.samples.append(Sample([], error=str(exc)))
-                return d
-    values: list[tuple[str, float]] = []
-    _flatten(doc, f"{metric}." if metric else "", values, d, skip)
-    d.samples.append(Sample(values, ts))
-    return d
+                raise TimeError(str(exc)) from None
+    flatten_pairs(doc, f"{metric}." if metric else "", out, skipped)
+    return ts
+
+
+#: A format's one reader of an object payload: (text, options, metric, pairs out, skipped
+#: out) -> the payload's own time or None (:func:`read_object` with the format's keys).
+ObjectReader = Callable[[str, Any, "str | None", list[Any], list[Any]], "int | None"]
+
+
+def decode_object(read: ObjectReader, text: str, opts: Any, metric: str | None) -> Decoded:
+    """What a format's :data:`ObjectReader` read, as :class:`Decoded` (the long path)."""
+    pairs: list[Any] = []
+    skipped: list[tuple[str, Any]] = []
+    try:
+        ts = read(text, opts, metric, pairs, skipped)
+    except TimeError as exc:
+        return Decoded([Sample([], error=str(exc))])
+    values = list(zip(pairs[0::2], pairs[1::2]))  # noqa: B905 (pairs: even)
+    return Decoded([Sample(values, ts)], len(skipped), skipped[:SKIPPED_SHOWN])

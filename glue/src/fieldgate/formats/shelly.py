@@ -12,11 +12,13 @@ reason.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fieldgate.formats.common import (
     Decoded,
-    Sample,
     SampleError,
-    flatten,
+    decode_object,
+    flatten_pairs,
     kind,
     load_json,
     number,
@@ -28,7 +30,13 @@ from fieldgate.formats.options import Options
 STATUS_METHODS = ("NotifyStatus", "NotifyFullStatus")
 
 
-def decode(text: str, opts: Options, metric: str | None) -> Decoded:
+def read(
+    text: str, opts: Options, metric: str | None, out: list[Any], skipped: list[Any]
+) -> int | None:
+    """The one reading of a payload, as an object format's reader
+    (:data:`~fieldgate.formats.common.ObjectReader`): its values added to ``out`` as flat
+    pairs, those that are not readings to ``skipped``; its ``params.ts`` returned (a time
+    that cannot be read is the whole payload's SampleError)."""
     doc = load_json(text)
     if not isinstance(doc, dict):
         raise SampleError(f"expected a Shelly RPC frame (a JSON object), got {kind(doc)}")
@@ -40,24 +48,25 @@ def decode(text: str, opts: Options, metric: str | None) -> Decoded:
     params = doc.get("params")
     if not isinstance(params, dict):
         raise SampleError(f"params: expected an object, got {kind(params)}")
-    d = Decoded()
     ts = None
     if "ts" in params and opts.payload_time:
         ts = time_ms(params["ts"], "s", opts.tz, "params.ts")
     base = f"{metric}." if metric else ""
-    values: list[tuple[str, float]] = []
     for component, status in params.items():
         if component == "ts":
             continue
         name = f"{base}{component}"
         if isinstance(status, dict):
-            inner = {k: v for k, v in status.items() if k != "id"}
-            values.extend(flatten(inner, f"{name}.", d))
+            status.pop("id", None)  # a fresh document: the component's id is no reading
+            flatten_pairs(status, f"{name}.", out, skipped)
         else:
             v = number(status)
             if v is None:
-                d.skip(name, status)
+                skipped.append((name, status))
             else:
-                values.append((name, v))
-    d.samples.append(Sample(values, ts=ts))
-    return d
+                out += (name, v)
+    return ts
+
+
+def decode(text: str, opts: Options, metric: str | None) -> Decoded:
+    return decode_object(read, text, opts, metric)

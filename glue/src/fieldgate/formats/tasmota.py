@@ -9,12 +9,23 @@ are not readings (skipped and counted); ``"POWER": "ON"`` is 1.
 
 from __future__ import annotations
 
-from fieldgate.formats.common import Decoded, decode_object
+from typing import Any
+
+from fieldgate.formats.common import Decoded, decode_object, read_object
 from fieldgate.formats.options import Options
 
 TIME_KEY = "Time"
 
 
-def decode(text: str, opts: Options, metric: str | None) -> Decoded:
+def read(
+    text: str, opts: Options, metric: str | None, out: list[Any], skipped: list[Any]
+) -> int | None:
+    """The one reading of a payload (:func:`~fieldgate.formats.common.read_object`)."""
     # Tasmota writes Time as text; a number there would be epoch seconds
-    return decode_object(text, opts, metric, what="Tasmota", ts_key=TIME_KEY, ts_unit="s")
+    return read_object(
+        text, opts, metric, out, skipped, what="Tasmota", ts_key=TIME_KEY, ts_unit="s"
+    )
+
+
+def decode(text: str, opts: Options, metric: str | None) -> Decoded:
+    return decode_object(read, text, opts, metric)
