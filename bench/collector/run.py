@@ -32,9 +32,13 @@ slow (one fsync per message), so by default it runs for at most ``--naive-secs``
 rate is measured on what it drained; ``--naive-secs 0`` drains it completely. Exit status
 1 when a target is missed.
 
+``--formats`` runs the three forms' drains alone (no baselines) and prints issue 16's
+two ratios.
+
 Run from the repository root:
 
     .venv/bin/python bench/collector/run.py [--messages N] [--naive-secs S] [--before REF]
+    .venv/bin/python bench/collector/run.py --formats [--messages N]
 """
 
 from __future__ import annotations
@@ -546,6 +550,69 @@ def before_sources(work: Path, ref: str) -> Path | None:
     return dest / "glue" / "src"
 
 
+def format_ratios(drained: dict[str, Drained]) -> list[tuple[str, bool]]:
+    """Issue 16's line: each device form's drain rate against the native one's."""
+    native = drained["native"]
+    results = []
+    for name in ("tasmota", "zigbee2mqtt"):
+        r = drained[name].rate / native.rate
+        cpu = sum(native.cpu) / sum(drained[name].cpu)
+        text = (
+            f"{name} / native = {r:.2f}x (target >= 0.8x; by CPU per message, which "
+            f"other load on the machine does not skew: {cpu:.2f}x)"
+        )
+        results.append((text, r >= 0.8))
+    return results
+
+
+def stored_all(drained: dict[str, Drained], n: int) -> list[tuple[str, bool]]:
+    return [
+        (
+            f"{d.name}: stored {d.stored} readings for {n} messages, {d.rejected} rejected",
+            d.stored == 2 * n and d.rejected == 0,
+        )
+        for d in drained.values()
+    ]
+
+
+def formats_only(n: int, keep: bool) -> int:
+    """``--formats``: the native, Tasmota and Zigbee2MQTT drains alone, and their ratios."""
+    work = Path(tempfile.mkdtemp(prefix="fieldgate-bench-collector-"))
+    port = free_port()
+    print(f"load average before the run: {Path('/proc/loadavg').read_text().strip()}")
+    broker = start_broker(work, port)
+    try:
+        collectors = [
+            Collector("native", work, port, NATIVE),
+            Collector("tasmota", work, port, TASMOTA),
+            Collector("zigbee2mqtt", work, port, Z2M),
+        ]
+        for c in collectors:
+            c.register()
+        for form in (NATIVE, TASMOTA, Z2M):
+            secs = publish_backlog(port, form, n)
+            print(
+                f"published {n} QoS 1 messages ({form.name} form, 2 metrics) in {secs:.1f} s"
+            )
+        drained = {c.name: c.drain(n) for c in collectors}
+        for d in drained.values():
+            print(d.line())
+        print(
+            f"load average after the run: {Path('/proc/loadavg').read_text().strip()}"
+        )
+        results = format_ratios(drained) + stored_all(drained, n)
+        for text, ok in results:
+            print(f"{'PASS' if ok else 'FAIL'}  {text}")
+        return 0 if all(ok for _, ok in results) else 1
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        broker.wait(30)
+        if keep:
+            print(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=100_000)
@@ -554,7 +621,15 @@ def main() -> int:
         "--before", default="main", help="git ref of the collector to compare with"
     )
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument(
+        "--formats",
+        action="store_true",
+        help="only the three forms' drains and issue 16's ratios (tasmota and zigbee2mqtt "
+        "each >= 0.8x native)",
+    )
     args = ap.parse_args()
+    if args.formats:
+        return formats_only(args.messages, args.keep)
     n = args.messages
     work = Path(tempfile.mkdtemp(prefix="fieldgate-bench-collector-"))
     port = free_port()
@@ -636,14 +711,7 @@ def main() -> int:
                 native.rate / naive_rate >= 5,
             ),
         ]
-        for name in ("tasmota", "zigbee2mqtt"):
-            r = drained[name].rate / native.rate
-            cpu = sum(native.cpu) / sum(drained[name].cpu)
-            text = (
-                f"{name} / native = {r:.2f}x (target >= 0.8x; by CPU per message, which "
-                f"other load on the machine does not skew: {cpu:.2f}x)"
-            )
-            results.append((text, r >= 0.8))
+        results += format_ratios(drained)
         if "before" in drained:
             b = drained["before"]
             cpu_ratio = (sum(native.cpu) / n) / (sum(b.cpu) / n)
@@ -664,13 +732,7 @@ def main() -> int:
             f"collector summed PSS (collector + store writer, peak) = {pss_mb:.1f} MB"
         )
         results.append((f"{pss_text} (target <= 40 MB)", pss_mb <= 40))
-        for d in drained.values():
-            results.append(
-                (
-                    f"{d.name}: stored {d.stored} readings for {n} messages, {d.rejected} rejected",
-                    d.stored == 2 * n and d.rejected == 0,
-                )
-            )
+        results += stored_all(drained, n)
         for text, ok in results:
             print(f"{'PASS' if ok else 'FAIL'}  {text}")
         return 0 if all(ok for _, ok in results) else 1
