@@ -152,7 +152,7 @@ def flatten_pairs(obj: dict[str, Any], prefix: str, out: list[Any], skipped: lis
                 continue
             except OverflowError:
                 pass  # number() says it is not a reading
-        if isinstance(value, dict):
+        elif t is dict:
             flatten_pairs(value, f"{name}.", out, skipped)
             continue
         v = number(value)
@@ -396,19 +396,19 @@ class TimeError(SampleError):
 _ABSENT = object()
 
 
-def read_object(
+def read_object(  # noqa: PLR0917 (formats give the first three with functools.partial)
+    what: str,
+    ts_key: str,
+    ts_unit: str,
     text: str,
     opts: Any,
     metric: str | None,
     out: list[Any],
     skipped: list[Any],
-    *,
-    what: str,
-    ts_key: str,
-    ts_unit: str,
 ) -> int | None:
-    """A payload that is one JSON object (Tasmota, Zigbee2MQTT), read once for both of the
-    store writer's paths: one sample, every key a metric (nested objects flattened), except
+    """A payload that is one JSON object (Tasmota, Zigbee2MQTT: their :data:`ObjectReader`
+    is this with the first three arguments given), read once for both of the store
+    writer's paths: one sample, every key a metric (nested objects flattened), except
     ``ts_key``, which, when present, is the sample's own time (epoch in ``ts_unit`` or a
     date-time; unless the input ignores payload times).
 

@@ -9,22 +9,17 @@ are not readings (skipped and counted); ``"POWER": "ON"`` is 1.
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
 
-from fieldgate.formats.common import Decoded, decode_object, read_object
+from fieldgate.formats.common import Decoded, ObjectReader, decode_object, read_object
 from fieldgate.formats.options import Options
 
 TIME_KEY = "Time"
 
 
-def read(
-    text: str, opts: Options, metric: str | None, out: list[Any], skipped: list[Any]
-) -> int | None:
-    """The one reading of a payload (:func:`~fieldgate.formats.common.read_object`)."""
-    # Tasmota writes Time as text; a number there would be epoch seconds
-    return read_object(
-        text, opts, metric, out, skipped, what="Tasmota", ts_key=TIME_KEY, ts_unit="s"
-    )
+# Tasmota writes Time as text; a number there would be epoch seconds
+#: The one reading of a payload (:func:`~fieldgate.formats.common.read_object`).
+read: ObjectReader = partial(read_object, "Tasmota", TIME_KEY, "s")
 
 
 def decode(text: str, opts: Options, metric: str | None) -> Decoded:

@@ -9,21 +9,16 @@ strings (``update.state: "idle"``, ``action``) and arrays are skipped and counte
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
 
-from fieldgate.formats.common import Decoded, decode_object, read_object
+from fieldgate.formats.common import Decoded, ObjectReader, decode_object, read_object
 from fieldgate.formats.options import Options
 
 TIME_KEY = "last_seen"
 
 
-def read(
-    text: str, opts: Options, metric: str | None, out: list[Any], skipped: list[Any]
-) -> int | None:
-    """The one reading of a payload (:func:`~fieldgate.formats.common.read_object`)."""
-    return read_object(
-        text, opts, metric, out, skipped, what="Zigbee2MQTT", ts_key=TIME_KEY, ts_unit="ms"
-    )
+#: The one reading of a payload (:func:`~fieldgate.formats.common.read_object`).
+read: ObjectReader = partial(read_object, "Zigbee2MQTT", TIME_KEY, "ms")
 
 
 def decode(text: str, opts: Options, metric: str | None) -> Decoded:
