@@ -575,6 +575,22 @@ def stored_all(drained: dict[str, Drained], n: int) -> list[tuple[str, bool]]:
     ]
 
 
+def report(results: list[tuple[str, bool]]) -> int:
+    """Print each target as PASS or FAIL; the exit status (1: one was missed)."""
+    for text, ok in results:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    return 0 if all(ok for _, ok in results) else 1
+
+
+def finish(broker: subprocess.Popen[bytes], work: Path, keep: bool) -> None:
+    broker.send_signal(signal.SIGTERM)
+    broker.wait(30)
+    if keep:
+        print(f"work directory kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def formats_only(n: int, keep: bool) -> int:
     """``--formats``: the native, Tasmota and Zigbee2MQTT drains alone, and their ratios."""
     work = Path(tempfile.mkdtemp(prefix="fieldgate-bench-collector-"))
@@ -600,17 +616,9 @@ def formats_only(n: int, keep: bool) -> int:
         print(
             f"load average after the run: {Path('/proc/loadavg').read_text().strip()}"
         )
-        results = format_ratios(drained) + stored_all(drained, n)
-        for text, ok in results:
-            print(f"{'PASS' if ok else 'FAIL'}  {text}")
-        return 0 if all(ok for _, ok in results) else 1
+        return report(format_ratios(drained) + stored_all(drained, n))
     finally:
-        broker.send_signal(signal.SIGTERM)
-        broker.wait(30)
-        if keep:
-            print(f"work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        finish(broker, work, keep)
 
 
 def main() -> int:
@@ -732,17 +740,9 @@ def main() -> int:
             f"collector summed PSS (collector + store writer, peak) = {pss_mb:.1f} MB"
         )
         results.append((f"{pss_text} (target <= 40 MB)", pss_mb <= 40))
-        results += stored_all(drained, n)
-        for text, ok in results:
-            print(f"{'PASS' if ok else 'FAIL'}  {text}")
-        return 0 if all(ok for _, ok in results) else 1
+        return report(results + stored_all(drained, n))
     finally:
-        broker.send_signal(signal.SIGTERM)
-        broker.wait(30)
-        if args.keep:
-            print(f"work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        finish(broker, work, args.keep)
 
 
 if __name__ == "__main__":
