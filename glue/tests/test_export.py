@@ -29,7 +29,8 @@ from support import (
 )
 
 from fieldgate import store
-from fieldgate.export import ExportNames, format_ts, reserve_names
+from fieldgate.config import load_config
+from fieldgate.export import ExportNames, export_to, format_ts, reserve_names
 
 
 def store_of(config: Path) -> Path:
@@ -440,3 +441,42 @@ def test_backup_raises_what_broke_the_observer(tmp_path: Path) -> None:
 
     with TeeVfs(observe) as vfs, pytest.raises(ValueError, match="the observer broke"):
         backup(src, tmp_path / "copy.db", vfs=vfs)
+
+
+def test_the_store_file_is_copied_and_a_reader_holding_the_log_falls_back_to_the_backup(
+    config_file: ConfigFactory, tmp_path: Path
+) -> None:
+    """The snapshot is the store's file itself, held still by a read transaction begun when
+    the log was wholly checkpointed; when another reader holds part of the log back (so the
+    file alone is not a snapshot), SQLite's backup takes it instead. Both restore whole."""
+    config = config_file()
+    db = store_of(config)
+    fill(db, 20_000)
+    cfg = load_config(config)
+    lines: list[str] = []
+    first = export_to(cfg, mkdir(tmp_path / "a"), note=lines.append)
+    assert any(line.startswith("snapshot copied: ") for line in lines), lines
+    assert keys(first.files[0]) == keys(db)
+    sha256sum_check(first.directory, first.names.ts)
+
+    old = store.connect(db, readonly=True)
+    writer = store.connect(db)
+    try:
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        old.execute("BEGIN")
+        old.execute("SELECT count(*) FROM readings").fetchone()  # a reader at this point
+        fill(db, 100, device="TH-LATE")  # frames after it, which it keeps from the file
+        lines.clear()
+        second = export_to(cfg, mkdir(tmp_path / "b"), note=lines.append)
+    finally:
+        old.close()
+        writer.close()
+    assert any("cannot be copied as a file (another reader holds" in line for line in lines)
+    assert any(line.startswith("snapshot written: ") for line in lines), lines
+    assert keys(second.files[0]) == keys(db)
+    sha256sum_check(second.directory, second.names.ts)
+
+
+def mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path

@@ -591,9 +591,9 @@ def test_a_byte_flipped_on_the_drive_before_the_read_back_is_an_error(
 def test_a_copy_written_out_of_order_through_fusefat_is_an_error(
     watch: Watch, drives: Drives, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """fusefat loses a file extended out of order, as SQLite's backup writes it (page 1
-    last): the export writes the snapshot in that order on purpose, and the read-back must
-    find the damage."""
+    """fusefat damages a file extended again after its first cluster was rewritten, as
+    SQLite's backup rewrites page 1: the export writes the copy in that order on purpose,
+    and the read-back must find the damage."""
     fill_store(watch.store, 60_000)  # several 1 MiB chunks
     assert watch.store.stat().st_size > 3 << 20
     drive = drives.make("vfat", size_mb=96, files={"Password.txt": PASSWORD})
@@ -601,7 +601,7 @@ def test_a_copy_written_out_of_order_through_fusefat_is_an_error(
     watch.start()
     watch.event("add", drive.devname)
     line = watch.result(drive.devname)
-    assert "snapshot written: " in watch.text()  # not "written front to back"
+    assert "snapshot copied (page 1 rewritten halfway, as SQLite's backup does): " in watch.text()
     assert line.startswith(f"{drive.devname}: error: the copy read back from the drive "), line
     watch.wait_led("error")
     assert export_state(watch.config) == "error"
