@@ -8,25 +8,28 @@ Three files land in the target directory, ``<ts>`` being ``YYYYMMDDTHHMMSS+0000`
 
 How, and why this way:
 
-- **Consistent while collection continues.** The snapshot is SQLite's online backup in one
-  step (``backup(pages=-1)``) from a read-only connection: in WAL mode that is one read
-  transaction, which never blocks the collector's commits (a stepped backup would restart
-  on every commit and never finish under load).
-- **Verified against what SQLite wrote.** SQLite's backup guarantees a consistent
-  snapshot; what can still go wrong is the bytes on the drive (a failing or fake-capacity
-  stick, a FUSE driver's bug). So every write SQLite makes into the copy is observed on
-  its way out (:mod:`fieldgate.teevfs`: a CRC-32 per page, :mod:`fieldgate.copycheck`),
-  the copy is synced, and then read back from the drive's device — not from the page
-  cache (:func:`fieldgate.fsutil.read_from_device`; under a FUSE driver its block device's
-  cache dropped too) — and compared page by page. The SHA-256 in the checksum file is
-  that of the bytes read back. A cheap structural check (header, schema) runs on the
-  copy; ``export.verify: quick_check | integrity_check`` adds that SQLite check of the
-  snapshot while the drive syncs (never a second full pass over the drive).
+- **Consistent while collection continues.** The snapshot is the store's database file
+  itself, held still by a read transaction begun while the write-ahead log is wholly
+  checkpointed (:class:`PinnedStore`, :func:`pin_store`): SQLite then writes nothing into
+  the file until that transaction ends, and the collector's commits go on into the log.
+  When another reader keeps part of the log from the file, SQLite's online backup in one
+  step (``backup(pages=-1)``) from a read-only connection takes the snapshot instead (one
+  read transaction; a stepped backup would restart on every commit and never finish).
+- **Verified against what was written.** What can still go wrong is the bytes on the
+  drive (a failing or fake-capacity stick, a FUSE driver's bug). The file is copied front
+  to back, each 1 MiB hashed while it is written (:func:`copy_pinned`: SHA-256 of the
+  whole, a CRC-32 per chunk; :class:`fieldgate.copycheck.Copied`); with the backup, every
+  write SQLite makes is observed on its way out (:mod:`fieldgate.teevfs`, a CRC-32 per
+  page). The copy is synced, and after the last write read back from the drive's device
+  — not from the page cache (:func:`fieldgate.fsutil.read_from_device`; under a FUSE
+  driver its block device's cache dropped too) — and compared. A cheap structural check
+  (header, schema) runs on the copy; ``export.verify: quick_check | integrity_check``
+  adds that SQLite check of the snapshot while the drive syncs.
 - **Drivers that need order.** fusefat corrupts files extended out of order, and SQLite
-  writes page 1 last: for it the VFS writes the snapshot front to back (a write past the
-  end of the file fills the gap with zeros first; page 1 then lands inside the file).
-  Only where the VFS cannot be used is the snapshot taken beside the store and copied
-  onto the drive front to back (the copy is what is observed then).
+  writes page 1 last: the file copy is front to back anyway; for the backup the VFS
+  writes the snapshot front to back (a write past the end of the file fills the gap with
+  zeros first; page 1 then lands inside the file). Only where the VFS cannot be used is
+  the backup taken beside the store and copied onto the drive front to back.
 - **Nothing partial under a final name.** Everything is written inside a hidden staging
   directory ``.export-<serial>-<ts>.partial`` on the target itself (same filesystem, so the
   final step is a rename), synced, read back, and only then renamed into place; a failure
@@ -666,15 +669,18 @@ def stage_export(
 ) -> dict:
     """Write, sync and verify the three files inside ``staging`` (``.partial`` names).
 
-    1. The snapshot: SQLite's backup straight onto the drive, each write observed
-       (``in_order``: the file growing front to back, for drivers that corrupt files
-       extended out of order; ``sequential``: taken beside the store and copied front to
-       back, where the observing VFS cannot be used); ``export.verify`` may add a PRAGMA
-       check of the snapshot, run while the drive syncs.
+    1. The snapshot: the store file held still and copied, each chunk hashed as it is
+       written; when it cannot be held still, SQLite's backup straight onto the drive,
+       each write observed (``in_order``: the file growing front to back, for drivers
+       that corrupt files extended out of order; ``sequential``: taken beside the store
+       and copied front to back, where the observing VFS cannot be used);
+       ``export.verify`` may add a PRAGMA check of the snapshot, run while the drive
+       syncs.
     2. The site config; then the drive's device is flushed (``device_fd``: see
        :class:`Writeback`).
     3. Both files read back from the device and compared with what was written; the
-       SHA-256 is that of the bytes read back; the header and schema checked.
+       SHA-256 is that of what was written (the file copy) or of the bytes read back (the
+       backup); the header and schema checked.
     4. The checksum file, synced and read back the same way.
     """
     if not os.access(staging, os.W_OK | os.X_OK):
