@@ -1,7 +1,9 @@
 """Proof that a file on a drive holds the bytes that were written into it.
 
 :class:`Written` is filled as a file's bytes are handed to ``write`` — by SQLite, seen
-through :mod:`fieldgate.teevfs`, or by a front-to-back copy — with a CRC-32 of every page.
+through :mod:`fieldgate.teevfs`, or by a front-to-back copy — with a CRC-32 of every page;
+:class:`Copied` notes a copy of a source that stays unchanged until the copy is verified,
+and compares with the source itself (exact, nothing hashed while writing).
 :func:`check_on_device` then reads the file back from the device
 (:func:`fieldgate.fsutil.read_from_device`, not the page cache), compares every page with
 what was written and returns the SHA-256 of the bytes the device gave back. A page the
@@ -81,88 +83,71 @@ class Written:
 
 
 class Copied:
-    """What a front-to-back copy wrote: a CRC-32 of every ``chunk`` bytes, the SHA-256 of the
-    whole, its size and first page.
+    """What a front-to-back copy of a source held still wrote: its size and first page.
 
-    ``reread(offset, length)`` returns the bytes the copy wrote there again (the source is
-    held still until the copy is verified): a chunk whose CRC differs is compared with them
-    page by page, so that the damage is named to the page at no cost while nothing differs.
+    ``reread(offset, buffer)`` fills ``buffer`` with the bytes the copy wrote at
+    ``offset`` again (the source does not change until the copy is verified; a header
+    changed on the way is changed again) and returns how many it read. The comparison
+    with the bytes read back from the device is then exact, with nothing hashed while
+    writing.
     """
 
-    def __init__(self, page_size: int, chunk: int, reread: Callable[[int, int], bytes]) -> None:
-        if page_size <= 0 or chunk % page_size:
-            raise ValueError((page_size, chunk))
+    def __init__(self, page_size: int, reread: Callable[[int, bytearray], int]) -> None:
+        if page_size <= 0:
+            raise ValueError(page_size)
         self.page_size = page_size
-        self.chunk = chunk
         self.reread = reread
-        self.crcs = array.array("I")
         self.size = 0
         self.first_page = b""
-        self._sha = hashlib.sha256()
+        self._buffer = bytearray()
 
     def record(self, data: bytes | memoryview) -> None:
-        """Note the next ``data`` of the copy (a whole chunk, or the last, shorter one).
-
-        Called from one thread at a time, in order; CRC-32 and SHA-256 of large buffers
-        run without the GIL, so a thread may do this while another writes the same bytes.
-        """
-        if self.size % self.chunk or len(data) > self.chunk:
-            raise ValueError(f"{len(data)} bytes at {self.size}: not the next chunk")
+        """Note the next ``data`` of the copy (written right after what was recorded)."""
         if self.size == 0:
             self.first_page = bytes(data[: self.page_size])
-        self.crcs.append(zlib.crc32(data))
-        self._sha.update(data)
         self.size += len(data)
-
-    @property
-    def sha256(self) -> str:
-        return self._sha.hexdigest()
 
     def first_difference(self, offset: int, data: bytes | memoryview) -> int | None:
         """The number of the first page in ``data`` (read at ``offset``) that differs from
         what was written, or None."""
-        k, rest = divmod(offset, self.chunk)
-        whole = min(self.chunk, self.size - offset)
-        aligned = rest == 0 and k < len(self.crcs) and len(data) == whole
-        if aligned and zlib.crc32(data) == self.crcs[k]:
-            return None
-        size = self.page_size
         view = memoryview(data)
-        end = min(offset + len(view), self.size)
-        if end > offset:
-            source = self.reread(offset, end - offset)
-            for at in range(0, end - offset, size):
-                if view[at : at + size] != source[at : at + size]:
-                    return (offset + at) // size
-        if offset + len(view) > self.size:  # the file is longer than what was written
-            return max(offset, self.size) // size
-        if aligned:
-            raise FieldgateError(
-                "the source of the copy changed while it was held still: the export "
-                "cannot say what was written"
-            )
+        n = max(0, min(len(view), self.size - offset))
+        if n:
+            if len(self._buffer) != n:
+                self._buffer = bytearray(n)
+            source = self._buffer
+            got = self.reread(offset, source)
+            if got != n:
+                raise FieldgateError(
+                    f"the source of the copy holds {offset + got} bytes, {self.size} were "
+                    "copied: it changed while it was held still"
+                )
+            if source != view[:n]:  # bytearray against a buffer: one memcmp
+                size = self.page_size
+                for at in range(0, n, size):
+                    if source[at : at + size] != view[at : at + size]:
+                        return (offset + at) // size
+        if len(view) > n:  # the file is longer than what was written
+            return max(offset, self.size) // self.page_size
         return None
 
 
-def check_on_device(path: str | Path, written: Written | Copied, *, digest: bool = True) -> str:
+def check_on_device(path: str | Path, written: Written | Copied) -> str:
     """Read ``path`` back from the device, compare it with ``written``; its SHA-256.
 
     CopyDamaged names the first page that differs (or the lengths); OSError when the device
-    fails to read. The hash and the comparison of each chunk run side by side. Without
-    ``digest`` nothing is hashed beyond the comparison (``Copied`` holds the SHA-256 of what
-    was written, which the comparison proved the device returns) and "" is returned.
+    fails to read. The hash and the comparison of each chunk run side by side.
     """
     sha = hashlib.sha256()
     offset = 0
     page: int | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="read-back-sha256") as hasher:
         for chunk in read_from_device(path):
-            hashed = hasher.submit(sha.update, chunk) if digest else None
+            hashed = hasher.submit(sha.update, chunk)
             try:
                 page = written.first_difference(offset, chunk)
             finally:
-                if hashed is not None:
-                    hashed.result()
+                hashed.result()
             if page is not None:
                 break
             offset += len(chunk)
@@ -177,7 +162,7 @@ def check_on_device(path: str | Path, written: Written | Copied, *, digest: bool
             f"the copy read back from the drive has {offset} bytes, {written.size} were "
             f"written: {Path(path).name}"
         )
-    return sha.hexdigest() if digest else ""
+    return sha.hexdigest()
 
 
 def check_bytes_on_device(path: str | Path, data: bytes) -> None:

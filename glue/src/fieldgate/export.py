@@ -17,14 +17,15 @@ How, and why this way:
   read transaction; a stepped backup would restart on every commit and never finish).
 - **Verified against what was written.** What can still go wrong is the bytes on the
   drive (a failing or fake-capacity stick, a FUSE driver's bug). The file is copied front
-  to back, each 1 MiB hashed while it is written (:func:`copy_pinned`: SHA-256 of the
-  whole, a CRC-32 per chunk; :class:`fieldgate.copycheck.Copied`); with the backup, every
-  write SQLite makes is observed on its way out (:mod:`fieldgate.teevfs`, a CRC-32 per
-  page). The copy is synced, and after the last write read back from the drive's device
-  — not from the page cache (:func:`fieldgate.fsutil.read_from_device`; under a FUSE
-  driver its block device's cache dropped too) — and compared. A cheap structural check
-  (header, schema) runs on the copy; ``export.verify: quick_check | integrity_check``
-  adds that SQLite check of the snapshot while the drive syncs.
+  to back (:func:`copy_pinned`) and compared, after the last write, with the file itself,
+  still held still (:class:`fieldgate.copycheck.Copied`); with the backup, every write
+  SQLite makes is observed on its way out (:mod:`fieldgate.teevfs`, a CRC-32 per page).
+  The copy is synced and read back from the drive's device — not from the page cache
+  (:func:`fieldgate.fsutil.read_from_device`; under a FUSE driver its block device's
+  cache dropped too). The SHA-256 in the checksum file is that of the bytes read back.
+  A cheap structural check (header, schema) runs on the copy; ``export.verify:
+  quick_check | integrity_check`` adds that SQLite check of the snapshot while the
+  drive syncs.
 - **Drivers that need order.** fusefat corrupts files extended out of order, and SQLite
   writes page 1 last: the file copy is front to back anyway; for the backup the VFS
   writes the snapshot front to back (a write past the end of the file fills the gap with
@@ -68,7 +69,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,6 @@ from fieldgate.config import Config, redacted
 from fieldgate.copycheck import Copied, Written, check_bytes_on_device, check_on_device
 from fieldgate.errors import FieldgateError
 from fieldgate.fsutil import (
-    READ_BACK_CHUNK,
     drop_cached_pages,
     flush_block_device,
     free_bytes,
@@ -415,12 +414,13 @@ class PinnedStore:
             self.close()
             raise _NotPinned(f"the file holds {size} bytes, the snapshot {self.size}")
 
-    def read(self, offset: int, length: int) -> bytes:
-        """Bytes of the snapshot as the copy holds them (the header in rollback-journal mode)."""
-        data = os.pread(self.fd, length, offset)
-        if offset == 0:
-            data = rollback_journal_header(data[: self.page_size]) + data[self.page_size :]
-        return data
+    def readinto(self, offset: int, buffer: bytearray) -> int:
+        """Fill ``buffer`` with the snapshot's bytes at ``offset`` as the copy holds them (the
+        header in rollback-journal mode); how many were read."""
+        n = os.preadv(self.fd, [buffer], offset)
+        if offset == 0 and n >= 20:
+            buffer[18:20] = rollback_journal_header(bytes(buffer[:20]))[18:20]
+        return n
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -482,50 +482,43 @@ def pin_store(store_path: Path, busy_timeout_ms: int) -> PinnedStore:
 def copy_pinned(
     pinned: PinnedStore, dest: Path, writeback: Writeback, *, sqlite_order: bool = False
 ) -> Copied:
-    """Copy the pinned store file into the new file ``dest`` front to back in writes of
-    READ_BACK_CHUNK (the chunk the read-back compares), hashing each chunk (SHA-256,
-    CRC-32) in a thread while it is written; the header set to rollback-journal mode.
+    """Copy the pinned store file into the new file ``dest`` front to back in COPY_CHUNK
+    writes, the header set to rollback-journal mode on the way; what was written. Nothing
+    is hashed here: the read-back compares the copy with the file, still held still.
+
     ``sqlite_order`` (a test seam) writes the first chunk again halfway through, while the
     file still grows, as SQLite's backup rewrites page 1 (what fusefat cannot take).
-    What was written.
-
     Writing out is started every WRITEBACK_BYTES on a kernel filesystem, but not under a
     FUSE driver: dropping its block device's cache while it writes makes the driver read
     its own metadata back from the device (measured: exfat-fuse 2.96 s with it, 0.52 s
     without, for 245 MiB), and the final sync costs no more without it.
     """
-    copied = Copied(pinned.page_size, READ_BACK_CHUNK, pinned.read)
-    buffer = bytearray(READ_BACK_CHUNK)
+    copied = Copied(pinned.page_size, pinned.readinto)
+    buffer = bytearray(COPY_CHUNK)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     first: bytes | None = None
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="export-hash") as hasher:
-            offset = 0
-            while offset < pinned.size:
-                view = memoryview(buffer)[: min(READ_BACK_CHUNK, pinned.size - offset)]
-                n = os.preadv(pinned.fd, [view], offset)
-                if n != len(view):
-                    raise FieldgateError(
-                        f"the store file ended at {offset + n} bytes during the copy, "
-                        f"{pinned.size} expected"
-                    )
-                if offset == 0:
-                    view[: pinned.page_size] = rollback_journal_header(
-                        bytes(view[: pinned.page_size])
-                    )
-                hashed = hasher.submit(copied.record, view)
-                try:
-                    write_at(fd, view, offset)
-                    if sqlite_order and offset == 0:
-                        first = bytes(view)
-                    if first is not None and offset >= pinned.size // 2:
-                        write_at(fd, first, 0)
-                        first = None
-                finally:
-                    hashed.result()
-                offset += n
-                if writeback.device_fd is None:  # see the docstring
-                    writeback.written(offset)
+        offset = 0
+        while offset < pinned.size:
+            want = min(COPY_CHUNK, pinned.size - offset)
+            if want < len(buffer):  # the last, shorter chunk
+                buffer = bytearray(want)
+            n = pinned.readinto(offset, buffer)
+            if n != want:
+                raise FieldgateError(
+                    f"the store file ended at {offset + n} bytes during the copy, "
+                    f"{pinned.size} expected"
+                )
+            write_at(fd, buffer, offset)
+            copied.record(buffer)
+            if sqlite_order and offset == 0:
+                first = bytes(buffer)
+            if first is not None and offset >= pinned.size // 2:
+                write_at(fd, first, 0)
+                first = None
+            offset += n
+            if writeback.device_fd is None:  # see the docstring
+                writeback.written(offset)
     finally:
         os.close(fd)
     return copied
@@ -679,8 +672,7 @@ def stage_export(
     2. The site config; then the drive's device is flushed (``device_fd``: see
        :class:`Writeback`).
     3. Both files read back from the device and compared with what was written; the
-       SHA-256 is that of what was written (the file copy) or of the bytes read back (the
-       backup); the header and schema checked.
+       SHA-256 is that of the bytes read back; the header and schema checked.
     4. The checksum file, synced and read back the same way.
     """
     if not os.access(staging, os.W_OK | os.X_OK):
@@ -756,11 +748,7 @@ def stage_export(
         writeback.flush_device()
         pause_point("export-readback")
         started = time.monotonic()
-        if isinstance(written, Copied):
-            check_on_device(db_tmp, written, digest=False)
-            db_sha = written.sha256
-        else:
-            db_sha = check_on_device(db_tmp, written)
+        db_sha = check_on_device(db_tmp, written)
         check_bytes_on_device(cfg_tmp, data)
         tables = check_schema(db_tmp)
         note(
