@@ -469,7 +469,8 @@ def pin_store(store_path: Path, busy_timeout_ms: int) -> PinnedStore:
                 )
             finally:
                 lock.execute("ROLLBACK")
-            time.sleep(PIN_PAUSE_SECS * attempt)
+            if attempt < PIN_ATTEMPTS:
+                time.sleep(PIN_PAUSE_SECS * attempt)
     except BaseException:
         reader.close()
         raise

@@ -1,7 +1,8 @@
 """A SQLite VFS that shows fieldgate every byte SQLite writes to a database file.
 
-The USB export takes its snapshot with SQLite's online backup straight onto the drive and
-must then prove that the drive holds exactly what SQLite wrote. Reading the file back
+When the USB export cannot copy the store's file held still (another reader holds part of
+the write-ahead log), it takes its snapshot with SQLite's online backup straight onto the
+drive and must then prove that the drive holds exactly what SQLite wrote. Reading the file back
 through the page cache cannot tell (a page evicted and read again comes from the drive),
 so the bytes are observed on their way out: this VFS wraps the default one (``unix``)
 through ctypes, on the very libsqlite3 the ``sqlite3`` module uses. A file opened through
