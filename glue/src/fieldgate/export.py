@@ -687,6 +687,13 @@ def stage_export(
     pragma = cfg.export.verify if cfg.export.verify in VERIFY_PRAGMAS else None
     checked = f", {pragma} ok" if pragma else ""
     writeback = Writeback(db_tmp, device_fd)
+
+    def sync_snapshot() -> None:
+        """fsync the snapshot on the drive, ``export.verify``'s check beside it."""
+        started = time.monotonic()
+        side_by_side(writeback.sync, *([lambda: integrity_check(db_tmp, pragma)] if pragma else []))
+        note(f"snapshot synced{checked} in {time.monotonic() - started:.2f} s")
+
     pinned: PinnedStore | None = None
     try:
         started = time.monotonic()
@@ -703,11 +710,7 @@ def stage_export(
                 f"snapshot copied{how}: {human_bytes(written.size)} "
                 f"in {time.monotonic() - started:.2f} s"
             )
-            started = time.monotonic()
-            side_by_side(
-                writeback.sync, *([lambda: integrity_check(db_tmp, pragma)] if pragma else [])
-            )
-            note(f"snapshot synced{checked} in {time.monotonic() - started:.2f} s")
+            sync_snapshot()
         elif sequential:
             local = store_path.with_name(f".{names.db}{PARTIAL}")
             try:
@@ -737,11 +740,7 @@ def stage_export(
                 f"snapshot written{how}: {human_bytes(written.size)} "
                 f"in {time.monotonic() - started:.2f} s"
             )
-            started = time.monotonic()
-            side_by_side(
-                writeback.sync, *([lambda: integrity_check(db_tmp, pragma)] if pragma else [])
-            )
-            note(f"snapshot synced{checked} in {time.monotonic() - started:.2f} s")
+            sync_snapshot()
         check_header(written)
         cfg_tmp = staging / (names.config + PARTIAL)
         data = config_text(cfg, names.ts).encode()
