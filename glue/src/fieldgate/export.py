@@ -490,9 +490,8 @@ def copy_pinned(
     ``sqlite_order`` (a test seam) writes the first chunk again halfway through, while the
     file still grows, as SQLite's backup rewrites page 1 (what fusefat cannot take).
     Writing out is started every WRITEBACK_BYTES on a kernel filesystem, but not under a
-    FUSE driver: dropping its block device's cache while it writes makes the driver read
-    its own metadata back from the device (measured: exfat-fuse 2.96 s with it, 0.52 s
-    without, for 245 MiB), and the final sync costs no more without it.
+    FUSE driver: with its block device's cache dropped while it writes, exfat-fuse took
+    2.96 s for 245 MiB, 0.52 s without (one export each; docs/benchmarks.md).
     """
     copied = Copied(pinned.page_size, pinned.readinto)
     buffer = bytearray(COPY_CHUNK)
