@@ -28,6 +28,7 @@ import email.utils
 import fcntl
 import logging
 import math
+import re
 import sqlite3
 import threading
 import time
@@ -51,6 +52,9 @@ log = logging.getLogger("fieldgate.uploader")
 
 #: Attempts per batch for ``upload --once`` before it reports the batch as not delivered.
 ONCE_ATTEMPTS = 4
+
+
+_DIGITS = re.compile(r"\d+")
 
 
 class Transient(Exception):
@@ -261,9 +265,12 @@ class Uploader:
             self.client.heartbeat(collect_status(self.cfg))
         except Exception as exc:  # any cause: the uploads go on
             reason = str(exc) or type(exc).__name__
-            if reason != self._heartbeat_error:
+            # The same failure with other figures (a refused heartbeat's size grows with the
+            # status) is not news: logged again only when the kind of failure changes.
+            kind = _DIGITS.sub("#", reason)
+            if kind != self._heartbeat_error:
                 log.warning("heartbeat not sent: %s", reason)
-                self._heartbeat_error = reason
+                self._heartbeat_error = kind
             return
         if self._heartbeat_error is not None:
             log.info("heartbeat sent again")
