@@ -6,9 +6,9 @@ a meter-like map of 60 values: 20 float32 input registers, 20 int16 and 10 uint3
 registers with a reserved hole of 10 registers, 10 coils). Then, in one run:
 
 - rounds of the fieldgate Modbus poller (``ModbusPoller.once``, what ``fieldgate poll
-  --once`` does: 50 buses side by side, the plan, decoding, the store), coalesced and with
-  every value read by its own request (the same poller, client, decoding and store; only
-  the plan differs), alternating, ``--rounds`` of each; the wall time of a round and of its
+  --once`` does: 50 buses side by side, all driven by one selector thread, the plan,
+  decoding, the store), coalesced and with every value read by its own request (the same
+  poller, client, decoding and store; only the plan differs), alternating, ``--rounds`` of each; the wall time of a round and of its
   reads alone (first poll's start to last poll's end);
 - the same two plans in the running poller (``ModbusPoller.run``, the loop of ``fieldgate
   poll``): both run at once on the same devices and store, every device due every 4 s, their
@@ -259,7 +259,7 @@ def daemon_rounds(config: Path, n: int) -> dict[bool, list[float]]:
             thread.join(30)
     out = {}
     for coalesce, poller, commits, _ in runs:
-        origin = poller.bus_workers[0].origin
+        origin = poller.origin
         ends, stored = [], 0
         for at, count_ in commits:
             stored += count_
@@ -418,7 +418,7 @@ def main() -> int:
         )
         print(
             f"info  --once round: coalesced {once_ratio:.1f}x faster (its reads alone "
-            f"{read_ratio:.1f}x; each --once round also starts {len(ports)} bus threads)"
+            f"{read_ratio:.1f}x; each --once round also starts the poller's bus thread)"
         )
         cpu_text = (
             f"fieldgate poll at a 10 s interval: {share:.2f} % of one core over "

@@ -25,7 +25,11 @@ from typing import Any
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
-from support import stop_process
+from support import stop_process, wait_until
+
+from fieldgate.config import parse_config
+from fieldgate.modbus.poller import Handoff, Polled, Target, build_targets
+from fieldgate.modbus.tcploop import TcpLoop
 
 SOCAT = shutil.which("socat") or "/usr/bin/socat"
 
@@ -214,3 +218,55 @@ def pty_pair(directory: Path) -> Iterator[tuple[str, str]]:
         yield str(a), str(b)
     finally:
         stop_process(proc, signal.SIGTERM, timeout=10)
+
+
+def tcp_targets(devices: list[dict[str, Any]]) -> list[Target]:
+    """The poller's targets of ``poll.modbus`` entries (any device name allowed)."""
+    cfg = parse_config(
+        {
+            "site": {"serial": "GW"},
+            "devices": {"allow_unknown": True},
+            "poll": {"modbus": devices},
+        },
+        "/etc/fieldgate/fieldgate.yaml",
+    )
+    return build_targets(cfg)
+
+
+def tcp_loop(*buses: list[Target]) -> tuple[TcpLoop, Handoff]:
+    """The poller's selector loop over ``buses`` (each a list of targets on one bus)."""
+    named = {f"bus {i}": targets for i, targets in enumerate(buses)}
+    handoff = Handoff(len(named))
+    return TcpLoop(named, handoff), handoff
+
+
+def take_polls(handoff: Handoff, n: int) -> list[Polled]:
+    """The next ``n`` polls handed over (waiting for them)."""
+    polls: list[Polled] = []
+
+    def more() -> bool:
+        polls.extend(handoff.take(0.1)[0])
+        return len(polls) >= n
+
+    wait_until(more, what=f"{n} polls")
+    return polls
+
+
+def poll_round(loop: TcpLoop, handoff: Handoff) -> list[Polled]:
+    """One ``--once`` round of ``loop``: every device's poll, in the order of its buses."""
+    order = [t for link in loop.links for t in link.targets]
+    loop.start(threading.Event(), once=True)
+    polls = take_polls(handoff, len(order))
+    assert loop.thread is not None
+    loop.thread.join(30)
+    assert not loop.thread.is_alive()
+    return sorted(polls, key=lambda p: order.index(p.target))
+
+
+def poll_tcp_once(*buses: list[Target]) -> list[Polled]:
+    """Poll every device of ``buses`` once through the selector loop, then close it."""
+    loop, handoff = tcp_loop(*buses)
+    try:
+        return poll_round(loop, handoff)
+    finally:
+        loop.close()

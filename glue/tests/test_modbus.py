@@ -27,6 +27,7 @@ from modbus_sim import (
     device_failure,
     never_answer,
     no_input_registers,
+    poll_tcp_once,
     pty_pair,
     simulator,
     words,
@@ -42,9 +43,8 @@ from support import (
 )
 
 from fieldgate.config import load_config, parse_config
-from fieldgate.modbus.client import BusClient, ReadError
 from fieldgate.modbus.plan import Read
-from fieldgate.modbus.poller import build_targets, poll_device
+from fieldgate.modbus.poller import build_targets
 
 TYPES = ["int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"]
 SAMPLE = {
@@ -605,17 +605,13 @@ def test_an_unexpected_error_is_a_failed_poll_not_a_dead_bus(
         ],
     )
     (target,) = build_targets(load_config(str(config)))
-    client = BusClient(target.cfg)
-    try:
-        # a plan that reads one register for a two-register value: decoding cannot work
-        broken = dataclasses.replace(target, reads=(Read("holding", 0, 1, (0,)),))
-        polled = poll_device(client, broken)
-        assert (polled.kind, polled.readings) == ("io", [])
-        assert polled.error is not None and polled.error.startswith("internal error: ")
-        # the bus goes on: the next poll with the real plan works
-        assert poll_device(client, target).readings[0][2:4] == ("x", 5.0)
-    finally:
-        client.close()
+    # a plan that reads one register for a two-register value: decoding cannot work
+    broken = dataclasses.replace(target, reads=(Read("holding", 0, 1, (0,)),))
+    first, second = poll_tcp_once([broken, target])
+    assert (first.kind, first.readings) == ("io", [])
+    assert first.error is not None and first.error.startswith("internal error: ")
+    # the bus goes on: the next poll with the real plan works
+    assert second.readings[0][2:4] == ("x", 5.0)
 
 
 def _odd_peer(answer: Any) -> tuple[int, threading.Thread]:
@@ -686,13 +682,8 @@ def test_odd_tcp_answers_are_failed_reads(answer: Any, kind: str, text: str) -> 
         "/etc/fieldgate/fieldgate.yaml",
     )
     (target,) = build_targets(cfg)
-    client = BusClient(target.cfg)
-    try:
-        with pytest.raises(ReadError) as caught:
-            client.read(1, target.reads[0], 0.5)
-        assert caught.value.kind == kind
-        assert text in str(caught.value)
-    finally:
-        client.close()
+    (polled,) = poll_tcp_once([dataclasses.replace(target, timeout=0.5)])
+    assert polled.kind == kind
+    assert polled.error is not None and text in polled.error
     thread.join(10)
     assert not thread.is_alive()

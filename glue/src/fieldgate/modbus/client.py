@@ -1,14 +1,12 @@
-"""One client per bus; every failure becomes a :class:`ReadError` with a kind.
+"""Serial lines' client, and what every Modbus read shares: failures as :class:`ReadError`
+with a kind, function codes, exception names, the answer's length check.
 
 A *bus* is what requests must take turns on: one TCP endpoint (host:port, which may be a
 gateway to several units) or one serial port (an RS-485 line of several units). The poller
-gives each bus one thread and one :class:`BusClient`, so requests on a bus never overlap.
+gives each serial line one thread and one :class:`BusClient`, so requests on a line never
+overlap; every Modbus TCP bus is driven by one selector thread
+(:mod:`fieldgate.modbus.tcploop`), one request outstanding per connection.
 
-Modbus TCP is framed here (:class:`_TcpLink`): a read request is 12 bytes and its answer a
-7-byte header, the function code, a byte count and the data, so one ``sendall`` and (nearly
-always) one ``recv`` on the bus thread's socket do what pymodbus's sync client does through
-its transaction manager, framer and PDU classes: about 30 µs of the poller's CPU per request
-on the development VM against about 70 µs with pymodbus's client (docs/benchmarks.md).
 Serial lines use pymodbus's sync RTU client (framing by silence, CRC), with ``retries=0``:
 the poller decides about retries (backoff). pymodbus logs connection failures and swallows
 the cause, so :class:`_Rtu` opens the port itself (as pymodbus does) and keeps the cause for
@@ -25,8 +23,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import socket
-import struct
 import time
 
 import serial
@@ -119,84 +115,24 @@ class ReadError(Exception):
 
 #: The function code that reads each table (Modbus Application Protocol V1.1b3 §6.1-6.4).
 FUNCTION_CODES = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
-#: Modbus TCP's MBAP header (transaction id, protocol id 0, length of what follows, unit id)
-#: and a read request's PDU (function code, first address, count): 12 bytes in all.
-_REQUEST = struct.Struct(">HHHBBHH")
-_HEADER = struct.Struct(">HHHB")
-#: The longest Modbus TCP answer: the 7-byte header and a PDU of 253 bytes.
-_MAX_ADU = 260
 
 
-class _PeerClosed(Exception):
-    """The device closed the connection while an answer was awaited."""
+def exception_error(code: int, read: Read) -> ReadError:
+    """The failure of a read the device answered with Modbus exception ``code``."""
+    name = EXCEPTION_NAMES.get(code, "unknown exception")
+    return ReadError("exception", f"Modbus exception {code} ({name}) reading {read.describe()}")
 
 
-class _TcpLink:
-    """A Modbus TCP connection (Modbus Messaging on TCP/IP Implementation Guide V1.0b §3.1),
-    one request outstanding at a time; its answer must carry the request's transaction id and
-    unit id (as pymodbus requires too) and is read until the header's length is complete."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.sock: socket.socket | None = None
-        self.tid = 0
-        #: the bytes of the answer being read (so far), for error messages
-        self.received = b""
-
-    def connect(self, timeout: float) -> str | None:
-        """Open the connection unless it is open; the cause when that fails."""
-        if self.sock is not None:
-            return None
-        try:
-            sock = socket.create_connection((self.host, self.port), timeout=timeout)
-        except TimeoutError:
-            return "timed out"
-        except OSError as exc:
-            return root_cause(exc)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = sock
-        return None
-
-    def exchange(self, unit: int, function: int, start: int, count: int, timeout: float) -> bytes:
-        """Send one read request and return the answer's PDU (function code onwards).
-        Raises TimeoutError (``received`` holds what came), _PeerClosed when the peer
-        closed the connection, ValueError for an answer that is not this request's, OSError."""
-        assert self.sock is not None
-        self.tid = tid = self.tid % 0xFFFF + 1
-        self.received = b""
-        deadline = time.monotonic() + timeout
-        self.sock.settimeout(timeout)
-        self.sock.sendall(_REQUEST.pack(tid, 0, 6, unit, function, start, count))
-        got = b""
-        need = _HEADER.size
-        while len(got) < need:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(_MAX_ADU)
-            if not chunk:
-                raise _PeerClosed
-            got += chunk
-            self.received = got
-            if need == _HEADER.size and len(got) >= need:
-                rtid, protocol, length, runit = _HEADER.unpack_from(got)
-                if protocol != 0 or not 2 <= length <= _MAX_ADU - 6:
-                    raise ValueError(f"not a Modbus TCP header: {got[:7].hex()}")
-                if (rtid, runit) != (tid, unit):
-                    raise ValueError(
-                        f"answer for unit {runit}, transaction {rtid} "
-                        f"(asked unit {unit}, transaction {tid})"
-                    )
-                need = 6 + length
-        if len(got) > need:
-            raise ValueError(f"{len(got) - need} bytes more than the answer's length")
-        return got[_HEADER.size :]
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+def whole_answer(read: Read, raw: bytes) -> bytes:
+    """The data of ``read``'s answer (``raw``, as the device sent it): ``read.count`` registers
+    of 2 bytes, or ``read.count`` bits packed 8 a byte; ReadError when it holds fewer."""
+    if read.table in ("coil", "discrete"):
+        got, size = len(raw) * 8, (read.count + 7) // 8
+    else:
+        got, size = len(raw) // 2, 2 * read.count
+    if got < read.count:
+        raise ReadError("io", f"short answer reading {read.describe()}: {got} of {read.count}")
+    return raw[:size]
 
 
 class _Rtu(ModbusSerialClient):
@@ -241,23 +177,17 @@ def _serial_cause(exc: Exception) -> str:
 
 
 class BusClient:
-    """Reads from the units of one bus, one request at a time (the caller's thread)."""
+    """Reads from the units of one serial line, one request at a time (the caller's thread).
+    Modbus TCP buses are read by :mod:`fieldgate.modbus.tcploop`."""
 
     def __init__(self, dev: ModbusDevice, port: str | None = None) -> None:
-        """``dev`` is any device of the bus; ``port`` the serial port's resolved path."""
+        """``dev`` is any device of the line; ``port`` the serial port's resolved path."""
+        assert dev.serial is not None, "a Modbus TCP device is read by fieldgate.modbus.tcploop"
         self.requests = 0
         self._received = b""
         self._last_io = 0.0
-        self.tcp: _TcpLink | None = None
-        self.client: _Rtu | None = None
-        if dev.host is not None:
-            self.name = f"{dev.host}:{dev.port_or_default}"
-            self.rtu = False
-            self.tcp = _TcpLink(dev.host, dev.port_or_default)
-            return
         baudrate, parity, stopbits, bytesize = dev.line
         self.name = port or str(dev.serial)
-        self.rtu = True
         # Modbus over serial line V1.02 §2.5.1.1: 3.5 character times of silence between
         # frames (11 bits a character), 1.75 ms above 19200 baud.
         self.gap = 3.5 * 11 / baudrate if baudrate <= 19200 else 0.00175
@@ -279,69 +209,16 @@ class BusClient:
         return data
 
     def read(self, unit: int, read: Read, timeout: float) -> bytes:
-        """The answer's data of one planned read, as the device sent it: ``read.count``
-        registers of 2 bytes (big-endian), or ``read.count`` bits packed 8 a byte (the first
-        in the lowest bit of the first byte); ReadError on any failure."""
-        if self.tcp is not None:
-            raw = self._read_tcp(self.tcp, unit, read, timeout)
-        else:
-            raw = self._read_rtu(unit, read, timeout)
-        if read.table in ("coil", "discrete"):
-            got, size = len(raw) * 8, (read.count + 7) // 8
-        else:
-            got, size = len(raw) // 2, 2 * read.count
-        if got < read.count:
-            self.close()
-            raise ReadError("io", f"short answer reading {read.describe()}: {got} of {read.count}")
-        return raw[:size]
-
-    def _read_tcp(self, link: _TcpLink, unit: int, read: Read, timeout: float) -> bytes:
-        cause = link.connect(timeout)
-        if cause is not None:
-            raise ReadError("connect", f"cannot connect to {self.name}: {cause}")
-        self.requests += 1
-        function = FUNCTION_CODES[read.table]
+        """The answer's data of one planned read, as the device sent it (:func:`whole_answer`);
+        ReadError on any failure."""
         try:
-            pdu = link.exchange(unit, function, read.start, read.count, timeout)
-        except TimeoutError:
-            self.close()
-            got = link.received
-            if not got:
-                raise ReadError(
-                    "timeout", f"no answer within {timeout:g} s reading {read.describe()}"
-                ) from None
-            raise self._garbled(read, got) from None
-        except _PeerClosed:
-            self.close()
-            raise ReadError(
-                "connect", f"{self.name} closed the connection reading {read.describe()}"
-            ) from None
-        except ValueError as exc:
-            self.close()
-            raise ReadError("io", f"unusable answer reading {read.describe()}: {exc}") from None
-        except OSError as exc:
-            self.close()
-            raise ReadError(
-                "connect", f"{self.name}: {root_cause(exc)} reading {read.describe()}"
-            ) from None
-        if pdu[0] == function | 0x80 and len(pdu) == 2:
-            code = pdu[1]
-            name = EXCEPTION_NAMES.get(code, "unknown exception")
-            raise ReadError(
-                "exception", f"Modbus exception {code} ({name}) reading {read.describe()}"
-            )
-        if pdu[0] != function or len(pdu) < 2 or pdu[1] != len(pdu) - 2:
-            self.close()
-            raise self._garbled(read, link.received)
-        return pdu[2:]
-
-    def _garbled(self, read: Read, got: bytes) -> ReadError:
-        return ReadError(
-            "io", f"garbled answer reading {read.describe()} ({len(got)} bytes: {got[:16].hex()})"
-        )
+            return whole_answer(read, self._read_rtu(unit, read, timeout))
+        except ReadError as exc:
+            if exc.kind == "io":
+                self.close()
+            raise
 
     def _read_rtu(self, unit: int, read: Read, timeout: float) -> bytes:
-        assert self.client is not None
         what = read.describe()
         # the sync client reads its timeout from comm_params for every connect and receive
         self.client.comm_params.timeout_connect = timeout
@@ -373,9 +250,7 @@ class BusClient:
         finally:
             self._last_io = time.monotonic()
         if response.isError():
-            code = getattr(response, "exception_code", 0)
-            name = EXCEPTION_NAMES.get(code, "unknown exception")
-            raise ReadError("exception", f"Modbus exception {code} ({name}) reading {what}")
+            raise exception_error(getattr(response, "exception_code", 0), read)
         raw: bytes = getattr(response, "raw", b"")
         return raw
 
@@ -396,7 +271,4 @@ class BusClient:
         )
 
     def close(self) -> None:
-        if self.tcp is not None:
-            self.tcp.close()
-        if self.client is not None:
-            self.client.close()
+        self.client.close()

@@ -183,55 +183,86 @@ class Polled:
 
 
 def poll_device(client: BusClient, t: Target) -> Polled:
-    """Read a device's plan once and decode it; never raises (a bug becomes a failed poll, so
-    a bus thread never dies and ``--once`` never waits for a poll that will not come)."""
+    """Read a device's plan once over a serial line and decode it; never raises (a bug becomes
+    a failed poll, so a bus thread never dies and ``--once`` never waits for a poll that will
+    not come). Modbus TCP devices are read by :mod:`fieldgate.modbus.tcploop`, with the same
+    :func:`begin_poll`, :func:`take_answer`, :func:`take_failure` and :func:`end_poll`."""
     try:
         return _poll_device(client, t)
     except Exception as exc:
-        log.exception("modbus %s: unexpected error while polling", t.device)
         client.close()
-        now = store.now_ms()
-        return Polled(t, now, now, error=f"internal error: {exc!r}", kind="io", errors=1)
+        return internal_error(t, exc)
+
+
+def internal_error(t: Target, exc: Exception) -> Polled:
+    """A poll that an unexpected error ended (logged): a failed poll of kind ``io``."""
+    log.exception("modbus %s: unexpected error while polling", t.device)
+    now = store.now_ms()
+    return Polled(t, now, now, error=f"internal error: {exc!r}", kind="io", errors=1)
 
 
 def _poll_device(client: BusClient, t: Target) -> Polled:
-    polled = Polled(t, store.now_ms())
-    device, ts, source, rows = t.device, polled.ts, t.source, polled.readings
-    decoders, answers = t.decoders, t.answers
+    polled = begin_poll(t)
     for n, read in enumerate(t.reads):
         before = client.requests
         try:
             data = client.read(t.cfg.unit, read, t.timeout)
         except ReadError as exc:
             polled.requests += client.requests - before
-            polled.errors += 1
-            if polled.error is None:
-                polled.error, polled.kind = str(exc), exc.kind
-            if exc.kind != "exception":
-                break  # not answering: the rest of this poll would only wait as long again
-            continue
-        received = store.now_ms()
+            if take_failure(polled, exc):
+                continue
+            break  # not answering: the rest of this poll would only wait as long again
         polled.requests += client.requests - before
-        polled.answered += 1
-        whole = answers[n]
-        if whole is not None:  # every value of the answer unpacked at once
-            for i, raw in zip(read.members, whole.unpack_from(data), strict=True):
-                d = decoders[i]
-                value = float(raw) * d.scale + d.offset
-                if math.isfinite(value):  # the row as the store takes it
-                    rows.append((device, ts, d.metric, value, received, source))
-                else:
-                    _bad(polled, d, value, data, d.address - read.start)
-            continue
-        bits = read.table in BIT_TABLES
-        for i in read.members:  # every value decoded from the answer's bytes
+        take_answer(polled, n, data)
+    return end_poll(polled)
+
+
+def begin_poll(t: Target) -> Polled:
+    """A poll of ``t`` starting now (its readings' time)."""
+    return Polled(t, store.now_ms())
+
+
+def take_failure(polled: Polled, exc: ReadError) -> bool:
+    """Note a failed read; whether the poll goes on with its next read (only after a Modbus
+    exception code: a device that does not answer would only make the others wait again)."""
+    polled.errors += 1
+    if polled.error is None:
+        polled.error, polled.kind = str(exc), exc.kind
+    return exc.kind == "exception"
+
+
+def take_answer(polled: Polled, n: int, data: bytes) -> None:
+    """Decode the answer (``data``, as the device sent it) of the poll's ``n``-th read into the
+    store's rows, stamped with the poll's time and received now."""
+    t = polled.target
+    read = t.reads[n]
+    device, ts, source, rows = t.device, polled.ts, t.source, polled.readings
+    decoders = t.decoders
+    received = store.now_ms()
+    polled.answered += 1
+    whole = t.answers[n]
+    if whole is not None:  # every value of the answer unpacked at once
+        for i, raw in zip(read.members, whole.unpack_from(data), strict=True):
             d = decoders[i]
-            at = d.address - read.start
-            value = d.bit_value_at(data, at) if bits else d.value_at(data, at)
-            if math.isfinite(value):
+            value = float(raw) * d.scale + d.offset
+            if math.isfinite(value):  # the row as the store takes it
                 rows.append((device, ts, d.metric, value, received, source))
-            else:  # only registers: a bit times a finite scale is finite
-                _bad(polled, d, value, data, at)
+            else:
+                _bad(polled, d, value, data, d.address - read.start)
+        return
+    bits = read.table in BIT_TABLES
+    for i in read.members:  # every value decoded from the answer's bytes
+        d = decoders[i]
+        at = d.address - read.start
+        value = d.bit_value_at(data, at) if bits else d.value_at(data, at)
+        if math.isfinite(value):
+            rows.append((device, ts, d.metric, value, received, source))
+        else:  # only registers: a bit times a finite scale is finite
+            _bad(polled, d, value, data, at)
+
+
+def end_poll(polled: Polled) -> Polled:
+    """The poll, finished now."""
     if polled.errors > 1 and polled.error is not None:
         polled.error += f" (and {polled.errors - 1} more failed reads)"
     polled.finished_at = store.now_ms()
@@ -315,35 +346,57 @@ class Bus:
             self.handoff.put(poll_device(self.client, t), self.name, math.inf if last else None)
 
     def _run(self) -> None:
-        due = {t.device: self.origin for t in self.targets}
-        backoff = {
-            t.device: Backoff(t.interval, max(t.interval, t.cfg.retry_max_secs))
-            for t in self.targets
-        }
+        schedule = Schedule(self.targets, self.origin)
         try:
             while not self.stop.is_set():
-                t = min(self.targets, key=lambda x: due[x.device])
-                wait = due[t.device] - time.monotonic()
+                t, due = schedule.next()
+                wait = due - time.monotonic()
                 if wait > 0:
                     self.stop.wait(wait)
                     continue
                 self.handoff.polling(self.name)
-                slot = due[t.device]
                 polled = poll_device(self.client, t)
-                now = time.monotonic()
-                if not polled.backs_off:
-                    backoff[t.device].reset()
-                    nxt = slot + t.interval
-                    if nxt <= now:  # the bus was busy: skip the missed slots, keep the grid
-                        polled.late = math.ceil((now - nxt) / t.interval)
-                        nxt += polled.late * t.interval
-                else:
-                    polled.retry_in = backoff[t.device].next()
-                    nxt = now + polled.retry_in
-                due[t.device] = nxt
-                self.handoff.put(polled, self.name, min(due.values()))
+                self.handoff.put(polled, self.name, schedule.done(polled, time.monotonic()))
         finally:
             self.client.close()
+
+    def close(self) -> None:
+        """Close the bus's connection (after :meth:`start` with ``once``)."""
+        self.client.close()
+
+
+class Schedule:
+    """When each device of one bus is due: a fixed grid of its interval from ``origin``
+    (monotonic), slots missed while the bus was busy skipped and counted as late, and after a
+    poll that backs off, the device's interval doubled per consecutive failure."""
+
+    def __init__(self, targets: list[Target], origin: float) -> None:
+        self.targets = targets
+        self.due = {t.device: origin for t in targets}
+        self.backoff = {
+            t.device: Backoff(t.interval, max(t.interval, t.cfg.retry_max_secs)) for t in targets
+        }
+
+    def next(self) -> tuple[Target, float]:
+        """The device due first, and when."""
+        t = min(self.targets, key=lambda x: self.due[x.device])
+        return t, self.due[t.device]
+
+    def done(self, polled: Polled, now: float) -> float:
+        """Schedule the next poll of ``polled``'s device (noting ``late`` and ``retry_in`` in
+        ``polled``); when the bus polls next."""
+        t = polled.target
+        if not polled.backs_off:
+            self.backoff[t.device].reset()
+            nxt = self.due[t.device] + t.interval
+            if nxt <= now:  # the bus was busy: skip the missed slots, keep the grid
+                polled.late = math.ceil((now - nxt) / t.interval)
+                nxt += polled.late * t.interval
+        else:
+            polled.retry_in = self.backoff[t.device].next()
+            nxt = now + polled.retry_in
+        self.due[t.device] = nxt
+        return min(self.due.values())
 
 
 @dataclass
@@ -425,8 +478,18 @@ class ModbusPoller:
         for t in self.targets:
             self._restore(self.stats[t.device], known.get(device_key(t.device)))
         self.handoff = Handoff(len(self.buses))
-        #: One worker per bus, kept across :meth:`once` calls (their connections too).
-        self.bus_workers = [Bus(name, ts, self.handoff) for name, ts in self.buses.items()]
+        from fieldgate.modbus.tcploop import TcpLoop  # it builds on this module
+
+        #: One thread per serial line, one for every TCP bus; kept across :meth:`once` calls
+        #: (their connections too).
+        tcp = {name: ts for name, ts in self.buses.items() if ts[0].cfg.host is not None}
+        self.bus_workers: list[Bus | TcpLoop] = [
+            Bus(name, ts, self.handoff) for name, ts in self.buses.items() if name not in tcp
+        ]
+        if tcp:
+            self.bus_workers.append(TcpLoop(tcp, self.handoff))
+        #: when the running poller's schedules start (monotonic), every bus's grid from it
+        self.origin = 0.0
 
     def _connect(self) -> sqlite3.Connection:
         return store.open_store(
@@ -480,7 +543,7 @@ class ModbusPoller:
                 store.set_state(conn, STATE_KEY, f"running: {self.summary()}")
             # one origin for every bus: devices of one interval are due together, their polls
             # finish together and share a commit
-            origin = time.monotonic()
+            self.origin = origin = time.monotonic()
             for bus in self.bus_workers:
                 bus.start(stop, once=False, origin=origin)
             while not stop.is_set():
@@ -502,7 +565,7 @@ class ModbusPoller:
     def close(self) -> None:
         """Close the buses' connections (after :meth:`once`; :meth:`run` closes its own)."""
         for bus in self.bus_workers:
-            bus.client.close()
+            bus.close()
 
     def store_round(
         self, conn: sqlite3.Connection, polls: list[Polled], complete: bool, prefix: str
