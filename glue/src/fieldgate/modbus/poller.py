@@ -1,9 +1,12 @@
-"""Modbus devices polled on their own schedules: one thread per bus, one store writer.
+"""Modbus devices polled on their own schedules: a thread per serial line, one thread for
+every Modbus TCP bus, one store writer.
 
-- A *bus* (one TCP host:port, or one serial port by its resolved path) gets one thread and one
-  connection; its devices take turns, one request at a time (RS-485 is half-duplex and many
-  TCP gateways serve one request at a time). Different buses never wait for each other, so a
-  slow or dead device delays only the devices behind the same bus.
+- A *bus* (one TCP host:port, or one serial port by its resolved path) has one connection;
+  its devices take turns, one request at a time (RS-485 is half-duplex and many TCP gateways
+  serve one request at a time). A serial line gets a thread of its own (:class:`Bus`); the
+  TCP buses are driven together by one selector thread (:mod:`fieldgate.modbus.tcploop`),
+  which never blocks on one of them. Different buses never wait for each other, so a slow or
+  dead device delays only the devices behind the same bus.
 - Each device is polled every ``interval_secs`` on a fixed grid (a late poll does not shift
   the ones after it; slots missed while the bus was busy are skipped and counted as late).
   A poll reads the device's coalesced plan (:mod:`fieldgate.modbus.plan`); its readings are
@@ -18,14 +21,15 @@
   the backoff.
 - A value that decodes to NaN or infinity is not stored: the other values are, and the poll
   leaves one ``rejected`` row naming each bad value with its raw words.
-- The bus threads hand each poll to the thread that runs :meth:`ModbusPoller.run` (or
-  :meth:`ModbusPoller.once`), which owns the store connection (:class:`Handoff`). A round's
-  polls are stored in one transaction, each as it arrives while the other buses are still
-  reading: their readings, any ``rejected`` rows, then the devices' facts for ``fieldgate
-  status`` (``poller.modbus.device.<device>``, JSON) and the summary (``poller.modbus.state``;
-  see :mod:`fieldgate.modbus.report`). Every bus's schedule starts at one origin, so the
-  devices of one interval are due together; the commit comes when no bus is polling or due
-  any more, or :data:`ROUND_HOLD_SECS` after the round's first poll: one fsync a round.
+- The bus threads (the serial lines' and the TCP loop) hand each poll to the thread that
+  runs :meth:`ModbusPoller.run` (or :meth:`ModbusPoller.once`), which owns the store
+  connection (:class:`Handoff`). A round's polls are stored in one transaction, each as it
+  arrives while the other buses are still reading: their readings, any ``rejected`` rows,
+  then the devices' facts for ``fieldgate status`` (``poller.modbus.device.<device>``, JSON)
+  and the summary (``poller.modbus.state``; see :mod:`fieldgate.modbus.report`). Every bus's
+  schedule starts at one origin, so the devices of one interval are due together; the
+  commit comes when no bus is polling or due any more, or :data:`ROUND_HOLD_SECS` after the
+  round's first poll: one fsync a round.
 """
 
 from __future__ import annotations
@@ -153,7 +157,7 @@ def group_buses(targets: Sequence[Target], path: str) -> dict[str, list[Target]]
 
 @dataclass
 class Polled:
-    """One poll of one device as a bus thread saw it."""
+    """One poll of one device as its bus's thread saw it."""
 
     target: Target
     ts: int  # the poll time: epoch ms when it started
@@ -316,7 +320,7 @@ class Handoff:
 
 
 class Bus:
-    """The thread that polls the devices of one bus in turn."""
+    """The thread that polls the devices of one serial line in turn."""
 
     def __init__(self, name: str, targets: list[Target], handoff: Handoff) -> None:
         self.name = name
