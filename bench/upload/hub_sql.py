@@ -50,6 +50,7 @@ import sqlite3
 import tempfile
 import time
 from array import array
+from collections.abc import Iterable
 from pathlib import Path
 
 from fieldgate.batchfile import Columns, parse_csv_columns, render_csv
@@ -198,12 +199,26 @@ def _blocks_ingest(
             rollups.append((sid, bucket, min(part), max(part), sum(part), b - a))
             a = b
         lo = hi
+    store_blocks(conn, lock, n, total, blocks, rollups, upkeep)
+
+
+def store_blocks(
+    conn: sqlite3.Connection,
+    lock: int,
+    n: int,
+    rows: int,
+    blocks: list,
+    rollups: Iterable,
+    upkeep: list,
+) -> None:
+    """Batch ``n``'s blocks, rollups and series upkeep in one transaction under the ingest
+    lock (both block layouts: built in Python or by pyarrow)."""
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         conn.execute("BEGIN IMMEDIATE")
         seq = conn.execute(
             "INSERT INTO batches (serial, batch_id, rows) VALUES (?, ?, ?) RETURNING seq",
-            (SERIAL, f"{n:08d}", total),
+            (SERIAL, f"{n:08d}", rows),
         ).fetchone()[0]
         # a block overlapping one held is the slow path; a series' last_ts is exact, so the
         # common case (every block starts after its series' last reading) is one query
@@ -401,37 +416,7 @@ def run_arrow(path: Path, texts: list[bytes]) -> float:
             strict=True,
         )
         del t, tab, names, ts, vs, values, bucket
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            seq = conn.execute(
-                "INSERT INTO batches (serial, batch_id, rows) VALUES (?, ?, ?) RETURNING seq",
-                (SERIAL, f"{n:08d}", sum(b[3] for b in blocks)),
-            ).fetchone()[0]
-            held = dict(
-                conn.execute(
-                    "SELECT id, last_ts FROM series WHERE serial = ?", (SERIAL,)
-                )
-            )
-            for sid, first, *_ in blocks:
-                if held.get(sid) is not None and held[sid] >= first:
-                    raise ValueError(
-                        "a block starts before its series' last reading held"
-                    )
-            conn.executemany(
-                "INSERT INTO blocks (series, first_ts, last_ts, n, batch, ts, value) "
-                f"VALUES (?, ?, ?, ?, {int(seq)}, ?, ?)",
-                blocks,
-            )
-            conn.executemany(ROLLUP_ADD, rollups)
-            conn.executemany(
-                "UPDATE series SET count = count + ?, first_ts = min(COALESCE(first_ts, ?), ?), "
-                "last_ts = max(COALESCE(last_ts, ?), ?) WHERE id = ?",
-                upkeep,
-            )
-            conn.execute("COMMIT")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        store_blocks(conn, lock, n, sum(b[3] for b in blocks), blocks, rollups, upkeep)
     cpu = time.process_time() - cpu
     stored = sorted(
         (device, ts, metric, value)
