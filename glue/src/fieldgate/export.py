@@ -662,13 +662,13 @@ def stage_export(
 ) -> dict:
     """Write, sync and verify the three files inside ``staging`` (``.partial`` names).
 
-    1. The snapshot: the store file held still and copied, each chunk hashed as it is
-       written; when it cannot be held still, SQLite's backup straight onto the drive,
-       each write observed (``in_order``: the file growing front to back, for drivers
-       that corrupt files extended out of order; ``sequential``: taken beside the store
-       and copied front to back, where the observing VFS cannot be used);
-       ``export.verify`` may add a PRAGMA check of the snapshot, run while the drive
-       syncs.
+    1. The snapshot: the store file held still and copied (nothing hashed while writing:
+       the read-back is compared with the file itself); when it cannot be held still,
+       SQLite's backup straight onto the drive, each write observed (``in_order``: the
+       file growing front to back, for drivers that corrupt files extended out of order;
+       ``sequential``: taken beside the store and copied front to back, where the
+       observing VFS cannot be used); ``export.verify`` may add a PRAGMA check of the
+       snapshot, run while the drive syncs.
     2. The site config; then the drive's device is flushed (``device_fd``: see
        :class:`Writeback`).
     3. Both files read back from the device and compared with what was written; the

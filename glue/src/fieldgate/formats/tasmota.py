@@ -17,8 +17,8 @@ from fieldgate.formats.options import Options
 TIME_KEY = "Time"
 
 
-# Tasmota writes Time as text; a number there would be epoch seconds
-#: The one reading of a payload (:func:`~fieldgate.formats.common.read_object`).
+#: The one reading of a payload (:func:`~fieldgate.formats.common.read_object`); Tasmota
+#: writes ``Time`` as text, a number there would be epoch seconds.
 read: ObjectReader = partial(read_object, "Tasmota", TIME_KEY, "s")
 
 
