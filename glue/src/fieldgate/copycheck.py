@@ -21,7 +21,7 @@ import array
 import hashlib
 import itertools
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -132,17 +132,22 @@ class Copied:
         return None
 
 
-def check_on_device(path: str | Path, written: Written | Copied) -> str:
+def check_on_device(
+    path: str | Path, written: Written | Copied, chunks: Iterable[memoryview] | None = None
+) -> str:
     """Read ``path`` back from the device, compare it with ``written``; its SHA-256.
 
-    CopyDamaged names the first page that differs (or the lengths); OSError when the device
-    fails to read. The hash and the comparison of each chunk run side by side.
+    ``chunks``: the file's bytes as read from the device some other way (its extents on
+    the block device, :func:`fieldgate.fsutil.read_extents`); by default the file is read
+    through its filesystem (:func:`fieldgate.fsutil.read_from_device`). CopyDamaged names
+    the first page that differs (or the lengths); OSError when the device fails to read.
+    The hash and the comparison of each chunk run side by side.
     """
     sha = hashlib.sha256()
     offset = 0
     page: int | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="read-back-sha256") as hasher:
-        for chunk in read_from_device(path):
+        for chunk in read_from_device(path) if chunks is None else chunks:
             hashed = hasher.submit(sha.update, chunk)
             try:
                 page = written.first_difference(offset, chunk)

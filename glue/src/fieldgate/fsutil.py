@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import mmap
@@ -247,6 +248,70 @@ def read_from_device(path: str | Path, chunk: int = READ_BACK_CHUNK) -> Iterator
         os.close(fd)  # the buffers go with the last view the caller holds
 
 
+#: Reads of a device with ``O_DIRECT`` start and end on multiples of this (any logical
+#: block size up to it).
+DIRECT_ALIGN = 4096
+
+
+def read_extents(
+    fd: int, extents: Sequence[tuple[int, int]], chunk: int = READ_BACK_CHUNK
+) -> Iterator[memoryview]:
+    """The bytes at ``extents`` ((offset, length) pairs) of the block device ``fd``, in
+    order, ``chunk`` at a time, as the device returns them.
+
+    Read with ``O_DIRECT`` (set on the descriptor for the reads, then taken off again) into
+    aligned buffers; where the device refuses it, with ordinary reads, which then come from
+    the device only when the caller dropped its cache (:func:`flush_block_device`). The
+    next chunk is read while the caller looks at the current one; each view is valid until
+    the next one is asked for. A read the device cuts short ends the bytes there.
+    """
+    pieces: list[tuple[int, int, int, int]] = []  # aligned start, aligned length, skip, bytes
+    for start, length in extents:
+        at, end = start, start + length
+        while at < end:
+            n = min(chunk, end - at)
+            low = at - at % DIRECT_ALIGN
+            high = -(-(at + n) // DIRECT_ALIGN) * DIRECT_ALIGN
+            pieces.append((low, high - low, at - low, n))
+            at += n
+    if not pieces:
+        return
+    size = chunk + 2 * DIRECT_ALIGN
+    buffers = (mmap.mmap(-1, size), mmap.mmap(-1, size))  # page-aligned, as O_DIRECT wants
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+
+    def read(k: int, turn: int) -> int:
+        low, span, skip, n = pieces[k]
+        view = memoryview(buffers[turn])[:span]
+        try:
+            got = os.preadv(fd, [view], low)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)  # no direct I/O here
+            got = os.preadv(fd, [view], low)
+        return max(0, min(n, got - skip))
+
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="read-back") as reader:
+            n, turn = read(0, 0), 0
+            for k in range(len(pieces)):
+                last = k + 1 == len(pieces) or n < pieces[k][3]
+                ahead = None if last else reader.submit(read, k + 1, 1 - turn)
+                try:
+                    skip = pieces[k][2]
+                    yield memoryview(buffers[turn])[skip : skip + n]
+                finally:
+                    if ahead is not None:
+                        n, turn = ahead.result(), 1 - turn
+                if last:
+                    break
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
 def _first_read(path: str | Path, buffer: mmap.mmap) -> tuple[int, int]:
     """Open ``path`` to read past the page cache and read its first chunk: (fd, bytes)."""
     fd = _open_uncached(path, direct=True)
@@ -288,11 +353,13 @@ def is_block_device(path: str | Path) -> bool:
 
 @dataclass(frozen=True)
 class Mount:
-    """One line of ``/proc/self/mountinfo``: where, which filesystem type, from what."""
+    """One line of ``/proc/self/mountinfo``: where, which filesystem type, from what, and
+    which directory of that filesystem is mounted there (``/`` but for bind mounts)."""
 
     point: str
     fstype: str
     source: str = ""
+    root: str = "/"
 
 
 def _unescape_mount(field: str) -> str:
@@ -315,7 +382,7 @@ def mounts(mountinfo: str | Path = "/proc/self/mountinfo") -> list[Mount]:
         tail = right.split()
         fstype = tail[0] if tail else ""
         source = _unescape_mount(tail[1]) if len(tail) > 1 else ""
-        result.append(Mount(_unescape_mount(fields[4]), fstype, source))
+        result.append(Mount(_unescape_mount(fields[4]), fstype, source, _unescape_mount(fields[3])))
     return result
 
 
