@@ -68,7 +68,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ from fieldgate.config import Config, redacted
 from fieldgate.copycheck import Copied, Written, check_bytes_on_device, check_on_device
 from fieldgate.errors import FieldgateError
 from fieldgate.fsutil import (
+    Mount,
     drop_cached_pages,
     flush_block_device,
     free_bytes,
@@ -87,9 +88,11 @@ from fieldgate.fsutil import (
     human_bytes,
     is_block_device,
     mount_of,
+    read_extents,
     write_new,
 )
 from fieldgate.teevfs import TeeVfs
+from fieldgate.usb import exfat
 
 log = logging.getLogger("fieldgate.export")
 
@@ -659,6 +662,7 @@ def stage_export(
     sequential: bool = False,
     in_order: bool = False,
     device_fd: int | None = None,
+    device_path: tuple[str, ...] | None = None,
 ) -> dict:
     """Write, sync and verify the three files inside ``staging`` (``.partial`` names).
 
@@ -672,7 +676,10 @@ def stage_export(
     2. The site config; then the drive's device is flushed (``device_fd``: see
        :class:`Writeback`).
     3. Both files read back from the device and compared with what was written; the
-       SHA-256 is that of the bytes read back; the header and schema checked.
+       SHA-256 is that of the bytes read back; the header and schema checked. Under a
+       FUSE driver on exFAT the snapshot is read from its clusters on ``device_fd``
+       (``device_path``: the staging directory's path in that filesystem), found in the
+       filesystem's structures on the device (:func:`device_chunks`).
     4. The checksum file, synced and read back the same way.
     """
     if not os.access(staging, os.W_OK | os.X_OK):
@@ -747,7 +754,10 @@ def stage_export(
         writeback.flush_device()
         pause_point("export-readback")
         started = time.monotonic()
-        db_sha = check_on_device(db_tmp, written)
+        chunks = None
+        if device_fd is not None and device_path is not None:
+            chunks = device_chunks(device_fd, (*device_path, db_tmp.name), written, note)
+        db_sha = check_on_device(db_tmp, written, chunks)
         check_bytes_on_device(cfg_tmp, data)
         tables = check_schema(db_tmp)
         note(
@@ -767,6 +777,40 @@ def stage_export(
         if pinned is not None:
             pinned.close()
     return {"db_bytes": written.size, "db_sha256": db_sha, "config_sha256": cfg_sha}
+
+
+def device_chunks(
+    device_fd: int, path: tuple[str, ...], written: Written | Copied, note: Note = _no_note
+) -> Iterator[memoryview] | None:
+    """The copy's bytes read straight from its clusters on an exFAT drive's block device,
+    past the FUSE driver (which reads at its own speed); None when its place is not
+    certain (not exFAT, a structure that does not check out, a length other than the one
+    written: :mod:`fieldgate.usb.exfat`): the copy is then read back through the driver.
+    Either is noted. Called after :meth:`Writeback.flush_device`: the driver's fsync wrote
+    the directory entries, and the device's cache is dropped."""
+    started = time.monotonic()
+    try:
+        extents = exfat.file_extents(device_fd, list(path), written.size)
+    except (exfat.NotMapped, OSError) as exc:
+        note(f"the snapshot is read back through the driver ({exc})")
+        return None
+    pieces = "one extent" if len(extents) == 1 else f"{len(extents)} extents"
+    note(
+        f"snapshot found in the exFAT structures on the device ({pieces}) in "
+        f"{time.monotonic() - started:.2f} s: read back from there, past the driver"
+    )
+    return read_extents(device_fd, extents)
+
+
+def fs_path(directory: Path, mount: Mount | None) -> tuple[str, ...] | None:
+    """The path of ``directory`` inside the filesystem mounted at ``mount`` (None: unknown)."""
+    if mount is None:
+        return None
+    try:
+        inside = directory.resolve().relative_to(mount.point)
+    except ValueError:
+        return None
+    return (*Path(mount.root).parts[1:], *inside.parts)
 
 
 def publish(staging: Path, directory: Path, names: ExportNames) -> None:
@@ -968,8 +1012,10 @@ def export_to(
                 f"{human_bytes(local_need)} for the temporary snapshot"
             )
     device_fd = None
+    device_path = None
     if fstype.startswith("fuse"):
         device_fd = open_device(device or (mount.source if mount else ""), fstype, note)
+        device_path = fs_path(directory, mount)
     names = reserve_names(directory, cfg.site.serial)
     staging = directory / names.staging
     note(f"writing export {names.ts} into {directory}")
@@ -983,6 +1029,7 @@ def export_to(
             sequential=sequential,
             in_order=in_order,
             device_fd=device_fd,
+            device_path=(*device_path, names.staging) if device_path is not None else None,
         )
 
     try:
