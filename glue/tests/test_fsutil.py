@@ -150,3 +150,20 @@ def test_load_small_json_names_each_cause(tmp_path: Path) -> None:
     path.unlink()
     path.mkdir()  # cannot be read as a file
     assert load() == {"file": file, "state": "unreadable", "error": "Is a directory"}
+
+
+def test_read_extents_returns_the_bytes_of_each_range_in_order(tmp_path: Path) -> None:
+    """Ranges that do not start or end on a block boundary, one longer than a chunk, the
+    last one past the end of the file (cut short, and the reading stops there)."""
+    data = os.urandom(300_000)
+    image = tmp_path / "image"
+    image.write_bytes(data)
+    extents = [(5000, 70_000), (100, 3), (200_000, 99_000), (299_990, 50)]
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        chunks = [bytes(c) for c in fsutil.read_extents(fd, extents, chunk=1 << 15)]
+    finally:
+        os.close(fd)
+    assert max(len(c) for c in chunks) == 1 << 15
+    got = b"".join(chunks)
+    assert got == data[5000:75_000] + data[100:103] + data[200_000:299_000] + data[299_990:]

@@ -22,7 +22,9 @@ How, and why this way:
   SQLite makes is observed on its way out (:mod:`fieldgate.teevfs`, a CRC-32 per page).
   The copy is synced and read back from the drive's device — not from the page cache
   (:func:`fieldgate.fsutil.read_from_device`; under a FUSE driver its block device's
-  cache dropped too). The SHA-256 in the checksum file is that of the bytes read back.
+  cache dropped too; under exfat-fuse from the copy's clusters on the block device
+  itself, past the driver, when the filesystem's structures say with certainty where
+  they are: :func:`device_chunks`). The SHA-256 in the checksum file is that of the bytes read back.
   A cheap structural check (header, schema) runs on the copy; ``export.verify:
   quick_check | integrity_check`` adds that SQLite check of the snapshot while the
   drive syncs.
