@@ -114,3 +114,33 @@ def test_the_boot_region_checksum_is_checked(drives: Drives, tmp_path: Path) -> 
         f.flush()
         with pytest.raises(exfat.NotMapped, match="boot region's checksum does not match"):
             exfat.Volume(f.fileno())
+
+
+def entry_set(name: str, *extra: bytes) -> bytes:
+    """A file's directory entry set as exfat-fuse writes it, with ``extra`` secondaries."""
+    units = name.encode("utf-16-le")
+    names = [
+        bytes([exfat.NAME, 0]) + units[k : k + 30].ljust(30, b"\0")
+        for k in range(0, len(units), 30)
+    ]
+    stream = bytearray(32)
+    stream[0], stream[1], stream[3] = exfat.STREAM, 0x03, len(name)
+    stream[8:16] = stream[24:32] = (8192).to_bytes(8, "little")
+    stream[20:24] = (5).to_bytes(4, "little")
+    secondaries = [bytes(stream), *names, *extra]
+    first = bytearray(32)
+    first[0], first[1] = exfat.FILE, len(secondaries)
+    data = bytearray(first + b"".join(secondaries))
+    data[2:4] = exfat.set_checksum(bytes(data)).to_bytes(2, "little")
+    return bytes(data)
+
+
+def test_entry_sets_with_vendor_entries_parse_and_unknown_ones_do_not() -> None:
+    entry = exfat.Entry.parse(entry_set(DB))
+    assert entry == exfat.Entry(DB, False, 5, 8192, 8192, True)
+    vendor = bytes([0xE0]) + bytes(31)
+    assert exfat.Entry.parse(entry_set(DB, vendor)) == entry
+    with pytest.raises(exfat.NotMapped, match="secondary entries not known here"):
+        exfat.Entry.parse(entry_set(DB, bytes([0xC2]) + bytes(31)))
+    with pytest.raises(exfat.NotMapped, match="without its whole name"):
+        exfat.Entry.parse(entry_set(DB)[: 3 * 32])

@@ -36,12 +36,16 @@ SIGNATURE = b"EXFAT   "
 ENTRY = 32
 END_OF_CHAIN = 0xFFFFFFFF
 FIRST_CLUSTER = 2
+#: The FAT is read in blocks of this many bytes.
+FAT_BLOCK = 4096
 #: A directory larger than this is not walked (the export's are a few entries).
 MAX_DIR_BYTES = 64 << 20
 
 FILE, STREAM, NAME = 0x85, 0xC0, 0xC1
 ATTR_DIRECTORY = 0x10
 NO_FAT_CHAIN = 0x02
+#: Secondary entries from this type on may follow the names (vendor extensions).
+BENIGN = 0xE0
 
 
 class NotMapped(FieldgateError):
@@ -104,7 +108,7 @@ class Volume:
             raise NotMapped("the FAT is shorter than the cluster count needs")
         if self.heap_offset + cluster_count * self.cluster > self.volume_bytes:
             raise NotMapped("the cluster heap reaches past the volume")
-        self._fat: bytes | None = None
+        self._fat: dict[int, bytes] = {}
 
     def _read(self, offset: int, size: int) -> bytes:
         data = os.pread(self.fd, size, offset)
@@ -116,9 +120,12 @@ class Volume:
         return FIRST_CLUSTER <= cluster < FIRST_CLUSTER + self.cluster_count
 
     def _next(self, cluster: int) -> int:
-        if self._fat is None:
-            self._fat = self._read(self.fat_offset, (self.cluster_count + FIRST_CLUSTER) * 4)
-        return int.from_bytes(self._fat[cluster * 4 : cluster * 4 + 4], "little")
+        """The FAT's entry for ``cluster`` (read a block at a time, as a chain needs it)."""
+        block, at = divmod(cluster * 4, FAT_BLOCK)
+        data = self._fat.get(block)
+        if data is None:
+            data = self._fat[block] = self._read(self.fat_offset + block * FAT_BLOCK, FAT_BLOCK)
+        return int.from_bytes(data[at : at + 4], "little")
 
     def clusters(self, first: int, count: int | None, contiguous: bool) -> list[int]:
         """The clusters of a chain starting at ``first``: ``count`` of them, contiguous or
@@ -236,9 +243,12 @@ class Entry:
             raise NotMapped("a file entry without its stream extension")
         flags, name_length = stream[1], stream[3]
         valid_length, first_cluster, length = struct.unpack_from("<Q4xIQ", stream, 8)
-        names = [entries[at : at + ENTRY] for at in range(2 * ENTRY, len(entries), ENTRY)]
-        if len(names) * 15 < name_length or any(n[0] != NAME for n in names):
+        secondaries = [entries[at : at + ENTRY] for at in range(2 * ENTRY, len(entries), ENTRY)]
+        names = secondaries[: -(-name_length // 15)]
+        if not name_length or len(names) * 15 < name_length or any(n[0] != NAME for n in names):
             raise NotMapped("a file entry set without its whole name")
+        if any(e[0] < BENIGN for e in secondaries[len(names) :]):
+            raise NotMapped("a file entry set with secondary entries not known here")
         raw = b"".join(n[2:ENTRY] for n in names)[: name_length * 2]
         try:
             name = raw.decode("utf-16-le")
