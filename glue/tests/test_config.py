@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from support import run_fieldgate
 
-from fieldgate.config import Config, load_config, parse_config, redacted
+from fieldgate.config import Config, check_configs, load_config, parse_config, redacted
 from fieldgate.errors import ConfigError
 
 
@@ -161,6 +161,36 @@ def test_config_flag_overrides_environment(tmp_path: Path) -> None:
     assert "GW-FLAG" in r.stdout
     r = run_fieldgate("check-config", "--config", str(good), config=tmp_path / "missing.yaml")
     assert r.returncode == 0, r
+
+
+def test_check_configs_judges_each_configuration_by_name() -> None:
+    problems = check_configs(
+        {
+            "gw-a": "site: {serial: GW-A}\n",
+            "gw-b": "site: {serial: GW-B}\nlog: {level: LOUD}\n",
+            "gw-c": "site: [\n",
+        }
+    )
+    assert problems["gw-a"] == ""
+    assert problems["gw-b"].startswith("gw-b: log.level: must be one of")
+    assert problems["gw-c"].startswith("gw-c: not valid YAML")
+
+
+def test_check_configs_cli_one_line_per_refused_configuration() -> None:
+    r = run_fieldgate(
+        "check-configs",
+        stdin='{"gw-a": "site: {serial: GW-A}\\n", "gw-b": "- a\\n"}',
+    )
+    assert r.returncode == 2, r
+    assert r.stdout == "gw-a: valid\n"
+    assert r.stderr == "fieldgate: error: gw-b: the top level must be a mapping of sections\n"
+    r = run_fieldgate("check-configs", stdin='{"gw-a": "site: {serial: GW-A}\\n"}')
+    assert (r.returncode, r.stdout, r.stderr) == (0, "gw-a: valid\n", "")
+    for bad in ("[1]", '{"gw-a": 1}', "not json"):
+        r = run_fieldgate("check-configs", stdin=bad)
+        assert r.returncode == 2, (bad, r)
+        assert r.stderr.startswith("fieldgate: error: stdin: not a JSON object of configurations")
+        assert r.stderr.count("\n") == 1 and r.stdout == ""
 
 
 def float_keys(cls: type, prefix: str = "") -> list[str]:

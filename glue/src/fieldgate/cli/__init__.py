@@ -212,6 +212,14 @@ COMMANDS: tuple[Command, ...] = (
         "Validate the configuration file and exit (0 when valid).",
     ),
     Command(
+        "check-configs",
+        "commands:check_configs",
+        "Validate several configurations given on stdin as one JSON object (name: YAML text); "
+        "one error line per refused one (exit 2). Ansible's validation play checks every "
+        "host's rendered configuration with it.",
+        config=False,
+    ),
+    Command(
         "broker-conf",
         "broker:broker_conf",
         "Print the Mosquitto configuration lines the gateway's broker needs (the arrival-stamp "

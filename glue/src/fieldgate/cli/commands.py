@@ -1,8 +1,8 @@
 """The one-shot gateway commands: they call the library and print what it returns.
 
 ``status``, ``register``, ``export``, ``restore``, ``prune``, ``devices list``,
-``power-event`` and ``check-config``. Their output lines are part of the command line's
-contract (docs/contract.md §3): scripts and tests read them.
+``power-event``, ``check-config`` and ``check-configs``. Their output lines are part of the
+command line's contract (docs/contract.md §3): scripts and tests read them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fieldgate import store
 from fieldgate.config import Config
-from fieldgate.errors import FieldgateError
+from fieldgate.errors import ConfigError, FieldgateError
 from fieldgate.export import export_to_dir
 from fieldgate.exportdb import inspect_export
 from fieldgate.fsutil import atomic_write, human_bytes
@@ -203,6 +203,27 @@ def check_config(cfg: Config, args: argparse.Namespace) -> int:
     for node in cfg.poll.nodes:
         print(f"poll node {node.name} ({node.format}): {node.url} for device {node.device}")
     return 0
+
+
+def check_configs(args: argparse.Namespace) -> int:
+    """``fieldgate check-configs``: a JSON object of configurations (YAML text by name) on
+    stdin; one ``fieldgate: error: NAME: …`` line on stderr for each refused one (exit 2),
+    ``NAME: valid`` on stdout for each accepted one."""
+    from fieldgate.config import check_configs as check_all
+
+    try:
+        texts = json.load(sys.stdin)
+    except ValueError as exc:
+        raise ConfigError(f"stdin: not a JSON object of configurations: {exc}") from None
+    if not isinstance(texts, dict) or not all(isinstance(v, str) for v in texts.values()):
+        raise ConfigError("stdin: not a JSON object of configurations (name: YAML text)")
+    problems = check_all(texts)
+    for name, problem in problems.items():
+        if problem:
+            sys.stderr.write(f"fieldgate: error: {problem}\n")
+        else:
+            print(f"{name}: valid")
+    return 2 if any(problems.values()) else 0
 
 
 def pull_run(args: argparse.Namespace) -> int:
