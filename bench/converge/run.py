@@ -323,6 +323,14 @@ def main() -> int:
             print(f"  baseline: wall {(bhi['wall'] - blo['wall']) / added:.1f} s, control node "
                   f"{(bhi['ctl_cpu'] - blo['ctl_cpu']) / added:.2f} CPU-s, hosts "
                   f"{(bhi['host_cpu'] - blo['host_cpu']) / added:.2f} CPU-s")  # fmt: skip
+        if 1 in results and len(results) >= 2:
+            lo, hi = min(results), max(results)
+            per_gw = (results[hi][1]["ctl_cpu"] - results[lo][1]["ctl_cpu"]) / (hi - lo)
+            print("\nissue 17's targets:")
+            print(f"  idempotent site.yml, 1 gateway + hub: {results[1][1]['wall']:.1f} s "
+                  f"(target <= 20 s)")  # fmt: skip
+            print(f"  control-node CPU per added gateway ({lo} -> {hi}): {per_gw:.2f} CPU-s "
+                  f"(target <= 3)")  # fmt: skip
         print(f"\nload {Path('/proc/loadavg').read_text().strip()}")
     finally:
         if args.keep is None:
