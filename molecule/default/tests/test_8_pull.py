@@ -2,7 +2,12 @@
 timer. A repository of this working tree, with an inventory that names the scenario's hosts,
 is pushed over SSH into a bare repository on gw1 (pull mode's URL there is a path: no
 network beyond the test network). The timer's service runs twice: the second run changes
-nothing, and the result is in gw1's status and, with the next heartbeat, at the hub."""
+nothing, and the result is in gw1's status and, with the next heartbeat, at the hub.
+
+Before the first run, things are changed by hand on gw1 that an idempotent run only reads in
+the roles' probes (a supervisor program file and the arrival-stamp drop-in edited, a program
+stopped, the service user taken out of group dialout): the first run must notice and repair
+each of them."""
 
 from __future__ import annotations
 
@@ -56,6 +61,33 @@ def _site_repo(tmp: Path, checkout_dir: str) -> Path:
     return repo
 
 
+# What the drift check edits on gw1 (tasks of the supervisor and mosquitto roles write them).
+DRIFTED_FILES = (
+    "/etc/supervisor/conf.d/fieldgate.conf",
+    "/etc/mosquitto/conf.d/30-fieldgate-stamp.conf",
+)
+SERVICE_USER = "fieldgate"  # the fieldgate role's default fieldgate_user
+
+
+def _program_states(gw) -> dict[str, str]:
+    out = gw.run("supervisorctl status").stdout
+    return {line.split()[0]: line.split()[1] for line in out.splitlines() if line.strip()}
+
+
+def _drift(gw) -> tuple[dict[str, str], str]:
+    """Change by hand what the probes read (gw1 has a Modbus RTU device: its service user is in
+    group dialout); returns the files' contents before, and the program stopped."""
+    before = {path: gw.file(path).content_string for path in DRIFTED_FILES}
+    for path in DRIFTED_FILES:
+        assert gw.run(f"echo '# edited by hand' >> {path}").rc == 0
+    program = next(name for name in _program_states(gw) if name.endswith("collect"))
+    assert gw.run(f"supervisorctl stop {program}").rc == 0
+    assert _program_states(gw)[program] == "STOPPED"
+    assert gw.run(f"gpasswd --delete {SERVICE_USER} dialout").rc == 0
+    assert "dialout" not in gw.user(SERVICE_USER).groups
+    return before, program
+
+
 def _run_pull(gw) -> dict:
     run = gw.run("systemctl start fieldgate-pull.service")
     result = json.loads(gw.file("/var/lib/fieldgate/pull-result.json").content_string)
@@ -81,10 +113,17 @@ def test_a_pull_run_changes_nothing_and_is_reported(tmp_path):
          "main"], env={**os.environ, "GIT_SSH_COMMAND": ssh}, check=True,
     )  # fmt: skip
 
+    before, stopped = _drift(gw)
     started = time.monotonic()
     first = _run_pull(gw)
     first_secs = time.monotonic() - started
     assert first["commit"] == head and first["played"]
+    # the probes noticed every change and the roles put each one right
+    assert first["changed"] > 0
+    for path, content in before.items():
+        assert gw.file(path).content_string == content, path
+    wait_for(f"{stopped} running again", lambda: _program_states(gw)[stopped] == "RUNNING")
+    assert "dialout" in gw.user(SERVICE_USER).groups
     second = _run_pull(gw)
     assert second["changed"] == 0, second
     assert second["failed"] == 0 and second["hosts"] == ["gw1"]
