@@ -82,10 +82,12 @@ def test_a_round_is_complete_when_no_bus_polls_or_is_due() -> None:
     now = time.monotonic()
     first, second, third = Polled(target, 1), Polled(target, 2), Polled(target, 3)
     handoff.put(first, "a", now + 10)
-    assert handoff.take(0) == ([first], False)  # bus b has not reported yet
+    assert handoff.take(0) == ([first], [], False)  # bus b has not reported yet
     handoff.put(second, "b", now + 10)
-    assert handoff.take(0) == ([second], True)  # both idle until their next turn
+    assert handoff.take(0) == ([second], [], True)  # both idle until their next turn
     handoff.polling("a")
-    assert handoff.take(0) == ([], False)  # a polls again
+    assert handoff.take(0) == ([], [], False)  # a polls again
+    handoff.progress(third)  # its first answers are in: stored while a reads on
+    assert handoff.take(0) == ([], [third], False)
     handoff.put(third, "a", now - 1)  # a's next device is due already: it polls on
-    assert handoff.take(0) == ([third], False)
+    assert handoff.take(0) == ([third], [], False)

@@ -123,8 +123,8 @@ def test_an_answer_in_pieces_is_read_whole() -> None:
         finally:
             loop.close()
     assert (first.error, first.requests) == (None, 1)
-    assert [r[2:4] for r in first.readings] == [("x", 4_000_000_007.0)]
-    assert second.error is None and [r[3] for r in second.readings] == [4_000_000_008.0]
+    assert [r[:2] for r in first.readings] == [("x", 4_000_000_007.0)]
+    assert second.error is None and [r[1] for r in second.readings] == [4_000_000_008.0]
 
 
 def test_a_peer_closing_mid_answer_is_a_failed_read_and_the_next_poll_reconnects() -> None:
@@ -151,7 +151,7 @@ def test_a_peer_closing_mid_answer_is_a_failed_read_and_the_next_poll_reconnects
             loop.close()
     assert broken.kind == "connect"
     assert broken.error == f"127.0.0.1:{port} closed the connection reading holding 0-1"
-    assert again.error is None and [r[3] for r in again.readings] == [5.0]
+    assert again.error is None and [r[1] for r in again.readings] == [5.0]
 
 
 def test_a_close_between_polls_is_not_a_failed_poll() -> None:
@@ -179,7 +179,7 @@ def test_a_close_between_polls_is_not_a_failed_poll() -> None:
         finally:
             loop.close()
     assert first.error is None and second.error is None, (first.error, second.error)
-    assert [r[3] for r in second.readings] == [6.0]
+    assert [r[1] for r in second.readings] == [6.0]
 
 
 def test_a_device_that_never_answers_holds_only_its_own_bus(sim: Simulator) -> None:
@@ -204,7 +204,7 @@ def test_a_device_that_never_answers_holds_only_its_own_bus(sim: Simulator) -> N
     try:
         # both healthy devices are stored while the silent one still waits for its answer
         polls = take_polls(handoff, 2)
-        assert sorted((p.target.device, p.error, [r[3] for r in p.readings]) for p in polls) == [
+        assert sorted((p.target.device, p.error, [r[1] for r in p.readings]) for p in polls) == [
             ("OK-1", None, [1.0]),
             ("OK-2", None, [2.0]),
         ]
@@ -230,7 +230,7 @@ def test_a_timeout_is_named_and_the_others_are_read(sim: Simulator) -> None:
     )
     slow, good = poll_tcp_once([hanging], [healthy])
     assert (slow.kind, slow.error) == ("timeout", "no answer within 0.5 s reading holding 0-1")
-    assert good.error is None and [r[3] for r in good.readings] == [9.0]
+    assert good.error is None and [r[1] for r in good.readings] == [9.0]
 
 
 def test_a_device_given_by_host_name_is_resolved_and_read(sim: Simulator) -> None:
@@ -244,7 +244,7 @@ def test_a_device_given_by_host_name_is_resolved_and_read(sim: Simulator) -> Non
     )
     # localhost may be ::1 first, where nothing listens: the next address is tried
     polled, dead = poll_tcp_once([named], [refused])
-    assert polled.error is None and [r[3] for r in polled.readings] == [12.0]
+    assert polled.error is None and [r[1] for r in polled.readings] == [12.0]
     assert (dead.kind, dead.error) == (
         "connect",
         f"cannot connect to localhost:{closed}: Connection refused",

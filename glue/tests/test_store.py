@@ -46,6 +46,32 @@ def test_same_reading_twice_is_one_row(tmp_path: Path) -> None:
     assert conn.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == 3
 
 
+def test_one_devices_readings_are_the_rows_the_general_insert_writes(tmp_path: Path) -> None:
+    general = store.open_store(tmp_path / "a.db", "GW-1")
+    device = store.open_store(tmp_path / "b.db", "GW-1")
+    ts, source = 1_700_000_000_000, "modbus:MTR-1"
+    # more than one statement's worth, values that must come back exactly
+    readings = [(f"m{i}", i / 3 + 0.1, ts + 7 + i // 100) for i in range(store.ROWS_PER_INSERT + 5)]
+    with store.transaction(general):
+        store.insert_reading_rows(
+            general, [v for m, value, at in readings for v in ("MTR-1", ts, m, value, at, source)]
+        )
+    with store.transaction(device):
+        assert store.insert_device_readings(device, "MTR-1", ts, source, readings) == len(readings)
+    with store.transaction(device):  # stored already: ignored, and not counted again
+        again = [*readings[:2], ("new", 1.0, ts + 9)]
+        assert store.insert_device_readings(device, "MTR-1", ts, source, again) == 1
+    with store.transaction(general):
+        store.insert_reading_rows(general, ["MTR-1", ts, "new", 1.0, ts + 9, source])
+    # the same rows in the same order (an ignored row may use up an id here: ids are never
+    # reused, gaps are allowed)
+    query = "SELECT device, ts, metric, value, received_at, source FROM readings ORDER BY id"
+    assert device.execute(query).fetchall() == general.execute(query).fetchall()
+    counters = "SELECT * FROM device_counts UNION ALL SELECT * FROM counts ORDER BY 1"
+    assert device.execute(counters).fetchall() == general.execute(counters).fetchall()
+    assert device.execute("SELECT readings FROM device_counts").fetchone() == (len(readings) + 1,)
+
+
 def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
     conn = store.open_store(tmp_path / "s.db", "GW-1")
     with pytest.raises(RuntimeError), store.transaction(conn):

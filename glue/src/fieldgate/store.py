@@ -18,11 +18,12 @@ Commits use ``synchronous=FULL``: a reading acknowledged to the broker survives 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -511,6 +512,22 @@ _INSERT_ROWS_SQL = {
 }
 
 
+#: :func:`insert_device_readings`' statement up to its rows: the device, time and source bound
+#: once (``?1``-``?3``), then metric, value and received_at per reading.
+_DEVICE_ROWS_HEAD = (
+    "INSERT OR IGNORE INTO readings (device, ts, metric, value, received_at, source) "
+    "SELECT ?1, ?2, column1, column2, column3, ?3 FROM (VALUES "
+)
+
+
+@functools.lru_cache(maxsize=ROWS_PER_INSERT)
+def _device_rows_sql(rows: int) -> str:
+    """:func:`insert_device_readings`' statement for ``rows`` readings (one per size: an
+    answer's readings go in one statement)."""
+    values = ", ".join(f"(?{4 + 3 * i}, ?{5 + 3 * i}, ?{6 + 3 * i})" for i in range(rows))
+    return _DEVICE_ROWS_HEAD + values + ")"
+
+
 def insert_reading_rows(conn: sqlite3.Connection, flat: list[object]) -> int:
     """Insert readings given as one flat list, six values per reading (device, ts, metric,
     value, received_at, source), in that order; ones already stored are ignored.
@@ -542,6 +559,37 @@ def insert_reading_rows(conn: sqlite3.Connection, flat: list[object]) -> int:
     if new:
         # every reading new (the usual case): the devices are in the list already
         count_new_readings(conn, new, Counter(flat[0::6]) if 6 * new == end else None)
+    return new
+
+
+def insert_device_readings(
+    conn: sqlite3.Connection,
+    device: str,
+    ts: int,
+    source: str,
+    rows: Sequence[tuple[str, float, int]],
+    *,
+    count: bool = True,
+) -> int:
+    """Insert readings of one ``device`` at one time ``ts`` from one ``source`` (a poll of a
+    device), each ``(metric, value, received_at)``; ones already stored are ignored. The
+    same rows as :func:`insert_reading_rows` writes, with the three values they share bound
+    once per statement of up to :data:`ROWS_PER_INSERT` readings: about a quarter less CPU
+    per reading (docs/benchmarks.md, "Modbus"). Returns how many rows were new.
+    ``count=False``: the caller counts them with :func:`count_new_readings` in the same
+    transaction (once for many small inserts). Does not commit: call inside
+    :func:`transaction`.
+    """
+    before = conn.total_changes
+    for start in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[start : start + ROWS_PER_INSERT]
+        args: list[object] = [device, ts, source]
+        for row in chunk:
+            args += row
+        conn.execute(_device_rows_sql(len(chunk)), args)
+    new = conn.total_changes - before
+    if new and count:
+        count_new_readings(conn, new, {device: new})
     return new
 
 

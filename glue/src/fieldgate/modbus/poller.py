@@ -162,9 +162,9 @@ class Polled:
     target: Target
     ts: int  # the poll time: epoch ms when it started
     finished_at: int = 0
-    #: the readings as the store's rows: (device, ts, metric, value, received_at, source),
-    #: received_at when the answer of its read arrived
-    readings: list[store.ReadingRow] = field(default_factory=list)
+    #: the readings, (metric, value, received_at) with received_at when the answer of its
+    #: read arrived; stored as the device's readings at ``ts`` (``insert_device_readings``)
+    readings: list[tuple[str, float, int]] = field(default_factory=list)
     bad: list[str] = field(default_factory=list)  # one text per non-finite value
     bad_raw: dict[str, str] = field(default_factory=dict)  # metric -> raw words
     error: str | None = None
@@ -174,6 +174,10 @@ class Polled:
     requests: int = 0
     late: int = 0  # slots of this device skipped after this poll: it or its bus overran
     retry_in: float | None = None  # seconds to the next attempt after a failure
+    #: the store thread's: how many of ``readings`` are stored (a poll's first answers are
+    #: stored while its bus reads the next), and how many of those were new
+    stored: int = 0
+    new: int = 0
 
     @property
     def ok(self) -> bool:
@@ -198,11 +202,16 @@ def poll_device(client: BusClient, t: Target) -> Polled:
         return internal_error(t, exc)
 
 
-def internal_error(t: Target, exc: Exception) -> Polled:
-    """A poll that an unexpected error ended (logged): a failed poll of kind ``io``."""
+def internal_error(t: Target, exc: Exception, polled: Polled | None = None) -> Polled:
+    """A poll that an unexpected error ended (logged): a failed poll of kind ``io``;
+    ``polled``: the poll in progress, which keeps what it read so far (default: a new one)."""
     log.exception("modbus %s: unexpected error while polling", t.device)
-    now = store.now_ms()
-    return Polled(t, now, now, error=f"internal error: {exc!r}", kind="io", errors=1)
+    if polled is None:
+        now = store.now_ms()
+        polled = Polled(t, now, now)
+    polled.error, polled.kind = f"internal error: {exc!r}", "io"
+    polled.errors += 1
+    return polled
 
 
 def _poll_device(client: BusClient, t: Target) -> Polled:
@@ -237,10 +246,10 @@ def take_failure(polled: Polled, exc: ReadError) -> bool:
 
 def take_answer(polled: Polled, n: int, data: bytes) -> None:
     """Decode the answer (``data``, as the device sent it) of the poll's ``n``-th read into the
-    store's rows, stamped with the poll's time and received now."""
+    poll's readings, received now."""
     t = polled.target
     read = t.reads[n]
-    device, ts, source, rows = t.device, polled.ts, t.source, polled.readings
+    rows = polled.readings
     decoders = t.decoders
     received = store.now_ms()
     polled.answered += 1
@@ -249,8 +258,8 @@ def take_answer(polled: Polled, n: int, data: bytes) -> None:
         for i, raw in zip(read.members, whole.unpack_from(data), strict=True):
             d = decoders[i]
             value = float(raw) * d.scale + d.offset
-            if math.isfinite(value):  # the row as the store takes it
-                rows.append((device, ts, d.metric, value, received, source))
+            if math.isfinite(value):
+                rows.append((d.metric, value, received))
             else:
                 _bad(polled, d, value, data, d.address - read.start)
         return
@@ -260,7 +269,7 @@ def take_answer(polled: Polled, n: int, data: bytes) -> None:
         at = d.address - read.start
         value = d.bit_value_at(data, at) if bits else d.value_at(data, at)
         if math.isfinite(value):
-            rows.append((device, ts, d.metric, value, received, source))
+            rows.append((d.metric, value, received))
         else:  # only registers: a bit times a finite scale is finite
             _bad(polled, d, value, data, at)
 
@@ -283,12 +292,15 @@ def _bad(polled: Polled, d: Decoder, value: float, data: bytes, at: int) -> None
 
 class Handoff:
     """Polls handed from the bus threads to the thread that stores them, and whether a round is
-    complete: no poll waiting, no bus polling and none due (so one commit can store it all)."""
+    complete: no poll waiting, no bus polling and none due (so one commit can store it all).
+    A bus may also hand over a poll in progress whose answers so far are decoded
+    (:meth:`progress`): their readings are stored while it reads on."""
 
     def __init__(self, buses: int) -> None:
         self.buses = buses
         self._cond = threading.Condition()
         self._polls: list[Polled] = []
+        self._growing: list[Polled] = []
         #: bus -> when (monotonic) it polls next; a bus that is polling has no entry
         self._next: dict[str, float] = {}
 
@@ -304,14 +316,23 @@ class Handoff:
                 self._next[bus] = next_poll
             self._cond.notify()
 
-    def take(self, timeout: float, limit: int = MAX_BATCH) -> tuple[list[Polled], bool]:
-        """The polls waiting (after waiting up to ``timeout`` for one) and whether the round
-        is complete with them."""
+    def progress(self, polled: Polled) -> None:
+        """A poll in progress has new readings (its bus goes on with its next read)."""
         with self._cond:
-            if not self._polls:
+            self._growing.append(polled)
+            self._cond.notify()
+
+    def take(
+        self, timeout: float, limit: int = MAX_BATCH
+    ) -> tuple[list[Polled], list[Polled], bool]:
+        """The polls waiting, the polls in progress with new readings (after waiting up to
+        ``timeout`` for either) and whether the round is complete with them."""
+        with self._cond:
+            if not self._polls and not self._growing:
                 self._cond.wait(timeout)
             polls, self._polls = self._polls[:limit], self._polls[limit:]
-            return polls, self._complete()
+            growing, self._growing = self._growing, []
+            return polls, growing, self._complete()
 
     def _complete(self) -> bool:
         if self._polls or len(self._next) < self.buses:
@@ -524,9 +545,9 @@ class ModbusPoller:
         try:
             results: dict[str, DeviceResult] = {}
             while len(results) < len(self.targets):
-                polls, complete = self.handoff.take(0.5)
-                if polls:
-                    for r in self.store_round(conn, polls, complete, "last --once run"):
+                polls, growing, complete = self.handoff.take(0.5)
+                if polls or growing:
+                    for r in self.store_round(conn, polls, growing, complete, "last --once run"):
                         results[r.device] = r
         finally:
             conn.close()
@@ -551,16 +572,17 @@ class ModbusPoller:
             for bus in self.bus_workers:
                 bus.start(stop, once=False, origin=origin)
             while not stop.is_set():
-                polls, complete = self.handoff.take(0.5)
-                if polls:
-                    self.store_round(conn, polls, complete, "running")
+                polls, growing, complete = self.handoff.take(0.5)
+                if polls or growing:
+                    self.store_round(conn, polls, growing, complete, "running")
             deadline = time.monotonic() + STOP_GRACE_SECS
             for bus in self.bus_workers:
                 assert bus.thread is not None
                 bus.thread.join(max(0.0, deadline - time.monotonic()))
-            polls, _ = self.handoff.take(0)  # what finished during the stop is stored too
-            if polls:
-                self.store_round(conn, polls, True, "stopping")
+            # what was read during the stop is stored too
+            polls, growing, _ = self.handoff.take(0)
+            if polls or growing:
+                self.store_round(conn, polls, growing, True, "stopping")
             with store.transaction(conn):
                 store.set_state(conn, STATE_KEY, "stopped")
         finally:
@@ -572,27 +594,39 @@ class ModbusPoller:
             bus.close()
 
     def store_round(
-        self, conn: sqlite3.Connection, polls: list[Polled], complete: bool, prefix: str
+        self,
+        conn: sqlite3.Connection,
+        polls: list[Polled],
+        growing: list[Polled],
+        complete: bool,
+        prefix: str,
     ) -> list[DeviceResult]:
-        """Store ``polls`` and the rest of their round in one transaction: each poll's readings
-        and any rejection as it arrives (while the other buses are still reading), then the
+        """Store ``polls`` (finished), the readings so far of ``growing`` (polls in progress)
+        and the rest of their round in one transaction: readings as their answers arrive and
+        each poll's rejection as it ends (while the other buses are still reading), then the
         devices' facts and the summary, and one commit when the round is ``complete`` (no bus
         polling or due) or :data:`ROUND_HOLD_SECS` after the first poll (a slow device's poll
         then gets a commit of its own)."""
         deadline = time.monotonic() + ROUND_HOLD_SECS
-        stored: list[tuple[Polled, int, str, int]] = []
+        stored: list[tuple[Polled, int, str]] = []
         #: device -> its fact, written as its poll is stored (not all after the last poll)
         facts: dict[str, str] = {}
+        #: device -> readings new in this transaction, counted once at its end
+        new: Counter[str] = Counter()
         with store.transaction(conn):
             while True:
+                for polled in growing:
+                    self._store_rows(conn, polled, new)
                 for polled in polls:
-                    stored.append((polled, *self._store_poll(conn, polled)))
+                    stored.append((polled, *self._store_poll(conn, polled, new)))
                     device = polled.target.device
                     facts[device] = self.stats[device].fact()
                 remaining = deadline - time.monotonic()
                 if complete or remaining <= 0 or len(stored) >= MAX_BATCH:
                     break
-                polls, complete = self.handoff.take(remaining, MAX_BATCH - len(stored))
+                polls, growing, complete = self.handoff.take(remaining, MAX_BATCH - len(stored))
+            if new:
+                store.count_new_readings(conn, sum(new.values()), new)
             store.set_states(
                 conn,
                 [
@@ -601,29 +635,46 @@ class ModbusPoller:
                 ],
             )
         results = []
-        for polled, level, detail, new in stored:
+        for polled, level, detail in stored:
             t = polled.target
-            if new < len(polled.readings):  # the unique key kept the first: say so
+            if polled.new < len(polled.readings):  # the unique key kept the first: say so
                 log.warning(
                     "modbus %s: %d of %d readings were already stored with the same time %d "
                     "(did the clock step back?)",
                     t.device,
-                    len(polled.readings) - new,
+                    len(polled.readings) - polled.new,
                     len(polled.readings),
                     polled.ts,
                 )
             if log.isEnabledFor(level):  # a healthy device's polls are DEBUG: skipped cheaply
                 retry = "" if polled.retry_in is None else f"; next try in {polled.retry_in:g} s"
                 log.log(level, "modbus %s (%s): %s%s", t.device, t.where, detail, retry)
-            results.append(DeviceResult(t.device, polled.ok, detail, new))
+            results.append(DeviceResult(t.device, polled.ok, detail, polled.new))
         return results
 
-    def _store_poll(self, conn: sqlite3.Connection, polled: Polled) -> tuple[int, str, int]:
-        """Count a poll and write its readings and any rejection (inside the round's
-        transaction): (log level, log detail, new readings)."""
+    @staticmethod
+    def _store_rows(conn: sqlite3.Connection, polled: Polled, new: Counter[str]) -> None:
+        """Insert the readings of ``polled`` not stored yet, counting the new ones in ``new``
+        (by device)."""
+        end = len(polled.readings)  # the bus thread may be appending more: not those yet
+        if end > polled.stored:
+            t = polled.target
+            rows = polled.readings[polled.stored : end]
+            added = store.insert_device_readings(
+                conn, t.device, polled.ts, t.source, rows, count=False
+            )
+            polled.stored = end
+            polled.new += added
+            new[polled.target.device] += added
+
+    def _store_poll(
+        self, conn: sqlite3.Connection, polled: Polled, new: Counter[str]
+    ) -> tuple[int, str]:
+        """Count a poll and write the rest of its readings and any rejection (inside the
+        round's transaction; the new readings counted in ``new``): (log level, log detail)."""
         reason, level, detail = self._account(polled)
         t = polled.target
-        new = store.insert_rows(conn, polled.readings)
+        self._store_rows(conn, polled, new)
         if reason is not None:
             store.insert_rejected(
                 conn,
@@ -633,8 +684,8 @@ class ModbusPoller:
                 reason=reason,
                 received_at=polled.finished_at,
             )
-        self.stats[t.device].readings += new
-        return level, detail, new
+        self.stats[t.device].readings += polled.new
+        return level, detail
 
     def _account(self, polled: Polled) -> tuple[str | None, int, str]:
         """Count a poll in its device's facts: (rejection reason, log level, log detail)."""

@@ -172,8 +172,7 @@ class _Link:
         self.close()
         if polled is None:  # between polls: the next one connects again
             return
-        self.polled = internal_error(polled.target, exc)
-        self.polled.requests = polled.requests
+        internal_error(polled.target, exc, polled)
         self.finish(now)
 
     def set_state(self, state: str, deadline: float) -> None:
@@ -350,6 +349,8 @@ class _Link:
             return
         take_answer(polled, self.n, data)
         self.n += 1
+        if self.n < len(polled.target.reads):  # stored while the next read is answered
+            self.loop.handoff.progress(polled)
         self.next_read(now)
 
     def broken(self, exc: OSError, now: float) -> None:
