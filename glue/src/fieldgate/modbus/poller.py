@@ -23,9 +23,10 @@ every Modbus TCP bus, one store writer.
   leaves one ``rejected`` row naming each bad value with its raw words.
 - The bus threads (the serial lines' and the TCP loop) hand each poll to the thread that
   runs :meth:`ModbusPoller.run` (or :meth:`ModbusPoller.once`), which owns the store
-  connection (:class:`Handoff`); the TCP loop also hands over a poll in progress after each
-  of its answers but the last, so that its readings are stored while the next request is
-  answered (a coalesced round's polls all end in its last third: storing only whole polls
+  connection (:class:`Handoff`); the TCP loop also hands over a poll in progress after an
+  answer but the last once enough of its readings wait
+  (``tcploop.HANDOFF_MIN_READINGS``), so that its readings are stored while the next
+  request is answered (a coalesced round's polls all end in its last third: storing only whole polls
   left most readings for after the last answer). A round's polls are stored in one
   transaction as they arrive while the other buses are still reading: their readings, any
   ``rejected`` rows, then the devices' facts for ``fieldgate status``

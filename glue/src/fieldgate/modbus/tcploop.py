@@ -66,6 +66,10 @@ _MAX_ADU = 260
 STOP_CHECK_SECS = 0.25
 #: Threads that resolve host names (a device given by address needs none).
 RESOLVERS = 2
+#: A poll in progress is handed to the store thread once this many of its readings are
+#: not handed yet: a coalesced read's answer brings tens of values, a map read one register
+#: at a time would otherwise wake the store thread for every single value.
+HANDOFF_MIN_READINGS = 16
 
 _IDLE, _RESOLVING, _CONNECTING, _AWAITING = "idle", "resolving", "connecting", "awaiting"
 
@@ -101,6 +105,7 @@ class _Link:
         self.schedule: Schedule | None = None
         self.polled: Polled | None = None
         self.n = 0  # the read of the poll in progress
+        self.handed = 0  # how many of its readings the store thread was given so far
         self.got = b""  # the answer so far
         self.need = _HEADER.size
         self.out = b""  # the part of the request not sent yet
@@ -127,7 +132,7 @@ class _Link:
 
     def begin(self, t: Target, now: float) -> None:
         self.polled = begin_poll(t)
-        self.n = 0
+        self.n = self.handed = 0
         self.next_read(now)
 
     def next_read(self, now: float) -> None:
@@ -349,7 +354,9 @@ class _Link:
             return
         take_answer(polled, self.n, data)
         self.n += 1
-        if self.n < len(polled.target.reads):  # stored while the next read is answered
+        ready = len(polled.readings)
+        if self.n < len(polled.target.reads) and ready - self.handed >= HANDOFF_MIN_READINGS:
+            self.handed = ready  # stored while the next read is answered
             self.loop.handoff.progress(polled)
         self.next_read(now)
 
