@@ -181,6 +181,19 @@ def test_copied_compares_with_the_source_and_names_the_page(tmp_path: Path) -> N
     path.write_bytes(source[:3000] + bytes([source[3000] ^ 1]) + source[3001:])
     with pytest.raises(CopyDamaged, match=r"page 6 \(bytes 2560-3071\) of copy.db"):
         check_on_device(path, copied)
+    hashed = Copied(512, reread)  # the source hashed beside the copy: the read-back is not
+    hashed.hash_source(len(source))
+    hashed.record(bytes(source))
+    path.write_bytes(source)
+    assert check_on_device(path, hashed) == hashlib.sha256(source).hexdigest()
+    path.write_bytes(source[:3000] + bytes([source[3000] ^ 1]) + source[3001:])
+    with pytest.raises(CopyDamaged, match=r"page 6 \(bytes 2560-3071\) of copy.db"):
+        check_on_device(path, hashed)
     del source[5000:]  # the source itself shrank: nothing can be said about the copy
     with pytest.raises(FieldgateError, match="changed while it was held still"):
         copied.first_difference(4096, bytes(1536))
+    hashed = Copied(512, reread)
+    hashed.hash_source(5 * 1024 + 512)
+    hashed.record(bytes(5 * 1024 + 512))
+    with pytest.raises(FieldgateError, match="hashed over 5000 bytes, 5632 were copied"):
+        hashed.source_sha256()

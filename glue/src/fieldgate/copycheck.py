@@ -3,10 +3,11 @@
 :class:`Written` is filled as a file's bytes are handed to ``write`` — by SQLite, seen
 through :mod:`fieldgate.teevfs`, or by a front-to-back copy — with a CRC-32 of every page;
 :class:`Copied` notes a copy of a source that stays unchanged until the copy is verified,
-and compares with the source itself (exact, nothing hashed while writing).
-:func:`check_on_device` then reads the file back from the device
-(:func:`fieldgate.fsutil.read_from_device`, not the page cache), compares every page with
-what was written and returns the SHA-256 of the bytes the device gave back. A page the
+and compares with the source itself (exact, the writes not hashed; the source's SHA-256
+taken in a thread beside the copy). :func:`check_on_device` then reads the file back
+from the device (:func:`fieldgate.fsutil.read_from_device`, not the page cache), compares
+every page with what was written and returns the SHA-256 of the bytes the device gave
+back (for a :class:`Copied`, the source's, which they equal byte for byte). A page the
 device returns differently, a file of another length, a page that was never written but
 is not zero: each is a :class:`CopyDamaged` naming the first place it differs.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import array
 import hashlib
 import itertools
+import threading
 import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +29,9 @@ from pathlib import Path
 
 from fieldgate.errors import FieldgateError
 from fieldgate.fsutil import read_from_device
+
+#: Bytes per read of the source hashed beside the copy.
+HASH_CHUNK = 1 << 20
 
 
 class CopyDamaged(FieldgateError):
@@ -88,8 +93,10 @@ class Copied:
     ``reread(offset, buffer)`` fills ``buffer`` with the bytes the copy wrote at
     ``offset`` again (the source does not change until the copy is verified; a header
     changed on the way is changed again) and returns how many it read. The comparison
-    with the bytes read back from the device is then exact, with nothing hashed while
-    writing.
+    with the bytes read back from the device is then exact, without a hash of what was
+    written. :meth:`hash_source` takes the SHA-256 of the source's bytes in a thread beside
+    the copy and the sync; once the bytes read back compare equal with them, it is theirs
+    too, and the read-back itself hashes nothing.
     """
 
     def __init__(self, page_size: int, reread: Callable[[int, bytearray], int]) -> None:
@@ -100,12 +107,42 @@ class Copied:
         self.size = 0
         self.first_page = b""
         self._buffer = bytearray()
+        self._hashing: _SourceHash | None = None
 
     def record(self, data: bytes | memoryview) -> None:
         """Note the next ``data`` of the copy (written right after what was recorded)."""
         if self.size == 0:
             self.first_page = bytes(data[: self.page_size])
         self.size += len(data)
+
+    def hash_source(self, size: int) -> None:
+        """Start taking the SHA-256 of the source's first ``size`` bytes (as the copy holds
+        them) in a thread; :meth:`close` stops it."""
+        self.close()
+        self._hashing = _SourceHash(self.reread, size)
+
+    @property
+    def hashes_source(self) -> bool:
+        """Whether :meth:`hash_source` was asked for."""
+        return self._hashing is not None
+
+    def source_sha256(self) -> str:
+        """The SHA-256 :meth:`hash_source` took (waiting for it). FieldgateError when the
+        source held fewer bytes than were copied."""
+        if self._hashing is None:
+            raise ValueError("hash_source was not asked for")
+        size, digest = self._hashing.result()
+        if size != self.size:
+            raise FieldgateError(
+                f"the source of the copy was hashed over {size} bytes, {self.size} were "
+                "copied: it changed while it was held still"
+            )
+        return digest
+
+    def close(self) -> None:
+        """Stop the hashing, if any (before the source is let go)."""
+        if self._hashing is not None:
+            self._hashing.stop()
 
     def first_difference(self, offset: int, data: bytes | memoryview) -> int | None:
         """The number of the first page in ``data`` (read at ``offset``) that differs from
@@ -132,6 +169,44 @@ class Copied:
         return None
 
 
+class _SourceHash:
+    """The SHA-256 of ``reread``'s bytes from 0 to ``size``, taken in a thread (hashlib
+    and the reads let the GIL go) while the export copies and syncs."""
+
+    def __init__(self, reread: Callable[[int, bytearray], int], size: int) -> None:
+        self._sha = hashlib.sha256()
+        self._hashed = 0
+        self._failure: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(reread, size), name="copy-sha256", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, reread: Callable[[int, bytearray], int], size: int) -> None:
+        buffer = bytearray(HASH_CHUNK)
+        try:
+            while self._hashed < size and not self._stop.is_set():
+                got = min(reread(self._hashed, buffer), size - self._hashed)
+                if got <= 0:
+                    break
+                self._sha.update(memoryview(buffer)[:got])
+                self._hashed += got
+        except BaseException as exc:  # handed to result()
+            self._failure = exc
+
+    def result(self) -> tuple[int, str]:
+        """(bytes hashed, their SHA-256), once the thread is done."""
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        return self._hashed, self._sha.hexdigest()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def check_on_device(
     path: str | Path, written: Written | Copied, chunks: Iterable[memoryview] | None = None
 ) -> str:
@@ -141,18 +216,21 @@ def check_on_device(
     the block device, :func:`fieldgate.fsutil.read_extents`); by default the file is read
     through its filesystem (:func:`fieldgate.fsutil.read_from_device`). CopyDamaged names
     the first page that differs (or the lengths); OSError when the device fails to read.
-    The hash and the comparison of each chunk run side by side.
+    The SHA-256 is that of the bytes read back: hashed beside the comparison of each
+    chunk, or, for a :class:`Copied` whose source was hashed (:meth:`Copied.hash_source`),
+    that hash, the bytes read back having compared equal with the source.
     """
-    sha = hashlib.sha256()
+    sha = None if isinstance(written, Copied) and written.hashes_source else hashlib.sha256()
     offset = 0
     page: int | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="read-back-sha256") as hasher:
         for chunk in read_from_device(path) if chunks is None else chunks:
-            hashed = hasher.submit(sha.update, chunk)
+            hashed = None if sha is None else hasher.submit(sha.update, chunk)
             try:
                 page = written.first_difference(offset, chunk)
             finally:
-                hashed.result()
+                if hashed is not None:
+                    hashed.result()
             if page is not None:
                 break
             offset += len(chunk)
@@ -167,7 +245,9 @@ def check_on_device(
             f"the copy read back from the drive has {offset} bytes, {written.size} were "
             f"written: {Path(path).name}"
         )
-    return sha.hexdigest()
+    if sha is None and isinstance(written, Copied):
+        return written.source_sha256()
+    return (sha or hashlib.sha256()).hexdigest()
 
 
 def check_bytes_on_device(path: str | Path, data: bytes) -> None:

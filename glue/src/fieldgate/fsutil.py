@@ -233,19 +233,22 @@ def read_from_device(path: str | Path, chunk: int = READ_BACK_CHUNK) -> Iterator
     file's own cache is bypassed: a FUSE driver's device needs :func:`flush_block_device`
     first.
     """
-    buffers = (mmap.mmap(-1, chunk), mmap.mmap(-1, chunk))  # page-aligned, as O_DIRECT wants
-    fd, n = _first_read(path, buffers[0])
+    fd, at = -1, 0
+
+    def read(k: int, buffer: mmap.mmap) -> tuple[memoryview, bool]:
+        nonlocal fd, at
+        if k == 0:
+            fd, n = _first_read(path, buffer)
+        else:
+            n = os.preadv(fd, [buffer], at)
+        at += n
+        return memoryview(buffer)[:n], n > 0
+
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="read-back") as reader:
-            offset, turn = 0, 0
-            while n > 0:
-                ahead = reader.submit(os.preadv, fd, [buffers[1 - turn]], offset + n)
-                try:
-                    yield memoryview(buffers[turn])[:n]
-                finally:
-                    offset, turn, n = offset + n, 1 - turn, ahead.result()
+        yield from _read_ahead(read, chunk)
     finally:
-        os.close(fd)  # the buffers go with the last view the caller holds
+        if fd >= 0:
+            os.close(fd)
 
 
 #: Reads of a device with ``O_DIRECT`` start and end on multiples of this (any logical
@@ -276,15 +279,13 @@ def read_extents(
             at += n
     if not pieces:
         return
-    size = chunk + 2 * DIRECT_ALIGN
-    buffers = (mmap.mmap(-1, size), mmap.mmap(-1, size))  # page-aligned, as O_DIRECT wants
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
 
-    def read(k: int, turn: int) -> int:
-        low, span, skip, n = pieces[k]
-        view = memoryview(buffers[turn])[:span]
+    def read(k: int, buffer: mmap.mmap) -> tuple[memoryview, bool]:
+        low, span, skip, want = pieces[k]
+        view = memoryview(buffer)[:span]
         try:
             got = os.preadv(fd, [view], low)
         except OSError as exc:
@@ -292,24 +293,38 @@ def read_extents(
                 raise
             fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)  # no direct I/O here
             got = os.preadv(fd, [view], low)
-        return max(0, min(n, got - skip))
+        n = max(0, min(want, got - skip))
+        return view[skip : skip + n], n == want and k + 1 < len(pieces)
 
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="read-back") as reader:
-            n, turn = read(0, 0), 0
-            for k in range(len(pieces)):
-                last = k + 1 == len(pieces) or n < pieces[k][3]
-                ahead = None if last else reader.submit(read, k + 1, 1 - turn)
-                try:
-                    skip = pieces[k][2]
-                    yield memoryview(buffers[turn])[skip : skip + n]
-                finally:
-                    if ahead is not None:
-                        n, turn = ahead.result(), 1 - turn
-                if last:
-                    break
+        yield from _read_ahead(read, chunk + 2 * DIRECT_ALIGN)
     finally:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
+def _read_ahead(
+    read: Callable[[int, mmap.mmap], tuple[memoryview, bool]], size: int
+) -> Iterator[memoryview]:
+    """The bytes ``read(k, buffer)`` returns for k = 0, 1, … (a view into ``buffer`` and
+    whether more may follow), read into two page-aligned buffers of ``size`` bytes (as
+    ``O_DIRECT`` wants) in turn: read k + 1 runs in a thread while the caller looks at the
+    view of read k, which stays valid until the next one is asked for. Empty views are
+    not passed on."""
+    buffers = (mmap.mmap(-1, size), mmap.mmap(-1, size))
+    view, more = read(0, buffers[0])
+    with ThreadPoolExecutor(1, thread_name_prefix="read-back") as reader:
+        k = 0
+        while True:
+            ahead = reader.submit(read, k + 1, buffers[(k + 1) % 2]) if more else None
+            try:
+                if len(view):
+                    yield view
+            finally:
+                if ahead is not None:
+                    view, more = ahead.result()
+            if ahead is None:
+                return  # the buffers go with the last view the caller holds
+            k += 1
 
 
 def _first_read(path: str | Path, buffer: mmap.mmap) -> tuple[int, int]:
