@@ -54,6 +54,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 CACHE_DIR = Path(os.environ.get("FIELDGATE_TESTHOSTS_CACHE", "/var/cache/fieldgate-testhosts"))
 MIRROR = os.environ.get("FIELDGATE_TESTHOSTS_MIRROR", "http://deb.debian.org/debian")
@@ -293,6 +294,16 @@ def _pick_run_id() -> tuple[str, int]:
     raise TestHostError("no free run id / test subnet found")
 
 
+def _run_id_lock() -> TextIO:
+    """Hold the machine-wide lock of run ids and subnets until the returned file is closed."""
+    import fcntl
+
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    lockf = (CACHE_DIR / ".run-id.lock").open("w")
+    fcntl.flock(lockf, fcntl.LOCK_EX)
+    return lockf
+
+
 def _ip(net: str, idx: int, host: int) -> str:
     return f"10.{NETS[net]}.{idx}.{host}"
 
@@ -311,6 +322,10 @@ def cmd_up(run_: Run, specs: list[str], usb_hosts: list[str], binds: list[str]) 
         parsed.append((name, [n for n in (nets or "mgmt").split(",") if n], arch or NATIVE))
     bases = {arch: str(ensure_base(arch)) for arch in sorted({p[2] for p in parsed})}
     run_.dir.mkdir(parents=True, exist_ok=True)
+    # Runs started at the same moment (scripts/molecule.sh --jobs) must not pick the same id or
+    # subnet: the pick and the creation of what takes them (the namespace, the control node's
+    # address and route) happen under one machine-wide lock.
+    id_lock = _run_id_lock()
     rid, idx = _pick_run_id()
     run_.state = {
         "run_id": rid, "subnet_index": idx, "hosts": {},
@@ -335,7 +350,10 @@ def cmd_up(run_: Run, specs: list[str], usb_hosts: list[str], binds: list[str]) 
     run_.state["hosts"] = hosts
     run_.save()
     try:
-        _make_network(run_)
+        try:
+            _make_network(run_)
+        finally:
+            id_lock.close()
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"fieldgate-testhosts-{rid}",
              "-f", run_.state["ssh_key"]])  # fmt: skip
         for name in hosts:
