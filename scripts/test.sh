@@ -22,13 +22,44 @@ ruff format --check --config scripts/ruff.toml "${role_py[@]}"
 ruff check --config scripts/ruff.toml molecule
 ruff format --check --config scripts/ruff.toml molecule
 
+# Molecule runs beside lint and the glue tests: its scenarios spend most of their time waiting
+# (test hosts booting, SSH round trips, services starting), not on the CPU. Its output goes to a
+# file and is printed (then followed) after the glue tests, so the two never interleave. Every
+# stage runs to its end; the run fails when any of them failed, naming them.
+mol_log=$(mktemp /tmp/fieldgate-test-molecule.XXXXXX)
+stage "molecule (in the background; its output is printed after the glue tests)"
+# Started with job control: a process group of its own that does not ignore SIGINT, so that an
+# interrupt here (passed on by stop_molecule) stops it and it takes its test hosts down.
+set -m
+bash scripts/molecule.sh >"$mol_log" 2>&1 &
+mol=$!
+set +m
+stop_molecule() {
+  if kill -0 "$mol" 2>/dev/null; then
+    kill -INT -- "-$mol" 2>/dev/null || true
+    wait "$mol" 2>/dev/null || true
+    cat "$mol_log"
+  fi
+  rm -f "$mol_log"
+}
+trap stop_molecule EXIT
+trap 'exit 130' INT TERM
+
+failed=()
 stage "ansible lint and syntax"
-bash scripts/lint.sh
+bash scripts/lint.sh || failed+=("lint")
 
 stage "glue tests (pytest)"
-(cd glue && python -m pytest -p no:cacheprovider -q -ra -n auto --dist loadfile)
+(cd glue && python -m pytest -p no:cacheprovider -q -ra -n auto --dist loadfile) || failed+=("glue tests")
 
-stage "molecule"
-bash scripts/molecule.sh
+stage "molecule (started at the ruff stage's end; what it printed so far, then live)"
+tail -n +1 -f --pid="$mol" "$mol_log"
+wait "$mol" || failed+=("molecule")
+rm -f "$mol_log"
+trap - EXIT
 
+if [ ${#failed[@]} -gt 0 ]; then
+  stage "FAILED: ${failed[*]}"
+  exit 1
+fi
 stage "all tests passed in ${SECONDS}s"
