@@ -217,6 +217,22 @@ def describe_variable(role: Role, name: str, option: dict[str, Any]) -> list[str
     return lines
 
 
+def roles_of_tasks(base: Path, tasks: list[dict[str, Any]]) -> list[str]:
+    """The roles a task list imports or includes, also through the task files it imports
+    or includes (playbooks/tasks/*.yml, relative to the playbook)."""
+    names = []
+    for task in tasks:
+        for key in ("ansible.builtin.import_role", "ansible.builtin.include_role"):
+            if isinstance(task.get(key), dict):
+                names.append(task[key].get("name"))
+        for key in ("ansible.builtin.import_tasks", "ansible.builtin.include_tasks"):
+            spec = task.get(key)
+            file = spec.get("file") if isinstance(spec, dict) else spec
+            if isinstance(file, str) and (base / file).is_file():
+                names += roles_of_tasks((base / file).parent, load_yaml(base / file) or [])
+    return names
+
+
 def plays_using(root: Path, role: str) -> list[tuple[str, dict[str, Any]]]:
     """(playbook file, play) for every play that runs the role or one of its entry points."""
     found = []
@@ -226,13 +242,7 @@ def plays_using(root: Path, role: str) -> list[tuple[str, dict[str, Any]]]:
                 continue
             names = [r if isinstance(r, str) else r.get("role") for r in play.get("roles", [])]
             for section in ("pre_tasks", "tasks", "post_tasks"):
-                for task in play.get(section) or []:
-                    for key in (
-                        "ansible.builtin.import_role",
-                        "ansible.builtin.include_role",
-                    ):
-                        if isinstance(task.get(key), dict):
-                            names.append(task[key].get("name"))
+                names += roles_of_tasks(book.parent, play.get(section) or [])
             if role in names:
                 found.append((f"playbooks/{book.name}", play))
     return found
