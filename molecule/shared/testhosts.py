@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -165,8 +166,6 @@ def ensure_base(arch: str = NATIVE) -> Path:
     Builds into a temporary directory and renames it into place under a lock, so concurrent
     runs either wait for the build or reuse the finished tree, never a half-built one.
     """
-    import fcntl
-
     if arch not in ARCHES:
         raise TestHostError(f"unknown architecture {arch!r} ({', '.join(ARCHES)})")
     ensure_emulation(arch)
@@ -296,8 +295,6 @@ def _pick_run_id() -> tuple[str, int]:
 
 def _run_id_lock() -> TextIO:
     """Hold the machine-wide lock of run ids and subnets until the returned file is closed."""
-    import fcntl
-
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     lockf = (CACHE_DIR / ".run-id.lock").open("w")
     fcntl.flock(lockf, fcntl.LOCK_EX)
@@ -322,9 +319,9 @@ def cmd_up(run_: Run, specs: list[str], usb_hosts: list[str], binds: list[str]) 
         parsed.append((name, [n for n in (nets or "mgmt").split(",") if n], arch or NATIVE))
     bases = {arch: str(ensure_base(arch)) for arch in sorted({p[2] for p in parsed})}
     run_.dir.mkdir(parents=True, exist_ok=True)
-    # Runs started at the same moment (scripts/molecule.sh --jobs) must not pick the same id or
-    # subnet: the pick and the creation of what takes them (the namespace, the control node's
-    # address and route) happen under one machine-wide lock.
+    # Runs started at the same moment (two Molecule runs or benchmarks on one machine) must not
+    # pick the same id or subnet: the pick and the creation of what takes them (the namespace,
+    # the control node's address and route) happen under one machine-wide lock.
     id_lock = _run_id_lock()
     rid, idx = _pick_run_id()
     run_.state = {

@@ -245,9 +245,10 @@ def check_on_device(
             f"the copy read back from the drive has {offset} bytes, {written.size} were "
             f"written: {Path(path).name}"
         )
-    if sha is None and isinstance(written, Copied):
+    if sha is None:
+        assert isinstance(written, Copied)  # only a Copied hashes its source
         return written.source_sha256()
-    return (sha or hashlib.sha256()).hexdigest()
+    return sha.hexdigest()
 
 
 def check_bytes_on_device(path: str | Path, data: bytes) -> None:
