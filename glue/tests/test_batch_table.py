@@ -140,6 +140,7 @@ VALID = {
     ),
     "quoted-fields": readings(b'"TH-1",5,"t",1.5\n', b'TH-1,"6",t,"2.5"\n'),
     "quoted-header": b'"device","ts",metric,value\n' + GOOD[len(HEADER) :],
+    "quoted-header-only": b'"device","ts",metric,value\n',
     # lone CR line breaks (a file of them is one line to the limits: at most 1024 bytes)
     "lone-cr": b"".join(LINES[:20]).replace(b"\n", b"\r"),
 }

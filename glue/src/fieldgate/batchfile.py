@@ -573,12 +573,12 @@ class BatchZip:
         error is the same sentence naming the same line, and a file that only the Python
         parser accepts (a quoted field, a lone CR line break, ``+5``) gives the same rows.
         Needs pyarrow (the ``hub`` extra)."""
+        import pyarrow as pa
+
         try:
             member = self.zf.open(CSV_NAME)
         except _ZIP_ERRORS as exc:
             raise NotAZip(f"the batch zip is corrupted ({exc})") from None
-        import pyarrow as pa
-
         raw = _Hashing(member, announced["rows"] + 1)
         try:
             table = _arrow_table(io.BufferedReader(raw, 1 << 16))
@@ -593,28 +593,23 @@ class BatchZip:
         return table
 
     def _table_of_columns(self, announced: dict[str, Any]) -> pa.Table:
-        """:meth:`table` by :meth:`columns` (a Python object per reading), the names checked
-        as the hub checks them while it stores the chunks: the error the hub gives."""
+        """:meth:`table` by :meth:`columns` (a Python object per reading, one chunk at a
+        time), the names checked as the hub checks them while it stores the chunks: the
+        error the hub gives."""
         import pyarrow as pa
 
         from fieldgate.hub.sqlstore import check_names
 
-        parts: list[Columns] = []
+        schema = _arrow_schema()
+        parts: list[pa.RecordBatch] = []
         checked: set[tuple[str, str]] = set()
         for cols in self.columns(announced):
             for pair in dict.fromkeys(zip(cols.devices, cols.metrics, strict=True)):
                 if pair not in checked:
                     check_names(*pair)
                     checked.add(pair)
-            parts.append(cols)
-        schema = _arrow_schema()
-        return pa.Table.from_arrays(
-            [
-                pa.array([x for c in parts for x in c[i]], schema.field(i).type)
-                for i in range(len(CSV_HEADER))
-            ],
-            schema=schema,
-        )
+            parts.append(pa.RecordBatch.from_arrays(list(cols), schema=schema))
+        return pa.Table.from_batches(parts, schema=schema)
 
 
 #: The header line pyarrow's parse accepts (anything else the Python parse judges).
