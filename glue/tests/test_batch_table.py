@@ -6,6 +6,8 @@ and the same error, class and sentence."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from typing import Any
@@ -258,3 +260,13 @@ def test_the_corpus_covers_the_errors_it_names() -> None:
         "the batch zip is corrupted",
     ):
         assert words in text, words
+
+
+def test_a_gateway_imports_the_batch_code_without_pyarrow() -> None:
+    """pyarrow is the hub extra's: the gateway's side of the batch file never imports it."""
+    code = (
+        "import sys; import fieldgate.batchfile, fieldgate.batches, fieldgate.uploader; "
+        "print(sorted(m for m in sys.modules if m.startswith('pyarrow')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == "[]\n"
