@@ -444,6 +444,8 @@ class Cutter(threading.Thread):
 #: Seconds a stop request waits for the step in flight (a POST or PUT to a slow hub)
 #: before the process exits anyway; docs/contract.md §3 allows 10 s in all.
 STOP_GRACE_SECS = 8.0
+#: How often the main thread looks at the stop flag while the work runs.
+STOP_POLL_SECS = 0.5
 
 
 def serve(cfg: Config, *, once: bool, stop: StopFlag) -> int:
@@ -465,7 +467,10 @@ def serve(cfg: Config, *, once: bool, stop: StopFlag) -> int:
     worker = threading.Thread(target=work, name="fieldgate-upload", daemon=True)
     worker.start()
     while worker.is_alive():
-        if stop.wait(0.5):
+        # Returns as soon as the work ends (not at the next tick: ``--once`` exits at once);
+        # a stop (the signal handler runs meanwhile) is seen within STOP_POLL_SECS.
+        worker.join(STOP_POLL_SECS)
+        if stop.is_set():
             worker.join(STOP_GRACE_SECS)
             if worker.is_alive():
                 log.warning(
