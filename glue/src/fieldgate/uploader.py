@@ -46,7 +46,6 @@ from fieldgate.daemon import StopFlag
 from fieldgate.errors import FieldgateError
 from fieldgate.redact import origin, redact
 from fieldgate.retry import Backoff, root_cause
-from fieldgate.status import collect_status
 
 log = logging.getLogger("fieldgate.uploader")
 
@@ -261,6 +260,9 @@ class Uploader:
         success), never raised: heartbeats never stop uploads."""
         if self.client is None:
             return
+        # here, not at the top: ``upload --once`` never sends a heartbeat
+        from fieldgate.status import collect_status
+
         try:
             self.client.heartbeat(collect_status(self.cfg))
         except Exception as exc:  # any cause: the uploads go on

@@ -12,9 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fieldgate.errors import FieldgateError
-from fieldgate.exportdb import inspect_export
 from fieldgate.hub.backends import is_postgresql, open_storage
-from fieldgate.hub.imports import import_export
 from fieldgate.hub.storage import HubStorage
 from fieldgate.names import ALLOWED, is_name
 from fieldgate.store import iso_utc
@@ -79,6 +77,10 @@ def pin(args: argparse.Namespace) -> int:
 
 def import_(args: argparse.Namespace) -> int:
     """``fieldgate hub import --db DB FILE.db``: ingest an exported gateway database."""
+    # here, not at the top: ``hub serve`` (and its workers) never import an export
+    from fieldgate.exportdb import inspect_export
+    from fieldgate.hub.imports import import_export
+
     info = inspect_export(args.file)  # before the hub database is opened (or created)
     with _storage(args) as st:
         new = import_export(st, info)
