@@ -202,14 +202,31 @@ def test_batch_ranges_follow_each_other_and_cover_every_batched_reading(
     conn.close()
 
 
+def test_next_range_counts_readings_not_ids(config_file: ConfigFactory) -> None:
+    """The range holds ``limit`` readings whatever ids are missing, and all that are left
+    when fewer are; the cut's ts span is its readings' (not their ids' order)."""
+    cfg = make_cfg(config_file, batch_max_rows=4)
+    conn = store.open_store(cfg.store.path, cfg.site.serial)
+    insert(conn, readings(10)[::-1])  # ids 1..10, the latest ts first
+    with store.transaction(conn):
+        conn.execute("DELETE FROM readings WHERE id IN (2, 3, 7)")
+    assert membership.next_range(conn, 0, 4) == (1, 6)
+    assert membership.next_range(conn, 6, 4) == (8, 10)
+    assert membership.next_range(conn, 10, 4) is None
+    cut = batches.cut_batch(conn, cfg)
+    assert cut is not None and (cut.first_id, cut.last_id, cut.rows) == (1, 6, 4)
+    assert (cut.first_ts, cut.last_ts) == (T0 + 4000, T0 + 9000)
+    conn.close()
+
+
 def test_a_cut_raced_by_another_cut_is_refused_and_cut_again(config_file: ConfigFactory) -> None:
     cfg = make_cfg(config_file, batch_max_rows=50)
     conn = store.open_store(cfg.store.path, cfg.site.serial)
     other = store.open_store(cfg.store.path, cfg.site.serial)
     insert(conn, readings(80))
     above = membership.watermark(conn)
-    span = membership.next_span(conn, above, 50)
-    assert span is not None
+    span = membership.next_range(conn, above, 50)
+    assert span == (1, 50)
     # another uploader's cut commits first
     theirs = batches.cut_batch(other, cfg)
     assert theirs is not None and (theirs.first_id, theirs.last_id) == (1, 50)
@@ -218,10 +235,10 @@ def test_a_cut_raced_by_another_cut_is_refused_and_cut_again(config_file: Config
         state="pending",
         rows=50,
         sha256="0" * 64,
-        first_ts=span.first_ts,
-        last_ts=span.last_ts,
-        first_id=span.first_id,
-        last_id=span.last_id,
+        first_ts=T0,
+        last_ts=T0 + 49_000,
+        first_id=span[0],
+        last_id=span[1],
         mode="LIVE",
         type="readings",
         file="x.zip",

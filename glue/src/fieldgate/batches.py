@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import operator
 import os
 import signal
 import sqlite3
@@ -117,6 +118,10 @@ def write_zip(path: Path, csv_bytes: bytes, manifest: dict[str, Any]) -> None:
     )
 
 
+#: A reading's ts in a row of :func:`fieldgate.membership.readings_of`.
+_TS = operator.itemgetter(1)
+
+
 def _next_seq(conn: sqlite3.Connection) -> int:
     value = store.get_meta(conn, "last_batch_seq")
     return int(value) + 1 if value else 1
@@ -130,11 +135,12 @@ def cut_batch(conn: sqlite3.Connection, cfg: Config) -> Batch | None:
     """Cut the oldest unbatched readings into one batch; None when there is nothing to cut."""
     pending_dir, _ = ensure_dirs(cfg)
     above = membership.watermark(conn)
-    span = membership.next_span(conn, above, cfg.upload.batch_max_rows)
-    if span is None:
+    ids = membership.next_range(conn, above, cfg.upload.batch_max_rows)
+    if ids is None:
         return None
+    first_id, last_id = ids
     # the same read as regenerate(): a regenerated file is this one, byte for byte
-    rows = membership.readings_of(conn, span.first_id, span.last_id)
+    rows = membership.readings_of(conn, first_id, last_id)
     csv_bytes = batchfile.render_csv(rows)
     created_at = store.now_ms()
     batch_id = f"{_next_seq(conn):08d}-{_utc_stamp(created_at)}"
@@ -143,10 +149,10 @@ def cut_batch(conn: sqlite3.Connection, cfg: Config) -> Batch | None:
         state="pending",
         rows=len(rows),
         sha256=batchfile.csv_sha256(csv_bytes),
-        first_ts=span.first_ts,
-        last_ts=span.last_ts,
-        first_id=span.first_id,
-        last_id=span.last_id,
+        first_ts=min(map(_TS, rows), default=None),
+        last_ts=max(map(_TS, rows), default=None),
+        first_id=first_id,
+        last_id=last_id,
         mode=cfg.upload.mode,
         type=cfg.upload.type,
         file=batchfile.file_name(cfg.site.serial, batch_id),
