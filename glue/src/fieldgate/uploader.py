@@ -446,7 +446,8 @@ class Cutter(threading.Thread):
 #: Seconds a stop request waits for the step in flight (a POST or PUT to a slow hub)
 #: before the process exits anyway; docs/contract.md §3 allows 10 s in all.
 STOP_GRACE_SECS = 8.0
-#: How often the main thread looks at the stop flag while the work runs.
+#: How often the main thread looks at the stop flag while the work runs (a stop is seen
+#: this late at most: with STOP_GRACE_SECS, 8.5 s in all, within §3's 10 s).
 STOP_POLL_SECS = 0.5
 
 
