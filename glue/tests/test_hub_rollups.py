@@ -14,7 +14,7 @@ from support import query_db
 
 from fieldgate.hub import pg_storage, sqlite_storage
 from fieldgate.hub.backends import open_storage
-from fieldgate.hub.sqlstore import ROLLUP_MS, ROLLUP_REBUILD
+from fieldgate.hub.sqlstore import READINGS_VIEW, ROLLUP_MS, ROLLUP_REBUILD
 from fieldgate.hub.storage import HubStorage
 
 T0 = 1_767_225_600_000
@@ -22,11 +22,13 @@ MINUTE = 60_000
 
 
 def rollups_match_samples(db: str) -> int:
-    """Compare the rollups with the samples minute by minute; how many rows were compared."""
+    """Compare the rollups with the readings (the ``readings`` view: the samples, and on
+    SQLite the blocks) bucket by bucket; how many rows were compared."""
     want = query_db(
         db,
-        "SELECT series, (ts / ?) * ? AS m, MIN(value), MAX(value), SUM(value), COUNT(*) "
-        "FROM samples GROUP BY series, m ORDER BY series, m",
+        "SELECT s.id, (r.ts / ?) * ? AS m, MIN(r.value), MAX(r.value), SUM(r.value), COUNT(*) "
+        "FROM readings r JOIN series s ON s.serial = r.serial AND s.device = r.device "
+        "AND s.metric = r.metric GROUP BY s.id, m ORDER BY s.id, m",
         (ROLLUP_MS, ROLLUP_MS),
     )
     got = query_db(
@@ -104,6 +106,15 @@ def test_an_old_database_gets_its_rollups(hub_db: str) -> None:
     finally:
         st.close()
     before = 1 if hub_db.startswith("postgresql://") else 2
+    if before == 2:  # SQLite's schema 2 has no blocks: their readings back into samples
+        query_db(
+            hub_db,
+            "INSERT INTO samples (series, ts, value, batch) SELECT k.series, j.value ->> 0, "
+            "j.value ->> 1, k.batch FROM blocks k, json_each(k.points) j",
+        )
+        query_db(hub_db, "DROP VIEW readings")
+        query_db(hub_db, "DROP TABLE blocks")
+        query_db(hub_db, READINGS_VIEW)
     query_db(hub_db, "DROP TABLE rollups")
     query_db(hub_db, "ALTER TABLE gateways DROP COLUMN last_brief")
     query_db(hub_db, "UPDATE meta SET value = ? WHERE key = 'hub_schema_version'", (str(before),))

@@ -7,12 +7,18 @@ Both databases hold the same tables (``sqlite_storage.MIGRATIONS``, ``pg_storage
 - ``samples``: the readings, ``(series, ts, value, batch)`` keyed by ``(series, ts)``, so
   a reading is unique over (serial, device, ts, metric) and a time range of one device and
   metric is one index range; ``batch`` is the ``batches.seq`` that stored it;
+- on SQLite only, ``blocks``: one row per series and batch with that batch's readings of
+  the series as JSON text (:mod:`fieldgate.hub.sqlite_storage`); a reading is in
+  ``samples`` or in a block, never both. What reads raw readings goes through the
+  backend (:meth:`SqlHubStorage.readings`, :meth:`~SqlHubStorage._points`,
+  :meth:`~SqlHubStorage._raw_sums`, :attr:`~SqlHubStorage.latest_value`, the retention
+  hooks), never names ``samples`` itself;
 - ``rollups``: per series and ten UTC minutes, the min, max, sum and count of its
   readings (``(series, bucket)`` keyed), kept exact by ingest and retention, so that
   statistics over long windows in whole ten-minute buckets read one row per ten minutes
   instead of the readings (:meth:`SqlHubStorage.buckets`);
 - ``readings``: a view with the contract's columns ``(serial, device, ts, metric, value,
-  batch_id, test)`` over the two (docs/contract.md §6), for people and tools;
+  batch_id, test)`` over them (docs/contract.md §6), for people and tools;
 - ``gateways`` (with ``domain``, ``last_heartbeat``, ``last_status`` and its
   ``last_brief``, what the fleet page shows of it), ``batches``,
   ``pins``, ``gateway_keys``, ``uploads``, ``users``, ``user_domains``, ``login_failures``
@@ -34,7 +40,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from fieldgate.batchfile import Columns, columns_of
+import pyarrow as pa
+
+from fieldgate.batchfile import columns_of
 from fieldgate.hub.overview import brief
 from fieldgate.hub.storage import (
     BUCKET_FIELDS,
@@ -45,7 +53,6 @@ from fieldgate.hub.storage import (
     UPLOAD_SWEEP_MS,
     Domains,
     IngestError,
-    Row,
     Series,
     StoredBatch,
     Upload,
@@ -55,6 +62,7 @@ from fieldgate.hub.storage import (
     pin_matches,
     secret_hash,
 )
+from fieldgate.hub.table import Readings, table_columns
 from fieldgate.names import ALLOWED, METRIC_RE, NAME_RE
 from fieldgate.store import now_ms
 
@@ -89,12 +97,20 @@ _BRIEF_SQL = _summary_sql("last_brief")
 #: The migrations that create the rollups write it out (a migration never changes).
 ROLLUP_MS = 600_000
 #: The rollups of every bucket of a series from ``lo`` to before ``hi``, rebuilt from its
-#: samples (after the buckets' rows are deleted).
+#: readings (after the buckets' rows are deleted): ``{points}`` is the backend's
+#: :meth:`SqlHubStorage._points` (series, lo, hi), ``?`` first the series id.
 ROLLUP_REBUILD = (
     "INSERT INTO rollups (series, bucket, min, max, sum, count) "
-    "SELECT series, (ts / 600000) * 600000 AS slot, MIN(value), MAX(value), SUM(value), "
-    "COUNT(*) FROM samples WHERE series = ? AND ts >= ? AND ts < ? "
-    "GROUP BY series, slot ORDER BY slot"
+    "SELECT ?, (ts / 600000) * 600000 AS slot, MIN(value), MAX(value), SUM(value), "
+    "COUNT(*) FROM ({points}) p GROUP BY slot ORDER BY slot"
+)
+#: A series' samples (ts, value) in [start, end): ``?`` series, start, end.
+SAMPLE_POINTS = "SELECT ts, value FROM samples WHERE series = ? AND ts >= ? AND ts < ?"
+#: A series' raw readings in [start, end) per bucket of ``every`` counted from ``origin``:
+#: ``?`` origin, origin, every, every, then the :meth:`SqlHubStorage._points` parameters.
+RAW_SUMS = (
+    "SELECT ? + ((ts - ?) / ?) * ? AS b, MIN(value), MAX(value), SUM(value), COUNT(*) "
+    "FROM ({points}) p GROUP BY b ORDER BY b"
 )
 
 
@@ -172,11 +188,14 @@ class SqlHubStorage(ABC):
         """The transaction of one batch's ingest (by default :meth:`_tx`)."""
         return self._tx()
 
-    def _stage(self, serial: str, chunks: Iterator[Columns]) -> tuple[Any, int | None]:
+    def _stage(self, serial: str, rows: Readings) -> tuple[Any, int | None]:
         """What may be done with a batch's readings before its transaction begins: what
         :meth:`_insert_rows` is then given, and how many readings were read (None: not
-        yet). By default nothing: the readings are read inside the transaction."""
-        return chunks, None
+        yet). By default nothing: the readings are read inside the transaction, as
+        :class:`Columns`."""
+        if isinstance(rows, pa.Table):
+            return table_columns(rows), None
+        return columns_of(rows), None
 
     @abstractmethod
     def _insert_rows(
@@ -191,6 +210,15 @@ class SqlHubStorage(ABC):
     @abstractmethod
     def readings(self, series_id: int, start: int, end: int) -> Iterator[tuple[int, float]]:
         """A series' (ts, value) pairs with start <= ts < end, in time order."""
+
+    def _points(self, series_id: int, start: int, end: int) -> tuple[str, tuple[Any, ...]]:
+        """A SELECT of a series' readings ``(ts, value)`` with start <= ts < end (any
+        order) and its parameters: what SQL over raw readings reads (the rollups'
+        rebuild). By default the samples; the SQLite backend adds its blocks."""
+        return SAMPLE_POINTS, (series_id, start, end)
+
+    #: The value of a series' last reading, an SQL expression over ``series s``.
+    latest_value = "(SELECT value FROM samples WHERE series = s.id AND ts = s.last_ts)"
 
     def _add_rollups(self, per_series: dict[int, tuple[int, int, int]]) -> None:
         """Bring the rollups up to date with a batch's new readings (per series: new rows,
@@ -207,7 +235,8 @@ class SqlHubStorage(ABC):
                 "DELETE FROM rollups WHERE series = ? AND bucket >= ? AND bucket < ?",
                 (sid, first, end),
             )
-            self._x(ROLLUP_REBUILD, (sid, first, end))
+            points, params = self._points(sid, first, end)
+            self._x(ROLLUP_REBUILD.format(points=points), (sid, *params))
 
     def close(self) -> None:
         self.conn.close()
@@ -348,7 +377,7 @@ class SqlHubStorage(ABC):
         self,
         serial: str,
         batch_id: str,
-        rows: Iterable[Row] | Iterable[Columns],
+        rows: Readings,
         *,
         test: bool = False,
         manifest: dict[str, Any] | None = None,
@@ -359,7 +388,7 @@ class SqlHubStorage(ABC):
         ids: dict[tuple[str, str], int] = {}
         if self.stored_batch(serial, batch_id) is not None:  # the readings are not read
             return None
-        staged, counted = self._stage(serial, columns_of(rows))
+        staged, counted = self._stage(serial, rows)
         if counted is not None:  # refused before any lock is taken
             _check_count(counted, expected_rows)
         with self._ingest_tx():
@@ -612,8 +641,7 @@ class SqlHubStorage(ABC):
 
     def latest(self, serial: str) -> list[tuple[str, str, int, float, int]]:
         rows = self._x(
-            "SELECT s.device, s.metric, s.last_ts, r.value, s.count FROM series s "
-            "JOIN samples r ON r.series = s.id AND r.ts = s.last_ts "
+            f"SELECT s.device, s.metric, s.last_ts, {self.latest_value}, s.count FROM series s "
             "WHERE s.serial = ? AND s.count > 0 ORDER BY s.device, s.metric",
             (serial,),
         ).fetchall()
@@ -651,26 +679,42 @@ class SqlHubStorage(ABC):
     def _sums(
         self, table: str, series_id: int, span: tuple[int, int], every: int, origin: int
     ) -> list[tuple[int, float, float, float, int]]:
-        """(bucket, min, max, sum, count) from the samples or the rollups in [start, end)."""
+        """(bucket, min, max, sum, count) from the readings (``samples``: the backend's
+        :meth:`_points`) or the rollups in [start, end)."""
         start, end = span
         if start >= end:
             return []
         if table == "samples":
-            sql = (
-                "SELECT ? + ((ts - ?) / ?) * ? AS b, MIN(value), MAX(value), SUM(value), "
-                "COUNT(*) FROM samples WHERE series = ? AND ts >= ? AND ts < ? "
-                "GROUP BY b ORDER BY b"
-            )
-        else:
-            sql = (
-                "SELECT ? + ((bucket - ?) / ?) * ? AS b, MIN(min), MAX(max), SUM(sum), "
-                "SUM(count) FROM rollups WHERE series = ? AND bucket >= ? AND bucket < ? "
-                "GROUP BY b ORDER BY b"
-            )
+            return self._raw_sums(series_id, span, every, origin)
+        sql = (
+            "SELECT ? + ((bucket - ?) / ?) * ? AS b, MIN(min), MAX(max), SUM(sum), "
+            "SUM(count) FROM rollups WHERE series = ? AND bucket >= ? AND bucket < ? "
+            "GROUP BY b ORDER BY b"
+        )
+        params = (series_id, start, end)
         return [
             (int(b), float(lo), float(hi), float(total), int(n))
             for b, lo, hi, total, n in self._x(
-                sql, (origin, origin, every, every, series_id, start, end)
+                sql, (origin, origin, every, every, *params)
+            ).fetchall()
+        ]
+
+    def _raw_sums(
+        self, series_id: int, span: tuple[int, int], every: int, origin: int
+    ) -> list[tuple[int, float, float, float, int]]:
+        """(bucket, min, max, sum, count) of a series' readings in [start, end) (a bucket
+        may come more than once: :meth:`buckets` merges them); here by SQL over
+        :meth:`_points`."""
+        return self._sql_sums(self._points(series_id, *span), every, origin)
+
+    def _sql_sums(
+        self, points: tuple[str, tuple[Any, ...]], every: int, origin: int
+    ) -> list[tuple[int, float, float, float, int]]:
+        sql, params = points
+        return [
+            (int(b), float(lo), float(hi), float(total), int(n))
+            for b, lo, hi, total, n in self._x(
+                RAW_SUMS.format(points=sql), (origin, origin, every, every, *params)
             ).fetchall()
         ]
 
@@ -686,24 +730,13 @@ class SqlHubStorage(ABC):
             if row is None:
                 return 0
             sid, serial = row
-            nth = self._one(
-                "SELECT ts FROM samples WHERE series = ? AND ts < ? ORDER BY ts LIMIT 1 OFFSET ?",
-                (sid, cutoff, max_rows),
-            )
-            upto = nth[0] if nth else cutoff
-            test = self._one(
-                "SELECT COUNT(*) FROM samples r JOIN batches b ON b.seq = r.batch "
-                "WHERE r.series = ? AND r.ts < ? AND b.test = 1",
-                (sid, upto),
-            )[0]
-            deleted = self._x(
-                "DELETE FROM samples WHERE series = ? AND ts < ?", (sid, upto)
-            ).rowcount
+            upto = self._retention_end(sid, cutoff, max_rows)
+            deleted, test = self._delete_before(sid, upto)
             whole = upto // ROLLUP_MS * ROLLUP_MS  # buckets before it are gone entirely
             self._x("DELETE FROM rollups WHERE series = ? AND bucket < ?", (sid, whole))
             if whole < upto:
                 self._rebuild_rollups({sid: (whole, upto)})
-            first = self._one("SELECT MIN(ts) FROM samples WHERE series = ?", (sid,))[0]
+            first = self._first_ts(sid)
             if first is None:  # emptied: the row stays (its id may be cached by any worker)
                 self._x(
                     "UPDATE series SET count = count - ?, first_ts = NULL, last_ts = NULL "
@@ -720,6 +753,33 @@ class SqlHubStorage(ABC):
                 (deleted, test, serial),
             )
         return int(deleted)
+
+    def _retention_end(self, series_id: int, cutoff: int, max_rows: int) -> int:
+        """Where one step of retention ends: the ts before which at most ``max_rows``
+        readings of the series are, at most ``cutoff``."""
+        nth = self._one(
+            "SELECT ts FROM samples WHERE series = ? AND ts < ? ORDER BY ts LIMIT 1 OFFSET ?",
+            (series_id, cutoff, max_rows),
+        )
+        return int(nth[0]) if nth else cutoff
+
+    def _delete_before(self, series_id: int, upto: int) -> tuple[int, int]:
+        """Delete a series' readings before ``upto``: how many, and how many of them were
+        sent in TEST mode."""
+        test = self._one(
+            "SELECT COUNT(*) FROM samples r JOIN batches b ON b.seq = r.batch "
+            "WHERE r.series = ? AND r.ts < ? AND b.test = 1",
+            (series_id, upto),
+        )[0]
+        deleted = self._x(
+            "DELETE FROM samples WHERE series = ? AND ts < ?", (series_id, upto)
+        ).rowcount
+        return int(deleted), int(test)
+
+    def _first_ts(self, series_id: int) -> int | None:
+        """The ts of a series' first reading held (None: it holds none)."""
+        first = self._one("SELECT MIN(ts) FROM samples WHERE series = ?", (series_id,))[0]
+        return None if first is None else int(first)
 
     # The database -------------------------------------------------------------------------
 

@@ -25,9 +25,12 @@ import hmac
 import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fieldgate.batchfile import Columns
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 #: (device, ts epoch ms, metric, value)
 Row = tuple[str, int, str, float]
@@ -198,7 +201,7 @@ class HubStorage(Protocol):
         self,
         serial: str,
         batch_id: str,
-        rows: Iterable[Row] | Iterable[Columns],
+        rows: Iterable[Row] | Iterable[Columns] | pa.Table,
         *,
         test: bool = False,
         manifest: dict[str, Any] | None = None,
@@ -212,8 +215,9 @@ class HubStorage(Protocol):
         All or nothing, in one transaction: a reading already held for
         ``(serial, device, ts, metric)`` is skipped, so readings sent in several batches
         (a restored store, an export imported after its batches were uploaded) are stored
-        once. ``rows`` are rows or :class:`~fieldgate.batchfile.Columns` of rows (what the
-        batch parser yields: no Python object per reading), a lazy iterator either way; if
+        once. ``rows`` are a :class:`pyarrow.Table` (:mod:`fieldgate.hub.table`: what an
+        upload is parsed into before the write lock), or rows or
+        :class:`~fieldgate.batchfile.Columns` of rows, a lazy iterator either way; if
         it raises, or yields a number of rows other than ``expected_rows`` (IngestError),
         nothing is stored. ``test`` flags the
         rows as test data.
