@@ -406,11 +406,13 @@ class SqliteHubStorage(SqlHubStorage):
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             blocks,
         )
-        self._rollups = [
-            (real.get(s, s), *rest)
-            for s, *rest in staged.cut.rollups
-            if real.get(s, s) not in self._merged
-        ]
+        self._rollups = staged.cut.rollups
+        if real or self._merged:  # rarely: provisional ids, series merged into samples
+            self._rollups = [
+                (real.get(s, s), *rest)
+                for s, *rest in self._rollups
+                if real.get(s, s) not in self._merged
+            ]
         return staged.seen, per_series
 
     def _merge(self, sid: int, seq: int, run: Run, cut: Cut) -> tuple[int, int, int] | None:

@@ -89,12 +89,17 @@ def value_texts(values: pa.Array) -> pa.Array:
 
     pyarrow's cast is the shortest text that round-trips (``0.1``, ``1e+300``), except that
     an integral value comes out as an integer literal (``3``, ``-0``), which SQL would read
-    as an INTEGER (and ``-0`` as 0): those get ``.0``."""
+    as an INTEGER (and ``-0`` as 0): those get ``.0`` (a large one has an exponent and
+    stays as it is)."""
     text = pc.cast(values, pa.string())
-    plain = pc.invert(pc.match_substring_regex(text, r"[.e]"))
-    if pc.any(plain).as_py():
-        text = pc.if_else(plain, pc.binary_join_element_wise(text, ".0", ""), text)
-    return text
+    integral = pc.equal(pc.floor(values), values)  # few, usually: only those are looked at
+    if not pc.any(integral).as_py():
+        return text
+    some = text.filter(integral)
+    fixed = pc.if_else(
+        pc.match_substring(some, "e"), some, pc.binary_join_element_wise(some, ".0", "")
+    )
+    return pc.replace_with_mask(text, integral, fixed)
 
 
 def cut_blocks(
@@ -132,9 +137,11 @@ def cut_blocks(
     firsts_ts = pc.take(ts, pa.array(starts, pa.int64())).to_pylist()
     lasts_ts = pc.take(ts, lasts).to_pylist()
     last_values = pc.take(v, lasts).to_pylist()
-    items = pc.binary_join_element_wise("[", pc.cast(ts, pa.string()), ",", value_texts(v), "]", "")
+    # "ts,value" per reading, joined by "],[" per series and wrapped in "[[" "]]" (a
+    # third of the cost of "[ts,value]" per reading joined by ",")
+    items = pc.binary_join_element_wise(pc.cast(ts, pa.string()), value_texts(v), ",")
     lists = pa.ListArray.from_arrays(pa.array([*starts, len(s)], pa.int32()), items)
-    texts = pc.binary_join_element_wise("[", pc.binary_join(lists, ","), "]", "").to_pylist()
+    texts = pc.binary_join_element_wise("[[", pc.binary_join(lists, "],["), "]]", "").to_pylist()
     runs = [
         Run(*fields)
         for fields in zip(
