@@ -27,9 +27,10 @@ Readings = Iterable[Row] | Iterable[Columns] | pa.Table
 
 
 def readings_table(rows: Readings) -> pa.Table:
-    """The readings as one Table of :data:`SCHEMA` (no checks: those are the parser's)."""
-    if isinstance(rows, pa.Table):
-        return rows.select(SCHEMA.names).cast(SCHEMA)
+    """The readings as one Table of :data:`SCHEMA` (no checks: those are the parser's,
+    :meth:`fieldgate.batchfile.BatchZip.table` for uploads)."""
+    if isinstance(rows, pa.Table):  # one chunk per column: the cut's kernels want arrays
+        return rows.select(SCHEMA.names).cast(SCHEMA).combine_chunks()
     parts = [
         pa.table(
             [

@@ -24,7 +24,6 @@ from werkzeug.exceptions import ClientDisconnected
 from fieldgate import batchfile
 from fieldgate.hub.auth import claim_or_refuse, client_address
 from fieldgate.hub.storage import IngestError
-from fieldgate.hub.table import readings_table
 from fieldgate.hub.web import (
     ApiError,
     ClientTooSlow,
@@ -173,8 +172,8 @@ def put_batch(token: str) -> tuple[Response, int]:
         try:
             with batchfile.open_batch(body) as batch:
                 batchfile.check_inner_manifest(batch.manifest, m)
-                # parsed whole (and its SHA-256 checked) before any lock is taken
-                readings = readings_table(batch.columns(m))
+                # parsed whole (its SHA-256 and names checked) before any lock is taken
+                readings = batch.table(m)
                 new = st.ingest(
                     up.serial,
                     up.batch_id,
