@@ -149,6 +149,30 @@ def test_appended_batches_are_blocks_and_late_ones_merge_exactly(tmp_path: Path)
         st.close()
 
 
+def test_late_readings_explode_only_the_blocks_they_overlap(tmp_path: Path) -> None:
+    db = tmp_path / "hub.db"
+    st = SqliteHubStorage(db)
+    try:
+        parts = [series_rows("D", "t", T0 + k * 1_000_000, 500) for k in range(4)]
+        for k, part in enumerate(parts):
+            st.ingest("GW", f"b-{k}", part)
+        assert held_in(db) == (4, 0)
+        # late readings inside the second block's span (and one held already): only that
+        # block becomes samples; the blocks before and after it stay blocks
+        late = [("D", T0 + 1_000_500 + i * 1000, "t", float(i)) for i in range(100)]
+        late.append(parts[1][7])
+        assert st.ingest("GW", "late", late) == 100
+        assert held_in(db) == (3, 600)
+        check(st, db, expect(*parts, late))
+        # between two blocks, touching neither: no block is exploded
+        gap = [("D", T0 + 1_499_000 + 250, "t", 4.5)]
+        assert st.ingest("GW", "gap", gap) == 1
+        assert held_in(db) == (3, 601)
+        check(st, db, expect(*parts, late, gap))
+    finally:
+        st.close()
+
+
 def test_duplicates_inside_a_batch_keep_the_first_in_the_file(tmp_path: Path) -> None:
     db = tmp_path / "hub.db"
     st = SqliteHubStorage(db)

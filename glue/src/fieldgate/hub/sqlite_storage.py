@@ -377,8 +377,9 @@ class SqliteHubStorage(SqlHubStorage):
         # A series' readings that all come after its last one held (series.last_ts is
         # exact; nearly always) become one block, and their statistics are added to the
         # rollups. Otherwise (late or overlapping readings, a batch sent again) the
-        # series' blocks from its first reading in the batch on are exploded into samples,
-        # the readings not held go into samples, and the rollups of their span are rebuilt.
+        # series' blocks that overlap the span of its readings in the batch are exploded
+        # into samples, the readings not held go into samples, and the rollups of their
+        # span are rebuilt.
         conn = self.conn
         ids.update(staged.ids)
         real: dict[int, int] = {}
@@ -417,9 +418,10 @@ class SqliteHubStorage(SqlHubStorage):
 
     def _merge(self, sid: int, seq: int, run: Run, cut: Cut) -> tuple[int, int, int] | None:
         """Store one series' readings of a batch that do not all come after its last one:
-        its blocks that may overlap them exploded into samples, then the readings not held
-        inserted into samples. (new readings, first, last), or None: none was new."""
-        self._explode(sid, "k.last_ts >= ?", (run.first_ts,))
+        the blocks that overlap their span exploded into samples (the others lie wholly
+        before or after it, so samples and blocks still never overlap), then the readings
+        not held inserted into samples. (new readings, first, last), or None: none was new."""
+        self._explode(sid, "k.first_ts <= ? AND k.last_ts >= ?", (run.last_ts, run.first_ts))
         ts = cut.readings["ts"].slice(run.start, run.count).to_pylist()
         values = cut.readings["v"].slice(run.start, run.count).to_pylist()
         held = {
