@@ -10,7 +10,8 @@
 #      variable (and the good inventory passes the same validation)
 #   6. generated files are current: the roles' name patterns (scripts/gen_names.py, from
 #      glue/src/fieldgate/names.py) and the role READMEs (scripts/gen_role_docs.py, from each
-#      role's argument specs and defaults, which must agree)
+#      role's argument specs and defaults, which must agree); the roles' probe wrappers
+#      templates/state-sha1s.j2 are one file
 #   7. the offline bundle's architecture checks: a bundle directory of arm64 files passes; a
 #      wheel or .deb of another architecture is refused; a dependency with a wheel for
 #      amd64 only is fetched for amd64 and refused for arm64 in one line (by the role too)
@@ -33,9 +34,14 @@ trap '[ -n "${LINT_KEEP:-}" ] || rm -rf "$WORK"' EXIT
 step() { printf '\n--- lint: %s\n' "$1"; }
 fail() { printf 'lint: FAILED: %s\n' "$1" >&2; exit 1; }
 
-step "generated files are current (name patterns, role READMEs)"
+step "generated files are current (name patterns, role READMEs); the roles' state-sha1s.j2 are one file"
 python scripts/gen_names.py --check || fail "the roles' name patterns are not generated from glue/src/fieldgate/names.py"
 python scripts/gen_role_docs.py --check || fail "a role README is not generated from its argument specs and defaults"
+# The probes' template wrapper is the same file in each role that has it (one lookup renders
+# all of a role's templates for its expected state; see the file).
+for f in roles/*/templates/state-sha1s.j2; do
+  cmp -s "$f" roles/shorewall/templates/state-sha1s.j2 || fail "$f differs from roles/shorewall/templates/state-sha1s.j2"
+done
 # The checks themselves must be able to fail: a copy with a changed pattern and a changed
 # default is refused by both.
 GEN="$WORK/gen"
