@@ -336,6 +336,9 @@ def render(root: Path, role: Role) -> str:
             listen = f' (listens to "{handler["listen"]}")' if handler.get("listen") else ""
             out.append(f"- {handler['name']}{listen}")
         out.append("")
+    # state-sha1s.j2 is written nowhere: the probe's expected state renders the role's other
+    # templates through it, in one lookup (see the file)
+    probe_wrapper = "templates/state-sha1s.j2"
     templates = sorted(
         p.relative_to(role.path).as_posix()
         for p in (role.path / "templates").rglob("*.j2")
@@ -343,8 +346,14 @@ def render(root: Path, role: Role) -> str:
     )
     if templates:
         out += ["## Templates", "", "They mirror the path they are written to:", ""]
-        out += [f"- `{t}`" for t in templates]
+        out += [f"- `{t}`" for t in templates if t != probe_wrapper]
         out.append("")
+        if probe_wrapper in templates:
+            out += [
+                f"The probe's expected state renders them in one lookup of `{probe_wrapper}`"
+                " (written nowhere).",
+                "",
+            ]
     out += example(root, role)
     out += [
         "## License",
