@@ -23,7 +23,7 @@ no unzip or SHA-256):
 
 - ``hub+parse``: the hub's own parser (:func:`fieldgate.batchfile.parse_csv_columns`) and
   ingest, as ``PUT /uploads/<token>`` runs them;
-- ``arrow``: only when pyarrow is installed (it is not a dependency of fieldgate): the
+- ``arrow``: only when pyarrow is installed (in the hub extra since session 9): the
   CSV parsed by ``pyarrow.csv``, grouped per series, the rollups aggregated and the
   packed blocks cut by ``pyarrow.compute`` (no Python object per reading), then the same
   SQL as ``blocks``. The name checks, the hub's limits on lines and rows and the refusal
