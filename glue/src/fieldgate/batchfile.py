@@ -600,7 +600,7 @@ class BatchZip:
 
         from fieldgate.hub.sqlstore import check_names
 
-        schema = _arrow_schema()
+        schema = arrow_schema()
         parts: list[pa.RecordBatch] = []
         checked: set[tuple[str, str]] = set()
         for cols in self.columns(announced):
@@ -616,7 +616,9 @@ class BatchZip:
 _HEADER_LINES = tuple(_HEADER_LINE.encode() + end for end in (b"\n", b"\r\n", b""))
 
 
-def _arrow_schema() -> pa.Schema:
+def arrow_schema() -> pa.Schema:
+    """readings.csv's columns as a pyarrow schema: what :meth:`BatchZip.table` gives (and
+    :data:`fieldgate.hub.table.SCHEMA`, the hub's Table of readings)."""
     import pyarrow as pa
 
     types = (pa.string(), pa.int64(), pa.string(), pa.float64())
@@ -636,7 +638,7 @@ def _arrow_table(stream: io.BufferedReader) -> pa.Table | None:
     if stream.readline(MAX_LINE_BYTES + 2) not in _HEADER_LINES:
         return None
     ahead = stream.peek(1)
-    schema = _arrow_schema()
+    schema = arrow_schema()
     if not ahead:  # no readings
         return schema.empty_table()
     if ahead[0] == 0xEF:  # pyarrow drops a UTF-8 BOM here; Python keeps it in the name

@@ -305,7 +305,6 @@ class SqliteHubStorage(SqlHubStorage):
         self._rollups: list[tuple[int, int, float, float, float, int]] = []
 
     _ingest_lock: int | None = None
-    _staging = False  # the connection's staging tables exist
     _all_new = False  # the batch being ingested stored every staged reading
 
     def _x(self, sql: str, params: Sequence[Any] = ()) -> Any:
@@ -566,14 +565,9 @@ class SqliteHubStorage(SqlHubStorage):
         return deleted + int(n), test + int(t)
 
     def _first_ts(self, series_id: int) -> int | None:
-        firsts = [
-            f
-            for f in (
-                super()._first_ts(series_id),
-                self.conn.execute(
-                    "SELECT MIN(first_ts) FROM blocks WHERE series = ?", (series_id,)
-                ).fetchone()[0],
-            )
-            if f is not None
-        ]
-        return int(min(firsts)) if firsts else None
+        first = self.conn.execute(
+            "SELECT MIN(t) FROM (SELECT MIN(ts) AS t FROM samples WHERE series = ? "
+            "UNION ALL SELECT MIN(first_ts) FROM blocks WHERE series = ?)",
+            (series_id, series_id),
+        ).fetchone()[0]
+        return None if first is None else int(first)

@@ -17,12 +17,10 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fieldgate.batchfile import Columns, Row, columns_of
+from fieldgate.batchfile import Columns, Row, arrow_schema, columns_of
 
 #: The Table's schema (the columns of readings.csv).
-SCHEMA = pa.schema(
-    [("device", pa.string()), ("ts", pa.int64()), ("metric", pa.string()), ("value", pa.float64())]
-)
+SCHEMA = arrow_schema()
 Readings = Iterable[Row] | Iterable[Columns] | pa.Table
 
 
