@@ -229,6 +229,7 @@ def test_drive_without_the_right_password_is_an_error(
     watch.wait_led("error")
     watch.event("remove", drive.devname)
     watch.wait_for(rf"^{drive.devname}: drive removed")
+    watch.wait_led("normal_operation")  # logged before the LED is set, after the removal
     assert watch.led_history() == ["normal_operation", "in_progress", "error", "normal_operation"]
     watch.stop()
     after = drives.listing(drive)
@@ -594,6 +595,7 @@ def test_a_byte_flipped_on_the_drive_before_the_read_back_is_an_error(
     assert export_state(watch.config) == "error"
     watch.event("remove", drive.devname)
     watch.wait_for(rf"^{drive.devname}: drive removed")
+    watch.wait_led("normal_operation")  # logged before the LED is set, after the removal
     assert watch.led_history() == ["normal_operation", "in_progress", "error", "normal_operation"]
     watch.stop()
     assert set(drives.listing(drive)) == {"Password.txt"}  # nothing final, no staging left
