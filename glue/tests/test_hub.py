@@ -384,6 +384,35 @@ def test_serve_refuses_a_taken_port_in_one_line(hub: Hub, tmp_path: Path) -> Non
     ]
 
 
+def test_a_stopped_hub_closes_its_connections_and_logs_to_the_end(hub: Hub) -> None:
+    """SIGTERM: each worker finishes, closes the storages of all its threads, flushes its
+    log and leaves with status 0 without tearing its interpreter down
+    (:func:`fieldgate.hub.server.exit_worker`): SQLite's last connection closed removes the
+    WAL; PostgreSQL has no session of the hub left."""
+    key = register(hub)
+    for n in range(4):
+        manifest, body, _ = make_batch(f"00000001-2026010100000{n}Z", 10, start=n * 10)
+        r = offer(hub, key, manifest)
+        assert r.status_code == 201, r.text
+        assert put(r.json()["upload_url"], body).status_code == 201
+    assert held(hub) == 40
+    proc = hub.proc
+    assert proc is not None
+    hub.stop()
+    assert proc.returncode == 0
+    log = hub.log.read_text()
+    assert log.count("Worker exiting (pid:") == hub.workers, log[-2000:]
+    if hub.postgresql:
+        others = (
+            "SELECT COUNT(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        wait_until(lambda: hub.query(others)[0][0] == 0, 10, what="the hub's sessions to end")
+    else:
+        assert not Path(f"{hub.db}-wal").exists()
+    assert held(hub) == 40
+
+
 def test_hub_db_holds_the_contract_table(hub: Hub) -> None:
     """docs/contract.md §6: readings(serial, device, ts, metric, value, …), readable by
     people and tools (a plain SQLite file, or a PostgreSQL view)."""

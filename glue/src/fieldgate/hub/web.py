@@ -60,13 +60,30 @@ class HubSettings:
     #: Credentials verified lately (HTTP Basic sends them with every request).
     verified: VerifiedCache = field(default_factory=VerifiedCache)
     _local: threading.local = field(default_factory=threading.local)
+    #: The storages this process opened (its threads'), so that it can close them all.
+    _opened: list[tuple[int, HubStorage]] = field(default_factory=list)
+    _opened_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def storage(self) -> HubStorage:
         """This thread's storage (a new one after a fork)."""
         mine = getattr(self._local, "storage", None)
         if mine is None or mine[0] != os.getpid():
             mine = self._local.storage = (os.getpid(), self.factory())
+            with self._opened_lock:
+                self._opened.append(mine)
         return mine[1]
+
+    def close_storages(self) -> None:
+        """Close every storage this process opened (its threads' connections; a worker that
+        stops, after its threads are done)."""
+        with self._opened_lock:
+            mine = [st for pid, st in self._opened if pid == os.getpid()]
+            self._opened.clear()
+        for st in mine:
+            try:
+                st.close()
+            except Exception:  # a broken connection may fail to close: it is gone anyway
+                log.debug("closing a storage at exit", exc_info=True)
 
     def discard_storage(self) -> None:
         """Forget this thread's storage (after its connection failed); the next request
@@ -74,6 +91,9 @@ class HubSettings:
         mine = getattr(self._local, "storage", None)
         self._local.storage = None
         if mine is not None and mine[0] == os.getpid():
+            with self._opened_lock:
+                if mine in self._opened:
+                    self._opened.remove(mine)
             try:
                 mine[1].close()
             except Exception:  # a broken connection may fail to close: it is gone anyway
