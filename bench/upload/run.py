@@ -9,7 +9,8 @@ Loads N readings (default 1,000,000) into a fresh gateway store, then times in o
   verifies and ingests each batch into its SQLite database.
 
 Prints rows/s for both and the ratio pipeline/baseline (target: at least 0.7), the CPU
-seconds of uploader + hub against the baseline's (target: at most 2x), and checks
+seconds of uploader + hub against the baseline's (target: at most 2x; the hub's split into
+its start, the upload and its stop), and checks
 that the hub holds exactly N readings. fieldgate's modules are byte-compiled first, as an
 installed wheel's are. Run from the repository root:
 
@@ -223,6 +224,7 @@ def pipeline(
             print(up.stderr)
         elapsed = time.perf_counter() - t
         uploader_cpu = _children_cpu() - cpu0
+        hub_running = _tree_cpu(hub.pid)
     finally:
         hub.terminate()
         hub.wait(30)
@@ -230,7 +232,9 @@ def pipeline(
     cpu = _children_cpu() - cpu0
     print(
         f"  CPU seconds: uploader {uploader_cpu:.2f}, hub {cpu - uploader_cpu:.2f} (with its "
-        f"start; {hub_start:.2f} of it before the upload began)"
+        f"start and stop: {hub_start:.2f} before the upload began, "
+        f"{hub_running - hub_start:.2f} during it, "
+        f"{cpu - uploader_cpu - hub_running:.2f} to stop)"
     )
     conn = sqlite3.connect(str(hub_db))
     held = conn.execute(
