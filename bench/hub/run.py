@@ -18,8 +18,9 @@ In one run, on loopback with real processes:
    second series as large), ``GET /api/v1/readings?…&every=60`` over the 7 days (10,080
    buckets): first and median of 5 (target <= 1 s).
 4. **CPU per row** (in process): one 250,000-row batch zip taken apart stage by stage:
-   unzip + SHA-256, + CSV parse and checks, + ingest into each backend (PostgreSQL's own
-   CPU read from /proc for its backend process).
+   unzip + SHA-256, + CSV parse and checks (``BatchZip.table()``, pyarrow, as the hub
+   parses an upload), + ingest of that Table into each backend (PostgreSQL's own CPU read
+   from /proc for its backend process).
 
 Run from the repository root (as root: PostgreSQL runs as the postgres user):
 
@@ -316,10 +317,9 @@ def cpu_per_row(root: Path, pg_url: str, server: pgserver.PgServer) -> None:
             while chunk := m.read(1 << 16):
                 h.update(chunk)
 
-    def parse() -> None:
+    def parse() -> None:  # what the hub does with an upload (pyarrow, the names checked)
         with batchfile.open_batch(zpath) as b:
-            for cols in b.columns(manifest):
-                del cols
+            b.table(manifest)
 
     stages = {
         "unzip + SHA-256": timed(unzip_hash)[1],
@@ -335,7 +335,7 @@ def cpu_per_row(root: Path, pg_url: str, server: pgserver.PgServer) -> None:
 
         def full(st: Any = st) -> None:
             with batchfile.open_batch(zpath) as b:
-                st.ingest("GW-CPU", "b-cpu", b.columns(manifest), manifest=manifest)
+                st.ingest("GW-CPU", "b-cpu", b.table(manifest), manifest=manifest)
 
         wall, cpu, _ = timed(full)
         stages[f"+ ingest, {label} (hub process)"] = cpu
