@@ -317,7 +317,8 @@ def cpu_per_row(root: Path, pg_url: str, server: pgserver.PgServer) -> None:
             while chunk := m.read(1 << 16):
                 h.update(chunk)
 
-    def parse() -> None:  # what the hub does with an upload (pyarrow, the names checked)
+    # what the hub does with an upload (pyarrow, the names checked)
+    def parse() -> None:
         with batchfile.open_batch(zpath) as b:
             b.table(manifest)
 
