@@ -560,11 +560,12 @@ class BatchZip:
         check_sha256(raw.sha.hexdigest(), announced)
 
     def table(self, announced: dict[str, Any]) -> pa.Table:
-        """The readings of readings.csv as a pyarrow Table (``device`` string, ``ts``
-        int64, ``metric`` string, ``value`` float64, in file order; chunked as pyarrow
-        read it), parsed as it is decompressed through the same limits as :meth:`columns`,
-        its SHA-256 checked against ``announced`` (ChecksumMismatch), and every name
-        checked by the hub's rules (IngestError, :func:`fieldgate.hub.sqlstore.check_names`).
+        """The readings of readings.csv as a pyarrow Table of :func:`arrow_schema`
+        (``device`` and ``metric`` dictionary-encoded strings, ``ts`` int64, ``value``
+        float64, in file order; chunked as pyarrow read it, a dictionary per chunk),
+        parsed as it is decompressed through the same limits as :meth:`columns`, its
+        SHA-256 checked against ``announced`` (ChecksumMismatch), and every name checked
+        by the hub's rules (IngestError, :func:`fieldgate.hub.sqlstore.check_names`).
 
         pyarrow parses it strictly (the exact header, no quoting, no empty lines, the
         column types given, no null values); the ranges are checked on whole columns and the
@@ -618,10 +619,13 @@ _HEADER_LINES = tuple(_HEADER_LINE.encode() + end for end in (b"\n", b"\r\n", b"
 
 def arrow_schema() -> pa.Schema:
     """readings.csv's columns as a pyarrow schema: what :meth:`BatchZip.table` gives (and
-    :data:`fieldgate.hub.table.SCHEMA`, the hub's Table of readings)."""
+    :data:`fieldgate.hub.table.SCHEMA`, the hub's Table of readings). The names are
+    dictionary-encoded (int32 indices into the distinct names): a batch holds few of
+    them, and pyarrow's parse gives them so without a string per reading."""
     import pyarrow as pa
 
-    types = (pa.string(), pa.int64(), pa.string(), pa.float64())
+    name = pa.dictionary(pa.int32(), pa.string())
+    types = (name, pa.int64(), name, pa.float64())
     return pa.schema(list(zip(CSV_HEADER, types, strict=True)))
 
 
@@ -665,7 +669,7 @@ def _arrow_table(stream: io.BufferedReader) -> pa.Table | None:
             return None
         if not pc.all(pc.is_finite(table["value"])).as_py():
             return None
-    try:
+    try:  # unique() of a dictionary column: the names some reading has, in file order
         for check, column in ((check_device, "device"), (check_metric, "metric")):
             for name in pc.unique(table[column]).to_pylist():
                 check(name)

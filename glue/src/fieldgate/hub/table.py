@@ -1,8 +1,9 @@
 """A batch's readings as one pyarrow Table, and what the SQLite backend cuts from it.
 
 The hub takes a batch's readings as a :class:`pyarrow.Table` with the columns
-``device`` (string), ``ts`` (int64), ``metric`` (string) and ``value`` (float64), in the
-order of the file; :func:`readings_table` makes one of anything
+``device`` (dictionary-encoded string), ``ts`` (int64), ``metric`` (dictionary-encoded
+string) and ``value`` (float64), in the order of the file (:data:`SCHEMA`);
+:func:`readings_table` makes one of anything
 :meth:`~fieldgate.hub.storage.HubStorage.ingest` accepts (rows, :class:`Columns`, a
 Table), in this one place. :func:`cut_blocks` groups a Table per series and cuts the
 blocks and rollups of :mod:`fieldgate.hub.sqlite_storage` with ``pyarrow.compute``: no
@@ -30,15 +31,7 @@ def readings_table(rows: Readings) -> pa.Table:
     if isinstance(rows, pa.Table):  # one chunk per column: the cut's kernels want arrays
         return rows.select(SCHEMA.names).cast(SCHEMA).combine_chunks()
     parts = [
-        pa.table(
-            [
-                pa.array(cols.devices, pa.string()),
-                pa.array(cols.ts, pa.int64()),
-                pa.array(cols.metrics, pa.string()),
-                pa.array(cols.values, pa.float64()),
-            ],
-            schema=SCHEMA,
-        )
+        pa.table([pa.array(c, f.type) for c, f in zip(cols, SCHEMA, strict=True)], schema=SCHEMA)
         for cols in columns_of(rows)
     ]
     return pa.concat_tables(parts) if parts else SCHEMA.empty_table()
@@ -51,12 +44,17 @@ def table_columns(table: pa.Table, size: int = 25_000) -> Iterator[Columns]:
 
 
 def pairs_of(table: pa.Table) -> tuple[list[tuple[str, str]], pa.Array]:
-    """The distinct (device, metric) pairs of a Table in order of appearance, and per
-    reading the index of its pair (int32)."""
-    joined = pc.binary_join_element_wise(table["device"], table["metric"], "\x00")
-    enc = pc.dictionary_encode(joined).combine_chunks()
-    pairs = [tuple(s.split("\x00", 1)) for s in enc.dictionary.to_pylist()]
-    return pairs, enc.indices  # type: ignore[return-value]
+    """The distinct (device, metric) pairs of a Table of :data:`SCHEMA` in order of
+    appearance, and per reading the index of its pair (int32): from the names' dictionary
+    indices (a code per reading: device index * metric names + metric index), not from
+    the strings."""
+    device, metric = (table[n].combine_chunks() for n in ("device", "metric"))
+    width = len(metric.dictionary)
+    codes = pc.add(pc.multiply(device.indices.cast(pa.int64()), width), metric.indices)
+    enc = pc.dictionary_encode(codes)
+    devices, metrics = device.dictionary.to_pylist(), metric.dictionary.to_pylist()
+    pairs = [(devices[c // width], metrics[c % width]) for c in enc.dictionary.to_pylist()]
+    return pairs, enc.indices
 
 
 class Run(NamedTuple):
