@@ -1,8 +1,9 @@
-"""The SQLite hub's blocks (schema 4): a batch's readings of a series that come after the
-series' last one are one row of ``blocks`` (JSON text); late, repeated or overlapping
-readings explode the blocks they touch into ``samples`` and are merged there. Whatever the
-path, the readings view, the raw and bucketed reads, latest, the counts and the rollups
-say exactly what was stored, and retention cuts through a block."""
+"""The SQLite hub's blocks (schema 4; ts as offsets from a base since schema 5): a batch's
+readings of a series that come after the series' last one are one row of ``blocks`` (JSON
+text); late, repeated or overlapping readings explode the blocks they touch into
+``samples`` and are merged there. Whatever the path, the readings view, the raw and
+bucketed reads, latest, the counts and the rollups say exactly what was stored, and
+retention cuts through a block, of either kind."""
 
 from __future__ import annotations
 
@@ -245,8 +246,9 @@ def test_every_double_survives_blocks_exactly(tmp_path: Path) -> None:
         sid = st.series("GW", "D", "v").id  # type: ignore[union-attr]
         raw = list(st.readings(sid, 0, 2**53))
         assert [bits(v) for _, v in raw] == [bits(v) for v in values]
-        (points,) = query_db(str(db), "SELECT points FROM blocks")[0]
-        ts, vs = decode_points([points])
+        (points, base) = query_db(str(db), "SELECT points, base FROM blocks")[0]
+        assert base == T0 and points.startswith("[[0,")
+        ts, vs = decode_points([points], [base])
         assert ts.to_pylist() == [T0 + i for i in range(len(values))]
         assert [bits(v) for v in vs.to_pylist()] == [bits(v) for v in values]
     finally:
@@ -299,5 +301,66 @@ def test_a_schema_3_database_keeps_its_samples_and_appends_blocks(tmp_path: Path
         mixed = series_rows("D", "t", T0 + 1_400_000 + 300, 300)
         assert st.ingest("GW", "b-2", mixed) == 300
         check(st, db, expect(old, new, mixed))
+    finally:
+        st.close()
+
+
+def to_schema_4(db: Path) -> None:
+    """Turn a hub database back into schema 4: its blocks' ts absolute, no base column."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    for rowid, points, base in conn.execute("SELECT rowid, points, base FROM blocks").fetchall():
+        ts, vs = decode_points([points], [base])
+        items = zip(ts.to_pylist(), value_texts(vs).to_pylist(), strict=True)
+        text = "[[" + "],[".join(f"{t},{v}" for t, v in items) + "]]"
+        conn.execute("UPDATE blocks SET points = ? WHERE rowid = ?", (text, rowid))
+    conn.execute("DROP VIEW readings")
+    conn.execute("ALTER TABLE blocks DROP COLUMN base")
+    (view_sql,) = [s for s in store._statements(MIGRATIONS[4]) if "CREATE VIEW" in s]
+    conn.execute(view_sql)
+    conn.execute("UPDATE meta SET value = '4' WHERE key = 'hub_schema_version'")
+    conn.close()
+
+
+def test_schema_4_blocks_and_offset_blocks_read_alike(tmp_path: Path) -> None:
+    """Blocks of schema 4 (absolute ts, base 0 after the migration) and blocks with ts as
+    offsets from their base, in one series: read, exploded and cut by retention alike."""
+    db = tmp_path / "hub.db"
+    parts = [series_rows("D", "t", T0 + k * 600_000, 600) for k in range(6)]
+    st = SqliteHubStorage(db)
+    for k in range(3):
+        st.ingest("GW", f"b-{k}", parts[k])
+    st.close()
+    to_schema_4(db)
+    assert query_db(str(db), "SELECT points FROM blocks ORDER BY first_ts")[0][0].startswith(
+        f"[[{T0},"
+    )
+    st = SqliteHubStorage(db)
+    try:
+        assert query_db(str(db), "SELECT value FROM meta WHERE key = 'hub_schema_version'") == [
+            (str(max(MIGRATIONS)),)
+        ]
+        assert query_db(str(db), "SELECT DISTINCT base FROM blocks") == [(0,)]
+        check(st, db, expect(*parts[:3]))
+        for k in range(3, 6):
+            st.ingest("GW", f"b-{k}", parts[k])
+        blocks = query_db(str(db), "SELECT base, first_ts, points FROM blocks ORDER BY first_ts")
+        assert [b[0] for b in blocks] == [0, 0, 0] + [T0 + k * 600_000 for k in range(3, 6)]
+        assert all(p.startswith("[[0,") for base, _, p in blocks if base)
+        ts, _ = decode_points([p for _, _, p in blocks], [b for b, _, _ in blocks])
+        assert ts.to_pylist() == [t for part in parts for _, t, _, _ in part]
+        check(st, db, expect(*parts))
+        # late readings across the last old block and the first new one: both exploded
+        late = [("D", T0 + 1_700_500 + i * 1000, "t", float(i)) for i in range(200)]
+        assert st.ingest("GW", "late", late) == 200
+        assert held_in(db) == (4, 1400)
+        check(st, db, expect(*parts, late))
+        # retention cutting through an old block, then through a new one
+        want = expect(*parts, late)
+        for cut in (T0 + 300_250, T0 + 2_700_250):
+            while st.delete_before(cut, 250):
+                pass
+            want = {k: v for k, v in want.items() if k[1] >= cut}
+            check(st, db, want)
+        assert held_in(db)[0] == 1  # the last new block (the one before it cut)
     finally:
         st.close()

@@ -107,11 +107,8 @@ def test_an_old_database_gets_its_rollups(hub_db: str) -> None:
         st.close()
     before = 1 if hub_db.startswith("postgresql://") else 2
     if before == 2:  # SQLite's schema 2 has no blocks: their readings back into samples
-        query_db(
-            hub_db,
-            "INSERT INTO samples (series, ts, value, batch) SELECT k.series, j.value ->> 0, "
-            "j.value ->> 1, k.batch FROM blocks k, json_each(k.points) j",
-        )
+        (sid,) = query_db(hub_db, "SELECT id FROM series")[0]
+        query_db(hub_db, sqlite_storage.EXPLODE.format(where="1"), (sid,))
         query_db(hub_db, "DROP VIEW readings")
         query_db(hub_db, "DROP TABLE blocks")
         query_db(hub_db, READINGS_VIEW)

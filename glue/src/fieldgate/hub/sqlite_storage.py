@@ -7,13 +7,16 @@ transaction, so writers of several processes take turns (busy timeout 60 s) and 
 a PIN or an upload token is decided by exactly one of them.
 
 Readings are stored in ``blocks`` (schema 4): one row per series and batch holding the
-batch's readings of the series as JSON text ``[[ts,value],...]`` in ts order, cut before
-the lock by :func:`fieldgate.hub.table.cut_blocks`. A batch's readings of a series that
-all come after its last one held become one block; otherwise the series' blocks they may
-overlap are exploded into ``samples`` and the readings merged there one by one (a reading
-is held exactly once: blocks never overlap each other or the series' samples). Readings
-held before schema 4 stay in ``samples``. The ``readings`` view expands the blocks with
-``json_each``; the hub's own reads decode them with pyarrow.
+batch's readings of the series as JSON text ``[[ts,value],...]`` in ts order, each ts an
+offset from the block's ``base`` (schema 5: its first ts; 0 in the blocks of schema 4,
+whose ts are absolute), cut before the lock by :func:`fieldgate.hub.table.cut_blocks`. A
+batch's readings of a series that all come after its last one held become one block;
+otherwise the series' blocks they may overlap are exploded into ``samples`` and the
+readings merged there one by one (a reading is held exactly once: blocks never overlap
+each other or the series' samples). Readings held before schema 4 stay in ``samples``.
+The ``readings`` view expands the blocks with ``json_each``; the hub's own reads decode
+them with pyarrow (both add the base back: :data:`POINT_TS`,
+:func:`~fieldgate.hub.table.decode_points`).
 
 Ingests queue on an exclusive ``flock`` of ``<db>-ingest`` before they begin: the kernel
 wakes the next one the moment the previous one lets go, where SQLite's busy handler polls
@@ -52,6 +55,12 @@ from fieldgate.hub.table import (
     pairs_of,
     readings_table,
 )
+
+#: The readings of blocks, one row per reading (``k``: the blocks): a point's ts is an
+#: offset from its block's base (0 in the blocks of schema 4: their ts are absolute).
+POINTS = "json_each(k.points) j"
+POINT_TS = "k.base + (j.value ->> 0)"
+POINT_VALUE = "j.value ->> 1"
 
 #: Schema migrations: version -> SQL that brings a hub database from version-1 to version.
 MIGRATIONS: dict[int, str] = {
@@ -230,6 +239,24 @@ MIGRATIONS: dict[int, str] = {
         JOIN batches b ON b.seq = k.batch,
         json_each(k.points) j;
     """,
+    # 5: a block's ts are offsets from its base (its first ts), a quarter less text; the
+    # blocks of schema 4 keep their absolute ts (base 0)
+    5: f"""
+    ALTER TABLE blocks ADD COLUMN base INTEGER NOT NULL DEFAULT 0;
+    DROP VIEW readings;
+    CREATE VIEW readings AS
+        SELECT s.serial, s.device, r.ts, s.metric, r.value, b.batch_id, b.test
+        FROM samples r
+        JOIN series s ON s.id = r.series
+        JOIN batches b ON b.seq = r.batch
+        UNION ALL
+        SELECT s.serial, s.device, {POINT_TS}, s.metric, CAST({POINT_VALUE} AS REAL),
+            b.batch_id, b.test
+        FROM blocks k
+        JOIN series s ON s.id = k.series
+        JOIN batches b ON b.seq = k.batch,
+        {POINTS};
+    """,
 }
 
 #: The hub database's schema: its own version key, and a foreign database is refused.
@@ -257,10 +284,6 @@ BLOCKS_IN = (
     "AND first_ts <= ? ORDER BY first_ts DESC LIMIT 1), ?) AND k.first_ts < ? "
     "AND k.last_ts >= ?"
 )
-#: The readings of blocks, one row per reading (``k``: the blocks).
-POINTS = "json_each(k.points) j"
-POINT_TS = "j.value ->> 0"
-POINT_VALUE = "j.value ->> 1"
 #: A series' blocks that a condition selects, exploded into samples (then deleted).
 EXPLODE = (
     "INSERT INTO samples (series, ts, value, batch) "
@@ -392,8 +415,9 @@ class SqliteHubStorage(SqlHubStorage):
             sid = real.get(run.series, run.series)
             held = last.get(sid)
             if held is None or run.first_ts > held:
+                base = run.first_ts  # the run's points are offsets from its first ts
                 blocks.append(
-                    (sid, run.first_ts, run.last_ts, run.count, seq, run.last_value, run.points)
+                    (sid, base, run.last_ts, run.count, seq, run.last_value, base, run.points)
                 )
                 per_series[sid] = (run.count, run.first_ts, run.last_ts)
                 continue
@@ -402,8 +426,8 @@ class SqliteHubStorage(SqlHubStorage):
                 per_series[sid] = got
             self._merged.add(sid)
         conn.executemany(
-            "INSERT INTO blocks (series, first_ts, last_ts, count, batch, last_value, points) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO blocks (series, first_ts, last_ts, count, batch, last_value, base, "
+            "points) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             blocks,
         )
         self._rollups = staged.cut.rollups
@@ -474,21 +498,23 @@ class SqliteHubStorage(SqlHubStorage):
         # the samples by SQL; the blocks decoded and aggregated by pyarrow (json_each and
         # ->> in SQL cost 3.5x the samples' query per reading)
         out = self._sql_sums((SAMPLE_POINTS, (series_id, *span)), every, origin)
-        for texts in self._block_texts(series_id, *span):
-            out += bucket_sums(*decode_points(texts), span, every, origin)
+        for texts, bases in self._block_texts(series_id, *span):
+            out += bucket_sums(*decode_points(texts, bases), span, every, origin)
         return out
 
-    def _block_texts(self, series_id: int, start: int, end: int) -> Iterator[list[str]]:
-        """The points of the blocks that may hold readings in [start, end), a page of
-        blocks at a time (each page its own short read), in time order."""
+    def _block_texts(
+        self, series_id: int, start: int, end: int
+    ) -> Iterator[tuple[list[str], list[int]]]:
+        """The points and bases of the blocks that may hold readings in [start, end), a
+        page of blocks at a time (each page its own short read), in time order."""
         while True:
             page = self.conn.execute(
-                f"SELECT k.last_ts, k.points FROM blocks k WHERE {BLOCKS_IN} "
+                f"SELECT k.last_ts, k.points, k.base FROM blocks k WHERE {BLOCKS_IN} "
                 "ORDER BY k.first_ts LIMIT ?",
                 (series_id, series_id, start, start, end, start, self.BLOCK_PAGE),
             ).fetchall()
             if page:
-                yield [points for _, points in page]
+                yield [points for _, points, _ in page], [base for _, _, base in page]
             if len(page) < self.BLOCK_PAGE:
                 return
             start = page[-1][0] + 1
@@ -507,8 +533,8 @@ class SqliteHubStorage(SqlHubStorage):
         return blocks
 
     def _block_points(self, series_id: int, start: int, end: int) -> Iterator[tuple[int, float]]:
-        for texts in self._block_texts(series_id, start, end):
-            ts, values = decode_points(texts)
+        for texts, bases in self._block_texts(series_id, start, end):
+            ts, values = decode_points(texts, bases)
             keep = pc.and_(pc.greater_equal(ts, start), pc.less(ts, end))
             yield from zip(
                 ts.filter(keep).to_pylist(), values.filter(keep).to_pylist(), strict=True
