@@ -185,10 +185,9 @@ def decode_points(texts: list[str], bases: list[int]) -> tuple[pa.Array, pa.Arra
     split = pc.split_pattern(pc.replace_substring(inner, "],[", ","), ",")
     pairs = pa.FixedSizeListArray.from_arrays(split.flatten().cast(pa.large_string()), 2)
     ts = pc.cast(pc.list_element(pairs, 0), pa.int64())
-    if any(bases):  # a block holds one reading at least: its pairs end where its text does
-        ends = pc.cumulative_sum(pc.divide(pc.list_value_length(split), 2))
-        each = pa.RunEndEncodedArray.from_arrays(ends, pa.array(bases, pa.int64()))
-        ts = pc.add(ts, pc.run_end_decode(each))
+    if any(bases):  # each pair's text's base, by the pairs' list per text
+        per_text = pa.ListArray.from_arrays(pc.divide(split.offsets, 2), pairs)
+        ts = pc.add(ts, pc.take(pa.array(bases, pa.int64()), pc.list_parent_indices(per_text)))
     return ts, pc.cast(pc.list_element(pairs, 1), pa.float64())
 
 
