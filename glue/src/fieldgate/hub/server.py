@@ -65,11 +65,12 @@ def freeze_before_fork(_arbiter: Any, _worker: Any) -> None:
 
 
 def exit_worker(_arbiter: Any, worker: Any) -> None:
-    """gunicorn's ``worker_exit``, in the worker as it leaves: one that stopped cleanly (its
-    requests answered, its threads done) closes its storages, flushes its logs and leaves
-    with :func:`os._exit`, as the forked children of :mod:`multiprocessing` do, instead of
-    tearing down object by object the interpreter it forked from the master. Any other
-    exit (an error, a failed boot) takes the usual way with its status."""
+    """gunicorn's ``worker_exit``, in the worker as it leaves: one that stopped cleanly
+    waits for its threads (a request past the graceful timeout still finishes, as the
+    interpreter's exit would wait for it), closes their storages, flushes its logs and
+    leaves with :func:`os._exit`, as the forked children of :mod:`multiprocessing` do,
+    instead of tearing down object by object the interpreter it forked from the master.
+    Any other exit (an error, a failed boot) takes the usual way with its status."""
     exc = sys.exc_info()[1]
     if not isinstance(exc, SystemExit) or exc.code not in (0, None):
         return

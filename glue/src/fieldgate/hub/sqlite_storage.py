@@ -329,7 +329,6 @@ class SqliteHubStorage(SqlHubStorage):
         self._rollups: list[tuple[int, int, float, float, float, int]] = []
 
     _ingest_lock: int | None = None
-    _all_new = False  # the batch being ingested stored every staged reading
 
     def _x(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self.conn.execute(sql, params)

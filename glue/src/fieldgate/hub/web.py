@@ -80,10 +80,7 @@ class HubSettings:
             mine = [st for pid, st in self._opened if pid == os.getpid()]
             self._opened.clear()
         for st in mine:
-            try:
-                st.close()
-            except Exception:  # a broken connection may fail to close: it is gone anyway
-                log.debug("closing a storage at exit", exc_info=True)
+            _close(st)
 
     def discard_storage(self) -> None:
         """Forget this thread's storage (after its connection failed); the next request
@@ -94,10 +91,14 @@ class HubSettings:
             with self._opened_lock:
                 if mine in self._opened:
                     self._opened.remove(mine)
-            try:
-                mine[1].close()
-            except Exception:  # a broken connection may fail to close: it is gone anyway
-                log.debug("closing a failed storage", exc_info=True)
+            _close(mine[1])
+
+
+def _close(st: HubStorage) -> None:
+    try:
+        st.close()
+    except Exception:  # a broken connection may fail to close: it is gone anyway
+        log.debug("closing a storage", exc_info=True)
 
 
 def settings_of(app: Flask) -> HubSettings:
