@@ -4,6 +4,7 @@ real files, real SIGKILL of a real ``fieldgate upload`` process)."""
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import io
 import signal
@@ -217,3 +218,26 @@ def test_render_csv_is_what_csv_writer_writes() -> None:
         w.writerows(rows)
         assert batchfile.render_csv(rows) == buf.getvalue().encode()
         assert batchfile.render_csv(iter(rows)) == buf.getvalue().encode()
+
+
+def test_the_collector_is_paused_only_while_a_batch_is_read() -> None:
+    assert gc.isenabled()
+    with batches.collector_paused():
+        assert not gc.isenabled()
+        with batches.collector_paused():  # another thread's pause inside: stays off
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    try:
+        with batches.collector_paused():
+            raise OSError("disk gone")
+    except OSError:
+        pass
+    assert gc.isenabled()  # on again after an error
+    gc.disable()  # off by the program's choice: left off
+    try:
+        with batches.collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

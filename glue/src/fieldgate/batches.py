@@ -24,11 +24,14 @@ comes from the store, so a clock that jumps back at boot cannot reorder batches.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import operator
 import os
 import signal
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +125,22 @@ def write_zip(path: Path, csv_bytes: bytes, manifest: dict[str, Any]) -> None:
 _TS = operator.itemgetter(1)
 
 
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a batch's readings are read and
+    rendered: they are a tuple per reading and its strings, which make no reference
+    cycle, yet each batch of 50,000 would set off some 70 collections that only visit
+    them (3-7 % of the read and render, docs/benchmarks.md). On again afterwards, unless
+    it was off before (another thread's pause, or the program's choice)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
 def _next_seq(conn: sqlite3.Connection) -> int:
     value = store.get_meta(conn, "last_batch_seq")
     return int(value) + 1 if value else 1
@@ -140,8 +159,9 @@ def cut_batch(conn: sqlite3.Connection, cfg: Config) -> Batch | None:
         return None
     first_id, last_id = ids
     # the same read as regenerate(): a regenerated file is this one, byte for byte
-    rows = membership.readings_of(conn, first_id, last_id)
-    csv_bytes = batchfile.render_csv(rows)
+    with collector_paused():
+        rows = membership.readings_of(conn, first_id, last_id)
+        csv_bytes = batchfile.render_csv(rows)
     created_at = store.now_ms()
     batch_id = f"{_next_seq(conn):08d}-{_utc_stamp(created_at)}"
     batch = Batch(
@@ -249,10 +269,11 @@ def regenerate(conn: sqlite3.Connection, cfg: Config, batch: Batch) -> bool:
     not (the readings were changed behind our back), the row is updated to the new truth.
     """
     pending_dir, _ = ensure_dirs(cfg)
-    rows = membership.readings_of(conn, batch.first_id, batch.last_id)
-    if len(rows) != batch.rows:
-        return False
-    csv_bytes = batchfile.render_csv(rows)
+    with collector_paused():
+        rows = membership.readings_of(conn, batch.first_id, batch.last_id)
+        if len(rows) != batch.rows:
+            return False
+        csv_bytes = batchfile.render_csv(rows)
     sha = batchfile.csv_sha256(csv_bytes)
     if sha != batch.sha256:
         log.warning("batch %s: regenerated CSV differs from the recorded one", batch.batch_id)
