@@ -387,8 +387,9 @@ def test_serve_refuses_a_taken_port_in_one_line(hub: Hub, tmp_path: Path) -> Non
 def test_a_stopped_hub_closes_its_connections_and_logs_to_the_end(hub: Hub) -> None:
     """SIGTERM: each worker finishes, closes the storages of all its threads, flushes its
     log and leaves with status 0 without tearing its interpreter down
-    (:func:`fieldgate.hub.server.exit_worker`): SQLite's last connection closed removes the
-    WAL; PostgreSQL has no session of the hub left."""
+    (:func:`fieldgate.hub.server.exit_worker`), and so does the master once they are gone
+    (:func:`fieldgate.hub.server.leave`): SQLite's last connection closed removes the WAL;
+    PostgreSQL has no session of the hub left."""
     key = register(hub)
     for n in range(4):
         manifest, body, _ = make_batch(f"00000001-2026010100000{n}Z", 10, start=n * 10)
@@ -402,6 +403,7 @@ def test_a_stopped_hub_closes_its_connections_and_logs_to_the_end(hub: Hub) -> N
     assert proc.returncode == 0
     log = hub.log.read_text()
     assert log.count("Worker exiting (pid:") == hub.workers, log[-2000:]
+    assert log.rstrip().endswith("Shutting down: Master"), log[-2000:]  # its last line
     if hub.postgresql:
         others = (
             "SELECT COUNT(*) FROM pg_stat_activity "

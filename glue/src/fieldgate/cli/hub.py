@@ -48,20 +48,27 @@ def serve(args: argparse.Namespace) -> int:
             "pip install 'fieldgate[hub]'"
         ) from None
     host, port = args.listen
-    server.serve(
-        args.db,
-        host,
-        port,
-        workers=args.workers,
-        threads=args.threads,
-        upload_ttl_secs=float(args.upload_ttl_secs),
-        max_upload_bytes=int(float(args.max_upload_mb) * 1024 * 1024),
-        password_file=args.db_password_file,
-        trusted_proxies=args.trusted_proxies,
-        retention_days=args.retention_days,
-        client_timeout=args.client_timeout,
-        min_body_rate=args.min_body_rate,
-    )
+    try:
+        server.serve(
+            args.db,
+            host,
+            port,
+            workers=args.workers,
+            threads=args.threads,
+            upload_ttl_secs=float(args.upload_ttl_secs),
+            max_upload_bytes=int(float(args.max_upload_mb) * 1024 * 1024),
+            password_file=args.db_password_file,
+            trusted_proxies=args.trusted_proxies,
+            retention_days=args.retention_days,
+            client_timeout=args.client_timeout,
+            min_body_rate=args.min_body_rate,
+        )
+    except SystemExit as exc:  # gunicorn's way out, also of a clean stop (SIGTERM)
+        if exc.code not in (0, None):
+            raise
+        # stopped cleanly: the workers are gone, the retention process stopped, no
+        # storage open here
+        server.leave()
     return 0
 
 
