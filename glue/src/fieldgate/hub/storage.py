@@ -342,8 +342,11 @@ class HubStorage(Protocol):
     # Retention ------------------------------------------------------------------------------
 
     def delete_before(self, cutoff: int, max_rows: int) -> int:
-        """Delete at most ``max_rows`` readings older than ``cutoff`` (epoch ms) in one short
-        transaction; how many were deleted (0: nothing older is left)."""
+        """Delete readings older than ``cutoff`` (epoch ms) of one series in one short
+        transaction: at most ``max_rows``, except that the SQLite backend always takes its
+        oldest block whole, however many readings it holds (one row to delete; the step's
+        cost is in rows, not readings). How many readings were deleted (0: nothing older is
+        left)."""
         ...
 
     # The database ---------------------------------------------------------------------------
