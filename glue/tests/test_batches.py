@@ -12,6 +12,7 @@ import sqlite3
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from support import ConfigFactory, batch_of_each_reading, run_fieldgate
 
 from fieldgate import batches, batchfile, membership, store
@@ -220,23 +221,20 @@ def test_render_csv_is_what_csv_writer_writes() -> None:
         assert batchfile.render_csv(iter(rows)) == buf.getvalue().encode()
 
 
-def test_the_collector_is_paused_only_while_a_batch_is_read() -> None:
+def test_garbage_collection_is_paused_only_while_a_batch_is_read() -> None:
     assert gc.isenabled()
-    with batches.collector_paused():
+    with batches.gc_paused():
         assert not gc.isenabled()
-        with batches.collector_paused():  # another thread's pause inside: stays off
+        with batches.gc_paused():  # another thread's pause inside: stays off
             assert not gc.isenabled()
         assert not gc.isenabled()
     assert gc.isenabled()
-    try:
-        with batches.collector_paused():
-            raise OSError("disk gone")
-    except OSError:
-        pass
+    with pytest.raises(OSError), batches.gc_paused():
+        raise OSError("disk gone")
     assert gc.isenabled()  # on again after an error
     gc.disable()  # off by the program's choice: left off
     try:
-        with batches.collector_paused():
+        with batches.gc_paused():
             pass
         assert not gc.isenabled()
     finally:

@@ -126,7 +126,7 @@ _TS = operator.itemgetter(1)
 
 
 @contextmanager
-def collector_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off while a batch's readings are read and
     rendered: they are a tuple per reading and its strings, which make no reference
     cycle, yet each batch of 50,000 would set off some 70 collections that only visit
@@ -159,7 +159,7 @@ def cut_batch(conn: sqlite3.Connection, cfg: Config) -> Batch | None:
         return None
     first_id, last_id = ids
     # the same read as regenerate(): a regenerated file is this one, byte for byte
-    with collector_paused():
+    with gc_paused():
         rows = membership.readings_of(conn, first_id, last_id)
         csv_bytes = batchfile.render_csv(rows)
     created_at = store.now_ms()
@@ -269,7 +269,7 @@ def regenerate(conn: sqlite3.Connection, cfg: Config, batch: Batch) -> bool:
     not (the readings were changed behind our back), the row is updated to the new truth.
     """
     pending_dir, _ = ensure_dirs(cfg)
-    with collector_paused():
+    with gc_paused():
         rows = membership.readings_of(conn, batch.first_id, batch.last_id)
         if len(rows) != batch.rows:
             return False

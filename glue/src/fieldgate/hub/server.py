@@ -87,7 +87,7 @@ def leave() -> NoReturn:
     """End a hub process whose work is done and whose resources are closed (a worker
     after :func:`exit_worker`'s steps, the master after gunicorn stopped cleanly): its logs
     and standard streams flushed, then :func:`os._exit` with status 0, without tearing the
-    interpreter down object by object (about 0.04 CPU-s for the master, more for a worker
+    interpreter down object by object (about 0.02 CPU-s for the master, more for a worker
     whose pages it shares with the master; docs/benchmarks.md)."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
