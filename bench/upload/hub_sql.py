@@ -6,8 +6,11 @@ batches of 50,000) to each layout, in a fresh SQLite file with the hub's pragmas
 ``synchronous=FULL``, 64 MiB cache), and the process's CPU seconds are printed per million
 readings, alternating the layouts ``--passes`` times:
 
-- ``hub``: the hub's own :meth:`SqliteHubStorage.ingest` (series + ``samples`` keyed
-  ``(series, ts)`` WITHOUT ROWID, staged in a temporary table, rollups and series upkeep);
+- ``hub``: the hub's own :meth:`SqliteHubStorage.ingest`, whatever it is at the time
+  (when this bench was written, session 6: series + ``samples`` keyed ``(series, ts)``
+  WITHOUT ROWID, staged in a temporary table; since session 9, blocks much like the
+  ``json`` prototype below, cut by :mod:`fieldgate.hub.table`), rollups and series upkeep
+  included. The prototypes below are session 6's and stay as they were, for comparison;
 - ``blocks``: a prototype of readings stored per series in blocks, one row per series and
   batch (``ts`` and ``value`` as packed arrays), with the same upkeep of series counts and
   rollups, and a check that each block starts after its series' last reading. Only the
