@@ -320,9 +320,8 @@ def main() -> int:
                 print(f"FAIL: {args.hub_ref}'s hub holds {ref.held} readings")
                 return 1
             print("this tree's hub:")
-        pairs: list[
-            tuple[float, float, float]
-        ] = []  # wall ratio, CPU ratio, in service
+        # per pair: the wall ratio, the CPU ratio, the CPU ratio with the hub in service
+        pairs: list[tuple[float, float, float]] = []
         hub_cpus: list[float] = []
         for n in range(1, (1 if args.profile else args.repeat) + 1):
             pipe_db = root / f"pipeline{n}.db"
